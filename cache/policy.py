@@ -1,0 +1,64 @@
+"""The interface every cache policy implements. Pure Python: no torch, no I/O.
+
+The same policy object runs inside the engine's offloading cache and inside the trace replay
+(bench/replay.py). Both drive it one MoE layer at a time, in this order per forward pass:
+
+    policy.begin_step(seq_ids)                          # which requests are in this pass
+    for layer in range(num_layers):
+        policy.hint(layer + 1, scores)                   # optional: engine-side gate look-ahead
+        policy.observe(layer, {seq_id: [expert, ...]})   # routing of this layer, per request
+        for key in policy.prefetch(layer, resident, n):  # what to load next, most urgent first
+            ... when room is needed: victim = policy.victim(resident, pinned, layer)
+    policy.end_request(seq_id)                           # a request finished (feeds the collection)
+
+Keys are (layer, expert) tuples. ``resident`` includes experts in flight.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar, Collection, Mapping, Optional, Sequence
+
+ExpertKey = tuple[int, int]
+
+
+class CachePolicy(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int) -> None:
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.top_k = top_k
+
+    def begin_step(self, seq_ids: Sequence[str]) -> None:
+        """A forward pass starts for these requests (a new request appears here first)."""
+
+    @abstractmethod
+    def observe(self, layer: int, routed: Mapping[str, Sequence[int]]) -> None:
+        """Layer ``layer`` routed: per request, the expert ids its tokens chose (repeats count)."""
+
+    def hint(self, layer: int, scores: Sequence[float]) -> None:
+        """Optional look-ahead: a score per expert of a later ``layer`` (e.g. its router applied
+        to the current hidden state). Policies that cannot use it ignore it."""
+
+    def prefetch(self, layer: int, resident: Collection[ExpertKey], limit: int) -> list[ExpertKey]:
+        """After ``layer`` routed: at most ``limit`` non-resident experts of later layers worth
+        loading now, most urgent first. Default: none (demand loading only)."""
+        return []
+
+    @abstractmethod
+    def victim(self, resident: Collection[ExpertKey], pinned: Collection[ExpertKey],
+               layer: int) -> Optional[ExpertKey]:
+        """The resident expert (not in ``pinned``) to evict to make room while at ``layer``;
+        None if every resident expert is pinned."""
+
+    def on_access(self, key: ExpertKey) -> None:
+        """``key`` was used by a layer's compute (a hit or a completed miss)."""
+
+    def on_load(self, key: ExpertKey) -> None:
+        """``key`` became resident."""
+
+    def on_evict(self, key: ExpertKey) -> None:
+        """``key`` left the cache."""
+
+    def end_request(self, seq_id: str) -> None:
+        """A request finished; its activation matrix may enter the collection."""

@@ -1,0 +1,69 @@
+"""Expert cache configuration: tier budgets, policy, traces."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+from configs.base import ConfigError, parse_bytes
+
+POLICIES = ("lru", "lfu", "moe-infinity", "auto")
+
+
+def parse_budget(text: str, total_bytes: int, field_name: str = "expert_budget") -> int:
+    """'25%' of ``total_bytes``, 'all', or an absolute size such as '2GiB'."""
+    t = str(text).strip().lower()
+    if t in ("all", "100%"):
+        return total_bytes
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*%", t)
+    if m:
+        return int(total_bytes * float(m.group(1)) / 100)
+    return parse_bytes(t, field_name)
+
+
+def _check_budget(name: str, value: str) -> None:
+    t = str(value).strip().lower()
+    if t == "all":
+        return
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*%", t)
+    if m:
+        if not 0 < float(m.group(1)) <= 100:
+            raise ConfigError(name, value, "a percentage must lie in (0, 100]")
+        return
+    if parse_bytes(t, name) <= 0:
+        raise ConfigError(name, value, "must be positive")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Expert cache: budgets per tier, eviction/prefetch policy and activation traces."""
+
+    expert_budget: str = field(default="all", metadata={
+        "help": "bytes of routed experts kept on the compute device: 'all', a size such as "
+                "2GiB, or a fraction of all experts such as 25%"})
+    host_budget: str = field(default="all", metadata={
+        "help": "bytes of experts kept in (pinned) host RAM on a CUDA machine; ignored on CPU"})
+    policy: str = field(default="auto", metadata={
+        "help": "eviction and prefetch policy", "choices": POLICIES})
+    trace_store: Optional[str] = field(default=None, metadata={
+        "help": "file holding the collection of past activation matrices, loaded at start-up "
+                "and saved as requests finish", "metavar": "PATH"})
+    collection_capacity: int = field(default=120, metadata={
+        "help": "most past activation matrices kept for prediction"})
+    record_trace: Optional[str] = field(default=None, metadata={
+        "help": "append every finished request's routing to this moe-trace v1 JSONL file",
+        "metavar": "FILE"})
+    io_threads: int = field(default=4, metadata={
+        "help": "background threads reading experts (several reads in flight)"})
+    prefetch: bool = field(default=True, metadata={
+        "help": "prefetch predicted experts in the background (--no-prefetch: demand loads only)"})
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError("policy", self.policy, f"choose one of {', '.join(POLICIES)}")
+        _check_budget("expert_budget", self.expert_budget)
+        _check_budget("host_budget", self.host_budget)
+        if not 1 <= self.collection_capacity <= 100_000:
+            raise ConfigError("collection_capacity", self.collection_capacity, "must be in 1..100000")
+        if not 1 <= self.io_threads <= 64:
+            raise ConfigError("io_threads", self.io_threads, "must be in 1..64")

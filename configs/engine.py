@@ -1,0 +1,45 @@
+"""Engine configuration: which model, on which device, how many requests at once."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from configs.base import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine: model, device, dtype, batching and context."""
+
+    model: Optional[str] = field(default=None, metadata={
+        "help": "checkpoint directory (config.json + safetensors + tokenizer); "
+                "omitted: the built-in default model, built on first use", "metavar": "DIR"})
+    default_preset: str = field(default="smollm2-moe-8x", metadata={
+        "help": "built-in default model preset used when --model is omitted",
+        "choices": ("smollm2-moe-8x", "smollm2-moe-64x")})
+    device: str = field(default="auto", metadata={
+        "help": "compute device: auto picks cuda when available, else cpu", "choices": DEVICES})
+    dtype: str = field(default="auto", metadata={
+        "help": "compute dtype; auto takes the checkpoint's dtype on cuda and fp32 on cpu "
+                "(fp32 matrix-vector products are faster than bf16 on most CPUs)", "choices": DTYPES})
+    max_batch: int = field(default=8, metadata={
+        "help": "most requests decoded together in one step (continuous batching)"})
+    context_length: Optional[int] = field(default=None, metadata={
+        "help": "tokens per request (prompt + output); default: the model's, capped at 4096"})
+    threads: Optional[int] = field(default=None, metadata={
+        "help": "CPU threads for compute (torch.set_num_threads); default: torch's choice"})
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError("device", self.device, f"choose one of {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError("dtype", self.dtype, f"choose one of {', '.join(DTYPES)}")
+        if not 1 <= self.max_batch <= 1024:
+            raise ConfigError("max_batch", self.max_batch, "must be between 1 and 1024")
+        if self.context_length is not None and self.context_length < 16:
+            raise ConfigError("context_length", self.context_length, "must be at least 16")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("threads", self.threads, "must be at least 1")

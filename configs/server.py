@@ -1,0 +1,39 @@
+"""HTTP server configuration."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from configs.base import ConfigError
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """HTTP server: address, authentication, limits."""
+
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "address to bind; 127.0.0.1 keeps the server private to this machine"})
+    port: int = field(default=8000, metadata={"help": "TCP port"})
+    api_key: Optional[str] = field(default=None, metadata={
+        "help": "require 'Authorization: Bearer KEY' on every route but /health", "metavar": "KEY"})
+    served_model_name: Optional[str] = field(default=None, metadata={
+        "help": "model id shown by /v1/models and accepted in requests; default: the model "
+                "directory's name", "metavar": "NAME"})
+    max_queue: int = field(default=64, metadata={
+        "help": "most requests waiting for the engine; more are answered 429"})
+    max_request_bytes: int = field(default=4_000_000, metadata={
+        "help": "largest accepted request body in bytes"})
+    cors_origins: tuple[str, ...] = field(default=("*",), metadata={
+        "help": "origins allowed by CORS (space-separated on the CLI, comma-separated in the env)"})
+    log_level: str = field(default="info", metadata={
+        "help": "logging level", "choices": ("debug", "info", "warning", "error")})
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError("port", self.port, "must be in 1..65535")
+        if self.max_queue < 1:
+            raise ConfigError("max_queue", self.max_queue, "must be at least 1")
+        if self.max_request_bytes < 1024:
+            raise ConfigError("max_request_bytes", self.max_request_bytes, "must be at least 1024")
+        if not self.host:
+            raise ConfigError("host", self.host, "must not be empty")
