@@ -1,0 +1,176 @@
+"""Load a Hugging Face checkpoint directory straight from its safetensors files.
+
+Dense weights are read into the model on the device; routed experts are only located
+(ExpertSource: file + offsets) and handed to whichever ExpertProvider the caller wires in.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from cache.provider import ExpertSource, TensorRef, read_tensor
+from cache.safetensors_file import CheckpointError, read_checkpoint_index, slice_leading
+from engine.models import family
+from engine.models.base import DecoderLM, ExpertLayout, HFConfig
+from engine.protocol import ModelInfo
+
+log = logging.getLogger("moeserve.loader")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DEFAULT_CONTEXT_CAP = 2048
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass
+class LoadedModel:
+    model: DecoderLM
+    info: ModelInfo
+    experts: list[ExpertSource]
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("invalid device='cuda': no CUDA device is available (use --device cpu)")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, cfg: HFConfig, device: torch.device) -> torch.dtype:
+    """'auto': fp32 on CPU (faster matrix-vector products there), the checkpoint's dtype on GPU."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    return DTYPES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"), torch.bfloat16)
+
+
+def load_config(model_dir: str) -> HFConfig:
+    if not os.path.isdir(model_dir):
+        raise CheckpointError(f"{model_dir}: model directory not found")
+    path = os.path.join(model_dir, "config.json")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found (a checkpoint directory needs config.json)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise CheckpointError(f"{path}: no model_type field")
+    return HFConfig(raw)
+
+
+def _eos_ids(model_dir: str, cfg: HFConfig) -> tuple[int, ...]:
+    ids: list[int] = []
+    sources = [cfg.raw]
+    gen = os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(gen):
+        try:
+            with open(gen) as f:
+                sources.insert(0, json.load(f))
+        except (OSError, ValueError):
+            log.warning("%s: unreadable, ignoring it", gen)
+    for src in sources:
+        eos = src.get("eos_token_id")
+        for e in (eos if isinstance(eos, list) else [eos]):
+            if isinstance(e, int) and e not in ids:
+                ids.append(e)
+    return tuple(ids)
+
+
+def expert_sources(index: dict[str, TensorRef], layout: ExpertLayout) -> list[ExpertSource]:
+    """Locate every routed expert, per-expert keys or stacked [E, ...] tensors alike."""
+    out: list[ExpertSource] = []
+    for mi, li in enumerate(layout.moe_layers):
+        p = layout.prefix(li)
+        stacked = next((f"{p}.gate_up_proj{s}" for s in ("", ".weight") if f"{p}.gate_up_proj{s}" in index), None)
+        for e in range(layout.num_experts):
+            if stacked is not None:
+                gu = index[stacked]
+                down_name = stacked.replace("gate_up_proj", "down_proj")
+                if down_name not in index:
+                    raise CheckpointError(f"{gu.path}: missing tensor {down_name}")
+                if len(gu.shape) != 3 or gu.shape[0] != layout.num_experts:
+                    raise CheckpointError(f"{gu.path}: tensor {stacked} has shape {list(gu.shape)}, "
+                                          f"expected [{layout.num_experts}, 2*intermediate, hidden]")
+                inter = gu.shape[1] // 2
+                gate, up = slice_leading(gu, e, (0, inter)), slice_leading(gu, e, (inter, 2 * inter))
+                down = slice_leading(index[down_name], e)
+            else:
+                refs = []
+                for n in layout.names:
+                    key = f"{p}.{e}.{n}.weight"
+                    if key not in index:
+                        raise CheckpointError(f"checkpoint is missing tensor {key} (expert {e} of layer {li})")
+                    refs.append(index[key])
+                gate, up, down = refs
+            src = ExpertSource(mi, e, gate, up, down)
+            inter, hidden = gate.shape
+            if up.shape != (inter, hidden) or down.shape != (hidden, inter):
+                raise CheckpointError(f"{down.path}: expert {e} of layer {li} has mismatched shapes "
+                                      f"gate {list(gate.shape)}, up {list(up.shape)}, down {list(down.shape)}")
+            out.append(src)
+    return out
+
+
+def _is_expert_tensor(name: str, layout: Optional[ExpertLayout]) -> bool:
+    if layout is None:
+        return False
+    return any(name.startswith(layout.prefix(li) + ".") for li in layout.moe_layers)
+
+
+def load_model(model_dir: str, device: torch.device, dtype: Optional[torch.dtype] = None,
+               context_length: Optional[int] = None,
+               progress: Optional[Callable[[int, int], None]] = None) -> LoadedModel:
+    """Read config + safetensors of ``model_dir``; dense weights onto ``device`` in ``dtype``."""
+    cfg = load_config(model_dir)
+    fam = family(cfg.raw["model_type"])
+    dtype = dtype or resolve_dtype("auto", cfg, device)
+    max_pos = int(cfg.get("max_position_embeddings") or DEFAULT_CONTEXT_CAP)
+    context = context_length or min(max_pos, DEFAULT_CONTEXT_CAP)
+    index = read_checkpoint_index(model_dir)
+    with torch.device("meta"):
+        model = fam.build(cfg, context)
+    model = model.to_empty(device=device).to(dtype)
+    model.rotary.materialize(device)
+    params = dict(model.named_parameters())
+    total = sum(index[n].nbytes for n in params if n in index)
+    done = 0
+    for name, param in params.items():
+        ref = index.get(name)
+        if ref is None:
+            if name == "lm_head.weight" and (model.tie_embeddings or "lm_head.weight" not in index):
+                param.data = params["model.embed_tokens.weight"].data
+                continue
+            raise CheckpointError(f"{model_dir}: checkpoint is missing tensor {name} "
+                                  f"(model_type {cfg.raw['model_type']})")
+        if tuple(ref.shape) != tuple(param.shape):
+            raise CheckpointError(f"{ref.path}: tensor {name} has shape {list(ref.shape)}, "
+                                  f"the config implies {list(param.shape)}")
+        with torch.no_grad():
+            param.copy_(read_tensor(ref).to(dtype))
+        done += ref.nbytes
+        if progress is not None:
+            progress(done, total)
+    experts = expert_sources(index, model.layout) if model.layout is not None else []
+    unused = [n for n in index if n not in params and not _is_expert_tensor(n, model.layout)
+              and not n.endswith(IGNORED_SUFFIXES)]
+    if unused:
+        log.warning("%s: %d checkpoint tensors unused, e.g. %s", model_dir, len(unused), unused[:3])
+    layout = model.layout
+    info = ModelInfo(name=os.path.basename(os.path.normpath(model_dir)), path=os.path.abspath(model_dir),
+                     model_type=cfg.raw["model_type"], context_length=context,
+                     vocab_size=model.vocab_size, eos_token_ids=_eos_ids(model_dir, cfg),
+                     num_moe_layers=len(layout.moe_layers) if layout else 0,
+                     num_experts=layout.num_experts if layout else 0,
+                     top_k=layout.top_k if layout else 0)
+    model.eval()
+    return LoadedModel(model, info, experts, device, dtype)

@@ -1,0 +1,17 @@
+"""Model families, one module per checkpoint model_type, each exposing build(cfg, context)."""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+MODEL_TYPES: dict[str, str] = {
+    "llama": "engine.models.llama",
+    "mixtral": "engine.models.mixtral",
+}
+
+
+def family(model_type: str) -> ModuleType:
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unsupported model_type {model_type!r}; supported: "
+                         f"{', '.join(sorted(MODEL_TYPES))}")
+    return importlib.import_module(MODEL_TYPES[model_type])

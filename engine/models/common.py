@@ -1,0 +1,262 @@
+"""Building blocks shared by the model families: norms, rotary embeddings, attention over the
+engine's KV cache, SwiGLU experts and the routed-expert combine loop.
+
+Batches are padded [B, T]: a prompt pass is B=1, T=prompt length; a decode step is B=running
+requests, T=1. ``Batch`` carries each row's absolute positions and its KV-cache slot.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cache.provider import ExpertProvider, ExpertWeights
+
+
+@dataclass
+class Batch:
+    positions: torch.Tensor   # [B, T] int64 absolute positions
+    slots: torch.Tensor       # [B] int64 KV-cache slot of each sequence
+    kv_len: int               # keys to attend over: max(positions) + 1
+    single_slot: Optional[int] = None  # B == 1: its slot as an int (lets attention slice, not gather)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: [slots, kv_heads, context, head_dim]."""
+
+    def __init__(self, num_layers: int, slots: int, context: int, kv_heads: int, k_dim: int,
+                 v_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.k = [torch.zeros(slots, kv_heads, context, k_dim, dtype=dtype, device=device)
+                  for _ in range(num_layers)]
+        self.v = [torch.zeros(slots, kv_heads, context, v_dim, dtype=dtype, device=device)
+                  for _ in range(num_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, Hkv, T, D] at the batch's positions; return all keys/values [B, Hkv, L, D]."""
+        kc, vc = self.k[layer], self.v[layer]
+        if batch.single_slot is not None:
+            start = int(batch.positions[0, 0])
+            end = start + k.shape[2]
+            kc[batch.single_slot, :, start:end] = k[0]
+            vc[batch.single_slot, :, start:end] = v[0]
+            return kc[batch.single_slot:batch.single_slot + 1, :, :batch.kv_len], \
+                vc[batch.single_slot:batch.single_slot + 1, :, :batch.kv_len]
+        slots = batch.slots[:, None]                        # [B, 1]
+        kc[slots, :, batch.positions] = k.transpose(1, 2)   # index [B, T] -> [B, T, Hkv, D]
+        vc[slots, :, batch.positions] = v.transpose(1, 2)
+        return kc[batch.slots, :, :batch.kv_len], vc[batch.slots, :, :batch.kv_len]
+
+
+def attention_mask(batch: Batch) -> torch.Tensor:
+    """[B, 1, T, L] bool: query at position p sees keys 0..p (causal and within its own length)."""
+    keys = torch.arange(batch.kv_len, device=batch.positions.device)
+    return (keys[None, None, :] <= batch.positions[:, :, None])[:, None]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
+    """HF configs keep rope settings in `rope_parameters` (v5) or `rope_theta`/`rope_scaling` (v4)."""
+    params = dict(cfg.get("rope_parameters") or {})
+    scaling = cfg.get("rope_scaling") or {}
+    params.update({k: v for k, v in scaling.items() if k not in params})
+    params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    rtype = params.get("rope_type", params.get("type", "default"))
+    params["rope_type"] = rtype
+    return params
+
+
+def rope_inv_freq(dim: int, params: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [dim/2] and the attention scaling factor for a rope configuration."""
+    base = float(params["rope_theta"])
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rtype = params["rope_type"]
+    if rtype == "default":
+        return inv, 1.0
+    if rtype == "linear":
+        return inv / float(params["factor"]), 1.0
+    if rtype == "llama3":
+        factor = float(params["factor"])
+        low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+        old = float(params["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= old / high) & (wavelen <= old / low)
+        return torch.where(is_mid, mid, scaled), 1.0
+    if rtype == "yarn":
+        return _yarn_inv_freq(dim, base, params)
+    raise ValueError(f"unsupported rope_type {rtype!r} (supported: default, linear, llama3, yarn)")
+
+
+def _yarn_inv_freq(dim: int, base: float, params: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    factor = float(params["factor"])
+    old = float(params["original_max_position_embeddings"])
+    beta_fast, beta_slow = float(params.get("beta_fast") or 32), float(params.get("beta_slow") or 1)
+
+    def get_mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if params.get("mscale") and params.get("mscale_all_dim"):
+        attn = get_mscale(factor, params["mscale"]) / get_mscale(factor, params["mscale_all_dim"])
+    else:
+        attn = params.get("attention_factor") or get_mscale(factor)
+
+    def corr_dim(rot: float) -> float:
+        return (dim * math.log(old / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+    low = math.floor(corr_dim(beta_fast))
+    high = math.ceil(corr_dim(beta_slow))
+    if params.get("truncate", True) is False:
+        low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extra, inter = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    extra_factor = 1 - ramp
+    return inter * (1 - extra_factor) + extra * extra_factor, float(attn)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for every position of the context, computed once."""
+
+    def __init__(self, dim: int, params: dict[str, Any], context: int) -> None:
+        super().__init__()
+        self.dim, self.params, self.context = dim, params, context
+        self.register_buffer("cos", torch.empty(context, dim), persistent=False)  # [C, dim]
+        self.register_buffer("sin", torch.empty(context, dim), persistent=False)
+        if self.cos.device.type != "meta":
+            self.materialize(self.cos.device)
+
+    def materialize(self, device: torch.device) -> None:
+        """(Re)compute the tables in fp32 on ``device`` (after building on the meta device)."""
+        inv, scale = rope_inv_freq(self.dim, self.params)
+        freqs = torch.outer(torch.arange(self.context, dtype=torch.float32), inv)  # [C, dim/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos = (emb.cos() * scale).to(device)
+        self.sin = (emb.sin() * scale).to(device)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, 1, T, dim]."""
+        return self.cos[positions][:, None].to(dtype), self.sin[positions][:, None].to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D] rotated by position (half-split layout, as HF checkpoints store q/k)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch,
+         scale: Optional[float] = None) -> torch.Tensor:
+    """q [B, H, T, D], k/v [B, Hkv, L, D] -> [B, T, H*Dv], grouped-query aware."""
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    mask = attention_mask(batch)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [B, H, T, Dv]
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention with optional q/k RMSNorm and biases."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, layer: int,
+                 bias: bool = False, qk_norm_eps: Optional[float] = None, o_bias: bool = False,
+                 qk_norm_full: bool = False) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim, self.layer = heads, kv_heads, head_dim, layer
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=o_bias)
+        self.qk_norm_full = qk_norm_full
+        if qk_norm_eps is not None:
+            # per-head norm (qwen3) or over the whole projection (olmoe)
+            qd, kd = (heads * head_dim, kv_heads * head_dim) if qk_norm_full else (head_dim, head_dim)
+            self.q_norm = RMSNorm(qd, qk_norm_eps)
+            self.k_norm = RMSNorm(kd, qk_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: Batch,
+                kv: KVCache) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None and self.qk_norm_full:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, t, self.heads, self.head_dim)
+        k = k.view(b, t, self.kv_heads, self.head_dim)
+        if self.q_norm is not None and not self.qk_norm_full:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                 # [B, H, T, D]
+        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        keys, values = kv.update(self.layer, k, v, batch)
+        return self.o_proj(sdpa(q, keys, values, batch))
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def expert_forward(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
+    """x [N, H] through one SwiGLU expert -> [N, H]."""
+    return F.linear(F.silu(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
+
+
+def combine_experts(provider: ExpertProvider, layer: int, x: torch.Tensor, weights: torch.Tensor,
+                    ids: torch.Tensor) -> torch.Tensor:
+    """x [N, H], routing weights/ids [N, k] -> sum_k weights * expert_k(x), [N, H].
+    Experts arrive from the provider as they become resident, so ready ones compute first."""
+    out = torch.zeros_like(x)
+    for e, w in provider.experts(layer, ids, x):
+        tok, slot = torch.where(ids == e)
+        y = expert_forward(x[tok], w) * weights[tok, slot, None].to(x.dtype)
+        out.index_add_(0, tok, y)
+    return out
+
+
+def softmax_topk(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [N, E] -> (weights [N, k] fp32, ids [N, k]) with softmax scoring."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    w, ids = torch.topk(probs, k, dim=-1)
+    if normalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    return w, ids
