@@ -1,0 +1,223 @@
+"""The engine: token ids in, token ids out, one step at a time.
+
+step() reads as schedule -> run -> postprocess: aborts are applied, waiting requests are admitted
+into free KV-cache slots (continuous batching), newly admitted requests get their prompt pass
+(each on its own), otherwise every running request decodes one token in one batched forward.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from cache.provider import ExpertProvider, StepRows
+from engine.loader import LoadedModel
+from engine.models.common import Batch, KVCache
+from engine.protocol import (FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, EngineStats,
+                             GenerateRequest, ModelInfo, TokenDelta)
+from engine.sampling import Choice, SamplerState, sample
+
+log = logging.getLogger("moeserve.engine")
+
+
+@dataclass
+class Sequence:
+    req: GenerateRequest
+    sampler: SamplerState
+    slot: int = -1
+    output: list[int] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.req.request_id
+
+    @property
+    def length(self) -> int:
+        return len(self.req.prompt_token_ids) + len(self.output)
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, provider: ExpertProvider, max_batch: int = 8) -> None:
+        self.model = loaded.model
+        self.model_info: ModelInfo = loaded.info
+        self.device = loaded.device
+        self.provider = provider
+        self.model.set_provider(provider)
+        spec = self.model.kv_spec
+        self.context = loaded.info.context_length
+        self.kv = KVCache(spec.num_layers, max_batch, self.context, spec.kv_heads, spec.k_dim,
+                          spec.v_dim, loaded.dtype, loaded.device)
+        self.max_batch = max_batch
+        self.free_slots = list(range(max_batch - 1, -1, -1))
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.pending_aborts: list[str] = []
+        self.eos = frozenset(loaded.info.eos_token_ids)
+        self.counters = dict(requests_finished=0, requests_aborted=0, requests_failed=0,
+                             prompt_tokens=0, generated_tokens=0, steps=0)
+        log.info("engine ready: %s (%s) on %s, context %d, batch %d, KV cache %.1f MiB",
+                 loaded.info.name, loaded.info.model_type, loaded.device, self.context, max_batch,
+                 self.kv.nbytes / 2**20)
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, req: GenerateRequest) -> None:
+        """Queue a request; raises ValueError with a message for the client if it cannot run."""
+        ids = req.prompt_token_ids
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.context:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the context holds "
+                             f"{self.context}, leaving no room for a reply")
+        vocab = self.model_info.vocab_size
+        bad = next((t for t in ids if not 0 <= int(t) < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        if any(s.id == req.request_id for s in (*self.waiting, *self.running)):
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.waiting.append(Sequence(req, SamplerState(req.sampling, tuple(ids))))
+
+    def abort(self, request_id: str) -> None:
+        self.pending_aborts.append(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.pending_aborts)
+
+    # -- one step ---------------------------------------------------------------------------
+    def step(self) -> list[TokenDelta]:
+        out = self._apply_aborts()
+        new: list[Sequence] = []
+        while self.waiting and self.free_slots:
+            seq = self.waiting.popleft()
+            seq.slot = self.free_slots.pop()
+            new.append(seq)
+        if new:
+            for seq in new:
+                self.running.append(seq)
+                out += self._run([seq], prefill=True)
+        elif self.running:
+            out += self._run(list(self.running), prefill=False)
+        return out
+
+    def _apply_aborts(self) -> list[TokenDelta]:
+        out = []
+        for rid in self.pending_aborts:
+            seq = next((s for s in (*self.waiting, *self.running) if s.id == rid), None)
+            if seq is None:
+                continue
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            self._finish(seq, aborted=True)
+            self.counters["requests_aborted"] += 1
+            out.append(self._delta(seq, (), None, FINISH_ABORT))
+        self.pending_aborts.clear()
+        return out
+
+    @torch.inference_mode()
+    def _run(self, seqs: list[Sequence], prefill: bool) -> list[TokenDelta]:
+        """One forward over ``seqs`` (one prompt pass, or one decode token each) and sampling."""
+        dev = self.device
+        if prefill:
+            (seq,) = seqs
+            ids = torch.tensor([seq.req.prompt_token_ids], dtype=torch.long, device=dev)
+            pos = torch.arange(ids.shape[1], device=dev)[None]
+            n_tokens = [ids.shape[1]]
+        else:
+            ids = torch.tensor([[s.output[-1]] for s in seqs], dtype=torch.long, device=dev)
+            pos = torch.tensor([[s.length - 1] for s in seqs], dtype=torch.long, device=dev)
+            n_tokens = [1] * len(seqs)
+        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=dev)
+        batch = Batch(pos, slots, int(pos.max()) + 1, seqs[0].slot if len(seqs) == 1 else None)
+        self.provider.begin_step(StepRows(tuple(s.id for s in seqs), tuple(n_tokens),
+                                          (prefill,) * len(seqs)))
+        try:
+            logits = self.model(ids, batch, self.kv)                  # [B, V]
+            choices = sample(logits, [s.sampler for s in seqs])
+        except Exception as e:  # a failed forward fails its requests, not the engine
+            log.exception("forward pass failed for %s", [s.id for s in seqs])
+            for s in seqs:
+                self._finish(s, aborted=True)
+            self.counters["requests_failed"] += len(seqs)
+            return [self._delta(s, (), None, FINISH_ERROR, error=f"{type(e).__name__}: {e}")
+                    for s in seqs]
+        self.counters["steps"] += 1
+        if prefill:
+            self.counters["prompt_tokens"] += n_tokens[0]
+        return [self._postprocess(s, c) for s, c in zip(seqs, choices)]
+
+    def _postprocess(self, seq: Sequence, choice: Choice) -> TokenDelta:
+        seq.output.append(choice.token)
+        seq.sampler.note(choice.token)
+        self.counters["generated_tokens"] += 1
+        p = seq.req.sampling
+        reason: Optional[str] = None
+        if (choice.token in self.eos and not p.ignore_eos) or choice.token in p.stop_token_ids:
+            reason = FINISH_STOP
+        elif len(seq.output) >= p.max_tokens or seq.length >= self.context:
+            reason = FINISH_LENGTH
+        if reason is not None:
+            self._finish(seq, aborted=False)
+            self.counters["requests_finished"] += 1
+        return self._delta(seq, (choice.token,), choice, reason)
+
+    def _finish(self, seq: Sequence, aborted: bool) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq.slot >= 0:
+            self.free_slots.append(seq.slot)
+            seq.slot = -1
+            self.provider.end_request(seq.id, aborted=aborted)
+
+    def _delta(self, seq: Sequence, tokens: tuple[int, ...], choice: Optional[Choice],
+               reason: Optional[str], error: Optional[str] = None) -> TokenDelta:
+        lp = (choice.logprob,) if choice is not None and choice.logprob is not None else None
+        top = (choice.top,) if choice is not None and choice.top is not None else None
+        return TokenDelta(seq.id, tokens, lp, top, finished=reason is not None, finish_reason=reason,
+                          error=error, prompt_tokens=len(seq.req.prompt_token_ids),
+                          completion_tokens=len(seq.output))
+
+    # -- introspection ----------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        return EngineStats(running=len(self.running), waiting=len(self.waiting),
+                           cache=dict(self.provider.stats()), **self.counters)
+
+    def close(self) -> None:
+        self.provider.close()
+
+
+@dataclass
+class Result:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    token_ids: list[int]
+    finish_reason: Optional[str]
+    logprobs: list[float]
+    seconds: float
+    first_token_seconds: float
+
+
+def run_to_completion(engine: Engine, requests: list[GenerateRequest]) -> dict[str, Result]:
+    """Submit ``requests`` together and step until all finish (CLI, tests, benchmarks)."""
+    start = time.perf_counter()
+    results = {r.request_id: Result(r.request_id, r.prompt_token_ids, [], None, [], 0.0, 0.0)
+               for r in requests}
+    for r in requests:
+        engine.add_request(r)
+    pending = set(results)
+    while pending:
+        for d in engine.step():
+            res = results[d.request_id]
+            if d.token_ids and not res.token_ids:
+                res.first_token_seconds = time.perf_counter() - start
+            res.token_ids.extend(d.token_ids)
+            res.logprobs.extend(d.logprobs or ())
+            if d.finished:
+                if d.error:
+                    raise RuntimeError(f"request {d.request_id} failed: {d.error}")
+                res.finish_reason = d.finish_reason
+                res.seconds = time.perf_counter() - start
+                pending.discard(d.request_id)
+    return results
