@@ -1,0 +1,124 @@
+"""Engine behaviour on a tiny Mixtral: batching, aborts, limits, sampling."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cache.provider import ResidentExpertProvider
+from engine.engine import Engine, run_to_completion
+from engine.loader import load_model
+from engine.protocol import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, GenerateRequest, SamplingParams
+from tests.tiny import make_tiny_mixtral
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    path = make_tiny_mixtral(str(tmp_path_factory.mktemp("mix")))
+    lm = load_model(path, torch.device("cpu"), torch.float32, context_length=64)
+    eng = Engine(lm, ResidentExpertProvider(lm.experts, lm.device, lm.dtype), max_batch=3)
+    yield eng
+    eng.close()
+
+
+def gen(engine: Engine, prompt: list[int], params: SamplingParams = GREEDY, rid: str = "r") -> list[int]:
+    return run_to_completion(engine, [GenerateRequest(rid, tuple(prompt), params)])[rid].token_ids
+
+
+def test_more_requests_than_slots_each_get_their_solo_output(engine: Engine) -> None:
+    prompts = [[5, 6, 7], [9], [10, 11, 12, 13, 14], [3, 3], [40, 41, 42, 43]]
+    solo = [gen(engine, p) for p in prompts]
+    together = run_to_completion(engine, [GenerateRequest(str(i), tuple(p), GREEDY)
+                                          for i, p in enumerate(prompts)])
+    assert [together[str(i)].token_ids for i in range(len(prompts))] == solo
+    assert engine.stats().running == 0 and len(engine.free_slots) == 3
+
+
+def test_request_joining_mid_decode_matches_solo(engine: Engine) -> None:
+    first, late = [7, 8, 9], [20, 21]
+    want_first, want_late = gen(engine, first), gen(engine, late)
+    engine.add_request(GenerateRequest("a", tuple(first), GREEDY))
+    got: dict[str, list[int]] = {"a": [], "b": []}
+    steps = 0
+    while engine.has_work():
+        if steps == 4:
+            engine.add_request(GenerateRequest("b", tuple(late), GREEDY))
+        for d in engine.step():
+            got[d.request_id].extend(d.token_ids)
+        steps += 1
+    assert got == {"a": want_first, "b": want_late}
+
+
+def test_abort_frees_the_slot_and_reports_abort(engine: Engine) -> None:
+    engine.add_request(GenerateRequest("x", (1, 2, 3), SamplingParams(max_tokens=50, temperature=0.0,
+                                                                        ignore_eos=True)))
+    engine.step()
+    engine.abort("x")
+    deltas = engine.step()
+    assert [(d.request_id, d.finished, d.finish_reason) for d in deltas] == [("x", True, FINISH_ABORT)]
+    assert not engine.has_work() and len(engine.free_slots) == 3
+    assert engine.stats().requests_aborted >= 1
+
+
+def test_stop_token_and_max_tokens(engine: Engine) -> None:
+    out = gen(engine, [5, 6, 7])
+    stop_at = out[3]
+    res = run_to_completion(engine, [GenerateRequest("s", (5, 6, 7), SamplingParams(
+        max_tokens=12, temperature=0.0, ignore_eos=True, stop_token_ids=(stop_at,)))])["s"]
+    assert res.finish_reason == FINISH_STOP and res.token_ids == out[:out.index(stop_at) + 1]
+    res = run_to_completion(engine, [GenerateRequest("m", (5, 6, 7), SamplingParams(
+        max_tokens=5, temperature=0.0, ignore_eos=True))])["m"]
+    assert res.finish_reason == FINISH_LENGTH and res.token_ids == out[:5]
+
+
+def test_context_end_gives_length(engine: Engine) -> None:
+    res = run_to_completion(engine, [GenerateRequest("c", tuple(range(3, 63)), SamplingParams(
+        max_tokens=100, temperature=0.0, ignore_eos=True))])["c"]
+    assert res.finish_reason == FINISH_LENGTH and len(res.token_ids) == 4   # 60 + 4 = context 64
+
+
+@pytest.mark.parametrize("prompt,msg", [((), "empty"), (tuple(range(64)), "context"),
+                                        ((1, 999), "vocabulary")])
+def test_bad_prompts_are_rejected_with_a_reason(engine: Engine, prompt: tuple, msg: str) -> None:
+    with pytest.raises(ValueError, match=msg):
+        engine.add_request(GenerateRequest("bad", prompt, GREEDY))
+    assert not engine.has_work()
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(engine: Engine) -> None:
+    def sampled(seed: int) -> list[int]:
+        return gen(engine, [5, 6], SamplingParams(max_tokens=24, temperature=5.0, seed=seed,
+                                                  ignore_eos=True))
+    assert sampled(1) == sampled(1)
+    assert sampled(1) != sampled(2)
+
+
+def test_top_k_one_is_greedy_and_logit_bias_forces_a_token(engine: Engine) -> None:
+    greedy = gen(engine, [5, 6])
+    assert gen(engine, [5, 6], SamplingParams(max_tokens=12, temperature=1.0, top_k=1, seed=3,
+                                              ignore_eos=True)) == greedy
+    forced = gen(engine, [5, 6], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
+                                                logit_bias=((77, 100.0),)))
+    assert forced == [77] * 6
+
+
+def test_greedy_logprobs_are_the_top_alternative(engine: Engine) -> None:
+    engine.add_request(GenerateRequest("lp", (5, 6), SamplingParams(
+        max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=3)))
+    deltas = [d for _ in range(4) for d in engine.step()]
+    assert len(deltas) == 4
+    for d in deltas:
+        (tok,), (lp,), (top,) = d.token_ids, d.logprobs, d.top_logprobs
+        assert lp <= 0.0 and len(top) == 3
+        assert top[0][0] == tok and top[0][1] == pytest.approx(lp)
+        assert top[0][1] >= top[1][1] >= top[2][1]
+
+
+def test_penalties_change_repetitive_output(engine: Engine) -> None:
+    plain = gen(engine, [5, 6], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+    penal = gen(engine, [5, 6], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True,
+                                               frequency_penalty=2.0, presence_penalty=2.0))
+    assert max(plain.count(t) for t in plain) > 2          # the tiny model repeats itself...
+    assert penal != plain                                  # ...and the penalties change that
+    assert max(penal.count(t) for t in penal) < max(plain.count(t) for t in plain)
