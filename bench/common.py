@@ -1,0 +1,85 @@
+"""Shared benchmark plumbing: prompts, result files, tables, plots, memory and page-cache helpers."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from typing import Any, Sequence
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def machine() -> str:
+    import psutil
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+            f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {platform.system()}")
+
+
+def heldout_prompts(n: int) -> list[str]:
+    """First turns of MT-Bench ids 121-160 (never the default model's calibration text)."""
+    from engine.mtbench import HELDOUT_IDS, load_questions
+    qs = sorted((q for q in load_questions() if q.question_id in HELDOUT_IDS), key=lambda q: q.question_id)
+    return [q.turns[0] for q in qs[:n]]
+
+
+def percentile(xs: Sequence[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    k = (len(s) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    """Markdown table of ``rows`` restricted to ``cols``."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return "" if v is None else str(v)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_json(name: str, data: Any) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, name)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def bar_plot(path: str, labels: list[str], values: list[float], ylabel: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(max(4, len(labels) * 1.2), 3.5))
+    ax.bar(labels, values, color="tab:blue")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def drop_page_cache(paths: Sequence[str]) -> None:
+    """posix_fadvise(DONTNEED) every file under ``paths`` so no run starts warm from another's reads."""
+    for root in paths:
+        files = [root] if os.path.isfile(root) else [
+            os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+        for path in files:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
