@@ -29,6 +29,8 @@ class ServerConfig:
         "help": "logging level", "choices": ("debug", "info", "warning", "error")})
 
     def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            object.__setattr__(self, "api_key", None)   # an empty env var means "no key"
         if not 0 < self.port < 65536:
             raise ConfigError("port", self.port, "must be in 1..65535")
         if self.max_queue < 1:
