@@ -1,0 +1,367 @@
+"""The offloading expert cache: a byte budget of expert slots filled from disk in the background.
+
+Tiers: on CPU, disk -> RAM slots (the "device" tier is RAM). On CUDA, disk -> pinned host slots ->
+device slots; host->device copies run on a dedicated stream, and compute waits only for the
+expert it is about to use.
+
+Threading: every policy call and every piece of bookkeeping runs on the engine thread (the one
+calling ``experts``). I/O threads only fill the slot buffers a ``LoadJob`` names and report back.
+An expert is pinned (never evicted) while a load into it is in flight and, for the layer being
+computed, until the layer has consumed it.
+"""
+from __future__ import annotations
+
+import queue
+import time
+from collections import OrderedDict
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from cache.cache_stats import CacheStats
+from cache.disk import ExpertReader, ExpertReadError
+from cache.io_pool import IOPool, LoadJob
+from cache.policy import CachePolicy, ExpertKey
+from cache.provider import ExpertProvider, ExpertSource, ExpertWeights, StepRows, Tracer
+from cache.slots import SlotPool, slot_count
+from configs.cache import CacheConfig, parse_budget
+
+
+def _check_shapes(sources: Sequence[ExpertSource]) -> tuple[int, int]:
+    """Every expert must be gate [I, H], up [I, H], down [H, I] with one (I, H) for all."""
+    if not sources:
+        raise ValueError("OffloadedExpertProvider needs at least one ExpertSource")
+    inter, hidden = sources[0].gate.shape
+    for s in sources:
+        want = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+        for name, ref in (("gate", s.gate), ("up", s.up), ("down", s.down)):
+            if tuple(ref.shape) != want[name]:
+                raise ValueError(f"{ref.path}: expert {s.layer}.{s.expert} {name} tensor "
+                                 f"{ref.name} has shape {list(ref.shape)}, expected {list(want[name])}")
+    return inter, hidden
+
+
+class OffloadedExpertProvider(ExpertProvider):
+    """Keeps ``cache_cfg.expert_budget`` bytes of experts resident; loads the rest on demand and
+    prefetches what ``policy`` predicts, evicting ``policy.victim``s."""
+
+    def __init__(self, sources: Sequence[ExpertSource], device: torch.device, dtype: torch.dtype,
+                 cache_cfg: CacheConfig, policy: CachePolicy, tracer: Optional[Tracer] = None,
+                 routers: Optional[Sequence[torch.Tensor]] = None,
+                 direct_io: Optional[bool] = None) -> None:
+        """routers: per MoE layer its [E, H] router weight, for next-layer look-ahead hints.
+        direct_io: None uses O_DIRECT where the file system allows, False never, True always."""
+        self.tracer = tracer
+        self.policy = policy
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.cfg = cache_cfg
+        self._sources: dict[ExpertKey, ExpertSource] = {(s.layer, s.expert): s for s in sources}
+        self.inter, self.hidden = _check_shapes(sources)
+        self.num_layers = max(s.layer for s in sources) + 1
+        self.expert_bytes = 3 * self.inter * self.hidden * dtype.itemsize
+        total = self.expert_bytes * len(self._sources)
+        self.budget_bytes = parse_budget(cache_cfg.expert_budget, total, "expert_budget")
+        n_dev = min(slot_count(self.budget_bytes, self.expert_bytes, policy.top_k, "expert_budget"),
+                    len(self._sources))
+        self._routers = list(routers) if routers is not None else None
+        self._rows: Optional[StepRows] = None
+        self.stats_ = CacheStats.for_layers(self.num_layers)
+
+        # disk: open every shard and plan every expert's reads now, so a missing or truncated
+        # file fails at start-up and the staging buffers can be sized once
+        self.reader = ExpertReader(direct=direct_io)
+        for s in sources:
+            self.reader.plan(s)
+
+        cuda = self.device.type == "cuda"
+        self._dev = SlotPool(n_dev, self.inter, self.hidden, dtype, self.device)
+        self._host: Optional[SlotPool] = None
+        if cuda:
+            host_budget = parse_budget(cache_cfg.host_budget, total, "host_budget")
+            n_host = min(slot_count(host_budget, self.expert_bytes, policy.top_k, "host_budget"),
+                         len(self._sources))
+            self._host = SlotPool(n_host, self.inter, self.hidden, dtype, torch.device("cpu"), pin=True)
+            self._copy_stream = torch.cuda.Stream(self.device)
+            # one pair per device slot: a slot has at most one load in flight
+            self._free_events = [torch.cuda.Event() for _ in range(n_dev)]
+            self._ready_events = [torch.cuda.Event() for _ in range(n_dev)]
+
+        # engine-thread state
+        self._resident: dict[ExpertKey, int] = {}            # key -> device slot, ready
+        self._inflight: dict[ExpertKey, LoadJob] = {}
+        self._host_lru: "OrderedDict[ExpertKey, int]" = OrderedDict()   # key -> host slot
+        self._host_busy: set[ExpertKey] = set()              # host copies a load is using
+        self._layer_pins: set[ExpertKey] = set()             # this layer's experts not yet consumed
+        self._pending: list[ExpertKey] = []                  # demand loads waiting for a slot
+        self._prefetched: set[ExpertKey] = set()             # prefetched, not used yet
+        self._layer = 0
+        self._closed = False
+        self._pool = IOPool(cache_cfg.io_threads, self._load, self.reader.new_staging, self.device)
+
+    # ---- I/O threads ------------------------------------------------------------------------
+    def _load(self, job: LoadJob, staging: torch.Tensor) -> None:
+        """Runs on an I/O thread: fill the job's slot(s), nothing else."""
+        if self._host is None:
+            job.bytes_disk = self.reader.read_into(job.src, self._dev.buffer(job.slot), staging)
+            return
+        host_buf = self._host.buffer(job.host_slot)
+        if job.from_disk:
+            job.bytes_disk = self.reader.read_into(job.src, host_buf, staging)
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_event(job.free_event)       # old occupant's compute is done
+            self._dev.buffer(job.slot).copy_(host_buf, non_blocking=True)
+            job.ready_event.record(self._copy_stream)
+        # the host slot may be reused once this job is reported, so the copy must be finished
+        job.ready_event.synchronize()
+        job.bytes_h2d = self.expert_bytes
+
+    # ---- the ExpertProvider interface -------------------------------------------------------
+    def begin_step(self, rows: StepRows) -> None:
+        super().begin_step(rows)
+        self._rows = rows
+        self.policy.begin_step(list(rows.seq_ids))
+
+    def end_request(self, seq_id: str, aborted: bool = False) -> None:
+        super().end_request(seq_id, aborted)
+        self.policy.end_request(seq_id)
+
+    def experts(self, layer: int, topk_ids: torch.Tensor,
+                hidden: Optional[torch.Tensor] = None) -> Iterator[tuple[int, ExpertWeights]]:
+        if self._closed:
+            raise RuntimeError("OffloadedExpertProvider is closed")
+        self._layer = layer
+        ids = topk_ids.tolist()                                   # [T][k]
+        routed = self._routed(layer, topk_ids, ids)
+        if self._routers is not None and hidden is not None and layer + 1 < len(self._routers):
+            self.policy.hint(layer + 1, self._lookahead(layer + 1, hidden))
+        self.policy.observe(layer, routed)
+        self._drain(block=False)
+
+        keys = [(layer, e) for e in sorted({e for row in ids for e in row})]
+        self._layer_pins = set(keys)
+        try:
+            ready: list[ExpertKey] = []
+            waiting: set[ExpertKey] = set()
+            for key in keys:
+                if key not in self._sources:
+                    raise KeyError(f"layer {layer} routed to expert {key[1]}, which the checkpoint "
+                                   f"does not have")
+                if key in self._resident:
+                    self.stats_.add(layer, "hits")
+                    ready.append(key)
+                    continue
+                self.stats_.add(layer, "misses")
+                waiting.add(key)
+                if key in self._inflight:
+                    self._pool.promote(self._inflight[key])
+                else:
+                    self._pending.append(key)
+            self._issue_pending()               # demand loads first, then prefetches
+            if self.cfg.prefetch:
+                self._issue_prefetches(layer)
+            for key in ready:
+                yield self._use(key)
+            while waiting:
+                done = sorted(k for k in waiting if k in self._resident)
+                if not done:
+                    self._wait_for_completion(layer)
+                    continue
+                for key in done:
+                    waiting.discard(key)
+                    yield self._use(key)
+        finally:
+            self._layer_pins = set()
+
+    def _use(self, key: ExpertKey) -> tuple[int, ExpertWeights]:
+        """Hand ``key`` to the layer; when the layer comes back for the next one it is done."""
+        slot = self._resident[key]
+        if key in self._prefetched:
+            self._prefetched.discard(key)
+            self.stats_.add(key[0], "prefetch_used")
+        self.policy.on_access(key)
+        if self._host is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._ready_events[slot])
+        # unpinned now: the generator resumes only after the layer used the weights (on CUDA
+        # the kernels are queued; a later load into this slot waits on free_event first)
+        self._layer_pins.discard(key)
+        return key[1], self._dev.views(slot)
+
+    # ---- routing helpers --------------------------------------------------------------------
+    def _routed(self, layer: int, topk_ids: torch.Tensor, ids: list[list[int]]) -> dict[str, list[int]]:
+        """Per request, the expert ids its rows chose (from the tracer when it splits them)."""
+        if self.tracer is not None:
+            got = self.tracer.record(layer, topk_ids)
+            if isinstance(got, dict):
+                return got
+        rows = self._rows
+        if rows is None or sum(rows.num_tokens) != len(ids):
+            return {"": [e for row in ids for e in row]}
+        out: dict[str, list[int]] = {}
+        start = 0
+        for seq, n in zip(rows.seq_ids, rows.num_tokens):
+            out[seq] = [e for row in ids[start:start + n] for e in row]
+            start += n
+        return out
+
+    def _lookahead(self, layer: int, hidden: torch.Tensor) -> list[float]:
+        """Mean router probability per expert of ``layer`` on the current hidden state [T, H]."""
+        w = self._routers[layer]                                   # [E, H]
+        logits = hidden.to(w.dtype) @ w.t()                         # [T, E]
+        return torch.softmax(logits.float(), dim=-1).mean(0).tolist()
+
+    # ---- loads and evictions (engine thread) ------------------------------------------------
+    def _pinned(self) -> set[ExpertKey]:
+        return self._layer_pins | self._inflight.keys()
+
+    def _take_slot(self) -> Optional[int]:
+        """A free device slot, evicting the policy's victim if needed; None if all are pinned."""
+        slot = self._dev.acquire()
+        if slot is not None:
+            return slot
+        pinned = self._pinned()
+        candidates = self._resident.keys() | self._inflight.keys()
+        victim = self.policy.victim(candidates, pinned, self._layer)
+        if victim is None:
+            return None
+        if victim in pinned or victim not in self._resident:
+            raise RuntimeError(f"policy {self.policy.name!r} chose {victim} to evict, which is "
+                               f"{'pinned' if victim in pinned else 'not resident'}")
+        self._evict(victim)
+        return self._dev.acquire()
+
+    def _evict(self, key: ExpertKey) -> None:
+        self._dev.release(self._resident.pop(key))
+        self.stats_.add(key[0], "evictions")
+        if key in self._prefetched:
+            self._prefetched.discard(key)
+            self.stats_.add(key[0], "prefetch_wasted")
+        self.policy.on_evict(key)
+
+    def _host_slot(self, key: ExpertKey) -> Optional[tuple[int, bool]]:
+        """CUDA: (host slot holding or receiving ``key``, whether it must come from disk)."""
+        assert self._host is not None
+        if key in self._host_lru:
+            self._host_lru.move_to_end(key)
+            self._host_busy.add(key)
+            return self._host_lru[key], False
+        slot = self._host.acquire()
+        if slot is None:    # the host tier is an LRU of its own, below the policy-managed device tier
+            old = next((k for k in self._host_lru if k not in self._host_busy), None)
+            if old is None:
+                return None
+            slot = self._host_lru.pop(old)
+        self._host_lru[key] = slot
+        self._host_busy.add(key)
+        return slot, True
+
+    def _issue(self, key: ExpertKey, demand: bool) -> bool:
+        """Start loading ``key`` into a device slot; False when no slot can be had right now."""
+        slot = self._take_slot()
+        if slot is None:
+            return False
+        job = LoadJob(key, self._sources[key], slot, demand)
+        if self._host is not None:
+            got = self._host_slot(key)
+            if got is None:
+                self._dev.release(slot)
+                return False
+            job.host_slot, job.from_disk = got
+            job.free_event, job.ready_event = self._free_events[slot], self._ready_events[slot]
+            job.free_event.record(torch.cuda.current_stream(self.device))
+        self._inflight[key] = job
+        self._pool.submit(job)
+        return True
+
+    def _issue_pending(self) -> None:
+        """Issue waiting demand loads, in order, as far as slots allow."""
+        while self._pending:
+            key = self._pending[0]
+            if key in self._resident or key in self._inflight:
+                self._pending.pop(0)
+                continue
+            if not self._issue(key, demand=True):
+                return
+            self._pending.pop(0)
+            self.stats_.add(key[0], "loads")
+
+    def _issue_prefetches(self, layer: int) -> None:
+        limit = self.cfg.io_threads - len(self._inflight)
+        if limit <= 0:
+            return
+        known = self._resident.keys() | self._inflight.keys()
+        pending = set(self._pending)
+        for key in self.policy.prefetch(layer, known, limit)[:limit]:
+            if key in known or key in pending or key not in self._sources:
+                continue
+            if not self._issue(key, demand=False):
+                return
+            self._prefetched.add(key)
+            self.stats_.add(key[0], "prefetch_issued")
+
+    def _drain(self, block: bool) -> None:
+        """Process finished loads (blocking for the first one if ``block``)."""
+        while True:
+            try:
+                job = self._pool.completions.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            self._complete(job)
+
+    def _complete(self, job: LoadJob) -> None:
+        del self._inflight[job.key]
+        if self._host is not None:
+            self._host_busy.discard(job.key)
+            if job.error is not None and job.from_disk:
+                self._host.release(self._host_lru.pop(job.key))
+        if job.error is not None:
+            self._dev.release(job.slot)
+            self._prefetched.discard(job.key)
+            raise ExpertReadError(f"loading expert {job.key[1]} of MoE layer {job.key[0]} "
+                                  f"failed: {job.error}") from job.error
+        self._resident[job.key] = job.slot
+        layer = job.key[0]
+        self.stats_.add(layer, "bytes_disk", job.bytes_disk)
+        self.stats_.add(layer, "bytes_h2d", job.bytes_h2d)
+        if self._host is not None:
+            self.stats_.add(layer, "host_misses" if job.from_disk else "host_hits")
+        self.policy.on_load(job.key)
+
+    def _wait_for_completion(self, layer: int) -> None:
+        """Block until a load finishes; the engine thread is stalled meanwhile."""
+        self._issue_pending()
+        if not self._inflight:
+            raise RuntimeError(f"layer {layer}: {len(self._pending)} experts wait for a slot but "
+                               "no load is in flight (every slot pinned?)")
+        t0 = time.perf_counter()
+        self._drain(block=True)
+        self.stats_.add(layer, "stall_seconds", time.perf_counter() - t0)
+        self._issue_pending()
+
+    # ---- reporting and shutdown -------------------------------------------------------------
+    def resident_keys(self) -> set[ExpertKey]:
+        """Experts whose weights are in device-tier slots now (not counting loads in flight)."""
+        return set(self._resident)
+
+    def stats(self) -> dict[str, float]:
+        out = self.stats_.flat()
+        out["resident_bytes"] = float(len(self._resident) * self.expert_bytes)
+        out["slots"] = float(self._dev.num_slots)
+        out["slot_bytes"] = float(self.expert_bytes)
+        out["allocated_bytes"] = float(self._dev.allocated_bytes)
+        out["budget_bytes"] = float(self.budget_bytes)
+        out["inflight"] = float(len(self._inflight))
+        if self._host is not None:
+            out["host_slots"] = float(self._host.num_slots)
+            out["host_resident_bytes"] = float(len(self._host_lru) * self.expert_bytes)
+            out["host_allocated_bytes"] = float(self._host.allocated_bytes)
+        return out
+
+    def close(self) -> None:
+        """Stop the I/O threads (reads in progress finish) and close the files."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.close()
+        self.reader.close()

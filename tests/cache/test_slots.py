@@ -1,0 +1,63 @@
+"""cache/slots.py: slot pools hold exactly what the budget pays for, allocated once."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cache.slots import BudgetError, SlotPool, slot_count
+
+
+@pytest.mark.parametrize("budget", [3 * 4096, 3 * 4096 + 4095, 10 * 4096 + 1])
+def test_pool_never_exceeds_budget(budget: int) -> None:
+    inter, hidden, dtype = 16, 32, torch.bfloat16
+    expert_bytes = 3 * inter * hidden * 2
+    n = slot_count(budget, expert_bytes, minimum=2, field="expert_budget")
+    pool = SlotPool(n, inter, hidden, dtype, torch.device("cpu"))
+    assert pool.allocated_bytes <= budget
+    assert pool.allocated_bytes == n * expert_bytes
+    assert budget - pool.allocated_bytes < expert_bytes       # no slot left unpaid for
+    storage = pool.storage.untyped_storage()
+    taken = [pool.acquire() for _ in range(n)]
+    assert sorted(taken) == list(range(n)) and pool.acquire() is None
+    for s in taken:                                           # every slot lives in that one block
+        buf = pool.buffer(s)
+        assert buf.untyped_storage().data_ptr() == storage.data_ptr()
+        assert buf.is_contiguous() and buf.numel() == 3 * inter * hidden
+        w = pool.views(s)
+        assert w.gate.shape == (inter, hidden) and w.up.shape == (inter, hidden)
+        assert w.down.shape == (hidden, inter)
+        assert w.gate.data_ptr() == buf.data_ptr()
+
+
+def test_views_alias_the_slot() -> None:
+    pool = SlotPool(2, 2, 3, torch.float32, torch.device("cpu"))
+    s = pool.acquire()
+    pool.buffer(s).copy_(torch.arange(18, dtype=torch.float32))
+    w = pool.views(s)
+    assert w.gate.flatten().tolist() == list(range(6))
+    assert w.up.flatten().tolist() == list(range(6, 12))
+    assert w.down.flatten().tolist() == list(range(12, 18))
+
+
+def test_release_checks() -> None:
+    pool = SlotPool(2, 2, 2, torch.float32, torch.device("cpu"))
+    s = pool.acquire()
+    pool.release(s)
+    with pytest.raises(ValueError, match="not an acquired slot"):
+        pool.release(s)
+    with pytest.raises(ValueError, match="not an acquired slot"):
+        pool.release(7)
+
+
+def test_budget_below_top_k_names_field_value_and_minimum() -> None:
+    with pytest.raises(BudgetError, match=r"expert_budget=700 bytes holds 0 experts.*at least 2.*"
+                                          r"expert_budget >= 1536 bytes"):
+        slot_count(700, 768, minimum=2, field="expert_budget")
+
+
+@pytest.mark.gpu
+def test_host_pool_is_pinned() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pool = SlotPool(2, 4, 4, torch.bfloat16, torch.device("cpu"), pin=True)
+    assert pool.storage.is_pinned()
