@@ -1,0 +1,123 @@
+"""Request bodies, parsed liberally: unknown fields are ignored, the usual client variations accepted.
+
+Responses are plain dicts built in server/responses.py (the wire format is fixed by the contract).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from server.errors import APIError, bad_request
+
+
+class _Liberal(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class TextPart(_Liberal):
+    type: str
+    text: Optional[str] = None
+
+
+class ChatMessage(_Liberal):
+    role: str
+    content: Union[str, list[TextPart], None] = None
+
+
+class StreamOptions(_Liberal):
+    include_usage: Optional[bool] = False
+
+
+class _SamplingFields(_Liberal):
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(default=None, ge=-1)
+    min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    seed: Optional[int] = None
+    n: Optional[int] = Field(default=None, ge=1, le=64)
+    stop: Union[str, list[str], None] = None
+    presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0.0)
+    logit_bias: Optional[dict[str, float]] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    ignore_eos: Optional[bool] = False
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        for key, bias in (v or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must lie in [-100, 100], got {bias}")
+        return v
+
+    @property
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def max_new_tokens(self) -> Optional[int]:
+        # max_completion_tokens is the newer name; when both come, the smaller limit wins
+        given = [v for v in (self.max_tokens, self.max_completion_tokens) if v is not None]
+        return min(given) if given else None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: Optional[bool] = False
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    response_format: Optional[dict[str, Any]] = None
+    tools: Optional[list[Any]] = None
+    tool_choice: Optional[Any] = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    echo: Optional[bool] = False
+    suffix: Optional[str] = None
+
+
+def parse(model: type[BaseModel], body: Any) -> Any:
+    """Validate a decoded JSON body; a failure is a 400 naming the field."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise APIError(400, f"invalid '{loc}': {err['msg']}", param=loc or None) from None
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages for the chat template: content flattened to a string (text parts joined)."""
+    out = []
+    for i, m in enumerate(messages):
+        d = {k: v for k, v in m.model_dump().items() if v is not None or k == "content"}
+        if isinstance(m.content, list):
+            for part in m.content:
+                if part.type != "text" or part.text is None:
+                    raise bad_request(f"messages[{i}].content: only text parts are supported, got "
+                                      f"type {part.type!r}", f"messages.{i}.content")
+            d["content"] = "\n".join(p.text or "" for p in m.content)
+        elif m.content is None:
+            d["content"] = ""
+        out.append(d)
+    return out
+
+
+ResponseKind = Literal["chat", "completion"]

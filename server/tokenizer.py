@@ -1,0 +1,118 @@
+"""Text <-> token ids for the server: the checkpoint's tokenizer.json (``tokenizers``) and the chat
+template from its tokenizer config, rendered with jinja2 the way transformers renders it.
+
+No transformers import: the HTTP process stays light and torch-free.
+"""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from typing import Any, Optional
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+
+class TemplateError(ValueError):
+    """The chat template refused the conversation (raise_exception) or failed to render."""
+
+
+def _token_text(value: Any) -> Optional[str]:
+    """tokenizer_config stores special tokens as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: Optional[int] = None,
+            separators: Any = None, sort_keys: bool = False) -> str:
+    # transformers' tojson: no HTML escaping (jinja's default tojson escapes <, >, &, ')
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def compile_chat_template(source: str) -> jinja2.Template:
+    """Same environment as transformers' _compile_jinja_template."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
+
+
+class TextTokenizer:
+    """The checkpoint's tokenizer and chat template."""
+
+    def __init__(self, model_dir: str) -> None:
+        path = os.path.join(model_dir, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no tokenizer.json in the model directory {model_dir!r}")
+        self.tokenizer = Tokenizer.from_file(path)
+        cfg_path = os.path.join(model_dir, "tokenizer_config.json")
+        cfg: dict[str, Any] = {}
+        if os.path.isfile(cfg_path):
+            with open(cfg_path, encoding="utf-8") as f:
+                cfg = json.load(f)
+        self.special_tokens = {name: _token_text(cfg.get(name))
+                               for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        source = self._template_source(model_dir, cfg)
+        self.chat_template: Optional[jinja2.Template] = (
+            compile_chat_template(source) if source else None)
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @staticmethod
+    def _template_source(model_dir: str, cfg: dict[str, Any]) -> Optional[str]:
+        # transformers >= 4.43 may save it to chat_template.jinja (or .json) instead of the config
+        jinja_path = os.path.join(model_dir, "chat_template.jinja")
+        if os.path.isfile(jinja_path):
+            with open(jinja_path, encoding="utf-8") as f:
+                return f.read()
+        json_path = os.path.join(model_dir, "chat_template.json")
+        if os.path.isfile(json_path):
+            with open(json_path, encoding="utf-8") as f:
+                cfg = {"chat_template": json.load(f).get("chat_template")}
+        tpl = cfg.get("chat_template")
+        if isinstance(tpl, list):   # named templates: [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+            tpl = named.get("default") or next(iter(named.values()), None)
+        return tpl if isinstance(tpl, str) else None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.tokenizer.id_to_token(token_id) or ""
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    **extra: Any) -> str:
+        """The prompt text for ``messages``, like transformers' apply_chat_template(tokenize=False)."""
+        if self.chat_template is None:
+            raise TemplateError("the model has no chat template (tokenizer_config.json has no "
+                                "'chat_template'); use /v1/completions instead")
+        try:
+            return self.chat_template.render(messages=messages,
+                                             add_generation_prompt=add_generation_prompt,
+                                             **self.special_tokens, **extra)
+        except TemplateError:
+            raise
+        except jinja2.TemplateError as exc:
+            raise TemplateError(f"the chat template failed to render: {exc}") from exc
+
+    def encode_chat(self, messages: list[dict[str, Any]], **extra: Any) -> list[int]:
+        # apply_chat_template(tokenize=True) encodes without adding special tokens: the template
+        # already holds them
+        return self.encode(self.render_chat(messages, **extra), add_special_tokens=False)
