@@ -66,13 +66,16 @@ class ExpertReader:
     positional) and each caller passes its own staging buffer (see ``new_staging``)."""
 
     def __init__(self, direct: Optional[bool] = None, chunk_bytes: int = CHUNK_BYTES,
-                 merge_gap: int = MERGE_GAP) -> None:
-        """direct: None tries O_DIRECT per file and falls back; True requires it; False never."""
+                 merge_gap: int = MERGE_GAP, drop_pages: bool = True) -> None:
+        """direct: None tries O_DIRECT per file and falls back; True requires it; False never.
+        drop_pages: after a buffered read, drop its pages from the OS cache (off only to
+        measure page-cache reads in bench/cache_io.py)."""
         if chunk_bytes < ALIGN or chunk_bytes % ALIGN:
             raise ValueError(f"chunk_bytes={chunk_bytes} must be a positive multiple of {ALIGN}")
         self.direct = direct
         self.chunk_bytes = chunk_bytes
         self.merge_gap = merge_gap
+        self.drop_pages = drop_pages
         self._fds: dict[tuple[str, bool], int] = {}     # (path, direct) -> fd, kept open
         self._direct_ok: dict[str, bool] = {}
         self._sizes: dict[str, int] = {}
@@ -231,7 +234,7 @@ class ExpertReader:
             raise ExpertReadError(errno.EIO, f"{rd.path}: short read of {rd.names}: wanted "
                                   f"{rd.need} bytes at offset {rd.offset}, got {got} (file is "
                                   f"{os.path.getsize(rd.path)} bytes; truncated?)")
-        if not direct:
+        if not direct and self.drop_pages:
             # keep the page cache from holding a second, unbudgeted copy of the experts
             os.posix_fadvise(fd, rd.offset, rd.length, os.POSIX_FADV_DONTNEED)
         return got
