@@ -1,0 +1,93 @@
+"""cache/io_pool.py: demand loads overtake queued prefetches; promoted jobs run once; errors
+come back on the completion queue; close() stops the threads."""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from cache.io_pool import IOPool, LoadJob
+from cache.provider import ExpertSource, TensorRef
+
+_REF = TensorRef("unused", 0, (1, 1), "F32")
+_SRC = ExpertSource(0, 0, _REF, _REF, _REF)
+
+
+def _pool(threads: int = 1):
+    started = threading.Event()
+    release = threading.Event()
+    ran: list[tuple[int, int]] = []
+
+    def work(job: LoadJob, staging: torch.Tensor) -> None:
+        if job.key == (9, 9):                 # the first job holds the only thread
+            started.set()
+            release.wait(timeout=30)
+        if job.key == (6, 6):
+            raise OSError("disk on fire")
+        ran.append(job.key)
+
+    pool = IOPool(threads, work, lambda: torch.empty(1, dtype=torch.uint8))
+    return pool, started, release, ran
+
+
+def _job(key: tuple[int, int], demand: bool) -> LoadJob:
+    return LoadJob(key, _SRC, 0, demand)
+
+
+def _collect(pool: IOPool, n: int) -> list[LoadJob]:
+    return [pool.completions.get(timeout=30) for _ in range(n)]
+
+
+def test_demand_overtakes_queued_prefetches() -> None:
+    pool, started, release, ran = _pool()
+    try:
+        pool.submit(_job((9, 9), True))
+        started.wait(timeout=30)
+        for e in range(3):
+            pool.submit(_job((1, e), False))
+        pool.submit(_job((0, 5), True))
+        release.set()
+        _collect(pool, 5)
+        assert ran == [(9, 9), (0, 5), (1, 0), (1, 1), (1, 2)]
+    finally:
+        release.set()
+        pool.close()
+
+
+def test_promoted_prefetch_runs_once_and_first() -> None:
+    pool, started, release, ran = _pool()
+    try:
+        pool.submit(_job((9, 9), True))
+        started.wait(timeout=30)
+        jobs = [_job((1, e), False) for e in range(3)]
+        for j in jobs:
+            pool.submit(j)
+        pool.promote(jobs[2])
+        assert jobs[2].demand
+        release.set()
+        done = _collect(pool, 4)
+        assert ran == [(9, 9), (1, 2), (1, 0), (1, 1)]
+        assert len(done) == 4 and pool.completions.empty()
+    finally:
+        release.set()
+        pool.close()
+
+
+def test_errors_are_reported_not_raised() -> None:
+    pool, _, release, _ = _pool()
+    release.set()
+    try:
+        pool.submit(_job((6, 6), True))
+        (job,) = _collect(pool, 1)
+        assert isinstance(job.error, OSError) and "disk on fire" in str(job.error)
+    finally:
+        pool.close()
+
+
+def test_close_joins_threads() -> None:
+    pool, _, release, _ = _pool(threads=3)
+    release.set()
+    threads = list(pool._threads)
+    assert all(t.is_alive() for t in threads)
+    pool.close()
+    assert not any(t.is_alive() for t in threads)
