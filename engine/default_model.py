@@ -1,0 +1,183 @@
+"""The built-in default model: SmolLM2-135M-Instruct upcycled into a Mixtral-format MoE, built offline.
+
+``ensure_default_model()`` returns the cached model directory, building it on first use:
+GGUF -> dense Llama checkpoint (engine.gguf_import) -> calibration answers and FFN-input states ->
+k-means routers and perturbed experts (engine.upcycle) -> sharded bf16 safetensors (engine.moe_writer)
+-> measured model card (engine.routing_stats, engine.model_card). Builds are atomic and locked
+(engine.model_store). CLI: ``moeserve build-default`` or ``python -m engine.default_model``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+import torch
+
+import configs
+from engine.gguf_import import find_packaged_gguf, import_gguf, write_json
+from engine.model_store import BuildError, build_atomically, moeserve_home
+
+log = logging.getLogger(__name__)
+
+PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), "presets")
+DEFAULT_PRESET = "smollm2-moe-8x"
+DENSE_NAME = "smollm2-135m-instruct"
+# bump when the build recipe changes, so cached builds made by older code are rebuilt
+BUILDER_VERSION = 1
+# calibration runs with a fixed thread count: CPU matmul reductions depend on it, and the greedy
+# answers (hence the routers) must not change with the machine's core count
+CALIBRATION_THREADS = 2
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+def preset_names() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".json"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = os.path.join(PRESET_DIR, f"{name}.json")
+    if not os.path.isfile(path):
+        raise BuildError(f"unknown preset {name!r}: choose one of {', '.join(preset_names())}")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def ensure_dense_model(home: str | None = None) -> str:
+    """Directory of the dense SmolLM2-135M-Instruct checkpoint converted from the packaged GGUF."""
+    gguf = find_packaged_gguf()
+    params = {"builder_version": BUILDER_VERSION, "source": os.path.basename(gguf),
+              "source_bytes": os.path.getsize(gguf)}
+    target = os.path.join(moeserve_home(home), "models", DENSE_NAME)
+    return build_atomically(target, params, lambda tmp: import_gguf(gguf, tmp), need_bytes=400_000_000)
+
+
+def _expected_bytes(dense_dir: str, experts: int) -> int:
+    with open(os.path.join(dense_dir, "config.json"), encoding="utf-8") as f:
+        c = json.load(f)
+    ffn = 3 * c["hidden_size"] * c["intermediate_size"] * 2  # bf16 bytes of one expert
+    return os.path.getsize(os.path.join(dense_dir, "model.safetensors")) + c["num_hidden_layers"] * experts * ffn
+
+
+def _build_moe(dense_dir: str, out: str, params: dict[str, Any], progress: bool) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from engine.model_card import render_model_card
+    from engine.moe_writer import mixtral_config_dict, plan_tensors, write_checkpoint
+    from engine.mtbench import calibration_questions, heldout_texts
+    from engine.routing_stats import measure
+    from engine.upcycle import (_seed, collect_ffn_inputs, generate_calibration_chats, router_scale,
+                                spherical_kmeans)
+
+    e, k = params["experts"], params["top_k"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(CALIBRATION_THREADS)
+    try:
+        tok = AutoTokenizer.from_pretrained(dense_dir)
+        model = LlamaForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
+        t0 = time.monotonic()
+        chats = generate_calibration_chats(model, tok, calibration_questions(),
+                                           params["calibration_max_new_tokens"],
+                                           turns=params["calibration_turns"], batch_size=40,
+                                           progress=progress)
+        seqs = [list(tok.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]) for c in chats]
+        states = collect_ffn_inputs(model, seqs, progress=progress)  # per layer [N, H]
+        log.info("calibration: %d conversations, %d tokens (%.0fs)", len(seqs), states[0].shape[0],
+                 time.monotonic() - t0)
+        routers = []
+        from tqdm import tqdm
+        for li, x in enumerate(tqdm(states, desc="k-means routers", unit="layer", disable=not progress)):
+            cent, _ = spherical_kmeans(x, e, _seed(params["seed"], "kmeans", li))
+            routers.append(cent * router_scale(x, cent, params["router_logit_std"]))  # [E, H]
+        del states
+        dense = load_file(os.path.join(dense_dir, "model.safetensors"))
+        plan = plan_tensors(dense, routers, e, params["expert_noise"], params["seed"])
+        write_checkpoint(plan, out, int(params["shard_bytes"]), progress=progress)
+        with open(os.path.join(dense_dir, "config.json"), encoding="utf-8") as f:
+            write_json(os.path.join(out, "config.json"), mixtral_config_dict(json.load(f), e, k))
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(os.path.join(dense_dir, name), os.path.join(out, name))
+        log.info("measuring routing and perplexity on held-out text")
+        tok.padding_side = "right"
+        stats = measure(model, tok, out, heldout_texts())
+    finally:
+        torch.set_num_threads(threads)
+    write_json(os.path.join(out, "moeserve-stats.json"), stats)
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
+        f.write(render_model_card(params, stats, size))
+    log.info("held-out perplexity: dense %.3f, MoE %.3f", stats["dense_perplexity"], stats["moe_perplexity"])
+
+
+def build_default(preset: str = DEFAULT_PRESET, experts: int | None = None, top_k: int | None = None,
+                  out: str | None = None, home: str | None = None, progress: bool = True) -> str:
+    """Build (or reuse) the upcycled MoE; returns its directory.
+
+    ``experts``/``top_k`` override the preset; the model is then named ``smollm2-moe-{E}x-top{K}``.
+    ``out`` defaults to <home>/models/<name>.
+    """
+    params = load_preset(preset)
+    if experts is not None or top_k is not None:
+        params["experts"] = int(experts if experts is not None else params["experts"])
+        params["top_k"] = int(top_k if top_k is not None else params["top_k"])
+        params["name"] = f"smollm2-moe-{params['experts']}x-top{params['top_k']}"
+    if not 1 <= params["top_k"] <= params["experts"]:
+        raise BuildError(f"invalid top_k={params['top_k']}: must be between 1 and experts={params['experts']}")
+    if params["experts"] < 2:
+        raise BuildError(f"invalid experts={params['experts']}: an MoE needs at least 2 experts")
+    params["builder_version"] = BUILDER_VERSION
+    dense_dir = ensure_dense_model(home)
+    target = out or os.path.join(moeserve_home(home), "models", params["name"])
+    need = int(_expected_bytes(dense_dir, params["experts"]) * 1.02) + 50_000_000
+    return build_atomically(target, params, lambda tmp: _build_moe(dense_dir, tmp, params, progress),
+                            need_bytes=need)
+
+
+def ensure_default_model(preset: str = DEFAULT_PRESET, home: str | None = None, progress: bool = True) -> str:
+    """The preset's model directory, built on first use and reused afterwards (safe across processes)."""
+    return build_default(preset, home=home, progress=progress)
+
+
+def add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=preset_names(),
+                        help=f"model preset (default {DEFAULT_PRESET})")
+    parser.add_argument("--experts", type=int, default=None, metavar="E",
+                        help="experts per layer (overrides the preset)")
+    parser.add_argument("--top-k", type=int, default=None, metavar="K",
+                        help="experts routed per token (overrides the preset)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="output directory (default: $MOESERVE_HOME/models/<preset>, "
+                             "MOESERVE_HOME defaults to ~/.cache/moeserve)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+
+
+def run_build(args: argparse.Namespace) -> int:
+    """CLI body of ``moeserve build-default``: prints the model directory; 1 on a build error."""
+    t0 = time.monotonic()
+    try:
+        path = build_default(args.preset, experts=args.experts, top_k=args.top_k, out=args.out,
+                             progress=args.progress)
+    except BuildError as e:
+        log.error("%s", e)
+        return 1
+    log.info("model ready in %.0fs", time.monotonic() - t0)
+    print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.default_model",
+                                     description="Build the built-in default MoE model.")
+    add_build_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_build(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""Writing the upcycled model as a standard Mixtral checkpoint (bf16, sharded safetensors).
+
+Tensors are produced lazily, shard by shard, so a 10 GB model never has to sit in RAM at once.
+Key names follow Mixtral: model.layers.{i}.block_sparse_moe.gate.weight [E, H] and
+model.layers.{i}.block_sparse_moe.experts.{j}.w1/w3.weight [I, H] (gate/up), w2.weight [H, I] (down).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from engine.gguf_import import write_json
+from engine.upcycle import perturbed_expert
+
+DTYPE = torch.bfloat16
+# Mixtral expert names -> the dense Llama MLP projection each one copies
+EXPERT_SOURCES = (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    make: Callable[[], torch.Tensor]  # returns the bf16 tensor when the shard is written
+
+    @property
+    def nbytes(self) -> int:
+        n = 2  # bf16
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def mixtral_config_dict(dense_cfg: dict[str, Any], experts: int, top_k: int) -> dict[str, Any]:
+    """config.json of the MoE: the dense Llama fields plus Mixtral's routing fields."""
+    cfg = {k: v for k, v in dense_cfg.items() if k not in ("architectures", "model_type", "mlp_bias")}
+    cfg.update({
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "num_local_experts": int(experts),
+        "num_experts_per_tok": int(top_k),
+        "output_router_logits": False,
+        "router_aux_loss_coef": 0.0,
+        "router_jitter_noise": 0.0,
+        "sliding_window": None,
+        "torch_dtype": "bfloat16",
+    })
+    return cfg
+
+
+def plan_tensors(dense: dict[str, torch.Tensor], routers: list[torch.Tensor], experts: int,
+                 noise: float, seed: int) -> list[PlannedTensor]:
+    """Every tensor of the MoE checkpoint, in a fixed order (non-FFN dense tensors, then per layer)."""
+    n_layers = len(routers)
+    plan: list[PlannedTensor] = []
+    mlp_prefix = tuple(f"model.layers.{i}.mlp." for i in range(n_layers))
+    for name in sorted(dense):
+        if not name.startswith(mlp_prefix):
+            t = dense[name]
+            plan.append(PlannedTensor(name, tuple(t.shape), lambda t=t: t.to(DTYPE).contiguous()))
+    for i in range(n_layers):
+        base = f"model.layers.{i}.block_sparse_moe"
+        g = routers[i]
+        plan.append(PlannedTensor(f"{base}.gate.weight", tuple(g.shape), lambda g=g: g.to(DTYPE).contiguous()))
+        for j in range(experts):
+            for wname, src in EXPERT_SOURCES:
+                d = dense[f"model.layers.{i}.mlp.{src}.weight"]
+                plan.append(PlannedTensor(
+                    f"{base}.experts.{j}.{wname}.weight", tuple(d.shape),
+                    lambda d=d, i=i, j=j, w=wname: perturbed_expert(d, noise, seed, i, j, w).to(DTYPE)))
+    return plan
+
+
+def shard_plan(plan: list[PlannedTensor], shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Consecutive tensors grouped into shards of at most ``shard_bytes`` (a bigger tensor stands alone)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in plan:
+        if shards[-1] and size + t.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def shard_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+
+
+def write_checkpoint(plan: list[PlannedTensor], out_dir: str, shard_bytes: int, progress: bool = True) -> None:
+    """Write the tensors as safetensors shards (+ model.safetensors.index.json when more than one)."""
+    shards = shard_plan(plan, shard_bytes)
+    names = shard_names(len(shards))
+    total = sum(t.nbytes for t in plan)
+    bar = tqdm(total=total, desc="writing experts", unit="B", unit_scale=True, disable=not progress)
+    try:
+        for fname, shard in zip(names, shards):
+            tensors = {t.name: t.make() for t in shard}
+            path = os.path.join(out_dir, fname)
+            save_file(tensors, path, metadata={"format": "pt"})  # ENOSPC: see model_store.is_disk_full
+            bar.update(sum(t.nbytes for t in shard))
+            del tensors
+    finally:
+        bar.close()
+    if len(shards) > 1:
+        weight_map = {t.name: fname for fname, shard in zip(names, shards) for t in shard}
+        write_json(os.path.join(out_dir, "model.safetensors.index.json"),
+                   {"metadata": {"total_size": total}, "weight_map": weight_map})
