@@ -1,0 +1,39 @@
+"""The server's end-to-end tests again, on the built-in default model (built on first use).
+
+The tests are the ones of test_api/test_serving, collected here with `server` and `tiny_model_dir`
+overridden to the default model's server and directory.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+
+from tests.server.conftest import ServerProcess
+from tests.server.test_api import (  # noqa: F401 - collected again with this module's fixtures
+    test_chat_non_streaming_usage_matches_tokenizer, test_completions_string_and_list_prompt,
+    test_disconnect_mid_stream_aborts_in_engine, test_n2_seeded_sampling_is_reproducible,
+    test_openai_sdk_chat_stream_and_completion, test_stop_string_spanning_tokens_never_leaks,
+    test_streaming_chat_shape_and_same_text_as_non_streaming)
+from tests.server.test_serving import (  # noqa: F401
+    test_16_concurrent_streams_each_get_their_solo_greedy_output,
+    test_greedy_output_equals_moeserve_generate)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir() -> str:
+    from engine.default_model import ensure_default_model
+    return ensure_default_model(progress=False)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    srv = ServerProcess(tiny_model_dir, str(tmp_path_factory.mktemp("default") / "server.log"),
+                        extra=("--max-batch", "8"))
+    try:
+        srv.wait_ready(deadline_s=600)
+        yield srv
+    finally:
+        srv.stop()
