@@ -156,7 +156,8 @@ def load_model(model_dir: str, device: torch.device, dtype: Optional[torch.dtype
             raise CheckpointError(f"{ref.path}: tensor {name} has shape {list(ref.shape)}, "
                                   f"the config implies {list(param.shape)}")
         with torch.no_grad():
-            param.copy_(read_tensor(ref).to(dtype))
+            # in the parameter's own dtype: a family may keep some in fp32 (DeepSeek routers)
+            param.copy_(read_tensor(ref).to(param.dtype))
         done += ref.nbytes
         if progress is not None:
             progress(done, total)

@@ -7,6 +7,11 @@ from types import ModuleType
 MODEL_TYPES: dict[str, str] = {
     "llama": "engine.models.llama",
     "mixtral": "engine.models.mixtral",
+    "qwen2_moe": "engine.models.qwen2_moe",
+    "qwen3_moe": "engine.models.qwen3_moe",
+    "olmoe": "engine.models.olmoe",
+    "deepseek_v2": "engine.models.deepseek_v2",
+    "deepseek_v3": "engine.models.deepseek_v3",
 }
 
 

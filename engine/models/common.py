@@ -242,13 +242,16 @@ def expert_forward(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
 
 
 def combine_experts(provider: ExpertProvider, layer: int, x: torch.Tensor, weights: torch.Tensor,
-                    ids: torch.Tensor) -> torch.Tensor:
+                    ids: torch.Tensor, weight_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """x [N, H], routing weights/ids [N, k] -> sum_k weights * expert_k(x), [N, H].
+    The product expert_k(x) * weight is formed in ``weight_dtype`` (default: x's dtype; DeepSeek
+    keeps fp32 routing weights) and rounded to x's dtype, as each family's reference does.
     Experts arrive from the provider as they become resident, so ready ones compute first."""
     out = torch.zeros_like(x)
+    wdt = weight_dtype or x.dtype
     for e, w in provider.experts(layer, ids, x):
         tok, slot = torch.where(ids == e)
-        y = expert_forward(x[tok], w) * weights[tok, slot, None].to(x.dtype)
+        y = (expert_forward(x[tok], w) * weights[tok, slot, None].to(wdt)).to(x.dtype)
         out.index_add_(0, tok, y)
     return out
 
