@@ -1,0 +1,74 @@
+"""Tiny random checkpoints of every supported family, written by transformers' own config classes
+and save_pretrained. Routers are scaled up (and V3's correction bias randomised) so routing is
+decisive and really spread over the experts; each config also has a dense/MoE layer split."""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+COMMON: dict[str, Any] = dict(vocab_size=160, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                              tie_word_embeddings=False, initializer_range=0.05)
+ROUTER_SCALE = 20.0
+FamilyCheckpoint = Callable[[str, torch.dtype], str]   # the conftest fixture: (name, dtype) -> dir
+DEEPSEEK_MLA = dict(num_key_value_heads=4, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                    v_head_dim=12, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                    num_experts_per_tok=2, first_k_dense_replace=1)
+
+# name -> (transformers config class, kwargs, number of MoE layers)
+FAMILIES: dict[str, tuple[str, dict[str, Any], int]] = {
+    "llama": ("LlamaConfig", dict(num_hidden_layers=2, num_key_value_heads=2, intermediate_size=96), 0),
+    "mixtral": ("MixtralConfig", dict(num_hidden_layers=2, num_key_value_heads=2, intermediate_size=64,
+                                      num_local_experts=4, num_experts_per_tok=2), 2),
+    # layer 1 dense (mlp_only_layers), 8 experts + the gated shared expert, unnormalised top-k
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_key_value_heads=2, intermediate_size=96, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=48, num_experts=8,
+                                         num_experts_per_tok=2, mlp_only_layers=[1]), 2),
+    # head_dim != hidden / heads; layer 0 dense; normalised top-k
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_key_value_heads=2, head_dim=24, intermediate_size=96,
+                                         moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                                         norm_topk_prob=True, mlp_only_layers=[0]), 2),
+    # q/k norm over the whole projection, clip_qkv that really clips
+    "olmoe": ("OlmoeConfig", dict(num_hidden_layers=2, num_key_value_heads=2, intermediate_size=32,
+                                  num_experts=8, num_experts_per_tok=2, clip_qkv=1.5), 2),
+    # q_lora_rank None, greedy top-k, 2 shared experts, yarn rope with mscale in the softmax scale
+    "deepseek_v2": ("DeepseekV2Config", dict(DEEPSEEK_MLA, q_lora_rank=None, n_shared_experts=2,
+                                             topk_method="greedy", routed_scaling_factor=1.5,
+                                             rope_parameters=dict(rope_type="yarn", rope_theta=10000.0,
+                                                                  factor=4.0, original_max_position_embeddings=64,
+                                                                  mscale=0.707, mscale_all_dim=0.707)), 2),
+    # q_lora_rank set, group_limited_greedy: top-3 within the best 2 of 4 groups (top_k > topk_group,
+    # else the group limit never changes the plain top-k)
+    "deepseek_v2_grouped": ("DeepseekV2Config", dict(DEEPSEEK_MLA, q_lora_rank=32, n_shared_experts=1,
+                                                     num_experts_per_tok=3, topk_method="group_limited_greedy",
+                                                     n_group=4, topk_group=2, routed_scaling_factor=1.0), 2),
+    # sigmoid scores + correction bias, 2 of 4 groups, normalised and scaled, yarn with mscale != mscale_all_dim
+    "deepseek_v3": ("DeepseekV3Config", dict(DEEPSEEK_MLA, q_lora_rank=32, n_shared_experts=1, n_group=4,
+                                             topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+                                             rope_parameters=dict(rope_type="yarn", rope_theta=10000.0,
+                                                                  factor=8.0, original_max_position_embeddings=32,
+                                                                  mscale=1.0, mscale_all_dim=0.8,
+                                                                  beta_fast=32, beta_slow=1)), 2),
+}
+
+
+def make_family_checkpoint(name: str, path: str, dtype: torch.dtype = torch.float32,
+                           seed: int = 0) -> str:
+    """Write the tiny ``name`` checkpoint (see FAMILIES) to ``path`` in ``dtype``; returns path."""
+    import transformers
+    cls_name, kwargs, _ = FAMILIES[name]
+    cfg = getattr(transformers, cls_name)(**{**COMMON, **kwargs})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            gate: Optional[torch.nn.Module] = getattr(layer.mlp, "gate", None)
+            if gate is None:                               # a dense layer
+                continue
+            gate.weight.normal_(0.0, 0.02).mul_(ROUTER_SCALE)
+            bias = getattr(gate, "e_score_correction_bias", None)
+            if bias is not None:                           # selection-only bias: make it matter
+                bias.normal_(0.0, 0.1)
+    model.to(dtype).save_pretrained(path)
+    return path
