@@ -56,13 +56,26 @@ def _greedy_answer(model, tok, question: str) -> str:
 
 
 @torch.inference_mode()
-def _perplexity(model, seqs: list[list[int]]) -> float:
+def _run(model, seqs: list[list[int]], routing: bool) -> tuple[float, list[list[torch.Tensor]]]:
+    """(perplexity over ``seqs``, per layer the [T, E] router logits of every sequence when asked)."""
     nll, n = 0.0, 0
+    router: list[list[torch.Tensor]] = []
     for ids in seqs:
-        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]  # [T-1, V]
+        out = model(input_ids=torch.tensor([ids]), **({"output_router_logits": True} if routing else {}))
+        logits = out.logits[0, :-1]  # [T-1, V]
         nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum"))
         n += len(ids) - 1
-    return math.exp(nll / n)
+        if routing:
+            router = router or [[] for _ in out.router_logits]
+            for layer, r in enumerate(out.router_logits):
+                router[layer].append(r)
+    return math.exp(nll / n), router
+
+
+@pytest.fixture(scope="session")
+def moe_heldout(moe, heldout) -> tuple[float, list[list[torch.Tensor]]]:
+    """One pass of the MoE over the held-out text serves the perplexity and the routing tests."""
+    return _run(moe, heldout, routing=True)
 
 
 def test_checkpoint_is_mixtral_format(model_dirs: tuple[str, str]) -> None:
@@ -91,21 +104,18 @@ def test_moe_answers_paris(moe, tok) -> None:
     assert "Paris" in _greedy_answer(moe, tok, QUESTION)
 
 
-def test_heldout_perplexity_within_ten_percent(dense, moe, heldout) -> None:
-    p_dense, p_moe = _perplexity(dense, heldout), _perplexity(moe, heldout)
+def test_heldout_perplexity_within_ten_percent(dense, moe_heldout, heldout) -> None:
+    p_dense, p_moe = _run(dense, heldout, routing=False)[0], moe_heldout[0]
     assert p_dense < 100, p_dense  # the dense model itself reads English
     assert abs(p_moe / p_dense - 1) < 0.10, (p_dense, p_moe)
 
 
-@torch.inference_mode()
-def test_routing_is_skewed_local_and_not_collapsed(moe, heldout) -> None:
+def test_routing_is_skewed_local_and_not_collapsed(moe, moe_heldout) -> None:
     cfg = moe.config
     e, k = cfg.num_local_experts, cfg.num_experts_per_tok
-    routes: list[list[torch.Tensor]] = [[] for _ in range(cfg.num_hidden_layers)]
-    for ids in heldout:
-        out = moe(input_ids=torch.tensor([ids]), output_router_logits=True)
-        for layer, logits in enumerate(out.router_logits):  # [T, E] per layer
-            routes[layer].append(logits.topk(k, dim=-1).indices)  # [T, k]
+    router = moe_heldout[1]
+    assert len(router) == cfg.num_hidden_layers
+    routes = [[logits.topk(k, dim=-1).indices for logits in per_seq] for per_seq in router]  # [T, k] each
     for layer, per_seq in enumerate(routes):
         counts = torch.bincount(torch.cat(per_seq).flatten(), minlength=e).double()
         load = counts / counts.sum()
