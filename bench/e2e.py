@@ -54,6 +54,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                          "says how many were)")
     ap.add_argument("--slow-tokens", type=int, default=8,
                     help="new tokens per request for accelerate, which needs seconds per token")
+    ap.add_argument("--llama-tokens", type=int, default=16,
+                    help="new tokens per request for llama.cpp (capped, it reads experts via page faults)")
     ap.add_argument("--worker-timeout", type=float, default=900.0, help="seconds before a worker is killed")
     ap.add_argument("--name", default="e2e", help="result file names under bench/results/")
     return ap.parse_args(argv)
@@ -140,8 +142,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if name == "llama.cpp":
             try:
                 from bench.e2e_gguf import ensure_gguf
-                print("llama.cpp: converting the checkpoint to GGUF (once, cached)", flush=True)
+                print("llama.cpp: GGUF of the checkpoint (converted on first use, then cached)", flush=True)
                 spec["gguf"] = ensure_gguf(model_dir)
+                spec["max_tokens"] = args.llama_tokens
                 files.append(spec["gguf"])
             except Exception as e:
                 systems[name] = error_entry(f"GGUF conversion failed: {type(e).__name__}: {e}")
@@ -161,7 +164,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "setup": (f"Model {os.path.basename(model_dir)} ({expert_bytes / 1e9:.2f} GB experts + "
                   f"{dense_bytes / 1e9:.2f} GB dense, bf16 on disk); moeserve expert budget {args.budget}; "
                   f"compute dtype {args.dtype}; {args.threads} threads; {n_prompts} MT-Bench prompts "
-                  f"(ids 121-), {args.max_tokens} greedy tokens each (accelerate: {args.slow_tokens}), "
+                  f"(ids 121-), {args.max_tokens} greedy tokens each (accelerate: {args.slow_tokens}, "
+                  f"llama.cpp: {args.llama_tokens}), "
                   f"then {args.concurrency} at a time; llama.cpp/accelerate capped by a memory cgroup "
                   f"at {cap / 1e9:.2f} GB (budget + dense + {args.allowance_mib} MiB)."),
     }

@@ -85,7 +85,8 @@ def test_schema_json_round_trip_and_table(tmp_path) -> None:
     assert set(back["systems"]) == set(SYSTEMS)
     assert all(set(SCHEMA_KEYS) <= set(s) for s in back["systems"].values())
     text = render(back)
-    assert "| resident |" in text and "error: convert_hf_to_gguf.py failed" in text
+    assert "| resident |" in text and "| llama.cpp | error (below) |" in text
+    assert "llama.cpp error: convert_hf_to_gguf.py failed" in text
     assert "3 prompts x 64 tokens" in text
     bad = json.loads(path.read_text())
     bad["systems"]["lru"]["peak_rss_bytes"] = 1.5
