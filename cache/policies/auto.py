@@ -1,0 +1,192 @@
+"""``auto``: eviction and prefetch by estimated time to next use (an estimated Belady)."""
+from __future__ import annotations
+
+from typing import Collection, Mapping, Optional, Sequence
+
+import numpy as np
+
+from cache.eam import EAMCollection
+from cache.policies._tracking import RequestTracker
+from cache.policy import CachePolicy, ExpertKey
+
+P_FLOOR = 1e-3
+
+
+class AutoPolicy(CachePolicy):
+    """Keeps the experts needed soonest, as Belady would, with the future estimated.
+
+    For each running request s and expert (i, j), a per-pass use probability
+        p_s[i][j] = (n_s[i][j] + a * prior[i][j]) / (N_s[i] + a)
+    where n_s counts the passes of s that used (i, j) (decayed by ``decay`` per pass: recent
+    tokens weigh more), N_s the decayed number of passes, and the prior is k x pEAM (the
+    collection matched against s, as in MoE-Infinity) mixed half and half with the global
+    per-pass usage rate learned online (k x pEAM alone when there is no history).
+    For the next layer l+1 after layer l routed experts A, the cross-layer transition statistics
+    (learned online: T_l[a][b] = P(b at l+1 | a at l)) give p_t[b] = 1 - prod_{a in A}(1 - T_l[a][b]),
+    and the first-use probability is q = (1 - w) p + w p_t (w grows with the counts behind T);
+    an engine ``hint`` (next router on the current hidden state) sets q = 1 on its top-k.
+    Batches combine requests as q = 1 - prod_s (1 - q_s).
+    The expected time, in layer steps, until (i, j) is next used is
+        t[i][j] = d(i) + (1 - q[i][j]) x L / max(p[i][j], eps),  d(i) = (i - l - 1) mod L + 1
+    (the first chance at distance d, then a geometric number of passes).
+    victim: the unpinned resident expert with the largest t.
+    prefetch: non-resident experts in increasing t, each only while its t is below
+    ``margin`` x the t of the resident expert it would displace (the largest remaining).
+    """
+
+    name = "auto"
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int,
+                 collection: Optional[EAMCollection] = None, *, decay: float = 0.9,
+                 prior_weight: float = 2.0, margin: float = 0.5, nearest: int = 3) -> None:
+        super().__init__(num_layers, num_experts, top_k)
+        L, E = num_layers, num_experts
+        self.collection = collection if collection is not None else EAMCollection(L, E)
+        self.decay, self.prior_weight, self.margin, self.nearest = decay, prior_weight, margin, nearest
+        self._req = RequestTracker(L, E, top_k)
+        self._active: list[str] = []
+        # per request: decayed pass-use counts [L, E] and decayed pass counts [L]
+        self._num: dict[str, np.ndarray] = {}
+        self._den: dict[str, np.ndarray] = {}
+        self._glob_num = np.zeros((L, E))
+        self._glob_den = np.zeros(L)
+        self._trans = np.zeros((max(L - 1, 1), E, E))       # [L-1, E, E] counts a at l -> b at l+1
+        self._prev: dict[str, list[int]] = {}                # last decode routing per request
+        self._hint: Optional[tuple[int, np.ndarray]] = None
+        self._t: list[list[float]] = [[0.0] * E for _ in range(L)]
+        self._t_arr = np.zeros((L, E))
+        self._layer_idx = np.arange(L)
+
+    # --- tracking ----------------------------------------------------------------------------
+
+    def begin_step(self, seq_ids: Sequence[str]) -> None:
+        self._active = list(seq_ids)
+        self._req.begin_step(seq_ids)
+        for sid in seq_ids:
+            if sid not in self._num:
+                self._num[sid] = np.zeros((self.num_layers, self.num_experts))
+                self._den[sid] = np.zeros(self.num_layers)
+
+    def hint(self, layer: int, scores: Sequence[float]) -> None:
+        if 0 <= layer < self.num_layers and len(scores) == self.num_experts:
+            self._hint = (layer, np.asarray(scores, dtype=np.float64))
+
+    def observe(self, layer: int, routed: Mapping[str, Sequence[int]]) -> None:
+        self._req.observe(layer, routed)
+        if not self._active:
+            self._active = list(routed)
+        k, g = self.top_k, self.decay
+        for sid, experts in routed.items():
+            if sid not in self._num:     # observe without begin_step: start tracking anyway
+                self._num[sid] = np.zeros((self.num_layers, self.num_experts))
+                self._den[sid] = np.zeros(self.num_layers)
+                self._active.append(sid)
+            ids = np.asarray(experts, dtype=np.int64)
+            tokens = max(1, len(experts) // k)
+            use = np.bincount(ids, minlength=self.num_experts) / tokens    # [E] per-token rate
+            use = np.minimum(use, 1.0)
+            num, den = self._num[sid], self._den[sid]
+            num[layer] = num[layer] * g + use
+            den[layer] = den[layer] * g + 1.0
+            if tokens == 1:
+                # decode pass: one token, so its routing pairs layer to layer
+                self._glob_num[layer] += use
+                self._glob_den[layer] += 1.0
+                prev = self._prev.get(sid)
+                if prev is not None and layer > 0:
+                    u = np.unique(ids)
+                    self._trans[layer - 1][np.ix_(prev, u)] += 1.0
+                self._prev[sid] = np.unique(ids).tolist()
+            else:
+                self._prev.pop(sid, None)
+        self._score(layer, routed)
+
+    # --- the estimate ------------------------------------------------------------------------
+
+    def _prior(self, sid: str) -> np.ndarray:
+        L, E, k = self.num_layers, self.num_experts, self.top_k
+        glob = np.where(self._glob_den[:, None] > 0,
+                        self._glob_num / np.maximum(self._glob_den[:, None], 1e-9), k / E)
+        mat, seen = self._req.query(sid)
+        p = self.collection.match(mat, seen, self.nearest)
+        if p is None:
+            return glob
+        return 0.5 * np.minimum(p * k, 1.0) + 0.5 * glob
+
+    def _score(self, layer: int, routed: Mapping[str, Sequence[int]]) -> None:
+        L, E = self.num_layers, self.num_experts
+        nxt = layer + 1 if layer + 1 < L else None
+        miss_p = np.ones((L, E))          # prod_s (1 - p_s)
+        miss_q = np.ones((L, E))          # prod_s (1 - q_s)
+        for sid in self._active:
+            if sid not in self._num:
+                continue
+            prior = self._prior(sid)
+            a = self.prior_weight
+            p = (self._num[sid] + a * prior) / (self._den[sid][:, None] + a)   # [L, E]
+            q = p.copy()
+            prev = self._prev.get(sid)
+            if nxt is not None and prev is not None and sid in routed:
+                counts = self._trans[layer][prev]                               # [|A|, E]
+                tot = counts.sum(axis=1, keepdims=True)                         # [|A|, 1]
+                if tot.min() > 0:
+                    pt = 1.0 - np.prod(1.0 - counts / tot, axis=0)              # [E]
+                    w = float(tot.min() / (tot.min() + 4.0 * E))
+                    q[nxt] = (1.0 - w) * p[nxt] + w * pt
+            miss_p *= 1.0 - p
+            miss_q *= 1.0 - q
+        p_all = np.maximum(1.0 - miss_p, P_FLOOR)
+        q_all = 1.0 - miss_q
+        if self._hint is not None:
+            hl, scores = self._hint
+            if nxt is not None and hl == nxt:
+                top = np.argsort(-scores)[: self.top_k]
+                q_all[nxt, top] = 1.0
+            self._hint = None
+        d = (self._layer_idx - layer - 1) % L + 1                               # [L] in 1..L
+        t = d[:, None] + (1.0 - q_all) * L / p_all                              # [L, E]
+        self._t_arr = t
+        self._t = t.tolist()
+
+    # --- decisions ---------------------------------------------------------------------------
+
+    def victim(self, resident: Collection[ExpertKey], pinned: Collection[ExpertKey],
+               layer: int) -> Optional[ExpertKey]:
+        t = self._t
+        best: Optional[ExpertKey] = None
+        best_t = -1.0
+        for key in resident:
+            if key in pinned:
+                continue
+            v = t[key[0]][key[1]]
+            if v > best_t:
+                best, best_t = key, v
+        return best
+
+    def prefetch(self, layer: int, resident: Collection[ExpertKey], limit: int) -> list[ExpertKey]:
+        if limit <= 0:
+            return []
+        t = self._t
+        held = sorted((t[le][e] for le, e in resident), reverse=True)
+        if not held:
+            return []
+        order = np.argsort(self._t_arr, axis=None, kind="stable")
+        out: list[ExpertKey] = []
+        for flat in order[: len(held) + limit + len(resident)]:
+            i, j = divmod(int(flat), self.num_experts)
+            key = (i, j)
+            if key in resident:
+                continue
+            n = len(out)
+            if n >= len(held) or not t[i][j] < self.margin * held[n]:
+                break
+            out.append(key)
+            if len(out) >= limit:
+                break
+        return out
+
+    def end_request(self, seq_id: str) -> None:
+        self._req.finish(seq_id, self.collection)
+        for d in (self._num, self._den, self._prev):
+            d.pop(seq_id, None)
+        self._active = [s for s in self._active if s != seq_id]
