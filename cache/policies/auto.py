@@ -23,7 +23,8 @@ class AutoPolicy(CachePolicy):
     per-pass usage rate learned online (k x pEAM alone when there is no history).
     For the next layer l+1 after layer l routed experts A, the cross-layer transition statistics
     (learned online: T_l[a][b] = P(b at l+1 | a at l)) give p_t[b] = 1 - prod_{a in A}(1 - T_l[a][b]),
-    and the first-use probability is q = (1 - w) p + w p_t (w grows with the counts behind T);
+    and the first-use probability is q = (1 - w) p + w p_t, w = n / (n + c E) with n the fewest
+    counts behind T and c = ``trans_strength``;
     an engine ``hint`` (next router on the current hidden state) sets q = 1 on its top-k.
     Batches combine requests as q = 1 - prod_s (1 - q_s).
     The expected time, in layer steps, until (i, j) is next used is
@@ -38,11 +39,13 @@ class AutoPolicy(CachePolicy):
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int,
                  collection: Optional[EAMCollection] = None, *, decay: float = 0.9,
-                 prior_weight: float = 2.0, margin: float = 0.5, nearest: int = 3) -> None:
+                 prior_weight: float = 2.0, margin: float = 1.0, nearest: int = 3,
+                 trans_strength: float = 4.0) -> None:
         super().__init__(num_layers, num_experts, top_k)
         L, E = num_layers, num_experts
         self.collection = collection if collection is not None else EAMCollection(L, E)
         self.decay, self.prior_weight, self.margin, self.nearest = decay, prior_weight, margin, nearest
+        self.trans_strength = trans_strength
         self._req = RequestTracker(L, E, top_k)
         self._active: list[str] = []
         # per request: decayed pass-use counts [L, E] and decayed pass counts [L]
@@ -131,7 +134,7 @@ class AutoPolicy(CachePolicy):
                 tot = counts.sum(axis=1, keepdims=True)                         # [|A|, 1]
                 if tot.min() > 0:
                     pt = 1.0 - np.prod(1.0 - counts / tot, axis=0)              # [E]
-                    w = float(tot.min() / (tot.min() + 4.0 * E))
+                    w = float(tot.min() / (tot.min() + self.trans_strength * E))
                     q[nxt] = (1.0 - w) * p[nxt] + w * pt
             miss_p *= 1.0 - p
             miss_q *= 1.0 - q
