@@ -55,6 +55,7 @@ class AutoPolicy(CachePolicy):
         self._glob_den = np.zeros(L)
         self._trans = np.zeros((max(L - 1, 1), E, E))       # [L-1, E, E] counts a at l -> b at l+1
         self._prev: dict[str, list[int]] = {}                # last decode routing per request
+        self._prior_cache: dict[str, np.ndarray] = {}
         self._hint: Optional[tuple[int, np.ndarray]] = None
         self._t: list[list[float]] = [[0.0] * E for _ in range(L)]
         self._t_arr = np.zeros((L, E))
@@ -106,15 +107,21 @@ class AutoPolicy(CachePolicy):
 
     # --- the estimate ------------------------------------------------------------------------
 
-    def _prior(self, sid: str) -> np.ndarray:
-        L, E, k = self.num_layers, self.num_experts, self.top_k
+    def _prior(self, sid: str, layer: int) -> np.ndarray:
+        # Matching costs most of a call: once a request has a full decode pass its matrix moves
+        # slowly, so the prior is refreshed once per pass (every layer during the first pass).
+        cached = self._prior_cache.get(sid)
+        if cached is not None and layer != 0:
+            return cached
+        k, E = self.top_k, self.num_experts
         glob = np.where(self._glob_den[:, None] > 0,
                         self._glob_num / np.maximum(self._glob_den[:, None], 1e-9), k / E)
         mat, seen = self._req.query(sid)
         p = self.collection.match(mat, seen, self.nearest)
-        if p is None:
-            return glob
-        return 0.5 * np.minimum(p * k, 1.0) + 0.5 * glob
+        prior = glob if p is None else 0.5 * np.minimum(p * k, 1.0) + 0.5 * glob
+        if seen is None:
+            self._prior_cache[sid] = prior
+        return prior
 
     def _score(self, layer: int, routed: Mapping[str, Sequence[int]]) -> None:
         L, E = self.num_layers, self.num_experts
@@ -124,7 +131,7 @@ class AutoPolicy(CachePolicy):
         for sid in self._active:
             if sid not in self._num:
                 continue
-            prior = self._prior(sid)
+            prior = self._prior(sid, layer)
             a = self.prior_weight
             p = (self._num[sid] + a * prior) / (self._den[sid][:, None] + a)   # [L, E]
             q = p.copy()
@@ -190,6 +197,6 @@ class AutoPolicy(CachePolicy):
 
     def end_request(self, seq_id: str) -> None:
         self._req.finish(seq_id, self.collection)
-        for d in (self._num, self._den, self._prev):
+        for d in (self._num, self._den, self._prev, self._prior_cache):
             d.pop(seq_id, None)
         self._active = [s for s in self._active if s != seq_id]

@@ -42,6 +42,7 @@ class MoEInfinityPolicy(CachePolicy):
         self._tick = 0
         L = num_layers
         self._layer_w = 1.0 - np.arange(L) / L                               # [L]
+        self._keep = ((self._pred + EPS) * self._layer_w[:, None]).tolist()  # [L][E]
 
     def begin_step(self, seq_ids: Sequence[str]) -> None:
         self._active = list(seq_ids)
@@ -69,6 +70,10 @@ class MoEInfinityPolicy(CachePolicy):
         if not self._active:
             self._active = list(routed)
         self._pred = self._predict()
+        p = self._pred
+        rows = np.maximum(p.sum(axis=1, keepdims=True), EPS)
+        # eviction score per (layer, expert), computed once per layer rather than per victim call
+        self._keep = ((p + EPS) * self._layer_w[:, None] / rows).tolist()
 
     def prefetch(self, layer: int, resident: Collection[ExpertKey], limit: int) -> list[ExpertKey]:
         if limit <= 0 or layer + 1 >= self.num_layers:
@@ -92,16 +97,13 @@ class MoEInfinityPolicy(CachePolicy):
 
     def victim(self, resident: Collection[ExpertKey], pinned: Collection[ExpertKey],
                layer: int) -> Optional[ExpertKey]:
-        p = self._pred
-        rows = p.sum(axis=1)
+        keep, last = self._keep, self._last
         best: Optional[ExpertKey] = None
         best_score = (0.0, 0)
         for key in resident:
             if key in pinned:
                 continue
-            le, e = key
-            score = ((p[le, e] + EPS) * self._layer_w[le] / max(rows[le], EPS),
-                     self._last.get(key, 0))
+            score = (keep[key[0]][key[1]], last.get(key, 0))
             if best is None or score < best_score:
                 best, best_score = key, score
         return best
