@@ -11,14 +11,12 @@ import asyncio
 import importlib
 import itertools
 import logging
-import multiprocessing as mp
-import multiprocessing.connection as mpc
 import queue
 import threading
 from typing import Any, AsyncIterator, Callable, Optional
 
-from engine.client_loop import (EngineLike, Ready, Rejected, Shutdown, StartFailed, StatsQuery,
-                                StatsReply, StepOutput, child_main, run_loop)
+from engine.client_loop import (EngineLike, Rejected, Shutdown, StatsQuery, StatsReply, StepOutput,
+                                run_loop)
 from engine.protocol import AbortRequest, EngineStats, GenerateRequest, ModelInfo, TokenDelta
 
 log = logging.getLogger("moeserve.engine.client")

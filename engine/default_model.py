@@ -18,14 +18,13 @@ from typing import Any
 
 import torch
 
-import configs
+from configs import presets
+from configs.presets import DEFAULT_PRESET, add_build_arguments
 from engine.gguf_import import find_packaged_gguf, import_gguf, write_json
 from engine.model_store import BuildError, build_atomically, moeserve_home
 
 log = logging.getLogger(__name__)
 
-PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), "presets")
-DEFAULT_PRESET = "smollm2-moe-8x"
 DENSE_NAME = "smollm2-135m-instruct"
 # bump when the build recipe changes, so cached builds made by older code are rebuilt
 BUILDER_VERSION = 1
@@ -36,16 +35,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 
 
-def preset_names() -> list[str]:
-    return sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".json"))
-
-
 def load_preset(name: str) -> dict[str, Any]:
-    path = os.path.join(PRESET_DIR, f"{name}.json")
-    if not os.path.isfile(path):
-        raise BuildError(f"unknown preset {name!r}: choose one of {', '.join(preset_names())}")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        return presets.load_preset(name)
+    except ValueError as e:
+        raise BuildError(str(e)) from None
 
 
 def ensure_dense_model(home: str | None = None) -> str:
@@ -142,19 +136,6 @@ def build_default(preset: str = DEFAULT_PRESET, experts: int | None = None, top_
 def ensure_default_model(preset: str = DEFAULT_PRESET, home: str | None = None, progress: bool = True) -> str:
     """The preset's model directory, built on first use and reused afterwards (safe across processes)."""
     return build_default(preset, home=home, progress=progress)
-
-
-def add_build_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=preset_names(),
-                        help=f"model preset (default {DEFAULT_PRESET})")
-    parser.add_argument("--experts", type=int, default=None, metavar="E",
-                        help="experts per layer (overrides the preset)")
-    parser.add_argument("--top-k", type=int, default=None, metavar="K",
-                        help="experts routed per token (overrides the preset)")
-    parser.add_argument("--out", default=None, metavar="DIR",
-                        help="output directory (default: $MOESERVE_HOME/models/<preset>, "
-                             "MOESERVE_HOME defaults to ~/.cache/moeserve)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
 
 
 def run_build(args: argparse.Namespace) -> int:
