@@ -24,6 +24,7 @@ from cache.io_pool import IOPool, LoadJob
 from cache.policy import CachePolicy, ExpertKey
 from cache.provider import ExpertProvider, ExpertSource, ExpertWeights, StepRows, Tracer
 from cache.slots import SlotPool, slot_count
+from cache.store import CollectionStore
 from configs.cache import CacheConfig, parse_budget
 
 
@@ -48,10 +49,12 @@ class OffloadedExpertProvider(ExpertProvider):
     def __init__(self, sources: Sequence[ExpertSource], device: torch.device, dtype: torch.dtype,
                  cache_cfg: CacheConfig, policy: CachePolicy, tracer: Optional[Tracer] = None,
                  routers: Optional[Sequence[torch.Tensor]] = None,
-                 direct_io: Optional[bool] = None) -> None:
+                 direct_io: Optional[bool] = None, store: Optional[CollectionStore] = None) -> None:
         """routers: per MoE layer its [E, H] router weight, for next-layer look-ahead hints.
-        direct_io: None uses O_DIRECT where the file system allows, False never, True always."""
+        direct_io: None uses O_DIRECT where the file system allows, False never, True always.
+        store: persists the policy's collection of past activation matrices."""
         self.tracer = tracer
+        self.store = store
         self.policy = policy
         self.device = torch.device(device)
         self.dtype = dtype
@@ -125,6 +128,8 @@ class OffloadedExpertProvider(ExpertProvider):
     def end_request(self, seq_id: str, aborted: bool = False) -> None:
         super().end_request(seq_id, aborted)
         self.policy.end_request(seq_id)
+        if self.store is not None:
+            self.store.request_finished()
 
     def experts(self, layer: int, topk_ids: torch.Tensor,
                 hidden: Optional[torch.Tensor] = None) -> Iterator[tuple[int, ExpertWeights]]:
@@ -365,3 +370,5 @@ class OffloadedExpertProvider(ExpertProvider):
         self._closed = True
         self._pool.close()
         self.reader.close()
+        if self.store is not None:
+            self.store.flush()

@@ -10,7 +10,12 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from cache.eam import EAMCollection
+from cache.offload import OffloadedExpertProvider
+from cache.policies import make_policy
 from cache.provider import ExpertProvider, ResidentExpertProvider
+from cache.store import CollectionStore
+from cache.trace import ActivationTracer
 from configs import CacheConfig, EngineConfig
 from engine.engine import Engine
 from engine.loader import DTYPES, LoadedModel, load_config, load_model, resolve_device, resolve_dtype
@@ -60,11 +65,48 @@ def _st(name: str) -> torch.dtype:
     return ST_DTYPES[name]
 
 
+def make_tracer(loaded: LoadedModel, ccfg: CacheConfig) -> Optional[ActivationTracer]:
+    """Per-request activation matrices: needed by --record-trace (the predicting policies keep
+    their own per-request matrices)."""
+    info = loaded.info
+    if not ccfg.record_trace or not info.num_experts:
+        return None
+    return ActivationTracer(info.num_moe_layers, info.num_experts, info.top_k,
+                            record_path=ccfg.record_trace, model=info.name)
+
+
 def make_provider(loaded: LoadedModel, ccfg: CacheConfig, progress: bool = True) -> ExpertProvider:
-    with tqdm(total=sum(s.nbytes for s in loaded.experts), unit="B", unit_scale=True,
-              desc="loading experts", disable=not progress or not loaded.experts) as bar:
-        return ResidentExpertProvider(loaded.experts, loaded.device, loaded.dtype,
-                                      progress=bar.update)
+    """All experts resident for --expert-budget all; otherwise the offloading cache."""
+    tracer = make_tracer(loaded, ccfg)
+    if ccfg.expert_budget.strip().lower() == "all" or not loaded.experts:
+        with tqdm(total=sum(s.nbytes for s in loaded.experts), unit="B", unit_scale=True,
+                  desc="loading experts", disable=not progress or not loaded.experts) as bar:
+            return ResidentExpertProvider(loaded.experts, loaded.device, loaded.dtype, tracer=tracer,
+                                          progress=bar.update)
+    info = loaded.info
+    L, E, k = info.num_moe_layers, info.num_experts, info.top_k
+    collection: Optional[EAMCollection] = None
+    store: Optional[CollectionStore] = None
+    if ccfg.policy in ("moe-infinity", "auto"):
+        collection = (EAMCollection.load(ccfg.trace_store, L, E, ccfg.collection_capacity)
+                      if ccfg.trace_store else EAMCollection(L, E, ccfg.collection_capacity))
+        if ccfg.trace_store:
+            log.info("trace store %s: %d past activation matrices", ccfg.trace_store, len(collection))
+            store = CollectionStore(collection, ccfg.trace_store)
+    policy = make_policy(ccfg.policy, L, E, k, collection)
+    provider = OffloadedExpertProvider(loaded.experts, loaded.device, loaded.dtype, ccfg, policy,
+                                       tracer=tracer, routers=loaded.model.routers(), store=store)
+    log.info("expert cache: %d of %d experts (%s of %s) in %s slots, policy %s, prefetch %s, "
+             "%d I/O threads, %s disk reads", int(provider.stats()["slots"]), len(loaded.experts),
+             _gib(provider.stats()["allocated_bytes"]), _gib(expert_bytes(loaded)), loaded.device,
+             ccfg.policy, "on" if ccfg.prefetch else "off", ccfg.io_threads,
+             "O_DIRECT" if provider.reader.uses_direct(loaded.experts[0].gate.path)
+             else "buffered (pages dropped)")
+    return provider
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
 
 
 def build_engine(ecfg: EngineConfig, ccfg: CacheConfig, progress: bool = True) -> Engine:
@@ -73,4 +115,4 @@ def build_engine(ecfg: EngineConfig, ccfg: CacheConfig, progress: bool = True) -
     return Engine(loaded, make_provider(loaded, ccfg, progress), ecfg.max_batch)
 
 
-__all__ = ["build_engine", "load", "make_provider", "expert_bytes", "resolve_model_dir", "DTYPES"]
+__all__ = ["build_engine", "load", "make_provider", "make_tracer", "expert_bytes", "resolve_model_dir", "DTYPES"]

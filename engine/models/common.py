@@ -247,12 +247,19 @@ def combine_experts(provider: ExpertProvider, layer: int, x: torch.Tensor, weigh
     The product expert_k(x) * weight is formed in ``weight_dtype`` (default: x's dtype; DeepSeek
     keeps fp32 routing weights) and rounded to x's dtype, as each family's reference does.
     Experts arrive from the provider as they become resident, so ready ones compute first."""
-    out = torch.zeros_like(x)
+    n, k = ids.shape
     wdt = weight_dtype or x.dtype
+    parts = x.new_empty(n, k, x.shape[-1])                      # [N, k, H] weighted expert outputs
     for e, w in provider.experts(layer, ids, x):
         tok, slot = torch.where(ids == e)
-        y = (expert_forward(x[tok], w) * weights[tok, slot, None].to(wdt)).to(x.dtype)
-        out.index_add_(0, tok, y)
+        parts[tok, slot] = (expert_forward(x[tok], w) * weights[tok, slot, None].to(wdt)).to(x.dtype)
+    # sum in expert-id order per token, as the reference's per-expert index_add_ loop does, so the
+    # result is bit-identical whatever order the cache delivered the experts in
+    order = ids.argsort(dim=1)                                   # [N, k]
+    parts = parts.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+    out = torch.zeros_like(x)
+    for j in range(k):
+        out += parts[:, j]
     return out
 
 

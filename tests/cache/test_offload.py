@@ -13,10 +13,10 @@ from cache.offload import OffloadedExpertProvider
 from cache.policy import CachePolicy, ExpertKey
 from cache.provider import StepRows
 from cache.slots import BudgetError
+from cache import policies
 from configs.cache import POLICIES, CacheConfig
 from tests.cache.synth import write_experts
 
-policies = pytest.importorskip("cache.policies")
 
 L, E, K, I, H = 3, 8, 2, 16, 24
 EXPERT_BYTES = 3 * I * H * 4          # slots hold float32

@@ -1,0 +1,116 @@
+"""Offloaded generation equals all-resident generation, token for token and logprob for logprob,
+for every policy and budgets down to one layer's top-k (issue 5), built the way the CLI builds it
+(moeserve.wiring.make_provider)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cache.offload import OffloadedExpertProvider
+from cache.policies import POLICY_NAMES
+from configs import CacheConfig
+from engine.engine import Engine, run_to_completion
+from engine.loader import LoadedModel, load_model
+from engine.protocol import GenerateRequest, SamplingParams
+from moeserve.wiring import make_provider
+from tests.engine.tiny_families import FamilyCheckpoint
+
+PROMPTS = [(5, 6, 7, 8, 9, 10, 11), (12,), (20, 21, 22, 23)]
+PARAMS = [SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=3),
+          SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True, logprobs=True),
+          SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=True)]
+
+
+def generate(lm: LoadedModel, ccfg: CacheConfig) -> tuple[dict[str, tuple], dict[str, float]]:
+    """Three requests in one batch; returns per request (tokens, logprobs) and the cache stats."""
+    eng = Engine(lm, make_provider(lm, ccfg, progress=False), max_batch=3)
+    try:
+        reqs = [GenerateRequest(str(i), p, s) for i, (p, s) in enumerate(zip(PROMPTS, PARAMS))]
+        out = run_to_completion(eng, reqs)
+        return ({r: (o.token_ids, o.logprobs) for r, o in out.items()},
+                eng.stats().cache)
+    finally:
+        eng.close()
+
+
+def one_layer_top_k_bytes(lm: LoadedModel) -> int:
+    inter, hidden = lm.experts[0].gate.shape
+    return lm.info.top_k * 3 * inter * hidden * lm.dtype.itemsize
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v2_grouped", "deepseek_v3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_offloaded_equals_resident(family_checkpoint: FamilyCheckpoint, family: str,
+                                   dtype: torch.dtype) -> None:
+    lm = load_model(family_checkpoint(family, torch.bfloat16), torch.device("cpu"), dtype,
+                    context_length=64)
+    want, _ = generate(lm, CacheConfig())
+    tight = str(one_layer_top_k_bytes(lm))
+    for policy in POLICY_NAMES:
+        for budget in (tight, "50%"):
+            got, stats = generate(lm, CacheConfig(expert_budget=budget, policy=policy))
+            assert got == want, (policy, budget)
+            assert stats["allocated_bytes"] <= stats["budget_bytes"]
+            assert stats["misses"] > 0                  # the cache really was in the way
+
+
+def test_budget_below_one_layer_top_k_is_refused(family_checkpoint: FamilyCheckpoint) -> None:
+    lm = load_model(family_checkpoint("mixtral", torch.float32), torch.device("cpu"), torch.float32,
+                    context_length=64)
+    with pytest.raises(ValueError, match="expert_budget"):
+        make_provider(lm, CacheConfig(expert_budget=str(one_layer_top_k_bytes(lm) - 1)), progress=False)
+
+
+def test_trace_store_and_record_trace(family_checkpoint: FamilyCheckpoint, tmp_path) -> None:
+    """The collection survives a restart through --trace-store; --record-trace appends moe-trace v1;
+    a corrupt store is reported and ignored."""
+    lm = load_model(family_checkpoint("mixtral", torch.float32), torch.device("cpu"), torch.float32,
+                    context_length=64)
+    store, trace = str(tmp_path / "store.json"), str(tmp_path / "trace.jsonl")
+    ccfg = CacheConfig(expert_budget="50%", policy="auto", trace_store=store, record_trace=trace)
+    generate(lm, ccfg)
+    with open(store) as f:
+        assert len(json.load(f)["matrices"]) == len(PROMPTS)
+    with open(trace) as f:
+        lines = [json.loads(line) for line in f]
+    assert lines[0]["format"] == "moe-trace" and len(lines) == 1 + len(PROMPTS)
+    provider = make_provider(lm, ccfg, progress=False)
+    assert isinstance(provider, OffloadedExpertProvider)
+    assert len(provider.policy.collection) == len(PROMPTS)
+    provider.close()
+
+    with open(store, "w") as f:
+        f.write("{not json")
+    provider = make_provider(lm, ccfg, progress=False)
+    assert len(provider.policy.collection) == 0
+    provider.close()
+
+
+@pytest.mark.slow
+def test_default_model_offloaded_equals_resident() -> None:
+    """The built-in default model (bf16 on disk, fp32 compute), two chat prompts decoded together,
+    every policy with room for one layer's top-k only: every expert use comes from disk."""
+    from engine.default_model import ensure_default_model
+    from server.tokenizer import TextTokenizer
+    path = ensure_default_model(progress=False)
+    tok = TextTokenizer(path)
+    prompts = [tuple(tok.encode_chat([{"role": "user", "content": q}]))
+               for q in ("What is the capital of France?", "Name three colours.")]
+    lm = load_model(path, torch.device("cpu"), torch.float32, context_length=256)
+
+    def run(ccfg: CacheConfig) -> dict[str, tuple]:
+        eng = Engine(lm, make_provider(lm, ccfg, progress=False), max_batch=2)
+        try:
+            out = run_to_completion(eng, [GenerateRequest(str(i), p, SamplingParams(
+                max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=True))
+                for i, p in enumerate(prompts)])
+            return {r: (o.token_ids, o.logprobs) for r, o in out.items()}
+        finally:
+            eng.close()
+
+    want = run(CacheConfig())
+    assert "Paris" in tok.decode(want["0"][0])
+    for policy in POLICY_NAMES:
+        assert run(CacheConfig(expert_budget=str(one_layer_top_k_bytes(lm)), policy=policy)) == want, policy
