@@ -40,12 +40,12 @@ class AutoPolicy(CachePolicy):
     def __init__(self, num_layers: int, num_experts: int, top_k: int,
                  collection: Optional[EAMCollection] = None, *, decay: float = 0.9,
                  prior_weight: float = 2.0, margin: float = 1.0, nearest: int = 3,
-                 trans_strength: float = 4.0) -> None:
+                 smooth: float = 2.0) -> None:
         super().__init__(num_layers, num_experts, top_k)
         L, E = num_layers, num_experts
         self.collection = collection if collection is not None else EAMCollection(L, E)
         self.decay, self.prior_weight, self.margin, self.nearest = decay, prior_weight, margin, nearest
-        self.trans_strength = trans_strength
+        self.smooth = smooth
         self._req = RequestTracker(L, E, top_k)
         self._active: list[str] = []
         # per request: decayed pass-use counts [L, E] and decayed pass counts [L]
@@ -53,8 +53,16 @@ class AutoPolicy(CachePolicy):
         self._den: dict[str, np.ndarray] = {}
         self._glob_num = np.zeros((L, E))
         self._glob_den = np.zeros(L)
-        self._trans = np.zeros((max(L - 1, 1), E, E))       # [L-1, E, E] counts a at l -> b at l+1
-        self._prev: dict[str, list[int]] = {}                # last decode routing per request
+        # online routing statistics of decode tokens (one token per pass, so layers pair up):
+        self._use = np.zeros((L, E))          # tokens that chose b at layer j
+        self._tok = np.zeros(L)               # tokens seen at layer j
+        self._cross = np.zeros((L, E, E))     # [j, a, b]: a at j-1 -> b at j, same token
+        self._cross_n = np.zeros((L, E))      # [j, a]: tokens with a at j-1 (and a layer j)
+        self._temp = np.zeros((L, E, E))      # [j, c, b]: c at j for the previous token -> b at j
+        self._temp_n = np.zeros((L, E))
+        self._prev: dict[str, list[int]] = {}                # this pass's previous layer routing
+        self._last: dict[str, list[Optional[list[int]]]] = {}  # last decode token's routing, per layer
+        self._q: dict[str, np.ndarray] = {}   # per request: P(used at the layer's next access)
         self._prior_cache: dict[str, np.ndarray] = {}
         self._hint: Optional[tuple[int, np.ndarray]] = None
         self._t: list[list[float]] = [[0.0] * E for _ in range(L)]
@@ -93,16 +101,17 @@ class AutoPolicy(CachePolicy):
             num[layer] = num[layer] * g + use
             den[layer] = den[layer] * g + 1.0
             if tokens == 1:
-                # decode pass: one token, so its routing pairs layer to layer
+                # decode pass: one token, so its routing pairs layer to layer and token to token
                 self._glob_num[layer] += use
                 self._glob_den[layer] += 1.0
-                prev = self._prev.get(sid)
-                if prev is not None and layer > 0:
-                    u = np.unique(ids)
-                    self._trans[layer - 1][np.ix_(prev, u)] += 1.0
-                self._prev[sid] = np.unique(ids).tolist()
+                u = np.unique(ids)
+                self._learn(sid, layer, u)
+                self._predict(sid, layer, u)
+                self._prev[sid] = u.tolist()
             else:
                 self._prev.pop(sid, None)
+                self._last.pop(sid, None)
+                self._q.pop(sid, None)
         self._score(layer, routed)
 
     # --- the estimate ------------------------------------------------------------------------
@@ -123,6 +132,52 @@ class AutoPolicy(CachePolicy):
             self._prior_cache[sid] = prior
         return prior
 
+    def _learn(self, sid: str, layer: int, u: np.ndarray) -> None:
+        self._use[layer][u] += 1.0
+        self._tok[layer] += 1.0
+        prev = self._prev.get(sid) if layer > 0 else None
+        if prev is not None:
+            self._cross[layer][np.ix_(prev, u)] += 1.0
+            self._cross_n[layer][prev] += 1.0
+        last = self._last.get(sid)
+        if last is not None and last[layer] is not None:
+            c = last[layer]
+            self._temp[layer][np.ix_(c, u)] += 1.0
+            self._temp_n[layer][c] += 1.0
+
+    def _odds(self, layer: int, evidence: list[tuple[np.ndarray, np.ndarray, list[int]]]) -> np.ndarray:
+        """P(b chosen at ``layer``) for every b, naive Bayes over the evidence experts: the
+        log-rate log r(b) plus, per evidence expert a, log r(b | a) - log r(b) (rates smoothed
+        towards r(b) with ``smooth`` pseudo-tokens), normalised to sum to k (at most 0.999)."""
+        k, E, s = self.top_k, self.num_experts, self.smooth
+        r = (self._use[layer] + 1.0) / (self._tok[layer] + E / k)           # [E], sums ~ k
+        score = np.log(r)
+        for counts, n, rows in evidence:
+            cond = (counts[rows] + s * r) / (n[rows][:, None] + s)            # [|A|, E]
+            score = score + (np.log(cond) - np.log(r)).sum(axis=0)
+        w = np.exp(score - score.max())
+        return np.minimum(w * (k / w.sum()), 0.999)
+
+    def _predict(self, sid: str, layer: int, u: np.ndarray) -> None:
+        """After a decode token routed ``u`` at ``layer``: the next token's layer ``layer``
+        (from the temporal statistics) and this token's next layer (cross-layer and temporal)."""
+        L, E = self.num_layers, self.num_experts
+        q = self._q.get(sid)
+        if q is None:
+            q = self._q[sid] = np.full((L, E), -1.0)
+        last = self._last.get(sid)
+        if last is None:
+            last = self._last[sid] = [None] * L
+        rows = u.tolist()
+        last[layer] = rows
+        q[layer] = self._odds(layer, [(self._temp[layer], self._temp_n[layer], rows)])
+        nxt = layer + 1
+        if nxt < L:
+            ev = [(self._cross[nxt], self._cross_n[nxt], rows)]
+            if last[nxt] is not None:
+                ev.append((self._temp[nxt], self._temp_n[nxt], last[nxt]))
+            q[nxt] = self._odds(nxt, ev)
+
     def _score(self, layer: int, routed: Mapping[str, Sequence[int]]) -> None:
         L, E = self.num_layers, self.num_experts
         nxt = layer + 1 if layer + 1 < L else None
@@ -134,15 +189,8 @@ class AutoPolicy(CachePolicy):
             prior = self._prior(sid, layer)
             a = self.prior_weight
             p = (self._num[sid] + a * prior) / (self._den[sid][:, None] + a)   # [L, E]
-            q = p.copy()
-            prev = self._prev.get(sid)
-            if nxt is not None and prev is not None and sid in routed:
-                counts = self._trans[layer][prev]                               # [|A|, E]
-                tot = counts.sum(axis=1, keepdims=True)                         # [|A|, 1]
-                if tot.min() > 0:
-                    pt = 1.0 - np.prod(1.0 - counts / tot, axis=0)              # [E]
-                    w = float(tot.min() / (tot.min() + self.trans_strength * E))
-                    q[nxt] = (1.0 - w) * p[nxt] + w * pt
+            qs = self._q.get(sid)
+            q = p if qs is None else np.where(qs < 0, p, qs)
             miss_p *= 1.0 - p
             miss_q *= 1.0 - q
         p_all = np.maximum(1.0 - miss_p, P_FLOOR)
@@ -197,6 +245,6 @@ class AutoPolicy(CachePolicy):
 
     def end_request(self, seq_id: str) -> None:
         self._req.finish(seq_id, self.collection)
-        for d in (self._num, self._den, self._prev, self._prior_cache):
+        for d in (self._num, self._den, self._prev, self._prior_cache, self._last, self._q):
             d.pop(seq_id, None)
         self._active = [s for s in self._active if s != seq_id]
