@@ -21,18 +21,26 @@ class AutoPolicy(CachePolicy):
     tokens weigh more), N_s the decayed number of passes, and the prior is k x pEAM (the
     collection matched against s, as in MoE-Infinity) mixed half and half with the global
     per-pass usage rate learned online (k x pEAM alone when there is no history).
-    For the next layer l+1 after layer l routed experts A, the cross-layer transition statistics
-    (learned online: T_l[a][b] = P(b at l+1 | a at l)) give p_t[b] = 1 - prod_{a in A}(1 - T_l[a][b]),
-    and the first-use probability is q = (1 - w) p + w p_t, w = n / (n + c E) with n the fewest
-    counts behind T and c = ``trans_strength``;
-    an engine ``hint`` (next router on the current hidden state) sets q = 1 on its top-k.
-    Batches combine requests as q = 1 - prod_s (1 - q_s).
+    The probability q_s[i][j] that (i, j) is used at layer i's next access comes from online
+    statistics of decode tokens: r_i(b) = (tokens choosing b at i + 1) / (tokens + E/k),
+    cross-layer rates r_i(b | a) (a at i-1, same token) and temporal rates r_i(b | c) (c at i
+    for the previous token), each smoothed as (count(a, b) + m r_i(b)) / (count(a) + m),
+    m = ``smooth``. Naive Bayes over evidence experts a with weights w_a:
+        score_i(b) = log r_i(b) + sum_a w_a (log r_i(b | a) - log r_i(b)),
+        q_i = min(k softmax(score_i), 0.999).
+    After a decode token routed A at layer l: q_l (next token) from the temporal rates given A;
+    q_{l+1} from the cross-layer rates given A (w = 1) and the temporal rates given the previous
+    token's layer-(l+1) experts; q_{l+2} likewise, its cross-layer evidence weighted by q_{l+1}.
+    Rows not predicted yet (and prompt passes) use q = p. An engine ``hint`` (next router on
+    the current hidden state) sets q = 1 on its top-k. Batches combine requests as
+    q = 1 - prod_s (1 - q_s), p likewise.
     The expected time, in layer steps, until (i, j) is next used is
         t[i][j] = d(i) + (1 - q[i][j]) x L / max(p[i][j], eps),  d(i) = (i - l - 1) mod L + 1
     (the first chance at distance d, then a geometric number of passes).
     victim: the unpinned resident expert with the largest t.
-    prefetch: non-resident experts in increasing t, each only while its t is below
-    ``margin`` x the t of the resident expert it would displace (the largest remaining).
+    prefetch: non-resident experts of the next ``lookahead`` layers (d <= lookahead) in
+    increasing t, each only while its t is below ``margin`` x the t of the resident expert it
+    would displace (the largest remaining): the link's time spent on far guesses is lost.
     """
 
     name = "auto"
@@ -40,12 +48,12 @@ class AutoPolicy(CachePolicy):
     def __init__(self, num_layers: int, num_experts: int, top_k: int,
                  collection: Optional[EAMCollection] = None, *, decay: float = 0.9,
                  prior_weight: float = 2.0, margin: float = 1.0, nearest: int = 3,
-                 smooth: float = 2.0) -> None:
+                 smooth: float = 2.0, lookahead: int = 3) -> None:
         super().__init__(num_layers, num_experts, top_k)
         L, E = num_layers, num_experts
         self.collection = collection if collection is not None else EAMCollection(L, E)
         self.decay, self.prior_weight, self.margin, self.nearest = decay, prior_weight, margin, nearest
-        self.smooth = smooth
+        self.smooth, self.lookahead = smooth, lookahead
         self._req = RequestTracker(L, E, top_k)
         self._active: list[str] = []
         # per request: decayed pass-use counts [L, E] and decayed pass counts [L]
@@ -145,22 +153,25 @@ class AutoPolicy(CachePolicy):
             self._temp[layer][np.ix_(c, u)] += 1.0
             self._temp_n[layer][c] += 1.0
 
-    def _odds(self, layer: int, evidence: list[tuple[np.ndarray, np.ndarray, list[int]]]) -> np.ndarray:
-        """P(b chosen at ``layer``) for every b, naive Bayes over the evidence experts: the
-        log-rate log r(b) plus, per evidence expert a, log r(b | a) - log r(b) (rates smoothed
-        towards r(b) with ``smooth`` pseudo-tokens), normalised to sum to k (at most 0.999)."""
+    def _odds(self, layer: int, evidence: list) -> np.ndarray:
+        """P(b chosen at ``layer``) for every b, naive Bayes over evidence experts: the log-rate
+        log r(b) plus, per evidence expert a of weight w_a, w_a (log r(b | a) - log r(b)) (rates
+        smoothed towards r(b) with ``smooth`` pseudo-tokens), normalised to sum to k (each at
+        most 0.999). ``evidence``: (counts [E, E], evidence counts [E], rows, weights or None)."""
         k, E, s = self.top_k, self.num_experts, self.smooth
         r = (self._use[layer] + 1.0) / (self._tok[layer] + E / k)           # [E], sums ~ k
-        score = np.log(r)
-        for counts, n, rows in evidence:
-            cond = (counts[rows] + s * r) / (n[rows][:, None] + s)            # [|A|, E]
-            score = score + (np.log(cond) - np.log(r)).sum(axis=0)
+        log_r = np.log(r)
+        score = log_r
+        for counts, n, rows, wts in evidence:
+            gain = np.log((counts[rows] + s * r) / (n[rows][:, None] + s)) - log_r   # [|A|, E]
+            score = score + (gain.sum(axis=0) if wts is None else wts @ gain)
         w = np.exp(score - score.max())
         return np.minimum(w * (k / w.sum()), 0.999)
 
     def _predict(self, sid: str, layer: int, u: np.ndarray) -> None:
         """After a decode token routed ``u`` at ``layer``: the next token's layer ``layer``
-        (from the temporal statistics) and this token's next layer (cross-layer and temporal)."""
+        (temporal statistics), this token's layer + 1 (cross-layer and temporal) and layer + 2
+        (cross-layer from the layer + 1 estimate, and temporal)."""
         L, E = self.num_layers, self.num_experts
         q = self._q.get(sid)
         if q is None:
@@ -170,13 +181,16 @@ class AutoPolicy(CachePolicy):
             last = self._last[sid] = [None] * L
         rows = u.tolist()
         last[layer] = rows
-        q[layer] = self._odds(layer, [(self._temp[layer], self._temp_n[layer], rows)])
-        nxt = layer + 1
-        if nxt < L:
-            ev = [(self._cross[nxt], self._cross_n[nxt], rows)]
+        q[layer] = self._odds(layer, [(self._temp[layer], self._temp_n[layer], rows, None)])
+        src: tuple[list[int], Optional[np.ndarray]] = (rows, None)
+        for nxt in (layer + 1, layer + 2):
+            if nxt >= L:
+                break
+            ev = [(self._cross[nxt], self._cross_n[nxt], src[0], src[1])]
             if last[nxt] is not None:
-                ev.append((self._temp[nxt], self._temp_n[nxt], last[nxt]))
+                ev.append((self._temp[nxt], self._temp_n[nxt], last[nxt], None))
             q[nxt] = self._odds(nxt, ev)
+            src = (list(range(E)), q[nxt])
 
     def _score(self, layer: int, routed: Mapping[str, Sequence[int]]) -> None:
         L, E = self.num_layers, self.num_experts
@@ -228,10 +242,13 @@ class AutoPolicy(CachePolicy):
         held = sorted((t[le][e] for le, e in resident), reverse=True)
         if not held:
             return []
-        order = np.argsort(self._t_arr, axis=None, kind="stable")
+        L, E = self.num_layers, self.num_experts
+        rows = [(layer + 1 + x) % L for x in range(min(self.lookahead, L))]
+        order = np.argsort(self._t_arr[rows], axis=None, kind="stable")
         out: list[ExpertKey] = []
-        for flat in order[: len(held) + limit + len(resident)]:
-            i, j = divmod(int(flat), self.num_experts)
+        for flat in order.tolist():
+            r, j = divmod(flat, E)
+            i = rows[r]
             key = (i, j)
             if key in resident:
                 continue

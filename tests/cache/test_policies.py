@@ -82,15 +82,15 @@ def test_auto_evicts_what_the_request_does_not_reuse():
     p.begin_step(["r"])
     p.observe(0, {"r": [0]})
     resident = {(0, 0), (0, 3), (1, 1), (1, 2)}
-    # unused experts: (0, 3) is needed no sooner than (1, 2) and is further away
-    assert p.victim(resident, set(), 0) == (0, 3)
-    assert p.victim(resident, {(0, 3)}, 0) == (1, 2)
+    assert p.victim(resident, set(), 0) in ((0, 3), (1, 2))       # never used
+    # of the two the request reuses, (0, 0) is needed only by the next token
+    assert p.victim(resident, {(0, 3), (1, 2)}, 0) == (0, 0)
     assert p.prefetch(0, {(0, 0), (0, 3)}, 1) == [(1, 1)]
     assert p.prefetch(0, {(0, 0), (1, 1)}, 4) == []      # nothing missing beats a resident one
 
 
 def test_auto_learns_cross_layer_transitions():
-    p = AutoPolicy(2, 4, 1, trans_strength=0.25)
+    p = AutoPolicy(2, 4, 1)
     # layer 1 follows layer 0: 0 -> 1 and 2 -> 3, alternating, so frequency alone is 50/50
     run_passes(p, [[[0], [1]], [[2], [3]]] * 20)
     p.begin_step(["r"])
@@ -99,6 +99,46 @@ def test_auto_learns_cross_layer_transitions():
     p.begin_step(["r"])
     p.observe(0, {"r": [0]})
     assert p.prefetch(0, {(0, 2), (0, 0)}, 1) == [(1, 1)]
+
+
+def test_auto_learns_token_to_token_transitions():
+    p = AutoPolicy(2, 4, 1)
+    run_passes(p, [[[0], [1]], [[2], [3]]] * 20)      # tokens alternate 0 and 2 at layer 0
+    p.begin_step(["r"])
+    p.observe(0, {"r": [2]})
+    # the next token's layer 0 will route to 0, not to 2 again (same distance, same frequency)
+    assert p.victim({(0, 0), (0, 2)}, set(), 0) == (0, 2)
+    p.begin_step(["r"])
+    p.observe(0, {"r": [0]})
+    assert p.victim({(0, 0), (0, 2)}, set(), 0) == (0, 0)
+
+
+def test_auto_chains_transitions_two_layers_ahead():
+    p = AutoPolicy(3, 4, 1)
+    # two patterns in a fixed but irregular order: the previous token says nothing, the
+    # current token's layer 0 decides layers 1 and 2
+    a, b = [[0], [1], [2]], [[3], [0], [3]]
+    run_passes(p, [a if bit == "1" else b for bit in "1101001110010110100011101101001010110110"])
+    p.begin_step(["r"])
+    p.observe(0, {"r": [0]})
+    assert p.victim({(2, 2), (2, 3)}, set(), 0) == (2, 3)
+    p.begin_step(["r"])
+    p.observe(0, {"r": [3]})
+    assert p.victim({(2, 2), (2, 3)}, set(), 0) == (2, 2)
+
+
+def test_auto_prefetches_only_within_lookahead():
+    pattern = [[[0], [1], [2], [3]]] * 10
+    near, far = AutoPolicy(4, 4, 1, lookahead=1), AutoPolicy(4, 4, 1, lookahead=3)
+    for p in (near, far):
+        run_passes(p, pattern)
+        p.begin_step(["r"])
+        p.observe(0, {"r": [0]})
+    # every needed expert is missing; the resident ones are never used
+    resident = {(0, 0), (0, 1), (1, 0), (2, 0), (3, 0), (1, 2), (2, 1), (3, 2)}
+    got_near, got_far = near.prefetch(0, resident, 4), far.prefetch(0, resident, 4)
+    assert got_near[0] == (1, 1) and all(layer == 1 for layer, _ in got_near)
+    assert got_far[:3] == [(1, 1), (2, 2), (3, 3)]
 
 
 def test_auto_uses_gate_hint_for_next_layer():
