@@ -59,6 +59,7 @@ class OffloadedExpertProvider(ExpertProvider):
         self.device = torch.device(device)
         self.dtype = dtype
         self.cfg = cache_cfg
+        self.prefetch_on = cache_cfg.prefetch_enabled(self.device.type)
         self._sources: dict[ExpertKey, ExpertSource] = {(s.layer, s.expert): s for s in sources}
         self.inter, self.hidden = _check_shapes(sources)
         self.num_layers = max(s.layer for s in sources) + 1
@@ -163,7 +164,7 @@ class OffloadedExpertProvider(ExpertProvider):
                 else:
                     self._pending.append(key)
             self._issue_pending()               # demand loads first, then prefetches
-            if self.cfg.prefetch:
+            if self.prefetch_on:
                 self._issue_prefetches(layer)
             for key in ready:
                 yield self._use(key)

@@ -8,6 +8,8 @@ from typing import Optional
 from configs.base import ConfigError, parse_bytes
 
 POLICIES = ("lru", "lfu", "moe-infinity", "auto")
+PREFETCH = ("auto", "on", "off")
+_BOOL_WORDS = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
 
 
 def parse_budget(text: str, total_bytes: int, field_name: str = "expert_budget") -> int:
@@ -55,10 +57,23 @@ class CacheConfig:
         "metavar": "FILE"})
     io_threads: int = field(default=4, metadata={
         "help": "background threads reading experts (several reads in flight)"})
-    prefetch: bool = field(default=True, metadata={
-        "help": "prefetch predicted experts in the background (--no-prefetch: demand loads only)"})
+    prefetch: str = field(default="auto", metadata={
+        "help": "prefetch predicted experts in the background: on; off (demand loads only); auto: "
+                "on when experts reach the device from host RAM (CUDA), off when they come from "
+                "disk (CPU): there the disk is the bottleneck and every wrong guess costs a read, "
+                "so prefetching measured more bytes per token and no fewer stalls",
+        "choices": PREFETCH})
+
+    def prefetch_enabled(self, device_type: str) -> bool:
+        """Whether to prefetch with experts served to a ``device_type`` ('cpu' or 'cuda') device."""
+        return self.prefetch == "on" or (self.prefetch == "auto" and device_type == "cuda")
 
     def __post_init__(self) -> None:
+        pf = self.prefetch
+        pf = ("on" if pf else "off") if isinstance(pf, bool) else _BOOL_WORDS.get(str(pf).lower(), str(pf).lower())
+        if pf not in PREFETCH:
+            raise ConfigError("prefetch", self.prefetch, f"choose one of {', '.join(PREFETCH)}")
+        object.__setattr__(self, "prefetch", pf)
         if self.policy not in POLICIES:
             raise ConfigError("policy", self.policy, f"choose one of {', '.join(POLICIES)}")
         _check_budget("expert_budget", self.expert_budget)

@@ -99,7 +99,7 @@ def make_provider(loaded: LoadedModel, ccfg: CacheConfig, progress: bool = True)
     log.info("expert cache: %d of %d experts (%s of %s) in %s slots, policy %s, prefetch %s, "
              "%d I/O threads, %s disk reads", int(provider.stats()["slots"]), len(loaded.experts),
              _gib(provider.stats()["allocated_bytes"]), _gib(expert_bytes(loaded)), loaded.device,
-             ccfg.policy, "on" if ccfg.prefetch else "off", ccfg.io_threads,
+             ccfg.policy, "on" if provider.prefetch_on else "off", ccfg.io_threads,
              "O_DIRECT" if provider.reader.uses_direct(loaded.experts[0].gate.path)
              else "buffered (pages dropped)")
     return provider

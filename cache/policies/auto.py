@@ -40,7 +40,8 @@ class AutoPolicy(CachePolicy):
     victim: the unpinned resident expert with the largest t.
     prefetch: non-resident experts of the next ``lookahead`` layers (d <= lookahead) in
     increasing t, each only while its t is below ``margin`` x the t of the resident expert it
-    would displace (the largest remaining): the link's time spent on far guesses is lost.
+    would displace (the largest remaining): the link's time spent on far guesses is lost;
+    and only those with q >= ``min_q`` (0 by default: any guess that beats a resident expert).
     """
 
     name = "auto"
@@ -48,12 +49,12 @@ class AutoPolicy(CachePolicy):
     def __init__(self, num_layers: int, num_experts: int, top_k: int,
                  collection: Optional[EAMCollection] = None, *, decay: float = 0.9,
                  prior_weight: float = 2.0, margin: float = 1.0, nearest: int = 3,
-                 smooth: float = 2.0, lookahead: int = 3) -> None:
+                 smooth: float = 2.0, lookahead: int = 3, min_q: float = 0.0) -> None:
         super().__init__(num_layers, num_experts, top_k)
         L, E = num_layers, num_experts
         self.collection = collection if collection is not None else EAMCollection(L, E)
         self.decay, self.prior_weight, self.margin, self.nearest = decay, prior_weight, margin, nearest
-        self.smooth, self.lookahead = smooth, lookahead
+        self.smooth, self.lookahead, self.min_q = smooth, lookahead, min_q
         self._req = RequestTracker(L, E, top_k)
         self._active: list[str] = []
         # per request: decayed pass-use counts [L, E] and decayed pass counts [L]
@@ -218,6 +219,7 @@ class AutoPolicy(CachePolicy):
         d = (self._layer_idx - layer - 1) % L + 1                               # [L] in 1..L
         t = d[:, None] + (1.0 - q_all) * L / p_all                              # [L, E]
         self._t_arr = t
+        self._q_arr = q_all
         self._t = t.tolist()
 
     # --- decisions ---------------------------------------------------------------------------
@@ -250,7 +252,7 @@ class AutoPolicy(CachePolicy):
             r, j = divmod(flat, E)
             i = rows[r]
             key = (i, j)
-            if key in resident:
+            if key in resident or self._q_arr[i, j] < self.min_q:
                 continue
             n = len(out)
             if n >= len(held) or not t[i][j] < self.margin * held[n]:

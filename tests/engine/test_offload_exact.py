@@ -50,7 +50,7 @@ def test_offloaded_equals_resident(family_checkpoint: FamilyCheckpoint, family: 
     tight = str(one_layer_top_k_bytes(lm))
     for policy in POLICY_NAMES:
         for budget in (tight, "50%"):
-            got, stats = generate(lm, CacheConfig(expert_budget=budget, policy=policy))
+            got, stats = generate(lm, CacheConfig(expert_budget=budget, policy=policy, prefetch="on"))
             assert got == want, (policy, budget)
             assert stats["allocated_bytes"] <= stats["budget_bytes"]
             assert stats["misses"] > 0                  # the cache really was in the way
@@ -113,4 +113,5 @@ def test_default_model_offloaded_equals_resident() -> None:
     want = run(CacheConfig())
     assert "Paris" in tok.decode(want["0"][0])
     for policy in POLICY_NAMES:
-        assert run(CacheConfig(expert_budget=str(one_layer_top_k_bytes(lm)), policy=policy)) == want, policy
+        assert run(CacheConfig(expert_budget=str(one_layer_top_k_bytes(lm)), policy=policy,
+                               prefetch="on")) == want, policy
