@@ -105,9 +105,12 @@ class ServerProcess:
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """Tiny model, no API key, batch of 4 (so 16 clients also exercise the waiting queue)."""
+    """Tiny model, no API key, batch of 4 (so 16 clients also exercise the waiting queue), served
+    through the offloading cache with room for one layer's top-k (2 of its 8 experts) and prefetch
+    on: every API test also checks that offloaded serving gives the exact resident results."""
     log = str(tmp_path_factory.mktemp("srv") / "server.log")
-    srv = ServerProcess(tiny_model_dir, log, extra=("--max-batch", "4"))
+    srv = ServerProcess(tiny_model_dir, log, extra=("--max-batch", "4", "--expert-budget", "50%",
+                                                    "--policy", "auto", "--prefetch", "on"))
     try:
         srv.wait_ready()
         yield srv

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,6 +62,18 @@ def test_greedy_output_equals_moeserve_generate(server: ServerProcess, tiny_mode
     assert got["choices"][0]["message"]["content"] == want["text"]
     assert got["usage"]["prompt_tokens"] == len(want["prompt_token_ids"])
     assert got["usage"]["completion_tokens"] == len(want["token_ids"])
+
+
+def test_metrics_export_the_expert_cache(server: ServerProcess) -> None:
+    before = metric(server, "moeserve_expert_cache_misses")
+    httpx.post(server.base + "/v1/chat/completions", json=_greedy_body(99, 6), timeout=120)
+    assert metric(server, "moeserve_expert_cache_misses") > before     # half the experts fit
+    assert metric(server, "moeserve_expert_cache_allocated_bytes") <= metric(
+        server, "moeserve_expert_cache_budget_bytes")
+    text = httpx.get(server.base + "/metrics", timeout=30).text
+    layers = re.findall(r'^moeserve_expert_cache_layer_hits\{layer="(\d+)"\} ', text, re.M)
+    assert layers == ["0", "1"]
+    assert "# TYPE moeserve_expert_cache_layer_hits gauge" in text
 
 
 @pytest.fixture(scope="module")
