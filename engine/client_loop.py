@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import signal
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol
@@ -125,6 +126,9 @@ def run_loop(engine: EngineLike, inbox: Inbox, emit: Callable[[Outbound], None])
 
 def child_main(factory: Callable[[], EngineLike], inbox: Inbox, out: Any, log_level: str) -> None:
     """Entry point of the engine process (spawn): build the engine, report, serve."""
+    # Ctrl-C in a terminal reaches the whole process group: the server alone handles it and
+    # shuts the engine down with a Shutdown message (no half-finished step, no traceback)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s [engine] %(name)s: %(message)s")
     try:
