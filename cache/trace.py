@@ -10,6 +10,7 @@ by the requests in flight.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -17,6 +18,8 @@ from typing import Any, Optional
 import numpy as np
 
 from cache.provider import StepRows
+
+log = logging.getLogger("moeserve.cache")
 
 TRACE_FORMAT = "moe-trace"
 TRACE_VERSION = 1
@@ -153,10 +156,19 @@ class ActivationTracer:
         text = json.dumps(trace.to_json(), separators=(",", ":")) + "\n"
         if new:
             text = json.dumps(self._header) + "\n" + text
-        # one write of whole lines then flush: a reader never sees half a request
-        with open(self.record_path, "a") as f:
-            f.write(text)
-            f.flush()
+        # one write of whole lines then flush: a reader never sees half a request. A failed
+        # write (disk full) is cut back to the last whole line and logged: serving goes on.
+        try:
+            with open(self.record_path, "a") as f:
+                size = f.tell()
+                try:
+                    f.write(text)
+                    f.flush()
+                except OSError:
+                    f.truncate(size)
+                    raise
+        except OSError as exc:
+            log.warning("could not record request %s in %s: %s", trace.id, self.record_path, exc)
 
 
 def _parse_header(line: str, path: str) -> dict[str, Any]:

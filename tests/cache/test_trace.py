@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -108,3 +109,47 @@ def test_load_trace_errors_name_the_problem(tmp_path, body, message):
 def test_load_trace_missing_file(tmp_path):
     with pytest.raises(TraceFormatError, match="cannot open"):
         load_trace(str(tmp_path / "none.jsonl"))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_full_disk_is_logged_and_serving_goes_on(caplog):
+    t = ActivationTracer(2, 4, 2, record_path="/dev/full", model="tiny")
+    run_two_requests(t)
+    with caplog.at_level("WARNING", logger="moeserve.cache"):
+        trace = t.end_request("a")            # ENOSPC: logged, not raised
+    assert trace is not None and trace.prefill == 2
+    assert "could not record request a in /dev/full" in caplog.text
+    assert t.end_request("b") is not None and t.in_flight() == 0
+
+
+def test_failed_write_leaves_no_partial_line(tmp_path, monkeypatch):
+    path = tmp_path / "t.jsonl"
+    t = ActivationTracer(2, 4, 2, record_path=str(path), model="tiny")
+    run_two_requests(t)
+    t.end_request("a")
+    before = path.read_bytes()
+    real_open = open
+
+    class HalfWriter:
+        """A file whose write lands half the text, then fails as a full disk does."""
+        def __init__(self, f):
+            self.f = f
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            self.f.close()
+        def tell(self):
+            return self.f.tell()
+        def truncate(self, n):
+            return self.f.truncate(n)
+        def flush(self):
+            self.f.flush()
+        def write(self, text):
+            self.f.write(text[: len(text) // 2])
+            self.f.flush()
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("builtins.open", lambda *a, **k: HalfWriter(real_open(*a, **k)))
+    t.end_request("b")
+    monkeypatch.undo()
+    assert path.read_bytes() == before
