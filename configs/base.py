@@ -88,7 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         tp = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        help_text = f"{f.metadata.get('help', '')} [env {env_name(f)}; default {default!r}]"
+        # argparse %-formats help strings: a literal '%' (as in '25%') must be doubled
+        help_text = (f"{f.metadata.get('help', '')} [env {env_name(f)}; default {default!r}]"
+                     .replace('%', '%%'))
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]

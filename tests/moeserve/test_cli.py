@@ -1,0 +1,31 @@
+"""`moeserve --help` and each command's --help work and explain every flag."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from configs import CacheConfig, EngineConfig, ServerConfig
+from configs.base import flag_name
+from moeserve.cli import build_parser
+
+
+@pytest.mark.parametrize("command,configs", [("serve", (EngineConfig, CacheConfig, ServerConfig)),
+                                             ("generate", (EngineConfig, CacheConfig)),
+                                             ("build-default", ())])
+def test_help_lists_every_flag(command: str, configs: tuple, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for cls in configs:
+        for f in dataclasses.fields(cls):
+            assert flag_name(f) in text
+            assert f"MOESERVE_{f.name.upper()}" in text.replace("\n", "").replace(" ", "")
+    assert "25%" in text or command == "build-default"
+
+
+def test_top_level_help(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["--help"])
+    assert exit_.value.code == 0 and "serve" in capsys.readouterr().out
