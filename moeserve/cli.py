@@ -72,7 +72,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     ecfg = from_args(EngineConfig, args)
     ccfg = from_args(CacheConfig, args)
-    model_dir = resolve_model_dir(ecfg)
+    model_dir = _check_model_dir(resolve_model_dir(ecfg))
     ecfg = EngineConfig(**{**ecfg.__dict__, "model": model_dir})
     tok = TextTokenizer(model_dir)
     if args.prompt_ids:
@@ -117,12 +117,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ecfg = from_args(EngineConfig, args)
     ccfg = from_args(CacheConfig, args)
     scfg = from_args(ServerConfig, args)
-    model_dir = ecfg.model or _default_model_dir(ecfg.default_preset)
+    model_dir = _check_model_dir(ecfg.model or _default_model_dir(ecfg.default_preset))
     ecfg = EngineConfig(**{**ecfg.__dict__, "model": model_dir})
     client = ProcessEngineClient(LazyFactory("moeserve.wiring:build_engine", ecfg, ccfg),
                                  log_level=scfg.log_level)
     run_server(scfg, client, model_dir)
     return 0
+
+
+def _check_model_dir(path: str) -> str:
+    import os
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--model {path!r}: no such directory (a Hugging Face checkpoint "
+                                "directory with config.json, safetensors weights and tokenizer)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"--model {path!r}: no config.json in this directory")
+    return path
 
 
 def _default_model_dir(preset: str) -> str:

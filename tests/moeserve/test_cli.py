@@ -29,3 +29,13 @@ def test_top_level_help(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["--help"])
     assert exit_.value.code == 0 and "serve" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_missing_model_dir_is_a_clear_error(command: str, tmp_path, capsys: pytest.CaptureFixture) -> None:
+    from moeserve.cli import main
+    args = [command, "--model", str(tmp_path / "nope")] + (["--prompt", "hi"] if command == "generate" else [])
+    assert main(args) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert main([command, "--model", str(tmp_path)] + args[3:]) == 2
+    assert "no config.json" in capsys.readouterr().err
