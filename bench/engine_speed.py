@@ -65,7 +65,11 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="checkpoint dir (default: the built-in default model)")
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="compute threads for both (1: OpenMP threads spin-waiting on a shared "
+                         "2-core box were several times slower)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     model_dir = resolve_model_dir(EngineConfig(model=args.model))
     tok = TextTokenizer(model_dir)
     batches = [int(b) for b in args.batches.split(",")]
