@@ -25,9 +25,12 @@ class AutoPolicy(CachePolicy):
     statistics of decode tokens: r_i(b) = (tokens choosing b at i + 1) / (tokens + E/k),
     cross-layer rates r_i(b | a) (a at i-1, same token) and temporal rates r_i(b | c) (c at i
     for the previous token), each smoothed as (count(a, b) + m r_i(b)) / (count(a) + m),
-    m = ``smooth``. Naive Bayes over evidence experts a with weights w_a:
-        score_i(b) = log r_i(b) + sum_a w_a (log r_i(b | a) - log r_i(b)),
+    m = ``smooth``. Naive Bayes over evidence experts a with weights w_a, damped by
+    c = ``evidence_scale`` (default min(1, 2 / k)):
+        score_i(b) = c^(1/4) log r_i(b) + c sum_a w_a (log r_i(b | a) - log r_i(b)),
         q_i = min(k softmax(score_i), 0.999).
+    (The k experts of one token are strongly correlated evidence, so plain naive Bayes is
+    overconfident when k is large; c = 1, plain naive Bayes, for top-1 and top-2 models.)
     After a decode token routed A at layer l: q_l (next token) from the temporal rates given A;
     q_{l+1} from the cross-layer rates given A (w = 1) and the temporal rates given the previous
     token's layer-(l+1) experts; q_{l+2} likewise, its cross-layer evidence weighted by q_{l+1}.
@@ -41,20 +44,25 @@ class AutoPolicy(CachePolicy):
     prefetch: non-resident experts of the next ``lookahead`` layers (d <= lookahead) in
     increasing t, each only while its t is below ``margin`` x the t of the resident expert it
     would displace (the largest remaining): the link's time spent on far guesses is lost;
-    and only those with q >= ``min_q`` (0 by default: any guess that beats a resident expert).
+    and only those with q >= ``min_q`` (a guess below it is not worth the link's time).
+    Defaults: decay 0.9, prior_weight 4, margin 0.85, nearest 3, smooth 2, lookahead 3, min_q 0.3.
     """
 
     name = "auto"
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int,
                  collection: Optional[EAMCollection] = None, *, decay: float = 0.9,
-                 prior_weight: float = 2.0, margin: float = 1.0, nearest: int = 3,
-                 smooth: float = 2.0, lookahead: int = 3, min_q: float = 0.0) -> None:
+                 prior_weight: float = 4.0, margin: float = 0.85, nearest: int = 3,
+                 smooth: float = 2.0, lookahead: int = 3, min_q: float = 0.3,
+                 evidence_scale: Optional[float] = None) -> None:
         super().__init__(num_layers, num_experts, top_k)
         L, E = num_layers, num_experts
         self.collection = collection if collection is not None else EAMCollection(L, E)
         self.decay, self.prior_weight, self.margin, self.nearest = decay, prior_weight, margin, nearest
         self.smooth, self.lookahead, self.min_q = smooth, lookahead, min_q
+        c = min(1.0, 2.0 / max(top_k, 1)) if evidence_scale is None else float(evidence_scale)
+        self.evidence_scale = c
+        self._base_w = c ** 0.25
         self._req = RequestTracker(L, E, top_k)
         self._active: list[str] = []
         # per request: decayed pass-use counts [L, E] and decayed pass counts [L]
@@ -157,15 +165,17 @@ class AutoPolicy(CachePolicy):
     def _odds(self, layer: int, evidence: list) -> np.ndarray:
         """P(b chosen at ``layer``) for every b, naive Bayes over evidence experts: the log-rate
         log r(b) plus, per evidence expert a of weight w_a, w_a (log r(b | a) - log r(b)) (rates
-        smoothed towards r(b) with ``smooth`` pseudo-tokens), normalised to sum to k (each at
+        smoothed towards r(b) with ``smooth`` pseudo-tokens), the log-rate weighted c^(1/4) and the
+        evidence c (c = ``evidence_scale``), normalised to sum to k (each at
         most 0.999). ``evidence``: (counts [E, E], evidence counts [E], rows, weights or None)."""
         k, E, s = self.top_k, self.num_experts, self.smooth
         r = (self._use[layer] + 1.0) / (self._tok[layer] + E / k)           # [E], sums ~ k
         log_r = np.log(r)
-        score = log_r
+        c = self.evidence_scale
+        score = self._base_w * log_r
         for counts, n, rows, wts in evidence:
             gain = np.log((counts[rows] + s * r) / (n[rows][:, None] + s)) - log_r   # [|A|, E]
-            score = score + (gain.sum(axis=0) if wts is None else wts @ gain)
+            score = score + c * (gain.sum(axis=0) if wts is None else wts @ gain)
         w = np.exp(score - score.max())
         return np.minimum(w * (k / w.sum()), 0.999)
 

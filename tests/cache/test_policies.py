@@ -127,6 +127,27 @@ def test_auto_chains_transitions_two_layers_ahead():
     assert p.victim({(2, 2), (2, 3)}, set(), 0) == (2, 2)
 
 
+def test_auto_damps_naive_bayes_evidence_for_large_top_k():
+    assert AutoPolicy(2, 8, 1).evidence_scale == 1.0
+    assert AutoPolicy(2, 8, 2).evidence_scale == 1.0
+    assert AutoPolicy(2, 64, 8).evidence_scale == 0.25
+    # top-4 of 16: layer 1 follows layer 0 (experts 0-3 -> 4-7, 8-11 -> 12-15), alternating
+    a, b = [[0, 1, 2, 3], [4, 5, 6, 7]], [[8, 9, 10, 11], [12, 13, 14, 15]]
+    qs = []
+    for scale in (None, 1.0):
+        p = AutoPolicy(2, 16, 4, evidence_scale=scale)
+        run_passes(p, [a, b] * 10)
+        p.begin_step(["r"])
+        p.observe(0, {"r": [0, 1, 2, 3]})
+        qs.append(p._q["r"][1])
+    damped, plain = qs
+    # same ranking, less certainty: 4 correlated evidence experts are not 4 independent ones
+    assert set(np.argsort(-damped)[:4]) == set(np.argsort(-plain)[:4]) == {4, 5, 6, 7}
+    others = [j for j in range(16) if not 4 <= j < 8]
+    assert damped[others].max() > plain[others].max()
+    assert damped[4:8].min() > damped[others].max()
+
+
 def test_auto_prefetches_only_within_lookahead():
     pattern = [[[0], [1], [2], [3]]] * 10
     near, far = AutoPolicy(4, 4, 1, lookahead=1), AutoPolicy(4, 4, 1, lookahead=3)
