@@ -26,6 +26,15 @@ class ConfigError(ValueError):
         self.value = value
 
 
+def field_default(field: dataclasses.Field) -> Any:
+    """The field's default value (from ``default`` or ``default_factory``); None without one."""
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
 def flag_name(field: dataclasses.Field) -> str:
     return field.metadata.get("flag", "--" + field.name.replace("_", "-"))
 
@@ -86,8 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if f.metadata.get("cli") is False:
             continue
         tp = _base_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = field_default(f)
         # argparse %-formats help strings: a literal '%' (as in '25%') must be doubled
         help_text = (f"{f.metadata.get('help', '')} [env {env_name(f)}; default {default!r}]"
                      .replace('%', '%%'))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from configs.base import env_name, flag_name
+from configs.base import env_name, field_default, flag_name
 from configs.cache import CacheConfig
 from configs.engine import EngineConfig
 from configs.server import ServerConfig
@@ -15,12 +15,7 @@ SECTIONS = (("server", ServerConfig), ("engine", EngineConfig), ("expert cache",
 
 
 def _default(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
-        value = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        value = f.default_factory()
-    else:
-        return ""
+    value = field_default(f)
     if value is None or value == "" or value == ():
         return "-"
     if isinstance(value, bool):

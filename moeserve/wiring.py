@@ -96,9 +96,11 @@ def make_provider(loaded: LoadedModel, ccfg: CacheConfig, progress: bool = True)
     policy = make_policy(ccfg.policy, L, E, k, collection)
     provider = OffloadedExpertProvider(loaded.experts, loaded.device, loaded.dtype, ccfg, policy,
                                        tracer=tracer, routers=loaded.model.routers(), store=store)
+    stats = provider.stats()
     log.info("expert cache: %d of %d experts (%s of %s) in %s slots, policy %s, prefetch %s, "
-             "%d I/O threads, %s disk reads", int(provider.stats()["slots"]), len(loaded.experts),
-             _gib(provider.stats()["allocated_bytes"]), _gib(expert_bytes(loaded)), loaded.device,
+             "%d I/O threads, %s disk reads", int(stats["slots"]), len(loaded.experts),
+             _gib(stats["allocated_bytes"]), _gib(provider.expert_bytes * len(loaded.experts)),
+             loaded.device,
              ccfg.policy, "on" if provider.prefetch_on else "off", ccfg.io_threads,
              "O_DIRECT" if provider.reader.uses_direct(loaded.experts[0].gate.path)
              else "buffered (pages dropped)")
