@@ -18,7 +18,7 @@ def machine() -> str:
 
 def heldout_prompts(n: int) -> list[str]:
     """First turns of MT-Bench ids 121-160 (never the default model's calibration text)."""
-    from engine.mtbench import HELDOUT_IDS, load_questions
+    from convert.mtbench import HELDOUT_IDS, load_questions
     qs = sorted((q for q in load_questions() if q.question_id in HELDOUT_IDS), key=lambda q: q.question_id)
     return [q.turns[0] for q in qs[:n]]
 

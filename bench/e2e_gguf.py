@@ -10,7 +10,7 @@ import sys
 import tarfile
 import tempfile
 
-from engine.model_store import moeserve_home
+from convert.model_store import moeserve_home
 
 CONVERTER = "vendor/llama.cpp/convert_hf_to_gguf.py"
 # the converter imports its sibling packages: the model classes and the matching gguf-py

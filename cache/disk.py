@@ -3,6 +3,8 @@
 An expert's gate/up/down tensors are contiguous byte ranges (often adjacent) in one or more
 shards. Ranges in the same file that lie close together are merged into one span and read with as
 few large reads as possible into an aligned staging buffer, then converted into the slot's dtype.
+A quantized expert store (cache/quant.py) holds each expert as one 4 KiB-aligned range in its
+slot's layout: that is one read straight into the slot, with no staging buffer and no conversion.
 
 O_DIRECT is used where the file system allows it (checked once per file at open: tmpfs and some
 others refuse it), so the OS page cache does not become a hidden second expert cache that makes
@@ -20,8 +22,8 @@ from typing import Optional
 import torch
 
 from cache.provider import ST_DTYPES, ExpertSource, TensorRef
+from cache.slots import ALIGN, aligned_empty
 
-ALIGN = 4096                  # O_DIRECT offset/length/address alignment (covers 512 B sectors too)
 MERGE_GAP = 1 << 20           # read through gaps up to this size rather than issue another read
 CHUNK_BYTES = 32 << 20        # longest single read; bounds the staging buffer per I/O thread
 
@@ -52,13 +54,7 @@ class Read:
     need: int
     pieces: tuple[Piece, ...]
     names: str                # tensor names, for error messages
-
-
-def aligned_empty(nbytes: int, align: int = ALIGN) -> torch.Tensor:
-    """A uint8 CPU tensor of ``nbytes`` whose data pointer is a multiple of ``align``."""
-    raw = torch.empty(nbytes + align, dtype=torch.uint8)
-    shift = (-raw.data_ptr()) % align
-    return raw[shift:shift + nbytes]
+    into_slot: bool = False   # a packed expert: read straight into the slot, no staging
 
 
 class ExpertReader:
@@ -142,6 +138,14 @@ class ExpertReader:
             return reads
 
     def _build_plan(self, src: ExpertSource) -> tuple[Read, ...]:
+        if src.packed is not None:
+            ref = src.packed
+            direct = self._open(ref.path)
+            if direct and (ref.offset % ALIGN or ref.nbytes % ALIGN):
+                raise ExpertReadError(errno.EINVAL, f"{ref.path}: expert tensor {ref.name} at "
+                                      f"byte {ref.offset} (+{ref.nbytes}) is not {ALIGN}-aligned")
+            piece = Piece(0, ref.nbytes, 0, torch.uint8)
+            return (Read(ref.path, ref.offset, ref.nbytes, ref.nbytes, (piece,), ref.name, True),)
         n = src.gate.shape[0] * src.gate.shape[1]
         tensors: list[tuple[TensorRef, int]] = [(src.gate, 0), (src.up, n), (src.down, 2 * n)]
         for ref, _ in tensors:
@@ -201,10 +205,22 @@ class ExpertReader:
         return aligned_empty(max(self.max_read, ALIGN))
 
     def read_into(self, src: ExpertSource, out: torch.Tensor, staging: torch.Tensor) -> int:
-        """Fill the flat slot buffer ``out`` (3*I*H elements, any dtype, CPU) with ``src``'s
-        gate | up | down, converting from the checkpoint dtype. Returns bytes read from disk."""
+        """Fill the flat slot buffer ``out`` (CPU) with ``src``: a packed expert's bytes straight
+        into ``out`` (uint8, its slot size); checkpoint tensors as gate | up | down converted into
+        ``out``'s dtype (3*I*H elements). Returns bytes read from disk."""
         total = 0
         for rd in self.plan(src):
+            if rd.into_slot:
+                if out.dtype != torch.uint8 or out.numel() < rd.length:
+                    raise ValueError(f"a packed expert needs a uint8 slot of {rd.length} bytes, "
+                                     f"got {out.dtype} [{out.numel()}]")
+                if not self._direct_ok[rd.path] or out.data_ptr() % ALIGN == 0:
+                    total += self._pread(rd, out)
+                    continue
+                # an unaligned destination (never a SlotPool's): stage, then copy
+                total += self._pread(rd, staging)
+                out[:rd.length].copy_(staging[:rd.length])
+                continue
             if rd.length > staging.numel():
                 raise ValueError(f"staging buffer of {staging.numel()} bytes is smaller than a "
                                  f"{rd.length}-byte read of {rd.path}; call new_staging() after plan()")

@@ -22,24 +22,24 @@ from cache.cache_stats import CacheStats
 from cache.disk import ExpertReader, ExpertReadError
 from cache.io_pool import IOPool, LoadJob
 from cache.policy import CachePolicy, ExpertKey
-from cache.provider import ExpertProvider, ExpertSource, ExpertWeights, StepRows, Tracer
+from cache.provider import ExpertProvider, ExpertSource, StepRows, Tracer, expert_format
+from cache.quant import ExpertFormat, ExpertWeights
 from cache.slots import SlotPool, slot_count
 from cache.store import CollectionStore
 from configs.cache import CacheConfig, parse_budget
 
 
-def _check_shapes(sources: Sequence[ExpertSource]) -> tuple[int, int]:
-    """Every expert must be gate [I, H], up [I, H], down [H, I] with one (I, H) for all."""
-    if not sources:
-        raise ValueError("OffloadedExpertProvider needs at least one ExpertSource")
-    inter, hidden = sources[0].gate.shape
+def _check_shapes(sources: Sequence[ExpertSource], fmt: ExpertFormat) -> None:
+    """Every expert must have the format's shapes: gate [I, H], up [I, H], down [H, I]."""
+    want = {"gate": (fmt.inter, fmt.hidden), "up": (fmt.inter, fmt.hidden),
+            "down": (fmt.hidden, fmt.inter)}
     for s in sources:
-        want = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+        if s.packed is not None:
+            continue          # a store's experts are checked against the format on construction
         for name, ref in (("gate", s.gate), ("up", s.up), ("down", s.down)):
             if tuple(ref.shape) != want[name]:
                 raise ValueError(f"{ref.path}: expert {s.layer}.{s.expert} {name} tensor "
                                  f"{ref.name} has shape {list(ref.shape)}, expected {list(want[name])}")
-    return inter, hidden
 
 
 class OffloadedExpertProvider(ExpertProvider):
@@ -61,9 +61,12 @@ class OffloadedExpertProvider(ExpertProvider):
         self.cfg = cache_cfg
         self.prefetch_on = cache_cfg.prefetch_enabled(self.device.type)
         self._sources: dict[ExpertKey, ExpertSource] = {(s.layer, s.expert): s for s in sources}
-        self.inter, self.hidden = _check_shapes(sources)
+        if not sources:
+            raise ValueError("OffloadedExpertProvider needs at least one ExpertSource")
+        self.fmt = expert_format(sources, dtype)
+        _check_shapes(sources, self.fmt)
         self.num_layers = max(s.layer for s in sources) + 1
-        self.expert_bytes = 3 * self.inter * self.hidden * dtype.itemsize
+        self.expert_bytes = self.fmt.slot_bytes     # budgets count bytes of the stored format
         total = self.expert_bytes * len(self._sources)
         self.budget_bytes = parse_budget(cache_cfg.expert_budget, total, "expert_budget")
         n_dev = min(slot_count(self.budget_bytes, self.expert_bytes, policy.top_k, "expert_budget"),
@@ -79,13 +82,13 @@ class OffloadedExpertProvider(ExpertProvider):
             self.reader.plan(s)
 
         cuda = self.device.type == "cuda"
-        self._dev = SlotPool(n_dev, self.inter, self.hidden, dtype, self.device)
+        self._dev = SlotPool(n_dev, self.fmt, self.device)
         self._host: Optional[SlotPool] = None
         if cuda:
             host_budget = parse_budget(cache_cfg.host_budget, total, "host_budget")
             n_host = min(slot_count(host_budget, self.expert_bytes, policy.top_k, "host_budget"),
                          len(self._sources))
-            self._host = SlotPool(n_host, self.inter, self.hidden, dtype, torch.device("cpu"), pin=True)
+            self._host = SlotPool(n_host, self.fmt, torch.device("cpu"), pin=True)
             self._copy_stream = torch.cuda.Stream(self.device)
             # one pair per device slot: a slot has at most one load in flight
             self._free_events = [torch.cuda.Event() for _ in range(n_dev)]
@@ -107,11 +110,12 @@ class OffloadedExpertProvider(ExpertProvider):
     def _load(self, job: LoadJob, staging: torch.Tensor) -> None:
         """Runs on an I/O thread: fill the job's slot(s), nothing else."""
         if self._host is None:
-            job.bytes_disk = self.reader.read_into(job.src, self._dev.buffer(job.slot), staging)
+            job.bytes_disk = self.reader.read_into(job.src, self._read_target(self._dev.buffer(job.slot)),
+                                                   staging)
             return
         host_buf = self._host.buffer(job.host_slot)
         if job.from_disk:
-            job.bytes_disk = self.reader.read_into(job.src, host_buf, staging)
+            job.bytes_disk = self.reader.read_into(job.src, self._read_target(host_buf), staging)
         with torch.cuda.stream(self._copy_stream):
             self._copy_stream.wait_event(job.free_event)       # old occupant's compute is done
             self._dev.buffer(job.slot).copy_(host_buf, non_blocking=True)
@@ -119,6 +123,10 @@ class OffloadedExpertProvider(ExpertProvider):
         # the host slot may be reused once this job is reported, so the copy must be finished
         job.ready_event.synchronize()
         job.bytes_h2d = self.expert_bytes
+
+    def _read_target(self, buf: torch.Tensor) -> torch.Tensor:
+        """A slot's bytes as the reader fills them: raw bytes for a store, typed for conversion."""
+        return buf if self.fmt.quantized else buf.view(self.fmt.dtype)
 
     # ---- the ExpertProvider interface -------------------------------------------------------
     def begin_step(self, rows: StepRows) -> None:
@@ -355,6 +363,7 @@ class OffloadedExpertProvider(ExpertProvider):
         out["resident_bytes"] = float(len(self._resident) * self.expert_bytes)
         out["slots"] = float(self._dev.num_slots)
         out["slot_bytes"] = float(self.expert_bytes)
+        out["expert_bits_per_weight"] = self.fmt.bits_per_weight
         out["allocated_bytes"] = float(self._dev.allocated_bytes)
         out["budget_bytes"] = float(self.budget_bytes)
         out["inflight"] = float(len(self._inflight))

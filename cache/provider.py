@@ -12,6 +12,8 @@ from typing import Callable, Iterator, NamedTuple, Optional, Protocol, Sequence
 
 import torch
 
+from cache.quant import ExpertFormat, ExpertWeights
+
 # safetensors dtype string -> torch dtype
 ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -40,32 +42,58 @@ class TensorRef:
 
 @dataclass(frozen=True)
 class ExpertSource:
-    """Where one routed expert's SwiGLU weights live: gate [I, H], up [I, H], down [H, I]."""
+    """Where one routed expert lives: either the checkpoint's SwiGLU tensors gate [I, H],
+    up [I, H], down [H, I], or (a quantized expert store) ``packed``: the expert's slot bytes
+    in ``fmt``'s layout, one 4 KiB-aligned range read straight into a slot."""
 
     layer: int             # MoE layer index (counting MoE layers only)
     expert: int
-    gate: TensorRef
-    up: TensorRef
-    down: TensorRef
+    gate: Optional[TensorRef] = None
+    up: Optional[TensorRef] = None
+    down: Optional[TensorRef] = None
+    packed: Optional[TensorRef] = None
+    fmt: Optional[ExpertFormat] = None
+
+    def __post_init__(self) -> None:
+        if (self.packed is None) == (self.gate is None):
+            raise ValueError(f"expert {self.layer}.{self.expert}: give gate/up/down or packed")
+        if self.packed is not None and (self.fmt is None or self.packed.nbytes != self.fmt.slot_bytes):
+            raise ValueError(f"{self.packed.path}: tensor {self.packed.name} has "
+                             f"{self.packed.nbytes} bytes, its format needs "
+                             f"{self.fmt.slot_bytes if self.fmt else '?'}")
+
+    @property
+    def refs(self) -> tuple[TensorRef, ...]:
+        return (self.packed,) if self.packed is not None else (self.gate, self.up, self.down)
+
+    @property
+    def path(self) -> str:
+        return self.refs[0].path
+
+    @property
+    def inter_hidden(self) -> tuple[int, int]:
+        if self.fmt is not None:
+            return self.fmt.inter, self.fmt.hidden
+        return tuple(self.gate.shape)  # type: ignore[union-attr,return-value]
 
     @property
     def nbytes(self) -> int:
-        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+        """Bytes on disk."""
+        return sum(r.nbytes for r in self.refs)
 
 
-class ExpertWeights(NamedTuple):
-    """Views into one contiguous buffer: gate [I, H], up [I, H], down [H, I]."""
-
-    gate: torch.Tensor
-    up: torch.Tensor
-    down: torch.Tensor
-
-
-def expert_views(buf: torch.Tensor, inter: int, hidden: int) -> ExpertWeights:
-    """Split a flat buffer of 3*I*H elements into gate/up/down views (no copy)."""
-    n = inter * hidden
-    return ExpertWeights(buf[:n].view(inter, hidden), buf[n:2 * n].view(inter, hidden),
-                         buf[2 * n:3 * n].view(hidden, inter))
+def expert_format(sources: Sequence[ExpertSource], dtype: torch.dtype) -> ExpertFormat:
+    """The one slot format of ``sources``: their store's, or unquantized in ``dtype``."""
+    if not sources:
+        raise ValueError("no experts")
+    fmts = {s.fmt for s in sources}
+    if len(fmts) != 1:
+        raise ValueError(f"experts in mixed formats: {sorted(str(f) for f in fmts)}")
+    fmt = fmts.pop()
+    if fmt is not None:
+        return fmt
+    inter, hidden = sources[0].inter_hidden
+    return ExpertFormat("none", inter, hidden, dtype)
 
 
 def read_tensor(ref: TensorRef) -> torch.Tensor:
@@ -134,17 +162,19 @@ class ResidentExpertProvider(ExpertProvider):
                  progress: Optional[Callable[[int], None]] = None) -> None:
         self._weights: dict[tuple[int, int], ExpertWeights] = {}
         self.tracer = tracer
+        self.fmt = expert_format(sources, dtype) if sources else None
         for src in sources:
-            inter, hidden = src.gate.shape
-            buf = torch.empty(3 * inter * hidden, dtype=dtype, device=device)
-            for i, ref in enumerate((src.gate, src.up, src.down)):
-                n = inter * hidden
-                buf[i * n:(i + 1) * n].copy_(read_tensor(ref).reshape(-1))
-            self._weights[(src.layer, src.expert)] = expert_views(buf, inter, hidden)
+            assert self.fmt is not None
+            buf = torch.empty(self.fmt.slot_bytes, dtype=torch.uint8, device=device)
+            if src.packed is not None:
+                buf.copy_(read_tensor(src.packed))
+            else:
+                for ref, dst in zip(src.refs, self.fmt.views(buf)):
+                    dst.copy_(read_tensor(ref))
+            self._weights[(src.layer, src.expert)] = self.fmt.views(buf)
             if progress is not None:
                 progress(src.nbytes)
-        self.resident_bytes = sum(
-            w.gate.numel() * 3 * w.gate.element_size() for w in self._weights.values())
+        self.resident_bytes = (self.fmt.slot_bytes if self.fmt else 0) * len(self._weights)
 
     def experts(self, layer: int, topk_ids: torch.Tensor,
                 hidden: Optional[torch.Tensor] = None) -> Iterator[tuple[int, ExpertWeights]]:
@@ -154,4 +184,7 @@ class ResidentExpertProvider(ExpertProvider):
             yield e, self._weights[(layer, e)]
 
     def stats(self) -> dict[str, float]:
-        return {"resident_bytes": float(self.resident_bytes)}
+        out = {"resident_bytes": float(self.resident_bytes)}
+        if self.fmt is not None:
+            out["expert_bits_per_weight"] = self.fmt.bits_per_weight
+        return out

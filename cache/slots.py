@@ -1,6 +1,6 @@
 """Fixed pools of expert slots, allocated once at start-up: one contiguous buffer per expert.
 
-A tier's byte budget becomes ``budget // expert_bytes`` slots in a single [slots, 3*I*H]
+A tier's byte budget becomes ``budget // slot_bytes`` slots in a single [slots, slot_bytes]
 allocation, so a tier move is one read or one copy into a row, nothing is allocated per token,
 and the bytes held can never exceed the budget.
 """
@@ -10,7 +10,16 @@ from typing import Optional
 
 import torch
 
-from cache.provider import ExpertWeights, expert_views
+from cache.quant import ExpertFormat, ExpertWeights
+
+ALIGN = 4096                  # O_DIRECT offset/length/address alignment (covers 512 B sectors too)
+
+
+def aligned_empty(nbytes: int, align: int = ALIGN) -> torch.Tensor:
+    """A uint8 CPU tensor of ``nbytes`` whose data pointer is a multiple of ``align``."""
+    raw = torch.empty(nbytes + align, dtype=torch.uint8)
+    shift = (-raw.data_ptr()) % align
+    return raw[shift:shift + nbytes]
 
 
 class BudgetError(ValueError):
@@ -28,22 +37,28 @@ def slot_count(budget: int, expert_bytes: int, minimum: int, field: str) -> int:
 
 
 class SlotPool:
-    """``num_slots`` expert buffers of ``3*inter*hidden`` elements on ``device``.
+    """``num_slots`` expert buffers of ``fmt.slot_bytes`` bytes on ``device``, in one allocation.
 
-    Pinned (page-locked) when ``pin`` is set, so host-to-device copies can run asynchronously.
-    Only the engine thread acquires and releases; I/O threads write into slots they were given.
+    On CPU the storage starts on a 4 KiB boundary and quantized slots are 4 KiB multiples, so an
+    O_DIRECT read lands straight in a slot. Pinned (page-locked) when ``pin`` is set, so
+    host-to-device copies can run asynchronously. Only the engine thread acquires and releases;
+    I/O threads write into slots they were given.
     """
 
-    def __init__(self, num_slots: int, inter: int, hidden: int, dtype: torch.dtype,
-                 device: torch.device, pin: bool = False) -> None:
+    def __init__(self, num_slots: int, fmt: ExpertFormat, device: torch.device,
+                 pin: bool = False) -> None:
         if num_slots < 1:
             raise BudgetError(f"a slot pool needs at least one slot, got {num_slots}")
-        self.inter, self.hidden = inter, hidden
-        self.numel = 3 * inter * hidden
-        # [num_slots, 3*I*H]: row s is slot s, contiguous
-        self.storage = torch.empty(num_slots, self.numel, dtype=dtype, device=device,
-                                   pin_memory=pin and device.type == "cpu")
-        self._views = [expert_views(self.storage[s], inter, hidden) for s in range(num_slots)]
+        self.fmt = fmt
+        self.slot_bytes = fmt.slot_bytes
+        # [num_slots, slot_bytes] uint8: row s is slot s, contiguous
+        if device.type == "cpu" and not pin:
+            flat = aligned_empty(num_slots * self.slot_bytes)
+        else:
+            flat = torch.empty(num_slots * self.slot_bytes, dtype=torch.uint8, device=device,
+                               pin_memory=pin and device.type == "cpu")
+        self.storage = flat.view(num_slots, self.slot_bytes)
+        self._views = [fmt.views(self.storage[s]) for s in range(num_slots)]
         self._free = list(range(num_slots - 1, -1, -1))   # pop() hands out slot 0 first
         self._taken = [False] * num_slots
 
@@ -52,13 +67,9 @@ class SlotPool:
         return self.storage.shape[0]
 
     @property
-    def slot_bytes(self) -> int:
-        return self.numel * self.storage.element_size()
-
-    @property
     def allocated_bytes(self) -> int:
-        """Bytes this pool really holds (the storage backing every slot)."""
-        return self.storage.untyped_storage().nbytes()
+        """Bytes of slot storage this pool holds (besides < 4 KiB of alignment slack on CPU)."""
+        return self.storage.numel()
 
     @property
     def free_count(self) -> int:
@@ -79,9 +90,9 @@ class SlotPool:
         self._free.append(slot)
 
     def buffer(self, slot: int) -> torch.Tensor:
-        """The flat [3*I*H] buffer of ``slot``."""
+        """The flat uint8 [slot_bytes] buffer of ``slot``."""
         return self.storage[slot]
 
     def views(self, slot: int) -> ExpertWeights:
-        """gate [I, H], up [I, H], down [H, I] views of ``slot`` (made once at start-up)."""
+        """gate / up / down views of ``slot`` in the pool's format (made once at start-up)."""
         return self._views[slot]

@@ -13,7 +13,9 @@ from typing import Callable, Optional
 
 import torch
 
+from cache.expert_store import STORE_FILE, locate_experts
 from cache.provider import ExpertSource, TensorRef, read_tensor
+from cache.quant import ExpertFormat, format_from_config
 from cache.safetensors_file import CheckpointError, read_checkpoint_index, slice_leading
 from engine.models import family
 from engine.models.base import DecoderLM, ExpertLayout, HFConfig
@@ -24,6 +26,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
           "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_CONTEXT_CAP = 2048
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+QUANT_METHOD = "moeserve"     # quantization_config.quant_method of checkpoints moeserve wrote
+QUANT_VERSION = 1
 
 
 @dataclass
@@ -44,11 +48,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, cfg: HFConfig, device: torch.device) -> torch.dtype:
-    """'auto': fp32 on CPU (faster matrix-vector products there), the checkpoint's dtype on GPU."""
+    """'auto': on CPU bf16 for quantized experts (the int8/int4 kernels take bf16 activations)
+    and fp32 otherwise (faster matrix-vector products there); the checkpoint's dtype on GPU."""
     if name != "auto":
         return DTYPES[name]
     if device.type == "cpu":
-        return torch.float32
+        return torch.bfloat16 if cfg.get("quantization_config") else torch.float32
     return DTYPES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"), torch.bfloat16)
 
 
@@ -121,7 +126,39 @@ def expert_sources(index: dict[str, TensorRef], layout: ExpertLayout) -> list[Ex
     return out
 
 
-def _is_expert_tensor(name: str, layout: Optional[ExpertLayout]) -> bool:
+def quantization(model_dir: str, cfg: HFConfig) -> Optional[ExpertFormat]:
+    """The expert format a quantized checkpoint's ``quantization_config`` names (None: not
+    quantized); anything moeserve did not write is a clear error naming config.json."""
+    qc = cfg.get("quantization_config")
+    if not qc:
+        return None
+    where = os.path.join(model_dir, "config.json")
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        method = qc.get("quant_method") if isinstance(qc, dict) else qc
+        raise CheckpointError(f"{where}: unsupported quantization_config (quant_method {method!r}); "
+                              f"moeserve loads unquantized checkpoints and its own "
+                              f"quant_method {QUANT_METHOD!r} (moeserve quantize)")
+    if qc.get("version") != QUANT_VERSION:
+        raise CheckpointError(f"{where}: quantization_config version {qc.get('version')!r} is not "
+                              f"{QUANT_VERSION}; re-run moeserve quantize")
+    try:
+        inter, hidden = (int(v) for v in qc["expert_shape"])
+        return format_from_config(qc, inter, hidden, torch.bfloat16)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: invalid quantization_config {qc!r} ({e})") from None
+
+
+def _store_experts(model_dir: str, fmt: ExpertFormat, layout: ExpertLayout,
+                   cfg: HFConfig) -> list[ExpertSource]:
+    qc = cfg.get("quantization_config")
+    path = os.path.join(model_dir, str(qc.get("expert_store") or STORE_FILE))
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: expert store not found (named by config.json's "
+                              "quantization_config)")
+    return locate_experts(path, fmt, len(layout.moe_layers), layout.num_experts)
+
+
+def is_expert_tensor(name: str, layout: Optional[ExpertLayout]) -> bool:
     if layout is None:
         return False
     return any(name.startswith(layout.prefix(li) + ".") for li in layout.moe_layers)
@@ -161,8 +198,18 @@ def load_model(model_dir: str, device: torch.device, dtype: Optional[torch.dtype
         done += ref.nbytes
         if progress is not None:
             progress(done, total)
-    experts = expert_sources(index, model.layout) if model.layout is not None else []
-    unused = [n for n in index if n not in params and not _is_expert_tensor(n, model.layout)
+    fmt = quantization(model_dir, cfg)
+    if model.layout is None:
+        experts = []
+    elif fmt is not None:
+        if fmt.kind == "int4" and fmt.layout != device.type:
+            raise CheckpointError(f"{model_dir}: int4 experts packed for {fmt.layout}, the device "
+                                  f"is {device.type}; serve through moeserve (it converts the "
+                                  f"store for the device once) or re-run moeserve quantize there")
+        experts = _store_experts(model_dir, fmt, model.layout, cfg)
+    else:
+        experts = expert_sources(index, model.layout)
+    unused = [n for n in index if n not in params and not is_expert_tensor(n, model.layout)
               and not n.endswith(IGNORED_SUFFIXES)]
     if unused:
         log.warning("%s: %d checkpoint tensors unused, e.g. %s", model_dir, len(unused), unused[:3])

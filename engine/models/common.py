@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cache.provider import ExpertProvider, ExpertWeights
+from cache.provider import ExpertProvider
+from engine.kernels import expert_forward
 
 
 @dataclass
@@ -234,11 +235,6 @@ class DenseMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-def expert_forward(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
-    """x [N, H] through one SwiGLU expert -> [N, H]."""
-    return F.linear(F.silu(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
 
 
 def combine_experts(provider: ExpertProvider, layer: int, x: torch.Tensor, weights: torch.Tensor,

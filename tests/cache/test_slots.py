@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cache.slots import BudgetError, SlotPool, slot_count
+from cache.quant import ExpertFormat
+from cache.slots import ALIGN, BudgetError, SlotPool, slot_count
 
 
 @pytest.mark.parametrize("budget", [3 * 4096, 3 * 4096 + 4095, 10 * 4096 + 1])
@@ -12,7 +13,7 @@ def test_pool_never_exceeds_budget(budget: int) -> None:
     inter, hidden, dtype = 16, 32, torch.bfloat16
     expert_bytes = 3 * inter * hidden * 2
     n = slot_count(budget, expert_bytes, minimum=2, field="expert_budget")
-    pool = SlotPool(n, inter, hidden, dtype, torch.device("cpu"))
+    pool = SlotPool(n, ExpertFormat("none", inter, hidden, dtype), torch.device("cpu"))
     assert pool.allocated_bytes <= budget
     assert pool.allocated_bytes == n * expert_bytes
     assert budget - pool.allocated_bytes < expert_bytes       # no slot left unpaid for
@@ -22,7 +23,7 @@ def test_pool_never_exceeds_budget(budget: int) -> None:
     for s in taken:                                           # every slot lives in that one block
         buf = pool.buffer(s)
         assert buf.untyped_storage().data_ptr() == storage.data_ptr()
-        assert buf.is_contiguous() and buf.numel() == 3 * inter * hidden
+        assert buf.is_contiguous() and buf.numel() == expert_bytes
         w = pool.views(s)
         assert w.gate.shape == (inter, hidden) and w.up.shape == (inter, hidden)
         assert w.down.shape == (hidden, inter)
@@ -30,9 +31,9 @@ def test_pool_never_exceeds_budget(budget: int) -> None:
 
 
 def test_views_alias_the_slot() -> None:
-    pool = SlotPool(2, 2, 3, torch.float32, torch.device("cpu"))
+    pool = SlotPool(2, ExpertFormat("none", 2, 3, torch.float32), torch.device("cpu"))
     s = pool.acquire()
-    pool.buffer(s).copy_(torch.arange(18, dtype=torch.float32))
+    pool.buffer(s).view(torch.float32).copy_(torch.arange(18, dtype=torch.float32))
     w = pool.views(s)
     assert w.gate.flatten().tolist() == list(range(6))
     assert w.up.flatten().tolist() == list(range(6, 12))
@@ -40,7 +41,7 @@ def test_views_alias_the_slot() -> None:
 
 
 def test_release_checks() -> None:
-    pool = SlotPool(2, 2, 2, torch.float32, torch.device("cpu"))
+    pool = SlotPool(2, ExpertFormat("none", 2, 2, torch.float32), torch.device("cpu"))
     s = pool.acquire()
     pool.release(s)
     with pytest.raises(ValueError, match="not an acquired slot"):
@@ -59,5 +60,22 @@ def test_budget_below_top_k_names_field_value_and_minimum() -> None:
 def test_host_pool_is_pinned() -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    pool = SlotPool(2, 4, 4, torch.bfloat16, torch.device("cpu"), pin=True)
+    pool = SlotPool(2, ExpertFormat("int4", 64, 64, group_size=64), torch.device("cpu"), pin=True)
     assert pool.storage.is_pinned()
+
+
+@pytest.mark.parametrize("kind,group", [("int8", 0), ("int4", 32), ("int4", 64)])
+def test_quantized_slots_are_aligned_and_sized_by_format(kind: str, group: int) -> None:
+    fmt = ExpertFormat(kind, 128, 64, group_size=group)
+    pool = SlotPool(3, fmt, torch.device("cpu"))
+    assert fmt.slot_bytes % ALIGN == 0 and pool.allocated_bytes == 3 * fmt.slot_bytes
+    raw = 3 * 128 * 64 * (1 if kind == "int8" else 0.5)     # weight bytes alone
+    assert raw < fmt.slot_bytes < raw + ALIGN + 3 * 128 * 8  # + scales, padding only to 4 KiB
+    for s in range(3):
+        buf = pool.buffer(s)
+        assert buf.data_ptr() % ALIGN == 0                   # an O_DIRECT read lands in place
+        w = pool.views(s)
+        assert w.gate.kind == kind and w.gate.shape == (128, 64) and w.down.shape == (64, 128)
+        segs = [w.gate.q, w.gate.scales, w.up.q, w.up.scales, w.down.q, w.down.scales]
+        ptrs = [t.data_ptr() - buf.data_ptr() for t in segs]
+        assert ptrs == sorted(ptrs) and all(0 <= p < fmt.slot_bytes for p in ptrs)

@@ -10,6 +10,7 @@ import torch
 
 from cache.offload import OffloadedExpertProvider
 from cache.policies import POLICY_NAMES
+from cache.provider import expert_format
 from configs import CacheConfig
 from engine.engine import Engine, run_to_completion
 from engine.loader import LoadedModel, load_model
@@ -36,8 +37,7 @@ def generate(lm: LoadedModel, ccfg: CacheConfig) -> tuple[dict[str, tuple], dict
 
 
 def one_layer_top_k_bytes(lm: LoadedModel) -> int:
-    inter, hidden = lm.experts[0].gate.shape
-    return lm.info.top_k * 3 * inter * hidden * lm.dtype.itemsize
+    return lm.info.top_k * expert_format(lm.experts, lm.dtype).slot_bytes
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v2_grouped", "deepseek_v3"])
@@ -92,7 +92,7 @@ def test_trace_store_and_record_trace(family_checkpoint: FamilyCheckpoint, tmp_p
 def test_default_model_offloaded_equals_resident() -> None:
     """The built-in default model (bf16 on disk, fp32 compute), two chat prompts decoded together,
     every policy with room for one layer's top-k only: every expert use comes from disk."""
-    from engine.default_model import ensure_default_model
+    from convert.default_model import ensure_default_model
     from server.tokenizer import TextTokenizer
     path = ensure_default_model(progress=False)
     tok = TextTokenizer(path)

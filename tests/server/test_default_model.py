@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tiny_model_dir() -> str:
-    from engine.default_model import ensure_default_model
+    from convert.default_model import ensure_default_model
     return ensure_default_model(progress=False)
 
 

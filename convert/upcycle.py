@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import torch
 from tqdm import tqdm
 
-from engine.mtbench import Question
+from convert.mtbench import Question
 
 log = logging.getLogger(__name__)
 

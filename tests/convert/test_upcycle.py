@@ -7,8 +7,8 @@ import os
 import torch
 from safetensors import safe_open
 
-from engine.moe_writer import plan_tensors, shard_plan, write_checkpoint
-from engine.upcycle import perturbed_expert, router_scale, spherical_kmeans
+from convert.moe_writer import plan_tensors, shard_plan, write_checkpoint
+from convert.upcycle import perturbed_expert, router_scale, spherical_kmeans
 
 
 def _blobs(n: int = 300, d: int = 16, k: int = 4) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ import os
 import shutil
 from typing import Any, Callable, Iterator
 
-from engine.gguf_import import write_json
+from convert.gguf_import import write_json
 
 log = logging.getLogger(__name__)
 MARKER = "moeserve-build.json"

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from engine.model_store import MARKER, BuildError, build_atomically, is_complete, verify
+from convert.model_store import MARKER, BuildError, build_atomically, is_complete, verify
 
 
 def _writer(content: str, calls: list[str]):

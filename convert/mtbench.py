@@ -1,4 +1,4 @@
-"""The MT-Bench questions shipped in engine/data: calibration (ids 81-120) and held-out (121-160) splits."""
+"""The MT-Bench questions shipped in convert/data: calibration (ids 81-120) and held-out (121-160) splits."""
 from __future__ import annotations
 
 import json

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from engine.gguf_import import write_json
-from engine.upcycle import perturbed_expert
+from convert.gguf_import import write_json
+from convert.upcycle import perturbed_expert
 
 DTYPE = torch.bfloat16
 # Mixtral expert names -> the dense Llama MLP projection each one copies

@@ -6,7 +6,7 @@ from typing import Any
 
 
 def render_model_card(params: dict[str, Any], stats: dict[str, Any], size_bytes: int) -> str:
-    """Markdown model card; ``stats`` comes from engine.routing_stats.measure."""
+    """Markdown model card; ``stats`` comes from convert.routing_stats.measure."""
     e, k = params["experts"], params["top_k"]
     lines = [
         f"# {params['name']}: SmolLM2-135M-Instruct upcycled to a {e}-expert, top-{k} Mixtral-format MoE",

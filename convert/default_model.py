@@ -1,10 +1,10 @@
 """The built-in default model: SmolLM2-135M-Instruct upcycled into a Mixtral-format MoE, built offline.
 
 ``ensure_default_model()`` returns the cached model directory, building it on first use:
-GGUF -> dense Llama checkpoint (engine.gguf_import) -> calibration answers and FFN-input states ->
-k-means routers and perturbed experts (engine.upcycle) -> sharded bf16 safetensors (engine.moe_writer)
--> measured model card (engine.routing_stats, engine.model_card). Builds are atomic and locked
-(engine.model_store). CLI: ``moeserve build-default`` or ``python -m engine.default_model``.
+GGUF -> dense Llama checkpoint (convert.gguf_import) -> calibration answers and FFN-input states ->
+k-means routers and perturbed experts (convert.upcycle) -> sharded bf16 safetensors (convert.moe_writer)
+-> measured model card (convert.routing_stats, convert.model_card). Builds are atomic and locked
+(convert.model_store). CLI: ``moeserve build-default`` or ``python -m convert.default_model``.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import torch
 
 from configs import presets
 from configs.presets import DEFAULT_PRESET, add_build_arguments
-from engine.gguf_import import find_packaged_gguf, import_gguf, write_json
-from engine.model_store import BuildError, build_atomically, moeserve_home
+from convert.gguf_import import find_packaged_gguf, import_gguf, write_json
+from convert.model_store import BuildError, build_atomically, moeserve_home
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,11 @@ def _build_moe(dense_dir: str, out: str, params: dict[str, Any], progress: bool)
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from engine.model_card import render_model_card
-    from engine.moe_writer import mixtral_config_dict, plan_tensors, write_checkpoint
-    from engine.mtbench import calibration_questions, heldout_texts
-    from engine.routing_stats import measure
-    from engine.upcycle import (_seed, collect_ffn_inputs, generate_calibration_chats, router_scale,
+    from convert.model_card import render_model_card
+    from convert.moe_writer import mixtral_config_dict, plan_tensors, write_checkpoint
+    from convert.mtbench import calibration_questions, heldout_texts
+    from convert.routing_stats import measure
+    from convert.upcycle import (_seed, collect_ffn_inputs, generate_calibration_chats, router_scale,
                                 spherical_kmeans)
 
     e, k = params["experts"], params["top_k"]
@@ -153,7 +153,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.default_model",
+    parser = argparse.ArgumentParser(prog="python -m convert.default_model",
                                      description="Build the built-in default MoE model.")
     add_build_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -15,8 +15,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
-from engine.default_model import ensure_default_model, ensure_dense_model  # noqa: E402
-from engine.mtbench import heldout_texts  # noqa: E402
+from convert.default_model import ensure_default_model, ensure_dense_model  # noqa: E402
+from convert.mtbench import heldout_texts  # noqa: E402
 
 pytestmark = pytest.mark.slow
 QUESTION = "What is the capital of France?"

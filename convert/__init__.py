@@ -1,0 +1,1 @@
+"""Offline tooling: checkpoints in, checkpoints out (default-model build, quantization)."""

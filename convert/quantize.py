@@ -1,0 +1,205 @@
+"""Quantize a checkpoint's routed experts into the aligned expert store (``moeserve quantize``).
+
+Output directory: config.json (+ ``quantization_config``: method, format, bits, group size,
+pack layout, which modules), ``model.safetensors`` (every dense tensor, unchanged),
+``experts.safetensors`` (cache/expert_store.py) and the tokenizer / chat template files.
+``ensure_quantized`` converts on first use into $MOESERVE_HOME, atomically and under a lock
+(convert/model_store.py), and reuses the result afterwards.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any, Iterator, Optional
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from cache.expert_store import STORE_FILE, write_store
+from cache.provider import ExpertSource, read_tensor
+from cache.quant import ExpertFormat, default_group_size, fill_slot, repack_slot
+from cache.safetensors_file import CheckpointError, read_checkpoint_index
+from convert.gguf_import import write_json
+from convert.model_store import BuildError, build_atomically, moeserve_home
+from engine.loader import QUANT_METHOD, QUANT_VERSION, is_expert_tensor, load_config, quantization
+from engine.models import family
+
+log = logging.getLogger(__name__)
+SKIP_FILES = ("model.safetensors.index.json", "config.json", "moeserve-build.json")
+BITS = {"int8": 8, "int4": 4}
+
+
+def _layout_and_experts(model_dir: str) -> tuple[Any, dict, list[ExpertSource]]:
+    from engine.loader import expert_sources
+    cfg = load_config(model_dir)
+    with torch.device("meta"):
+        model = family(cfg.raw["model_type"]).build(cfg, 16)
+    if model.layout is None:
+        raise BuildError(f"{model_dir}: a dense model ({cfg.raw['model_type']}) has no routed "
+                         "experts to quantize")
+    index = read_checkpoint_index(model_dir)
+    return model.layout, index, expert_sources(index, model.layout)
+
+
+def resolve_format(kind: str, inter: int, hidden: int, group_size: Optional[int],
+                   layout: str = "cpu") -> ExpertFormat:
+    if kind not in BITS:
+        raise BuildError(f"invalid quantize={kind!r}: choose int8 or int4")
+    if kind == "int8":
+        return ExpertFormat("int8", inter, hidden)
+    g = group_size or min(default_group_size(hidden), default_group_size(inter))
+    try:
+        return ExpertFormat("int4", inter, hidden, group_size=g, layout=layout)
+    except ValueError as e:
+        raise BuildError(str(e)) from None
+
+
+def quantize_checkpoint(model_dir: str, out_dir: str, kind: str, group_size: Optional[int] = None,
+                        layout: str = "cpu", progress: bool = True) -> ExpertFormat:
+    """Write the quantized checkpoint of ``model_dir`` into the existing, empty ``out_dir``."""
+    cfg = load_config(model_dir)
+    src_fmt = quantization(model_dir, cfg)
+    layout_info, index, sources = _layout_and_experts(model_dir) if src_fmt is None else (None, None, None)
+    if src_fmt is not None:
+        return _repack_checkpoint(model_dir, out_dir, src_fmt, layout, progress)
+    inter, hidden = sources[0].inter_hidden
+    fmt = resolve_format(kind, inter, hidden, group_size, layout)
+    dense = {n: read_tensor(ref) for n, ref in index.items() if not is_expert_tensor(n, layout_info)}
+    save_file(dense, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    keys = [(s.layer, s.expert) for s in sources]
+    bar = tqdm(total=len(sources), unit="expert", desc=f"quantizing experts to {fmt.describe()}",
+               disable=not progress)
+
+    def slots() -> Iterator[torch.Tensor]:
+        buf = torch.empty(fmt.slot_bytes, dtype=torch.uint8)
+        for s in sources:
+            fill_slot(fmt, buf, {"gate": read_tensor(s.gate), "up": read_tensor(s.up),
+                                 "down": read_tensor(s.down)})
+            bar.update(1)
+            yield buf
+    try:
+        write_store(os.path.join(out_dir, STORE_FILE), fmt, keys, slots(),
+                    {"format": "moeserve-expert-store", "quantize": fmt.kind})
+    finally:
+        bar.close()
+    _write_config(model_dir, out_dir, cfg.raw, fmt)
+    return fmt
+
+
+def _repack_checkpoint(model_dir: str, out_dir: str, src: ExpertFormat, layout: str,
+                       progress: bool) -> ExpertFormat:
+    """An int4 store in the cpu pack layout -> the same experts in ``layout`` (once per device)."""
+    from cache.expert_store import locate_experts
+    cfg = load_config(model_dir)
+    qc = cfg.raw["quantization_config"]
+    dst = ExpertFormat("int4", src.inter, src.hidden, group_size=src.group_size, layout=layout)
+    n_layers, n_exp = int(qc["num_moe_layers"]), int(qc["num_experts"])
+    sources = locate_experts(os.path.join(model_dir, qc.get("expert_store") or STORE_FILE), src,
+                             n_layers, n_exp)
+    shutil.copy2(os.path.join(model_dir, "model.safetensors"), os.path.join(out_dir, "model.safetensors"))
+    bar = tqdm(total=len(sources), unit="expert", desc=f"repacking int4 experts for {layout}",
+               disable=not progress)
+
+    def slots() -> Iterator[torch.Tensor]:
+        out = torch.empty(dst.slot_bytes, dtype=torch.uint8)
+        for s in sources:
+            repack_slot(src, dst, read_tensor(s.packed), out)
+            bar.update(1)
+            yield out
+    try:
+        write_store(os.path.join(out_dir, STORE_FILE), dst, [(s.layer, s.expert) for s in sources],
+                    slots(), {"format": "moeserve-expert-store", "quantize": "int4"})
+    finally:
+        bar.close()
+    raw = {k: v for k, v in cfg.raw.items() if k != "quantization_config"}
+    _write_config(model_dir, out_dir, raw, dst, (n_layers, n_exp))
+    return dst
+
+
+def _write_config(model_dir: str, out_dir: str, raw: dict, fmt: ExpertFormat,
+                  counts: Optional[tuple[int, int]] = None) -> None:
+    if counts is None:
+        with torch.device("meta"):
+            layout = family(raw["model_type"]).build(load_config(model_dir), 16).layout
+        counts = (len(layout.moe_layers), layout.num_experts)
+    qc = {"quant_method": QUANT_METHOD, "version": QUANT_VERSION, "format": fmt.kind,
+          "bits": BITS[fmt.kind], "group_size": fmt.group_size or None,
+          "layout": fmt.layout if fmt.kind == "int4" else None,
+          "symmetric": fmt.kind == "int8", "modules": ["routed_experts"],
+          "expert_shape": [fmt.inter, fmt.hidden], "expert_store": STORE_FILE,
+          "num_moe_layers": counts[0], "num_experts": counts[1]}
+    write_json(os.path.join(out_dir, "config.json"), {**raw, "quantization_config": qc})
+    for name in sorted(os.listdir(model_dir)):
+        path = os.path.join(model_dir, name)
+        if os.path.isfile(path) and not name.endswith(".safetensors") and name not in SKIP_FILES:
+            shutil.copy2(path, os.path.join(out_dir, name))    # tokenizer, chat template, card
+
+
+def _source_id(model_dir: str) -> dict[str, Any]:
+    """What identifies the source checkpoint: its path and every weight file's size and mtime."""
+    files = sorted(n for n in os.listdir(model_dir) if n.endswith(".safetensors") or n == "config.json")
+    sig = hashlib.sha256(json.dumps([(n, os.path.getsize(os.path.join(model_dir, n)),
+                                      int(os.path.getmtime(os.path.join(model_dir, n))))
+                                     for n in files]).encode()).hexdigest()[:16]
+    return {"source": os.path.abspath(model_dir), "source_signature": sig}
+
+
+def ensure_quantized(model_dir: str, kind: str, group_size: Optional[int] = None,
+                     layout: str = "cpu", home: Optional[str] = None, progress: bool = True) -> str:
+    """``model_dir`` in format ``kind`` (and int4 pack ``layout``): itself if it already is,
+    else converted once into $MOESERVE_HOME/models and reused. A checkpoint quantized
+    differently is an error, never converted twice or silently mixed."""
+    cfg = load_config(model_dir)
+    have = quantization(model_dir, cfg)
+    if have is not None:
+        if kind == "none" or have.kind != kind or (group_size and group_size != have.group_size):
+            want = kind + (f" group {group_size}" if group_size else "")
+            raise BuildError(f"{model_dir} is already quantized ({have.describe()}); it cannot be "
+                             f"served as {want}: quantize the unquantized checkpoint instead")
+        if have.kind != "int4" or have.layout == layout:
+            return model_dir
+    if kind == "none":
+        return model_dir
+    params = {"quantize": kind, "group_size": group_size or (have.group_size if have else None),
+              "layout": layout if kind == "int4" else None, "version": QUANT_VERSION,
+              **_source_id(model_dir)}
+    tag = kind + (f"-g{params['group_size']}" if params["group_size"] else "") + \
+        ("-cuda" if kind == "int4" and layout == "cuda" else "")
+    name = f"{os.path.basename(os.path.normpath(model_dir))}-{tag}"
+    target = os.path.join(moeserve_home(home), "models", name)
+    need = sum(os.path.getsize(os.path.join(model_dir, n)) for n in os.listdir(model_dir)
+               if n.endswith(".safetensors")) // (2 if kind == "int8" else 3) + 50_000_000
+    log.info("quantizing %s to %s into %s (first use; reused afterwards)", model_dir, tag, target)
+    return build_atomically(target, params, lambda tmp: quantize_checkpoint(
+        model_dir, tmp, kind, group_size, layout, progress), need_bytes=need)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    """CLI body of ``moeserve quantize``: prints the quantized directory; 1 on an error."""
+    t0 = time.monotonic()
+    try:
+        if args.group_size and args.quantize != "int4":
+            raise BuildError(f"invalid group_size={args.group_size}: applies to --quantize int4 only")
+        if args.out:
+            have = quantization(args.model, load_config(args.model))
+            if have is not None and (have.kind != args.quantize or have.layout == args.layout):
+                raise BuildError(f"{args.model} is already quantized ({have.describe()})")
+            params = {"quantize": args.quantize, "group_size": args.group_size,
+                      "layout": args.layout, "version": QUANT_VERSION, **_source_id(args.model)}
+            path = build_atomically(args.out, params, lambda tmp: quantize_checkpoint(
+                args.model, tmp, args.quantize, args.group_size, args.layout, args.progress))
+        else:
+            path = ensure_quantized(args.model, args.quantize, args.group_size, args.layout,
+                                    progress=args.progress)
+    except (BuildError, CheckpointError, ValueError, RuntimeError) as e:
+        log.error("%s", e)
+        return 1
+    log.info("quantized checkpoint ready in %.0fs", time.monotonic() - t0)
+    print(path)
+    return 0
