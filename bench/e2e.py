@@ -21,8 +21,8 @@ import time
 from typing import Any, Optional
 
 from bench.common import RESULTS, bar_plot, drop_page_cache, heldout_prompts, machine, write_json
-from bench.e2e_report import (SYSTEMS, cgroup_limit_bytes, check_schema, error_entry, parse_fraction,
-                              physical_bounds, render, summarize, targets)
+from bench.e2e_report import (MOESERVE_QUANT, SYSTEMS, cgroup_limit_bytes, check_schema, error_entry,
+                              parse_fraction, physical_bounds, render, summarize, system_format, targets)
 from bench.e2e_sys import (MemoryCgroup, checkpoint_bytes, largest_shard, sequential_read_bandwidth)
 from bench.e2e_worker import MARK
 
@@ -34,7 +34,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="8 prompts instead of 40")
     ap.add_argument("--preset", default="smollm2-moe-64x", help="default-model preset (built on first use)")
     ap.add_argument("--model", default=None, help="checkpoint dir instead of the preset")
-    ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS)
+                    + " (the -int8/-int4 moeserve rows get --budget of their own format's experts; "
+                    "llama.cpp-q4_k_m/-q8_0 are capped like a quarter of moeserve's int4/int8 experts)")
     ap.add_argument("--prompts", type=int, default=None, help="prompts (default 40, --quick 8)")
     ap.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
     ap.add_argument("--concurrency", type=int, default=4, help="requests decoded together in phase 2")
@@ -135,15 +137,33 @@ def main(argv: Optional[list[str]] = None) -> int:
                                     seconds_per_phase=args.seconds_per_phase,
                                     concurrency=args.concurrency)
         files = [model_dir]
+        fmt = system_format(name)
+        sys_cap = cap
+        if name in MOESERVE_QUANT:
+            from convert.quantize import ensure_quantized
+            print(f"{name}: {fmt} checkpoint (converted on first use, then cached)", flush=True)
+            spec["model_dir"] = ensure_quantized(model_dir, fmt)
+            files = [spec["model_dir"]]
         if name == "accelerate":
             spec.update(max_tokens=args.slow_tokens, max_memory_bytes=int(expert_bytes * parse_fraction(
                 args.budget)) + dense_bytes, offload_dir=os.path.join(tempfile.gettempdir(),
                                                                       f"moeserve-e2e-offload-{os.getpid()}"))
-        if name == "llama.cpp":
+        if name.startswith("llama.cpp"):
             try:
-                from bench.e2e_gguf import ensure_gguf
-                print("llama.cpp: GGUF of the checkpoint (converted on first use, then cached)", flush=True)
-                spec["gguf"] = ensure_gguf(model_dir)
+                from bench.e2e_gguf import ensure_gguf, ensure_llama_quantized
+                print(f"{name}: GGUF of the checkpoint (converted on first use, then cached)", flush=True)
+                spec["gguf"] = ensure_gguf(model_dir) if fmt == "none" else \
+                    ensure_llama_quantized(model_dir, fmt)
+                if fmt == "q4_k_m":      # the cap of a quarter of the int4 expert bytes (+ dense)
+                    from convert.quantize import ensure_quantized
+                    q_experts, q_dense = checkpoint_bytes(ensure_quantized(model_dir, "int4"))
+                    sys_cap = cgroup_limit_bytes(q_experts, parse_fraction(args.budget), q_dense,
+                                                 args.allowance_mib << 20)
+                elif fmt == "q8_0":
+                    from convert.quantize import ensure_quantized
+                    q_experts, q_dense = checkpoint_bytes(ensure_quantized(model_dir, "int8"))
+                    sys_cap = cgroup_limit_bytes(q_experts, parse_fraction(args.budget), q_dense,
+                                                 args.allowance_mib << 20)
                 spec["max_tokens"] = args.llama_tokens
                 files.append(spec["gguf"])
             except Exception as e:
@@ -151,7 +171,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"{name}: {systems[name]['error']}", flush=True)
                 continue
         drop_page_cache(files)
-        sys_cap = cap if name in ("accelerate", "llama.cpp") and name not in uncapped else None
+        capped = name in ("accelerate", "llama.cpp", "llama.cpp-q8_0", "llama.cpp-q4_k_m")
+        sys_cap = sys_cap if capped and name not in uncapped else None
         t0 = time.perf_counter()
         raw = run_worker(spec, sys_cap, args.worker_timeout, os.path.join(logs, f"{name}.log"))
         systems[name] = summarize(raw) if raw.get("decode_ms") else error_entry(raw["error"], {

@@ -89,3 +89,25 @@ def ensure_gguf(model_dir: str, timeout: float = 1800) -> str:
 def _newest(model_dir: str) -> float:
     return max(os.path.getmtime(os.path.join(model_dir, f)) for f in os.listdir(model_dir)
                if f.endswith(".safetensors"))
+
+
+LLAMA_FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+
+
+def ensure_llama_quantized(model_dir: str, qtype: str) -> str:
+    """``<model_dir>-<qtype>.gguf``: the BF16 GGUF quantized by llama.cpp's own quantizer
+    (llama_model_quantize, as `llama-quantize` does), made once and cached."""
+    import llama_cpp
+    bf16 = ensure_gguf(model_dir)
+    out = os.path.normpath(model_dir) + f"-{qtype}.gguf"
+    if os.path.isfile(out) and os.path.getmtime(out) >= os.path.getmtime(bf16):
+        return out
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_FTYPES[qtype])
+    params.nthread = os.cpu_count() or 1
+    tmp = out + ".partial"
+    rc = llama_cpp.llama_model_quantize(bf16.encode(), tmp.encode(), params)
+    if rc != 0 or not os.path.isfile(tmp):
+        raise RuntimeError(f"llama_model_quantize({qtype}) failed on {bf16} (rc {rc})")
+    os.replace(tmp, out)
+    return out

@@ -10,7 +10,7 @@ import struct
 import time
 
 CGROUP_ROOT = "/sys/fs/cgroup/memory"
-EXPERT_MARK = ".experts."       # Mixtral-format routed expert tensors
+EXPERT_MARK = ".experts."       # Mixtral-format routed expert tensors (moeserve stores: "experts.")
 _ST_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -46,7 +46,7 @@ def checkpoint_bytes(model_dir: str) -> tuple[int, int]:
             size = _ST_BYTES[meta["dtype"]]
             for d in meta["shape"]:
                 size *= d
-            if EXPERT_MARK in key:
+            if EXPERT_MARK in key or key.startswith("experts."):   # also the int8/int4 store
                 experts += size
             else:
                 dense += size

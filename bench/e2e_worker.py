@@ -21,7 +21,9 @@ MARK = "E2E_RESULT "
 # (policy, prefetch) of each moeserve system; None: all experts resident
 # auto runs as a user gets it: --prefetch auto (off on a CPU machine, where experts come from disk)
 MOESERVE_SYSTEMS: dict[str, Any] = {"resident": None, "lru": ("lru", "off"),
-                                    "moe-infinity": ("moe-infinity", "on"), "auto": ("auto", "auto")}
+                                    "moe-infinity": ("moe-infinity", "on"), "auto": ("auto", "auto"),
+                                    "resident-int8": None, "auto-int8": ("auto", "auto"),
+                                    "resident-int4": None, "auto-int4": ("auto", "auto")}
 
 
 def run_moeserve(spec: dict[str, Any]) -> dict[str, Any]:
@@ -97,7 +99,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     elif name == "accelerate":
         from bench.e2e_baselines import run_accelerate
         out = run_accelerate(spec)
-    elif name == "llama.cpp":
+    elif name.startswith("llama.cpp"):
         from bench.e2e_baselines import run_llama_cpp
         out = run_llama_cpp(spec)
     else:

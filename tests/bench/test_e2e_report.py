@@ -73,7 +73,7 @@ def test_targets_compare_auto_with_each_reference() -> None:
 
 
 def test_schema_json_round_trip_and_table(tmp_path) -> None:
-    systems = {n: summarize(raw([5.0, 6.0], hits=1, misses=1)) for n in SYSTEMS[:-1]}
+    systems = {n: summarize(raw([5.0, 6.0], hits=1, misses=1)) for n in SYSTEMS if n != "llama.cpp"}
     systems["llama.cpp"] = error_entry("convert_hf_to_gguf.py failed")
     result = {"machine": "test box", "systems": systems, "bounds": physical_bounds(systems, 1e9),
               "targets": targets(systems)}
@@ -107,3 +107,18 @@ def test_checkpoint_bytes_splits_experts_from_dense(tmp_path) -> None:
     with open(os.path.join(tmp_path, "model.safetensors"), "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob + bytes(88))
     assert checkpoint_bytes(str(tmp_path)) == (64, 24)
+
+
+def test_quantized_rows_have_their_format_and_targets() -> None:
+    from bench.e2e_report import system_format
+    assert [system_format(n) for n in ("auto", "auto-int4", "resident-int8", "llama.cpp",
+                                       "llama.cpp-q4_k_m-resident", "llama.cpp-q8_0")] == \
+        ["none", "int4", "int8", "none", "q4_k_m", "q8_0"]
+    sys_ = {"auto": {"per_token_ms_median": 400.0}, "auto-int4": {"per_token_ms_median": 80.0},
+            "resident-int4": {"per_token_ms_median": 50.0},
+            "llama.cpp-q4_k_m-resident": {"per_token_ms_median": 40.0},
+            "llama.cpp-q4_k_m": {"per_token_ms_median": 200.0}}
+    got = {t["target"]: t for t in targets(sys_)}
+    assert got["auto-int4 >= 4x faster than auto (bf16)"]["ratio"] == pytest.approx(5.0)
+    assert got["auto-int4 >= 3x faster than llama.cpp Q4_K_M (same cap)"]["met"] is False
+    assert got["resident-int4 at least as fast as llama.cpp Q4_K_M resident (uncapped)"]["met"] is False

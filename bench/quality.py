@@ -1,0 +1,159 @@
+"""Quality of the quantized formats: held-out perplexity (MT-Bench 121-160, every turn) of a default
+preset at none/int8/int4 in moeserve, beside llama.cpp's own Q8_0 and Q4_K_M (and its BF16) GGUFs
+of the same checkpoint, scored on the same token ids.
+
+    python -m bench.quality [--preset smollm2-moe-8x] [--json OUT] [--systems moeserve,llama.cpp]
+
+moeserve quantizes only the routed experts (dense weights stay in the compute dtype); llama.cpp's
+Q8_0/Q4_K_M quantize every weight matrix, as its users get them. Writes
+``{"results": [{"preset", "system", "quantize", "perplexity"}], ...}``, a table and a plot.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import time
+from typing import Any, Callable
+
+import torch
+
+from bench.common import RESULTS, bar_plot, machine, table, write_json
+
+log = logging.getLogger("bench.quality")
+LLAMA_TYPES = ("bf16", "q8_0", "q4_k_m")
+MOESERVE_FORMATS = ("none", "int8", "int4")
+
+
+def heldout_ids(model_dir: str, max_tokens: int) -> list[list[int]]:
+    """Token ids of every held-out turn, BOS-free, cut to ``max_tokens`` each."""
+    from convert.mtbench import heldout_texts
+    from server.tokenizer import TextTokenizer
+    tok = TextTokenizer(model_dir)
+    return [ids[:max_tokens] for ids in (tok.encode(t) for t in heldout_texts()) if len(ids) > 1]
+
+
+def perplexity(seqs: list[list[int]], logits_of: Callable[[list[int]], torch.Tensor]) -> float:
+    """exp(mean NLL of token t+1 given tokens <= t) over every sequence."""
+    nll, n = 0.0, 0
+    for ids in seqs:
+        logits = logits_of(ids).float()                           # [T, V]
+        logp = torch.log_softmax(logits[:-1], dim=-1)
+        target = torch.tensor(ids[1:])
+        nll -= logp.gather(1, target[:, None]).sum().item()
+        n += len(ids) - 1
+    return math.exp(nll / n)
+
+
+def moeserve_logits(model_dir: str, context: int) -> Callable[[list[int]], torch.Tensor]:
+    from cache.provider import ResidentExpertProvider
+    from engine.loader import load_model, resolve_dtype, load_config
+    from engine.models.common import Batch, KVCache
+    dev = torch.device("cpu")
+    dtype = resolve_dtype("auto", load_config(model_dir), dev)
+    lm = load_model(model_dir, dev, dtype, context_length=context)
+    lm.model.set_provider(ResidentExpertProvider(lm.experts, dev, dtype))
+    spec = lm.model.kv_spec
+    kv = KVCache(spec.num_layers, 1, context, spec.kv_heads, spec.k_dim, spec.v_dim, dtype, dev)
+
+    @torch.inference_mode()
+    def run(ids: list[int]) -> torch.Tensor:
+        x = torch.tensor([ids])
+        pos = torch.arange(len(ids))[None]
+        batch = Batch(pos, torch.zeros(1, dtype=torch.long), len(ids), 0)
+        return lm.model(x, batch, kv, all_logits=True)[0]          # [T, V]
+    return run
+
+
+def llama_gguf(model_dir: str, qtype: str) -> str:
+    """The checkpoint's GGUF in ``qtype``: the BF16 conversion, or llama.cpp's own quantization."""
+    from bench.e2e_gguf import ensure_gguf, ensure_llama_quantized
+    return ensure_gguf(model_dir) if qtype == "bf16" else ensure_llama_quantized(model_dir, qtype)
+
+
+def llama_logits(gguf: str, context: int, threads: int) -> Callable[[list[int]], torch.Tensor]:
+    from llama_cpp import Llama
+    llm = Llama(model_path=gguf, n_ctx=context, n_batch=context, logits_all=True, n_threads=threads,
+                verbose=False)
+
+    def run(ids: list[int]) -> torch.Tensor:
+        llm.reset()
+        llm.eval(ids)
+        return torch.from_numpy(llm.scores[:len(ids)].copy())
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="smollm2-moe-8x", help="built-in default model preset")
+    p.add_argument("--systems", default="moeserve,llama.cpp", help="comma-separated: moeserve, llama.cpp")
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens per held-out turn at most")
+    p.add_argument("--threads", type=int, default=2, help="compute threads (torch and llama.cpp)")
+    p.add_argument("--json", default=os.path.join(RESULTS, "quality.json"), help="output JSON path")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    from convert.default_model import ensure_default_model
+    from convert.quantize import ensure_quantized
+    base = ensure_default_model(args.preset)
+    seqs = heldout_ids(base, args.max_tokens)
+    context = max(len(s) for s in seqs)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    results: list[dict[str, Any]] = []
+    for system in systems:
+        kinds = MOESERVE_FORMATS if system == "moeserve" else LLAMA_TYPES
+        for kind in kinds:
+            t0 = time.perf_counter()
+            if system == "moeserve":
+                fn = moeserve_logits(ensure_quantized(base, kind) if kind != "none" else base, context)
+            else:
+                fn = llama_logits(llama_gguf(base, kind), context, args.threads)
+            ppl = perplexity(seqs, fn)
+            log.info("%s %s: perplexity %.4f (%.0fs)", system, kind, ppl, time.perf_counter() - t0)
+            results.append({"preset": args.preset, "system": system, "quantize": kind,
+                            "perplexity": ppl})
+            del fn
+    by = {(r["system"], r["quantize"]): r["perplexity"] for r in results}
+    goals = []
+    if ("moeserve", "none") in by:
+        ref = by[("moeserve", "none")]
+        for kind, limit in (("int8", 0.01), ("int4", 0.05)):
+            if ("moeserve", kind) in by:
+                d = by[("moeserve", kind)] / ref - 1
+                goals.append(f"target moeserve {kind} within {limit:.0%} of none: "
+                             f"{'met' if d <= limit else 'NOT met'} ({d:+.2%})")
+    if ("moeserve", "int4") in by and ("llama.cpp", "q4_k_m") in by:
+        a, b = by[("moeserve", "int4")], by[("llama.cpp", "q4_k_m")]
+        goals.append(f"target moeserve int4 no worse than llama.cpp Q4_K_M: "
+                     f"{'met' if a <= b else 'NOT met'} ({a:.4f} vs {b:.4f})")
+    tokens = sum(len(s) - 1 for s in seqs)
+    note = (f"{len(seqs)} held-out MT-Bench turns (ids 121-160), {tokens} scored tokens, same ids "
+            "for every system; moeserve quantizes the routed experts only, llama.cpp every weight")
+    out = {"machine": machine(), "note": note, "results": results, "goals": goals}
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    path = write_json(os.path.basename(args.json), out) if os.path.dirname(
+        os.path.abspath(args.json)) == RESULTS else _write(args.json, out)
+    print(table(results, ["preset", "system", "quantize", "perplexity"]))
+    print(note)
+    for g in goals:
+        print("-", g)
+    png = os.path.splitext(path)[0] + ".png"
+    bar_plot(png, [f"{r['system']}\n{r['quantize']}" for r in results],
+             [r["perplexity"] for r in results], "perplexity (lower is better)",
+             f"held-out perplexity, {args.preset}")
+    print(f"wrote {path} and {png}")
+    return 0
+
+
+def _write(path: str, data: Any) -> str:
+    import json
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

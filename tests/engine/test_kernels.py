@@ -1,0 +1,98 @@
+"""cache/quant.py and engine/kernels.py: round trips within each format's error bound, kernels
+against a dequantized fp32 reference, the CPU int4 layout unpacked exactly."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cache.quant import (ExpertFormat, default_group_size, dequantize_int4, fill_slot, pack_int4,
+                         quantize_int4, quantize_int8, unpack_int4_cpu)
+from engine.kernels import dequantize, expert_forward, linear
+
+
+def _weights(o: int, i: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(o, i, generator=g) * 0.05
+    w[0, :5] = torch.tensor([0.4, -0.3, 0.0, 1e-6, -1e-6])      # outliers and near-zeros
+    return w
+
+
+def test_int8_round_trip_within_half_a_step() -> None:
+    w = _weights(96, 64)
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127 and s.shape == (96,)
+    err = (q.float() * s.float()[:, None] - w).abs()
+    assert (err <= s.float()[:, None] * 0.5 + 1e-7).all()       # rounding: at most half a step
+    assert torch.equal(q.abs().amax(1), torch.full((96,), 127, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_round_trip_within_half_a_step(group: int) -> None:
+    w = _weights(64, 128)
+    q, sz = quantize_int4(w, group)
+    assert q.min() >= 0 and q.max() <= 15 and sz.shape == (128 // group, 64, 2)
+    back = dequantize_int4(q, sz, group)
+    scale = sz.float()[..., 0].t().repeat_interleave(group, dim=1)  # [O, In]
+    # half a step of rounding, plus the bf16 rounding of scale and zero (a few ulps of the range)
+    assert ((back - w).abs() <= scale * 0.5 + scale * 16 * 2 ** -8).all()
+    assert (back - w).abs().mean() < scale.mean() * 0.3
+
+
+def test_cpu_int4_layout_unpacks_exactly() -> None:
+    q = torch.randint(0, 16, (96, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(unpack_int4_cpu(pack_int4(q, "cpu"), 96, 64), q)
+
+
+def test_default_group_size_is_largest_divisor() -> None:
+    assert default_group_size(576) == 64 and default_group_size(1536) == 128
+    assert default_group_size(96) == 32
+    with pytest.raises(ValueError, match="divisible by 32"):
+        default_group_size(100)
+
+
+def test_bad_formats_name_the_field() -> None:
+    with pytest.raises(ValueError, match="group_size=48"):
+        ExpertFormat("int4", 64, 64, group_size=48)
+    with pytest.raises(ValueError, match="group_size=128"):
+        ExpertFormat("int4", 64, 96, group_size=128)            # 96 is not a multiple of 128
+    with pytest.raises(ValueError, match="quantize='int3'"):
+        ExpertFormat("int3", 64, 64)
+
+
+@pytest.mark.parametrize("kind,group", [("int8", 0), ("int4", 32), ("int4", 64)])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_kernels_match_dequantized_reference(kind: str, group: int, rows: int) -> None:
+    inter, hidden = 128, 64
+    fmt = ExpertFormat(kind, inter, hidden, group_size=group)
+    ws = {"gate": _weights(inter, hidden, 1), "up": _weights(inter, hidden, 2),
+          "down": _weights(hidden, inter, 3)}
+    buf = torch.empty(fmt.slot_bytes, dtype=torch.uint8)
+    fill_slot(fmt, buf, ws)
+    views = fmt.views(buf)
+    x = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(9))
+    for name in ("gate", "up"):
+        ref_w = dequantize(getattr(views, name))                # fp32 [O, In] from the slot bytes
+        # the dequantized weight is close to the original (format error bound) ...
+        bound = 0.5 / 127 * ws[name].abs().amax() if kind == "int8" else ws[name].abs().amax() / 15
+        assert (ref_w - ws[name]).abs().max() <= bound * 1.1
+        # ... and the kernel computes x @ that weight, up to bf16 activations and accumulation
+        got = linear(x, getattr(views, name))
+        want = x.to(torch.bfloat16).float() @ ref_w.t()
+        assert got.dtype == x.dtype and got.shape == (rows, inter)
+        assert (got - want).abs().max() <= 0.02 * want.abs().max() + 1e-3
+    # the whole SwiGLU expert against fp32 on the dequantized weights
+    ref = F.linear(F.silu(F.linear(x, dequantize(views.gate))) * F.linear(x, dequantize(views.up)),
+                   dequantize(views.down))
+    got = expert_forward(x, views)
+    assert (got - ref).abs().max() <= 0.03 * ref.abs().max() + 1e-3
+
+
+def test_plain_slot_views_compute_like_f_linear() -> None:
+    fmt = ExpertFormat("none", 32, 64, torch.float32)
+    buf = torch.empty(fmt.slot_bytes, dtype=torch.uint8)
+    ws = {"gate": _weights(32, 64, 1), "up": _weights(32, 64, 2), "down": _weights(64, 32, 3)}
+    fill_slot(fmt, buf, ws)
+    x = torch.randn(3, 64)
+    want = F.linear(F.silu(F.linear(x, ws["gate"])) * F.linear(x, ws["up"]), ws["down"])
+    assert torch.equal(expert_forward(x, fmt.views(buf)), want)
