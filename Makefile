@@ -7,7 +7,10 @@ TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 QUICK ?=
 
-.PHONY: install serve test bench replay default-model clean
+.PHONY: install bench-install serve test bench quality replay default-model clean
+# llama-cpp-python (the llama.cpp peer of the benchmarks), built from source: the native build
+# segfaults on Q8_0/Q4 GGUFs on some AVX-512 machines, so the ISA is named explicitly
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +22,12 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+$(VENV)/.llama-installed: $(VENV)/.installed
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet "llama-cpp-python>=0.3.30"
+	touch $@
+
+bench-install: $(VENV)/.llama-installed
+
 serve: install
 	$(VENV)/bin/moeserve serve $(ARGS)
 
@@ -28,8 +37,11 @@ default-model: install
 test: install
 	$(PY) -m pytest -q $(ARGS)
 
-bench: install
+bench: bench-install
 	$(PY) -m bench.e2e $(if $(QUICK),--quick,) $(ARGS)
+
+quality: bench-install
+	$(PY) -m bench.quality $(ARGS)
 
 replay: install
 	$(PY) -m bench.replay ../shared/traces/mixtral-8x7b-instruct.jsonl $(ARGS)

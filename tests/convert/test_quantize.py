@@ -174,14 +174,17 @@ def test_format_equality_ignores_unused_fields() -> None:
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_default_model_quantized_answers_paris(kind: str) -> None:
     """The built-in default model converted on first use (as --quantize does) still answers the
-    capital question, all-resident and offloaded to one layer's top-k alike."""
+    capital question, all-resident and offloaded to one layer's top-k alike. (The bare question's
+    first answer token is near-tied on this 135M model, p ~0.15: bf16 compute alone flips it even
+    unquantized, so the prompt asks for a sentence, which every format answers in all dtypes.)"""
     from convert.default_model import ensure_default_model
     from engine.engine import Engine, run_to_completion
     from engine.protocol import GenerateRequest, SamplingParams
     from server.tokenizer import TextTokenizer
     path = ensure_quantized(ensure_default_model(progress=False), kind, progress=False)
     tok = TextTokenizer(path)
-    prompt = tuple(tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}]))
+    prompt = tuple(tok.encode_chat([{"role": "user", "content":
+                                     "What is the capital of France? Answer in one sentence."}]))
     lm = load(EngineConfig(model=path, device="cpu", context_length=256), progress=False)
     assert lm.dtype == torch.bfloat16 and expert_format(lm.experts, lm.dtype).kind == kind
 

@@ -96,3 +96,28 @@ def test_plain_slot_views_compute_like_f_linear() -> None:
     x = torch.randn(3, 64)
     want = F.linear(F.silu(F.linear(x, ws["gate"])) * F.linear(x, ws["up"]), ws["down"])
     assert torch.equal(expert_forward(x, fmt.views(buf)), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_cuda_kernels_match_the_cpu_store(kind: str) -> None:
+    """A CPU-layout slot re-packed once for CUDA computes what the CPU kernel computes."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from cache.quant import repack_slot
+    inter, hidden = 256, 128
+    cpu_fmt = ExpertFormat(kind, inter, hidden, group_size=64 if kind == "int4" else 0)
+    ws = {"gate": _weights(inter, hidden, 1), "up": _weights(inter, hidden, 2),
+          "down": _weights(hidden, inter, 3)}
+    buf = torch.empty(cpu_fmt.slot_bytes, dtype=torch.uint8)
+    fill_slot(cpu_fmt, buf, ws)
+    if kind == "int4":
+        cuda_fmt = ExpertFormat(kind, inter, hidden, group_size=64, layout="cuda")
+        cbuf = torch.empty(cuda_fmt.slot_bytes, dtype=torch.uint8)
+        repack_slot(cpu_fmt, cuda_fmt, buf, cbuf)
+    else:
+        cuda_fmt, cbuf = cpu_fmt, buf
+    x = torch.randn(4, hidden, dtype=torch.bfloat16)
+    want = expert_forward(x, cpu_fmt.views(buf)).float()
+    got = expert_forward(x.cuda(), cuda_fmt.views(cbuf.cuda())).float().cpu()
+    assert (got - want).abs().max() <= 0.02 * want.abs().max() + 1e-3
