@@ -175,9 +175,11 @@ def ensure_quantized(model_dir: str, kind: str, group_size: Optional[int] = None
     target = os.path.join(moeserve_home(home), "models", name)
     need = sum(os.path.getsize(os.path.join(model_dir, n)) for n in os.listdir(model_dir)
                if n.endswith(".safetensors")) // (2 if kind == "int8" else 3) + 50_000_000
-    log.info("quantizing %s to %s into %s (first use; reused afterwards)", model_dir, tag, target)
-    return build_atomically(target, params, lambda tmp: quantize_checkpoint(
-        model_dir, tmp, kind, group_size, layout, progress), need_bytes=need)
+
+    def build(tmp: str) -> None:
+        log.info("quantizing %s to %s into %s (first use; reused afterwards)", model_dir, tag, target)
+        quantize_checkpoint(model_dir, tmp, kind, group_size, layout, progress)
+    return build_atomically(target, params, build, need_bytes=need)
 
 
 def run_quantize(args: argparse.Namespace) -> int:
