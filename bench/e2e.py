@@ -154,14 +154,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"{name}: GGUF of the checkpoint (converted on first use, then cached)", flush=True)
                 spec["gguf"] = ensure_gguf(model_dir) if fmt == "none" else \
                     ensure_llama_quantized(model_dir, fmt)
-                if fmt == "q4_k_m":      # the cap of a quarter of the int4 expert bytes (+ dense)
+                if fmt != "none":       # capped like --budget of moeserve's int4/int8 experts
                     from convert.quantize import ensure_quantized
-                    q_experts, q_dense = checkpoint_bytes(ensure_quantized(model_dir, "int4"))
-                    sys_cap = cgroup_limit_bytes(q_experts, parse_fraction(args.budget), q_dense,
-                                                 args.allowance_mib << 20)
-                elif fmt == "q8_0":
-                    from convert.quantize import ensure_quantized
-                    q_experts, q_dense = checkpoint_bytes(ensure_quantized(model_dir, "int8"))
+                    peer = {"q4_k_m": "int4", "q8_0": "int8"}[fmt]
+                    q_experts, q_dense = checkpoint_bytes(ensure_quantized(model_dir, peer))
                     sys_cap = cgroup_limit_bytes(q_experts, parse_fraction(args.budget), q_dense,
                                                  args.allowance_mib << 20)
                 spec["max_tokens"] = args.llama_tokens

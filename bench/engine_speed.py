@@ -22,8 +22,11 @@ from moeserve.wiring import build_engine, resolve_model_dir
 from server.tokenizer import TextTokenizer
 
 
-def engine_tps(model_dir: str, prompts: list[list[int]], tokens: int, batch: int) -> float:
-    eng = build_engine(EngineConfig(model=model_dir, max_batch=batch), CacheConfig(), progress=False)
+def engine_tps(model_dir: str, prompts: list[list[int]], tokens: int, batch: int,
+               quantize: str = "none") -> float:
+    q = None if quantize == "none" else quantize
+    eng = build_engine(EngineConfig(model=model_dir, max_batch=batch, quantize=q), CacheConfig(),
+                       progress=False)
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     run_to_completion(eng, [GenerateRequest("warm", tuple(prompts[0]), SamplingParams(max_tokens=2, temperature=0.0))])
     reqs = [GenerateRequest(str(i), tuple(p), params) for i, p in enumerate(prompts[:batch])]
@@ -68,6 +71,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="compute threads for both (1: OpenMP threads spin-waiting on a shared "
                          "2-core box were several times slower)")
+    ap.add_argument("--quantize", default="none",
+                    help="comma-separated expert formats for the engine rows (none, int8, int4); "
+                         "transformers runs the unquantized checkpoint")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = resolve_model_dir(EngineConfig(model=args.model))
@@ -76,17 +82,21 @@ def main() -> None:
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) for t in heldout_prompts(max(batches))]
     pad = tok.encode("\n", add_special_tokens=False)[0]
     rows = []
+    formats = [f.strip() for f in args.quantize.split(",") if f.strip()]
     for b in batches:
-        e = engine_tps(model_dir, prompts, args.tokens, b)
         h = hf_tps(model_dir, prompts, args.tokens, b, pad)
-        rows.append({"batch": b, "engine_tok_s": e, "transformers_tok_s": h, "ratio": e / h})
-        print(f"batch {b}: engine {e:.1f} tok/s, transformers {h:.1f} tok/s, ratio {e / h:.2f}", flush=True)
-    print(table(rows, ["batch", "engine_tok_s", "transformers_tok_s", "ratio"]))
+        for fmt in formats:
+            e = engine_tps(model_dir, prompts, args.tokens, b, fmt)
+            rows.append({"batch": b, "quantize": fmt, "engine_tok_s": e, "transformers_tok_s": h,
+                         "ratio": e / h})
+            print(f"batch {b}, {fmt}: engine {e:.1f} tok/s, transformers {h:.1f} tok/s, "
+                  f"ratio {e / h:.2f}", flush=True)
+    print(table(rows, ["batch", "quantize", "engine_tok_s", "transformers_tok_s", "ratio"]))
     path = write_json("engine_speed.json", {"machine": machine(), "model": model_dir,
                                             "tokens": args.tokens, "threads": torch.get_num_threads(),
                                             "results": rows})
     bar_plot(os.path.join(RESULTS, "engine_speed.png"),
-             [f"{k} b={r['batch']}" for r in rows for k in ("engine", "hf")],
+             [f"{k} b={r['batch']}" for r in rows for k in (f"engine {r['quantize']}", "hf")],
              [v for r in rows for v in (r["engine_tok_s"], r["transformers_tok_s"])],
              "decode tokens/s", "engine vs transformers generate")
     print(f"wrote {path}")

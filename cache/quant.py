@@ -194,16 +194,59 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """w [O, In] -> (q int32 [O, In] in 0..15, scales_and_zeros bf16 [In/G, O, 2]) with
-    w ~ (q - 8) * scale + zero per group of ``group_size`` inputs (min/max asymmetric)."""
+    w ~ (q - 8) * scale + zero per group of ``group_size`` inputs (asymmetric).
+
+    Per group the range is clipped by each of INT4_CLIPS, the codes rounded, then scale and zero
+    refitted by least squares for those codes and the codes rounded again (the idea of
+    llama.cpp's make_qkx quantizers); the candidate with the least squared error wins."""
     o, i = w.shape
-    g = w.float().view(o, i // group_size, group_size)
-    lo, hi = g.amin(-1), g.amax(-1)                                     # [O, In/G]
-    scale = ((hi - lo) / 15.0).clamp(min=1e-8).to(SCALE_DTYPE).float()
-    zero = (lo + 8 * scale).to(SCALE_DTYPE).float()
-    # quantize against the bf16-rounded scale and zero the kernel will use
-    q = torch.round((g - zero[..., None]) / scale[..., None] + 8).clamp(0, 15).to(torch.int32)
-    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(SCALE_DTYPE)
-    return q.view(o, i), sz
+    g = w.float().view(o, i // group_size, group_size)                  # [O, In/G, G]
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    best_q = best_s = best_z = best_err = None
+    for clip in INT4_CLIPS:
+        span = (hi - lo) * (1 - 2 * clip)
+        scale = (span / 15.0).clamp(min=1e-8)
+        zero = lo + (hi - lo) * clip + 8 * scale
+        q = _int4_codes(g, scale, zero)
+        scale, zero = _refit(g, q, scale, zero)
+        q = _int4_codes(g, scale, zero)
+        err = ((q - 8) * scale + zero - g).pow(2).sum(-1, keepdim=True)  # [O, In/G, 1]
+        if best_err is None:
+            best_q, best_s, best_z, best_err = q, scale, zero, err
+            continue
+        take = err < best_err
+        best_q = torch.where(take, q, best_q)
+        best_s, best_z = torch.where(take, scale, best_s), torch.where(take, zero, best_z)
+        best_err = torch.minimum(err, best_err)
+    assert best_q is not None and best_s is not None and best_z is not None
+    sz = torch.stack([best_s[..., 0], best_z[..., 0]], dim=-1).transpose(0, 1).contiguous()
+    return best_q.to(torch.int32).view(o, i), sz.to(SCALE_DTYPE)
+
+
+INT4_CLIPS = (0.0, 0.03, 0.06, 0.1)     # share of the range cut off at each end, per candidate
+
+
+def _int4_codes(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 against the bf16-rounded scale and zero the kernel will use."""
+    scale, zero = scale.to(SCALE_DTYPE).float(), zero.to(SCALE_DTYPE).float()
+    return torch.round((g - zero) / scale + 8).clamp(0, 15)
+
+
+def _refit(g: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+           zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares scale and zero of w ~ scale * (q - 8) + zero for fixed codes; groups whose
+    codes are all equal keep theirs. Returned bf16-rounded, as stored."""
+    x = q - 8
+    n = g.shape[-1]
+    sx, sy = x.sum(-1, keepdim=True), g.sum(-1, keepdim=True)
+    sxx, sxy = (x * x).sum(-1, keepdim=True), (x * g).sum(-1, keepdim=True)
+    det = n * sxx - sx * sx
+    ok = det > 0
+    s_new = torch.where(ok, (n * sxy - sx * sy) / det.clamp(min=1e-12), scale)
+    z_new = torch.where(ok, (sy - s_new * sx) / n, zero)
+    ok = ok & (s_new > 1e-8)
+    scale, zero = torch.where(ok, s_new, scale), torch.where(ok, z_new, zero)
+    return scale.to(SCALE_DTYPE).float(), zero.to(SCALE_DTYPE).float()
 
 
 def dequantize_int4(q: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
