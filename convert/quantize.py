@@ -166,7 +166,10 @@ def ensure_quantized(model_dir: str, kind: str, group_size: Optional[int] = None
             return model_dir
     if kind == "none":
         return model_dir
-    params = {"quantize": kind, "group_size": group_size or (have.group_size if have else None),
+    if kind == "int4" and not group_size:     # resolved now: implicit and explicit share a build
+        group_size = have.group_size if have else resolve_format(
+            kind, *_layout_and_experts(model_dir)[2][0].inter_hidden, None).group_size
+    params = {"quantize": kind, "group_size": group_size,
               "layout": layout if kind == "int4" else None, "version": QUANT_VERSION,
               **_source_id(model_dir)}
     tag = kind + (f"-g{params['group_size']}" if params["group_size"] else "") + \

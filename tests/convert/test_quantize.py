@@ -103,6 +103,8 @@ def test_first_use_conversion_is_made_once_and_reused(family_checkpoint: FamilyC
     stamp = os.path.getmtime(os.path.join(qdir, STORE_FILE))
     assert ensure_quantized(src, "int4", 32, progress=False) == qdir
     assert os.path.getmtime(os.path.join(qdir, STORE_FILE)) == stamp   # not converted again
+    implicit = ensure_quantized(src, "int4", progress=False)        # default group: 64 here
+    assert implicit.endswith("-int4-g64") and ensure_quantized(src, "int4", 64, progress=False) == implicit
     # a quantized checkpoint loads as it is, and is never converted to another format or group
     assert ensure_quantized(qdir, "int4", progress=False) == qdir
     with pytest.raises(BuildError, match=r"already quantized \(int4 \(group 32"):
