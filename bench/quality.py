@@ -23,7 +23,6 @@ from bench.common import RESULTS, bar_plot, machine, table, write_json
 
 log = logging.getLogger("bench.quality")
 LLAMA_TYPES = ("bf16", "q8_0", "q4_k_m")
-MOESERVE_FORMATS = ("none", "int8", "int4")
 
 
 def heldout_ids(model_dir: str, max_tokens: int) -> list[list[int]]:
@@ -88,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="smollm2-moe-8x", help="built-in default model preset")
     p.add_argument("--systems", default="moeserve,llama.cpp", help="comma-separated: moeserve, llama.cpp")
+    p.add_argument("--formats", default="none,int8,int4,int4:32",
+                   help="moeserve expert formats; int4:G sets the int4 group size (int4 alone: "
+                   "the default group)")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per held-out turn at most")
     p.add_argument("--threads", type=int, default=2, help="compute threads (torch and llama.cpp)")
     p.add_argument("--json", default=os.path.join(RESULTS, "quality.json"), help="output JSON path")
@@ -102,31 +104,38 @@ def main(argv: list[str] | None = None) -> int:
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     results: list[dict[str, Any]] = []
     for system in systems:
-        kinds = MOESERVE_FORMATS if system == "moeserve" else LLAMA_TYPES
+        kinds = tuple(f.strip() for f in args.formats.split(",") if f.strip()) \
+            if system == "moeserve" else LLAMA_TYPES
         for kind in kinds:
             t0 = time.perf_counter()
             if system == "moeserve":
-                fn = moeserve_logits(ensure_quantized(base, kind) if kind != "none" else base, context)
+                fmt, _, group = kind.partition(":")
+                path = base if fmt == "none" else ensure_quantized(base, fmt, int(group) if group else None)
+                fn = moeserve_logits(path, context)
+                if fmt == "int4" and not group:
+                    kind = f"int4:{os.path.basename(path).rsplit('-g', 1)[-1]}"   # name the default
             else:
                 fn = llama_logits(llama_gguf(base, kind), context, args.threads)
             ppl = perplexity(seqs, fn)
             log.info("%s %s: perplexity %.4f (%.0fs)", system, kind, ppl, time.perf_counter() - t0)
             results.append({"preset": args.preset, "system": system, "quantize": kind,
-                            "perplexity": ppl})
+                            "perplexity": ppl, "perplexity (3 d.p.)": f"{ppl:.3f}"})
             del fn
     by = {(r["system"], r["quantize"]): r["perplexity"] for r in results}
     goals = []
     if ("moeserve", "none") in by:
         ref = by[("moeserve", "none")]
-        for kind, limit in (("int8", 0.01), ("int4", 0.05)):
-            if ("moeserve", kind) in by:
-                d = by[("moeserve", kind)] / ref - 1
+        for (system, kind), v in by.items():
+            limit = 0.01 if kind == "int8" else 0.05 if kind.startswith("int4") else None
+            if system == "moeserve" and limit is not None:
+                d = v / ref - 1
                 goals.append(f"target moeserve {kind} within {limit:.0%} of none: "
                              f"{'met' if d <= limit else 'NOT met'} ({d:+.2%})")
-    if ("moeserve", "int4") in by and ("llama.cpp", "q4_k_m") in by:
-        a, b = by[("moeserve", "int4")], by[("llama.cpp", "q4_k_m")]
-        goals.append(f"target moeserve int4 no worse than llama.cpp Q4_K_M: "
-                     f"{'met' if a <= b else 'NOT met'} ({a:.4f} vs {b:.4f})")
+    for (system, kind), v in by.items():
+        if system == "moeserve" and kind.startswith("int4") and ("llama.cpp", "q4_k_m") in by:
+            b = by[("llama.cpp", "q4_k_m")]
+            goals.append(f"target moeserve {kind} no worse than llama.cpp Q4_K_M: "
+                         f"{'met' if v <= b else 'NOT met'} ({v:.4f} vs {b:.4f})")
     tokens = sum(len(s) - 1 for s in seqs)
     note = (f"{len(seqs)} held-out MT-Bench turns (ids 121-160), {tokens} scored tokens, same ids "
             "for every system; moeserve quantizes the routed experts only, llama.cpp every weight")
@@ -134,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     path = write_json(os.path.basename(args.json), out) if os.path.dirname(
         os.path.abspath(args.json)) == RESULTS else _write(args.json, out)
-    print(table(results, ["preset", "system", "quantize", "perplexity"]))
+    print(table(results, ["preset", "system", "quantize", "perplexity (3 d.p.)"]))
     print(note)
     for g in goals:
         print("-", g)
