@@ -31,8 +31,7 @@ from configs.cache import CacheConfig, parse_budget
 
 def _check_shapes(sources: Sequence[ExpertSource], fmt: ExpertFormat) -> None:
     """Every expert must have the format's shapes: gate [I, H], up [I, H], down [H, I]."""
-    want = {"gate": (fmt.inter, fmt.hidden), "up": (fmt.inter, fmt.hidden),
-            "down": (fmt.hidden, fmt.inter)}
+    want = fmt.shapes()
     for s in sources:
         if s.packed is not None:
             continue          # a store's experts are checked against the format on construction

@@ -65,9 +65,9 @@ def quantize_checkpoint(model_dir: str, out_dir: str, kind: str, group_size: Opt
     """Write the quantized checkpoint of ``model_dir`` into the existing, empty ``out_dir``."""
     cfg = load_config(model_dir)
     src_fmt = quantization(model_dir, cfg)
-    layout_info, index, sources = _layout_and_experts(model_dir) if src_fmt is None else (None, None, None)
     if src_fmt is not None:
         return _repack_checkpoint(model_dir, out_dir, src_fmt, layout, progress)
+    layout_info, index, sources = _layout_and_experts(model_dir)
     inter, hidden = sources[0].inter_hidden
     fmt = resolve_format(kind, inter, hidden, group_size, layout)
     dense = {n: read_tensor(ref) for n, ref in index.items() if not is_expert_tensor(n, layout_info)}
@@ -88,7 +88,8 @@ def quantize_checkpoint(model_dir: str, out_dir: str, kind: str, group_size: Opt
                     {"format": "moeserve-expert-store", "quantize": fmt.kind})
     finally:
         bar.close()
-    _write_config(model_dir, out_dir, cfg.raw, fmt)
+    _write_config(model_dir, out_dir, cfg.raw, fmt,
+                  (len(layout_info.moe_layers), layout_info.num_experts))
     return fmt
 
 
@@ -123,11 +124,9 @@ def _repack_checkpoint(model_dir: str, out_dir: str, src: ExpertFormat, layout: 
 
 
 def _write_config(model_dir: str, out_dir: str, raw: dict, fmt: ExpertFormat,
-                  counts: Optional[tuple[int, int]] = None) -> None:
-    if counts is None:
-        with torch.device("meta"):
-            layout = family(raw["model_type"]).build(load_config(model_dir), 16).layout
-        counts = (len(layout.moe_layers), layout.num_experts)
+                  counts: tuple[int, int]) -> None:
+    """config.json with ``quantization_config`` (counts: MoE layers, experts per layer), and
+    every non-weight file of ``model_dir`` (tokenizer, chat template, card)."""
     qc = {"quant_method": QUANT_METHOD, "version": QUANT_VERSION, "format": fmt.kind,
           "bits": BITS[fmt.kind], "group_size": fmt.group_size or None,
           "layout": fmt.layout if fmt.kind == "int4" else None,
