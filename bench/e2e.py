@@ -1,12 +1,16 @@
-"""End-to-end benchmark (issue 6): an MoE larger than its expert budget, moeserve vs the usual tools.
+"""End-to-end benchmark: an MoE larger than its memory cap, moeserve vs the tools people use instead.
 
-    python -m bench.e2e [--quick] [--preset smollm2-moe-64x] [--systems resident,lru,...]
+    python -m bench.e2e [--quick] [--repeats 3] [--preset smollm2-moe-64x]
 
-Prompts: first turns of MT-Bench ids 121-160 (chat template, greedy, EOS ignored, --max-tokens each),
-one request at a time, then --concurrency at a time. Every system runs in its own worker process
-(bench.e2e_worker) after the model files are dropped from the page cache; llama.cpp and accelerate
-run inside a memory cgroup capped at moeserve's expert budget + the dense weights + --allowance-mib.
-Writes bench/results/e2e.json, e2e.md (the table) and e2e.png; prints the table.
+Scenarios (bench.e2e_plan): every system with all weights in RAM ("uncapped", the compute floors),
+then each memory cap, enforced the same way for every system, moeserve included: a memory cgroup
+(RSS and page cache) of a share of some format's expert bytes + the dense weights + --allowance-mib.
+In each, every system runs the same prompts (first turns of MT-Bench 121-, chat template, greedy,
+EOS ignored, --max-tokens each) one at a time, then --concurrency of them decoded together. A
+system slower than --slow-ms per token stops after the first prompt; every ratio is then taken on
+the prompts all systems ran. The whole set is repeated --repeats times in alternating order.
+Writes bench/results/<name>.json (+ <name>-raw.json, every run, written as it goes), <name>.md
+and <name>.png; prints the report.
 """
 from __future__ import annotations
 
@@ -20,10 +24,11 @@ import tempfile
 import time
 from typing import Any, Optional
 
-from bench.common import RESULTS, bar_plot, drop_page_cache, heldout_prompts, machine, write_json
-from bench.e2e_report import (MOESERVE_QUANT, SYSTEMS, cgroup_limit_bytes, check_schema, error_entry,
-                              parse_fraction, physical_bounds, render, summarize, system_format, targets)
-from bench.e2e_sys import (MemoryCgroup, checkpoint_bytes, largest_shard, sequential_read_bandwidth)
+from bench.common import RESULTS, drop_page_cache, heldout_prompts, write_json
+from bench.e2e_plan import DEFAULT_SCENARIOS, SYSTEMS, Scenario, ratio_pairs, run_order, scenarios
+from bench.e2e_report import build, check_schema
+from bench.e2e_sys import (MemoryCgroup, block_device_of, checkpoint_bytes, largest_shard,
+                           parallel_read_bandwidth, sequential_read_bandwidth)
 from bench.e2e_worker import MARK
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,36 +36,32 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="8 prompts instead of 40")
+    ap.add_argument("--quick", action="store_true", help="3 prompts instead of 8 (never fewer repeats)")
     ap.add_argument("--preset", default="smollm2-moe-64x", help="default-model preset (built on first use)")
     ap.add_argument("--model", default=None, help="checkpoint dir instead of the preset")
-    ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS)
-                    + " (the -int8/-int4 moeserve rows get --budget of their own format's experts; "
-                    "llama.cpp-q4_k_m/-q8_0 are capped like a quarter of moeserve's int4/int8 experts)")
-    ap.add_argument("--prompts", type=int, default=None, help="prompts (default 40, --quick 8)")
-    ap.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
+    ap.add_argument("--scenario", action="append", default=None, metavar="NAME=SYS,SYS",
+                    help="a capped scenario <bf16|int8|int4>-<pct>% and its systems (repeatable); default: "
+                         + "; ".join(f"{k}={','.join(v)}" for k, v in DEFAULT_SCENARIOS.items())
+                         + f". Systems: {', '.join(SYSTEMS)}")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts per system (default 8, --quick 3)")
+    ap.add_argument("--max-tokens", type=int, default=32, help="new tokens per request, every system")
     ap.add_argument("--concurrency", type=int, default=4, help="requests decoded together in phase 2")
-    ap.add_argument("--budget", default="25%", help="moeserve expert budget, a share of all experts")
-    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"),
-                    help="compute dtype of every moeserve system and of accelerate (llama.cpp: BF16 GGUF)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of every system, in alternating order")
     ap.add_argument("--threads", type=int, default=1,
                     help="compute threads of every system (1: on a shared 2-core box, OpenMP threads "
                          "spin-waiting on each other made 2 threads ~5x slower than 1)")
     ap.add_argument("--allowance-mib", type=int, default=1024,
-                    help="runtime memory (interpreter, KV cache, buffers) the capped baselines get on "
-                         "top of the expert budget and the dense weights")
-    ap.add_argument("--uncapped", default="", help="comma-separated baselines to run without the cgroup")
-    ap.add_argument("--seconds-per-phase", type=float, default=240.0,
-                    help="a system starts no new request in a phase after this long (at least one "
-                         "request, or one group of --concurrency, is always measured; the table "
-                         "says how many were)")
-    ap.add_argument("--slow-tokens", type=int, default=8,
-                    help="new tokens per request for accelerate, which needs seconds per token")
-    ap.add_argument("--llama-tokens", type=int, default=16,
-                    help="new tokens per request for llama.cpp (capped, it reads experts via page faults)")
+                    help="runtime memory (interpreter, KV cache, buffers) on top of the experts and dense weights")
+    ap.add_argument("--slow-ms", type=float, default=1500.0,
+                    help="a system whose first prompt decodes slower than this per token runs no more "
+                         "prompts and no concurrent phase (0: never stop early)")
     ap.add_argument("--worker-timeout", type=float, default=900.0, help="seconds before a worker is killed")
     ap.add_argument("--name", default="e2e", help="result file names under bench/results/")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.repeats < 3:
+        print(f"note: --repeats {args.repeats}: ratios from fewer than 3 runs are not headline numbers",
+              file=sys.stderr)
+    return args
 
 
 def run_worker(spec: dict[str, Any], cap: Optional[int], timeout: float, log_path: str) -> dict[str, Any]:
@@ -70,7 +71,7 @@ def run_worker(spec: dict[str, Any], cap: Optional[int], timeout: float, log_pat
     cmd = [sys.executable, "-m", "bench.e2e_worker", f.name]
     extra: dict[str, Any] = {}
     try:
-        with open(log_path, "w") as log:
+        with open(log_path, "a") as log:
             if cap is None:
                 raw = _wait(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True,
                                              start_new_session=True), timeout)
@@ -105,102 +106,145 @@ def _wait(proc: subprocess.Popen, timeout: float) -> dict[str, Any]:
     return {"error": f"worker died ({why}) without a result"}
 
 
+def prepare_files(model_dir: str, names: set[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Checkpoint dir per moeserve format and GGUF per llama.cpp format (made once, then cached);
+    the second dict names what could not be made and why (its rows become errors, never gaps)."""
+    from convert.quantize import ensure_quantized
+    files: dict[str, str] = {"none": model_dir}
+    broken: dict[str, str] = {}
+    for fmt in ("int8", "int4"):
+        print(f"moeserve {fmt} checkpoint (converted on first use, then cached)", flush=True)
+        files[fmt] = ensure_quantized(model_dir, fmt)
+    for fmt in sorted({SYSTEMS[n].fmt for n in names if SYSTEMS[n].kind == "llama.cpp"}):
+        try:
+            from bench.e2e_gguf import ensure_gguf, ensure_llama_quantized
+            print(f"llama.cpp {fmt} GGUF (llama.cpp's converter and quantizer, cached)", flush=True)
+            files[f"gguf-{fmt}"] = ensure_gguf(model_dir) if fmt == "bf16" else ensure_llama_quantized(model_dir, fmt)
+        except Exception as e:     # e.g. llama-cpp-python not installed: every such row says so
+            broken[f"gguf-{fmt}"] = f"could not make the {fmt} GGUF: {type(e).__name__}: {e}"
+    return files, broken
+
+
+def spec_for(name: str, sc: Scenario, files: dict[str, str], prompts: list[list[int]],
+             args: argparse.Namespace) -> dict[str, Any]:
+    s = SYSTEMS[name]
+    spec: dict[str, Any] = dict(system=name, prompts=prompts, max_tokens=args.max_tokens, threads=args.threads,
+                                concurrency=args.concurrency, slow_ms=args.slow_ms,
+                                model_dir=files["none" if s.kind != "moeserve" else s.fmt])
+    if s.kind == "moeserve" and s.policy:
+        spec["expert_budget"] = str(sc.expert_budget_bytes)
+    if s.kind == "llama.cpp":
+        spec["gguf"] = files[f"gguf-{s.fmt}"]
+    if s.kind == "accelerate" and sc.memory_cap_bytes:
+        spec["max_memory_bytes"] = sc.memory_cap_bytes - (args.allowance_mib << 20)
+        spec["offload_dir"] = os.path.join(tempfile.gettempdir(), f"moeserve-e2e-offload-{os.getpid()}")
+    return spec
+
+
+def disk_bandwidth(path: str) -> float:
+    return max(sequential_read_bandwidth(path), parallel_read_bandwidth(path))
+
+
+def machine_info(model_dir: str, bandwidths: list[float]) -> dict[str, Any]:
+    import platform
+
+    import psutil
+    cpu = platform.processor() or platform.machine()
+    flags: list[str] = []
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), cpu)
+        have = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+        flags = [x for x in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if x in have]
+    dev, ra = block_device_of(largest_shard(model_dir))
+    out: dict[str, Any] = {"cpu": f"{cpu} ({os.cpu_count()} CPUs; {' '.join(flags)})",
+                           "ram_gib": round(psutil.virtual_memory().total / 2**30, 1), "block_device": dev,
+                           "read_ahead_kb": ra, "disk_bandwidth_bytes_per_s": max(bandwidths),
+                           "disk_bandwidth_samples": bandwidths, "llama_cpp_build": None}
+    try:
+        import llama_cpp
+        out["llama_cpp_build"] = (f"CMAKE_ARGS={os.environ.get('LLAMA_CMAKE_ARGS', '(not recorded)')}; "
+                                  f"{llama_cpp.llama_print_system_info().decode().strip()}")
+    except ImportError:
+        out["llama_cpp_build"] = "llama-cpp-python not installed (make bench-install)"
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     from configs import EngineConfig
     from moeserve.wiring import resolve_model_dir
     from server.tokenizer import TextTokenizer
 
-    names = [s.strip() for s in args.systems.split(",") if s.strip()]
-    bad = [s for s in names if s not in SYSTEMS]
+    chosen = DEFAULT_SCENARIOS if not args.scenario else dict(
+        (k, tuple(x.strip() for x in v.split(",") if x.strip())) for k, _, v in (s.partition("=") for s in args.scenario))
+    bad = [n for names in chosen.values() for n in names if n not in SYSTEMS]
     if bad:
         raise SystemExit(f"unknown system(s) {bad}: choose from {', '.join(SYSTEMS)}")
     model_dir = resolve_model_dir(EngineConfig(model=args.model, default_preset=args.preset))
-    n_prompts = args.prompts or (8 if args.quick else 40)
     tok = TextTokenizer(model_dir)
+    n_prompts = args.prompts or (3 if args.quick else 8)
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) for t in heldout_prompts(n_prompts)]
-    expert_bytes, dense_bytes = checkpoint_bytes(model_dir)
-    cap = cgroup_limit_bytes(expert_bytes, parse_fraction(args.budget), dense_bytes, args.allowance_mib << 20)
+    files, broken = prepare_files(model_dir, {n for v in chosen.values() for n in v})
+    sizes = {fmt: checkpoint_bytes(files[fmt]) for fmt in ("none", "int8", "int4")}
+    plan = scenarios(sizes, args.allowance_mib << 20, chosen)
+    ratios = ratio_pairs(plan)
+    shard = largest_shard(model_dir)
     drop_page_cache([model_dir])
-    bandwidth = sequential_read_bandwidth(largest_shard(model_dir))
-    print(f"model {model_dir}: experts {expert_bytes / 1e9:.2f} GB, dense {dense_bytes / 1e9:.2f} GB; "
-          f"budget {args.budget}; cap for baselines {cap / 1e9:.2f} GB; disk {bandwidth / 1e9:.2f} GB/s",
-          flush=True)
+    bandwidths = [disk_bandwidth(shard)]
+    for sc in plan:
+        print(f"scenario {sc.name}: {sc.why}; systems {', '.join(sc.systems)}", flush=True)
     logs = os.path.join(RESULTS, f"{args.name}-logs")
     os.makedirs(logs, exist_ok=True)
-    uncapped = {s.strip() for s in args.uncapped.split(",") if s.strip()}
-    systems: dict[str, dict[str, Any]] = {}
-    for name in names:
-        spec: dict[str, Any] = dict(system=name, model_dir=model_dir, prompts_c1=prompts,
-                                    prompts_c4=prompts, max_tokens=args.max_tokens, threads=args.threads,
-                                    dtype=args.dtype, budget=args.budget,
-                                    seconds_per_phase=args.seconds_per_phase,
-                                    concurrency=args.concurrency)
-        files = [model_dir]
-        fmt = system_format(name)
-        sys_cap = cap
-        if name in MOESERVE_QUANT:
-            from convert.quantize import ensure_quantized
-            print(f"{name}: {fmt} checkpoint (converted on first use, then cached)", flush=True)
-            spec["model_dir"] = ensure_quantized(model_dir, fmt)
-            files = [spec["model_dir"]]
-        if name == "accelerate":
-            spec.update(max_tokens=args.slow_tokens, max_memory_bytes=int(expert_bytes * parse_fraction(
-                args.budget)) + dense_bytes, offload_dir=os.path.join(tempfile.gettempdir(),
-                                                                      f"moeserve-e2e-offload-{os.getpid()}"))
-        if name.startswith("llama.cpp"):
-            try:
-                from bench.e2e_gguf import ensure_gguf, ensure_llama_quantized
-                print(f"{name}: GGUF of the checkpoint (converted on first use, then cached)", flush=True)
-                spec["gguf"] = ensure_gguf(model_dir) if fmt == "none" else \
-                    ensure_llama_quantized(model_dir, fmt)
-                if fmt != "none":       # capped like --budget of moeserve's int4/int8 experts
-                    from convert.quantize import ensure_quantized
-                    peer = {"q4_k_m": "int4", "q8_0": "int8"}[fmt]
-                    q_experts, q_dense = checkpoint_bytes(ensure_quantized(model_dir, peer))
-                    sys_cap = cgroup_limit_bytes(q_experts, parse_fraction(args.budget), q_dense,
-                                                 args.allowance_mib << 20)
-                spec["max_tokens"] = args.llama_tokens
-                files.append(spec["gguf"])
-            except Exception as e:
-                systems[name] = error_entry(f"GGUF conversion failed: {type(e).__name__}: {e}")
-                print(f"{name}: {systems[name]['error']}", flush=True)
-                continue
-        drop_page_cache(files)
-        capped = name in ("accelerate", "llama.cpp", "llama.cpp-q8_0", "llama.cpp-q4_k_m")
-        sys_cap = sys_cap if capped and name not in uncapped else None
-        t0 = time.perf_counter()
-        raw = run_worker(spec, sys_cap, args.worker_timeout, os.path.join(logs, f"{name}.log"))
-        systems[name] = summarize(raw) if raw.get("decode_ms") else error_entry(raw["error"], {
-            k: raw[k] for k in ("peak_rss_bytes", "cgroup_limit_bytes") if raw.get(k)})
-        s = systems[name]
-        print(f"{name}: {time.perf_counter() - t0:.0f}s, median {s['per_token_ms_median']} ms/token, "
-              f"error {s['error']}", flush=True)
-    result: dict[str, Any] = {
-        "machine": machine(), "systems": systems, "model": model_dir,
-        "setup": (f"Model {os.path.basename(model_dir)} ({expert_bytes / 1e9:.2f} GB experts + "
-                  f"{dense_bytes / 1e9:.2f} GB dense, bf16 on disk); moeserve expert budget {args.budget}; "
-                  f"compute dtype {args.dtype}; {args.threads} threads; {n_prompts} MT-Bench prompts "
-                  f"(ids 121-), {args.max_tokens} greedy tokens each (accelerate: {args.slow_tokens}, "
-                  f"llama.cpp: {args.llama_tokens}), "
-                  f"then {args.concurrency} at a time; llama.cpp/accelerate capped by a memory cgroup "
-                  f"at {cap / 1e9:.2f} GB (budget + dense + {args.allowance_mib} MiB)."),
-    }
-    result["bounds"] = physical_bounds(systems, bandwidth)
-    result["targets"] = targets(systems)
-    check_schema(result, names)
+    raw: dict[str, dict[str, list[dict[str, Any]]]] = {sc.name: {n: [] for n in sc.systems} for sc in plan}
+    for rep in range(args.repeats):
+        for sc in run_order(plan, rep):
+            for name in run_order(sc.systems, rep):
+                spec = spec_for(name, sc, files, prompts, args) if not _broken(name, broken) else None
+                t0 = time.perf_counter()
+                if spec is None:
+                    run = {"error": _broken(name, broken)}
+                else:
+                    drop_page_cache([p for k, p in files.items() if k in ("none", SYSTEMS[name].fmt,
+                                                                          f"gguf-{SYSTEMS[name].fmt}")])
+                    run = run_worker(spec, sc.memory_cap_bytes, args.worker_timeout,
+                                     os.path.join(logs, f"{sc.name}-{name}.log"))
+                run["repeat"] = rep
+                raw[sc.name][name].append(run)
+                write_json(f"{args.name}-raw.json", raw)      # every run kept as it lands
+                got = [g for q in run.get("requests", []) for g in q["decode_ms"]]
+                print(f"[{rep + 1}/{args.repeats}] {sc.name}/{name}: {time.perf_counter() - t0:.0f}s, "
+                      f"{len(run.get('requests', []))} prompts, decode median "
+                      f"{sorted(got)[len(got) // 2] if got else float('nan'):.1f} ms/token, error {run.get('error')}",
+                      flush=True)
+    bandwidths.append(disk_bandwidth(shard))
+    result: dict[str, Any] = {"machine": machine_info(model_dir, bandwidths), "model": model_dir}
+    result["setup"] = (f"Model {os.path.basename(model_dir)}: experts {sizes['none'][0] / 1e9:.2f} GB bf16, "
+                       f"{sizes['int8'][0] / 1e9:.2f} GB int8, {sizes['int4'][0] / 1e9:.2f} GB int4; dense "
+                       f"{sizes['none'][1] / 1e9:.2f} GB. {n_prompts} MT-Bench prompts (ids 121-), "
+                       f"{args.max_tokens} greedy tokens each, then {args.concurrency} decoded together; "
+                       f"{args.threads} thread(s); {args.repeats} repeats in alternating order; systems "
+                       f"slower than {args.slow_ms:.0f} ms/token measured on the first prompt only.")
+    result["versions"] = {k: v for sc in raw.values() for runs in sc.values() for r in runs
+                          for k, v in (r.get("versions") or {}).items()}
+    result["machine"]["versions"] = result["versions"]
+    result.update(build(plan, raw, ratios, max(bandwidths)))
+    check_schema(result)
+    from bench.e2e_render import plot, render
     text = render(result)
     path = write_json(f"{args.name}.json", result)
     with open(os.path.join(RESULTS, f"{args.name}.md"), "w") as f:
         f.write(text)
-    ok = [n for n in names if systems[n].get("per_token_ms_median") is not None]
-    if ok:
-        bar_plot(os.path.join(RESULTS, f"{args.name}.png"), ok,
-                 [systems[n]["per_token_ms_median"] for n in ok], "ms per token (median, 1 request)",
-                 f"{os.path.basename(model_dir)}, expert budget {args.budget}")
+    plot(os.path.join(RESULTS, f"{args.name}.png"), result)
     print(text)
     print(f"wrote {path}")
     return 0
+
+
+def _broken(name: str, broken: dict[str, str]) -> Optional[str]:
+    s = SYSTEMS[name]
+    return broken.get(f"gguf-{s.fmt}") if s.kind == "llama.cpp" else None
 
 
 if __name__ == "__main__":

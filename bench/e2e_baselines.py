@@ -1,137 +1,173 @@
-"""The two baselines of the end-to-end benchmark, each run inside bench.e2e_worker:
-transformers + accelerate disk offload, and llama.cpp (llama-cpp-python) on a GGUF with mmap."""
+"""The peers of the end-to-end benchmark, each run inside bench.e2e_worker: transformers +
+accelerate disk offload, and llama.cpp (llama-cpp-python) on a GGUF with its default mmap."""
 from __future__ import annotations
 
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, Callable
 
-from bench.e2e_sys import read_bytes_of
+from bench.e2e_worker import Probe, measure_sequential
 
 
 def run_accelerate(spec: dict[str, Any]) -> dict[str, Any]:
     """What a Hugging Face user does when the model does not fit: device_map="auto" with
-    max_memory = the same RAM as moeserve's expert budget + dense weights; the rest goes to disk
-    (offload_folder), and accelerate's hooks load each offloaded module's weights per forward."""
+    max_memory = the scenario's RAM for weights; the rest goes to disk (offload_folder), and
+    accelerate's hooks load each offloaded module's weights per forward. Uncapped (no
+    max_memory_bytes): everything in RAM, the compute floor of the offloaded run."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
 
     torch.set_num_threads(spec["threads"])
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[spec["dtype"]]
-    offload = spec["offload_dir"]
-    shutil.rmtree(offload, ignore_errors=True)
-    os.makedirs(offload)
+    offload = spec.get("offload_dir")
+    cap = spec.get("max_memory_bytes")
+    kwargs: dict[str, Any] = {}
+    if cap:
+        shutil.rmtree(offload, ignore_errors=True)
+        os.makedirs(offload)
+        kwargs = dict(device_map="auto", max_memory={"cpu": int(cap)}, offload_folder=offload)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            spec["model_dir"], dtype=dtype, device_map="auto",
-            max_memory={"cpu": int(spec["max_memory_bytes"])}, offload_folder=offload).eval()
-        placed = sorted(set(str(v) for v in getattr(model, "hf_device_map", {}).values()))
-        if "disk" not in placed:
-            raise RuntimeError(f"accelerate placed nothing on disk (devices {placed}) under max_memory "
-                               f"{spec['max_memory_bytes']}: the comparison would not be offloaded")
+        model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.bfloat16, **kwargs).eval()
+        on_disk = sum(1 for v in (getattr(model, "hf_device_map", None) or {}).values() if v == "disk")
+        if cap and not on_disk:
+            raise RuntimeError(f"accelerate placed nothing on disk under max_memory {cap}: "
+                               "the comparison would not be offloaded")
         pad = model.generation_config.pad_token_id
         pad = pad if pad is not None else model.generation_config.eos_token_id
-        pad = pad[0] if isinstance(pad, list) else pad
+        pad = int(pad[0] if isinstance(pad, list) else pad)
         n = spec["max_tokens"]
 
         class Stamps(BaseStreamer):
             """generate() puts the prompt first, then each new token (batch-wide)."""
 
-            def __init__(self) -> None:
+            def __init__(self, on_first: Callable[[], None]) -> None:
                 self.times: list[float] = []
                 self.calls = 0
+                self.on_first = on_first
 
             def put(self, value: Any) -> None:
                 self.calls += 1
                 if self.calls > 1:
                     self.times.append(time.perf_counter())
+                    if len(self.times) == 1:
+                        self.on_first()
 
             def end(self) -> None:
                 pass
 
         def generate(prompts: list[list[int]], streamer: Any = None) -> None:
             width = max(len(p) for p in prompts)
-            ids = torch.full((len(prompts), width), int(pad), dtype=torch.long)
+            ids = torch.full((len(prompts), width), pad, dtype=torch.long)
             mask = torch.zeros((len(prompts), width), dtype=torch.long)
             for i, p in enumerate(prompts):              # left padding, as generate expects
                 ids[i, width - len(p):] = torch.tensor(p)
                 mask[i, width - len(p):] = 1
             with torch.inference_mode():
                 model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                               do_sample=False, pad_token_id=int(pad), streamer=streamer)
+                               do_sample=False, pad_token_id=pad, streamer=streamer)
 
-        out: dict[str, Any] = {"decode_ms": [], "ttft_ms": [], "generated_tokens": 0}
-        io0, limit, conc = read_bytes_of(), spec["seconds_per_phase"], spec["concurrency"]
-        phase0 = time.perf_counter()
-        for i, ids in enumerate(spec["prompts_c1"]):
-            if i and time.perf_counter() - phase0 > limit:
-                break
-            out["prompts_c1"] = i + 1
-            st = Stamps()
-            start = time.perf_counter()
+        def one(ids: list[int], on_first: Callable[[], None]) -> list[float]:
+            st = Stamps(on_first)
             generate([ids], st)
-            out["ttft_ms"].append((st.times[0] - start) * 1000)
-            out["decode_ms"] += [(b - a) * 1000 for a, b in zip(st.times, st.times[1:])]
-            out["generated_tokens"] += len(st.times)
-        c4, done = spec["prompts_c4"], 0
-        start = time.perf_counter()
-        for i in range(0, len(c4), conc):                # generate batches statically: conc at a time
-            if i and time.perf_counter() - start > limit:
-                break
-            generate(c4[i:i + conc])
-            done += len(c4[i:i + conc])
-        out.update(c4_seconds=time.perf_counter() - start, c4_tokens=done * n, prompts_c4=done)
-        out["generated_tokens"] += done * n
-        out["disk_read_bytes"] = read_bytes_of() - io0
-        out["notes"] = (f"device_map placed {sum(1 for v in model.hf_device_map.values() if v == 'disk')} "
-                        f"modules on disk, max_memory cpu={spec['max_memory_bytes'] / 1e9:.2f} GB")
-        return out
+            return st.times
+
+        probe = Probe()
+        requests = measure_sequential(spec["prompts"], spec["slow_ms"], probe, one)
+        concurrent = None
+        if len(requests) == len(spec["prompts"]):
+            batch = spec["prompts"][:spec["concurrency"]]
+            d0, start = probe()["disk"], time.perf_counter()
+            generate(batch)                              # one padded batch: generate decodes it together
+            concurrent = {"requests": len(batch), "tokens": len(batch) * n, "mode": "batched",
+                          "seconds": time.perf_counter() - start, "disk_bytes": probe()["disk"] - d0}
+        notes = (f"device_map placed {on_disk} modules on disk, max_memory cpu={cap / 1e9:.2f} GB"
+                 if cap else "every weight in RAM (no device_map)")
+        return {"requests": requests, "concurrent": concurrent, "notes": notes}
     finally:
-        shutil.rmtree(offload, ignore_errors=True)
+        if offload:
+            shutil.rmtree(offload, ignore_errors=True)
 
 
 def run_llama_cpp(spec: dict[str, Any]) -> dict[str, Any]:
-    """llama-cpp-python on the BF16 GGUF with its default mmap (the parent puts this process in a
-    memory cgroup, so its page cache is capped too). Greedy (top_k=1, temperature 0), EOS ignored
-    (generate() yields until told to stop) so every request makes the same number of tokens."""
+    """llama-cpp-python on a GGUF with its default mmap (the parent puts this process in a memory
+    cgroup, so its page cache is capped too). Greedy (top_k=1), EOS ignored (generate() yields until
+    told to stop) so every request makes the same number of tokens. The concurrent phase decodes the
+    sequences together through llama.cpp's batch API (one llama_decode per step for all of them)."""
     import llama_cpp
 
     n = spec["max_tokens"]
-    ctx = max(len(p) for p in spec["prompts_c1"] + spec["prompts_c4"]) + n + 8
+    ctx = max(len(p) for p in spec["prompts"]) + n + 8
     llm = llama_cpp.Llama(spec["gguf"], n_ctx=ctx, n_threads=spec["threads"],
                           n_threads_batch=spec["threads"], n_batch=512, verbose=False)
 
-    def one(ids: list[int]) -> list[float]:
+    def one(ids: list[int], on_first: Callable[[], None]) -> list[float]:
         stamps: list[float] = []
         for _ in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
             stamps.append(time.perf_counter())
+            if len(stamps) == 1:
+                on_first()
             if len(stamps) >= n:
                 break
         return stamps
 
-    out: dict[str, Any] = {"decode_ms": [], "ttft_ms": [], "generated_tokens": 0}
-    io0, limit = read_bytes_of(), spec["seconds_per_phase"]
-    phase0 = time.perf_counter()
-    for i, ids in enumerate(spec["prompts_c1"]):
-        if i and time.perf_counter() - phase0 > limit:
-            break
-        out["prompts_c1"] = i + 1
-        start = time.perf_counter()
-        stamps = one(ids)
-        out["ttft_ms"].append((stamps[0] - start) * 1000)
-        out["decode_ms"] += [(b - a) * 1000 for a, b in zip(stamps, stamps[1:])]
-        out["generated_tokens"] += len(stamps)
-    start, c4, done = time.perf_counter(), 0, 0
-    for i, ids in enumerate(spec["prompts_c4"]):
-        if i >= spec["concurrency"] and time.perf_counter() - start > limit:
-            break
-        c4 += len(one(ids))
-        done += 1
-    out.update(c4_seconds=time.perf_counter() - start, c4_tokens=c4, prompts_c4=done)
-    out["generated_tokens"] += c4
-    out["disk_read_bytes"] = read_bytes_of() - io0
-    out["notes"] = ("llama-cpp-python's Llama decodes one sequence at a time, so the 4 concurrent "
-                    f"requests run one after another; GGUF {os.path.basename(spec['gguf'])}, mmap")
-    return out
+    probe = Probe()
+    requests = measure_sequential(spec["prompts"], spec["slow_ms"], probe, one)
+    concurrent = None
+    if len(requests) == len(spec["prompts"]):
+        batch = spec["prompts"][:spec["concurrency"]]
+        d0, start = probe()["disk"], time.perf_counter()
+        made = decode_together(llama_cpp, llm, batch, n, spec["threads"])
+        concurrent = {"requests": len(batch), "tokens": sum(map(len, made)), "mode": "batched",
+                      "seconds": time.perf_counter() - start, "disk_bytes": probe()["disk"] - d0}
+    return {"requests": requests, "concurrent": concurrent,
+            "notes": f"GGUF {os.path.basename(spec['gguf'])}, mmap; {llama_cpp.llama_print_system_info().decode()}"}
+
+
+def decode_together(llama_cpp: Any, llm: Any, prompts: list[list[int]], n: int,
+                    threads: int) -> list[list[int]]:
+    """Greedy-decode ``n`` tokens for each prompt as parallel sequences of one llama.cpp context
+    (its own multi-sequence batching, as llama-server's parallel slots do); the tokens of each."""
+    import numpy as np
+
+    k = len(prompts)
+    cp = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)   # the same settings
+    cp.n_ctx = sum(len(p) for p in prompts) + k * (n + 8)
+    cp.n_batch = cp.n_ubatch = max(512, max(len(p) for p in prompts))
+    cp.n_seq_max = k
+    cp.n_threads = cp.n_threads_batch = threads
+    ctx = llama_cpp.llama_init_from_model(llm.model, cp)
+    if not ctx:
+        raise RuntimeError("llama_init_from_model failed for the batched context")
+    batch = llama_cpp.llama_batch_init(cp.n_batch, 0, k)
+    n_vocab = llm.n_vocab()
+    try:
+        def submit(items: list[tuple[int, int, int, bool]]) -> None:
+            batch.n_tokens = len(items)
+            for j, (tok, pos, seq, want) in enumerate(items):
+                batch.token[j], batch.pos[j], batch.n_seq_id[j] = tok, pos, 1
+                batch.seq_id[j][0], batch.logits[j] = seq, want
+            if llama_cpp.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed in the batched phase")
+
+        def argmax(j: int) -> int:
+            row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, j), shape=(n_vocab,))
+            return int(row.argmax())
+
+        nxt: list[int] = []
+        pos: list[int] = []
+        for s, ids in enumerate(prompts):                    # each prompt pass, then decode all at once
+            submit([(t, i, s, i == len(ids) - 1) for i, t in enumerate(ids)])
+            nxt.append(argmax(len(ids) - 1))
+            pos.append(len(ids))
+        made = [[t] for t in nxt]
+        for _ in range(n - 1):
+            submit([(nxt[s], pos[s], s, True) for s in range(k)])
+            nxt = [argmax(s) for s in range(k)]
+            pos = [p + 1 for p in pos]
+            for s in range(k):
+                made[s].append(nxt[s])
+        return made
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)

@@ -1,206 +1,200 @@
-"""Pure parts of the end-to-end benchmark: worker measurements -> issue-6 schema, bounds, table, targets.
+"""Pure parts of the end-to-end benchmark: raw worker runs -> per-system entries, bounds, ratios with
+their spread, the e2e.json schema and the markdown report.
 
-No I/O and no torch here, so tests/bench can check the maths and the schema on made-up numbers.
+No I/O and no torch here, so tests/bench can check the maths on made-up numbers. A raw run is what
+bench.e2e_worker prints plus "repeat": {"requests": [{"prompt", "prompt_tokens", "ttft_ms",
+"decode_ms": [gaps], "prefill_disk_bytes", "decode_disk_bytes", "decode_hits", ...}], "concurrent":
+{"requests", "tokens", "seconds", "mode"} | None, "peak_rss_bytes", "error", ...}.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
-from bench.common import median, percentile, table
+from bench.common import median, percentile
+from bench.e2e_plan import SYSTEMS, Ratio, Scenario
 
-MOESERVE = ("resident", "lru", "moe-infinity", "auto")
-# moeserve on int8/int4 experts (the budget is the same share of that format's expert bytes)
-MOESERVE_QUANT = ("resident-int8", "auto-int8", "resident-int4", "auto-int4")
-# llama.cpp on its own quantizations of the same checkpoint; "-resident" runs without the cap
-LLAMA_QUANT = ("llama.cpp-q8_0", "llama.cpp-q4_k_m", "llama.cpp-q4_k_m-resident")
-SYSTEMS = MOESERVE + MOESERVE_QUANT + ("accelerate", "llama.cpp") + LLAMA_QUANT
-
-
-def system_format(name: str) -> str:
-    """The weight format a system runs: none, int8, int4 (moeserve) or q8_0, q4_k_m (llama.cpp)."""
-    for fmt in ("int8", "int4", "q8_0", "q4_k_m"):
-        if f"-{fmt}" in name:
-            return fmt
-    return "none"
-# keys every system entry of e2e.json has (issue 6); entries may carry more
-SCHEMA_KEYS = ("per_token_ms_median", "per_token_ms_p90", "ttft_ms_median", "tokens_per_s_concurrent4",
-               "disk_bytes_per_token", "hit_rate", "peak_rss_bytes", "error")
-COLUMNS = ["system", "per-token ms (median)", "per-token ms (p90)", "TTFT ms (median)",
-           "tok/s at 4 concurrent", "disk MB/token", "hit rate", "peak RSS GB", "measured on"]
+Run = dict[str, Any]
+# the schema's per-system keys (issue 10); entries carry more
+SCHEMA_KEYS = ("format", "decode_ms_median", "decode_ms_p90", "ttft_ms_median", "decode_disk_bytes_per_token",
+               "decode_hit_rate", "floor_ms", "no_overlap_ms", "tok_s_concurrent", "concurrency",
+               "peak_rss_bytes", "runs", "error")
+# (ratio label suffix, op, threshold): a target is met when the ratio's *median* passes
+TARGETS = (("bf16-25%: auto-int4 speedup over llama.cpp-q4_k_m", ">=", 1.0),
+           ("bf16-25%: auto-int4 speedup over accelerate", ">=", 5.0),
+           ("bf16-25%: auto-int4 speedup over lru-int4", ">=", 1.3),
+           ("bf16-25%: auto-int4 slowdown vs resident-int4 (uncapped)", "<=", 1.5),
+           ("bf16-25%: auto-int4 speedup over auto (defaults)", ">=", 4.0),
+           ("int4-25%: auto-int4 speedup over llama.cpp-q4_k_m", ">=", 3.0),
+           ("uncapped: resident-int4 speedup over llama.cpp-q4_k_m", ">=", 1.0))
 
 
-def cgroup_limit_bytes(expert_bytes: int, budget_fraction: float, dense_bytes: int, allowance: int) -> int:
-    """Memory cap of a capped baseline: moeserve's expert budget + the dense weights + a fixed
-    allowance for the runtime (interpreter, KV cache, buffers), rounded up to a 4 KiB page."""
-    if not 0 < budget_fraction <= 1:
-        raise ValueError(f"invalid budget_fraction={budget_fraction}: must be in (0, 1]")
-    if min(expert_bytes, dense_bytes, allowance) < 0:
-        raise ValueError("expert_bytes, dense_bytes and allowance must not be negative")
-    raw = int(math.ceil(expert_bytes * budget_fraction)) + dense_bytes + allowance
-    return -(-raw // 4096) * 4096
+def ok_runs(runs: Iterable[Run]) -> list[Run]:
+    return [r for r in runs if not r.get("error") and r.get("requests")]
 
 
-def parse_fraction(budget: str) -> float:
-    """'25%' -> 0.25 (the benchmark's budget is always a share of the experts)."""
-    t = budget.strip()
-    if not t.endswith("%"):
-        raise ValueError(f"invalid budget={budget!r}: the benchmark needs a percentage such as 25%")
-    return float(t[:-1]) / 100
+def prompts_of(runs: Iterable[Run]) -> set[int]:
+    """Prompts measured in *every* one of these runs (a slow system may stop after the first)."""
+    sets = [{q["prompt"] for q in r["requests"]} for r in ok_runs(runs)]
+    return set.intersection(*sets) if sets else set()
 
 
-def summarize(raw: dict[str, Any]) -> dict[str, Any]:
-    """One worker's raw measurements -> the issue's per-system entry (plus context fields).
+def common_prompts(raw: dict[str, dict[str, list[Run]]]) -> set[int]:
+    """The prompts every system of every scenario measured: the sample the ratios compare on."""
+    sets = [prompts_of(runs) for by in raw.values() for runs in by.values() if ok_runs(runs)]
+    return set.intersection(*sets) if sets else set()
 
-    raw: decode_ms (gaps between consecutive tokens of one request, concurrency 1), ttft_ms (per
-    request), c4_tokens/c4_seconds, generated_tokens and disk_read_bytes over every measured phase,
-    hits/misses (moeserve offloaded), peak_rss_bytes, error, tokens_per_request, prompts_c1/c4, notes.
-    """
-    err = raw.get("error")
-    decode = [float(x) for x in raw.get("decode_ms", [])]
-    ttft = [float(x) for x in raw.get("ttft_ms", [])]
-    gen = int(raw.get("generated_tokens", 0))
-    c4s = float(raw.get("c4_seconds", 0.0))
-    hits, misses = raw.get("hits"), raw.get("misses")
-    hit_rate: Optional[float] = None
+
+def _requests(run: Run, prompts: Optional[set[int]]) -> list[dict[str, Any]]:
+    return [q for q in run["requests"] if prompts is None or q["prompt"] in prompts]
+
+
+def run_median(run: Run, prompts: Optional[set[int]] = None) -> Optional[float]:
+    """Median decode gap (ms per token) of one run over ``prompts`` (None: all it measured)."""
+    gaps = [g for q in _requests(run, prompts) for g in q["decode_ms"]]
+    return median(gaps) if gaps else None
+
+
+def _sum(reqs: Sequence[dict[str, Any]], key: str) -> Optional[float]:
+    vals = [q[key] for q in reqs if q.get(key) is not None]
+    return float(sum(vals)) if vals else None
+
+
+def floors(compute_ms: Optional[float], io_bytes_per_token: Optional[float],
+           bandwidth: float) -> tuple[Optional[float], Optional[float]]:
+    """(perfect-overlap floor, no-overlap estimate) of one decode step: the all-resident compute time
+    and the decode miss bytes read at the disk's best measured bandwidth; max(...) and sum(...)."""
+    if compute_ms is None or io_bytes_per_token is None or bandwidth <= 0:
+        return None, None
+    io_ms = io_bytes_per_token / bandwidth * 1000
+    return max(compute_ms, io_ms), compute_ms + io_ms
+
+
+def summarize(system: str, runs: list[Run], reference: Optional[list[Run]], bandwidth: float) -> dict[str, Any]:
+    """One system of one scenario over its repeats -> its e2e.json entry."""
+    good = ok_runs(runs)
+    failed = [r["error"] for r in runs if r.get("error")]
+    entry: dict[str, Any] = {k: None for k in SCHEMA_KEYS}
+    entry.update(format=SYSTEMS[system].fmt, runs=[], concurrency="not measured", repeats=len(runs),
+                 error=None if not failed else f"{len(failed)} of {len(runs)} runs failed: {failed[0]}")
+    if not good:
+        return entry
+    mine = prompts_of(good)
+    reqs = [q for r in good for q in _requests(r, mine)]
+    gaps = [g for q in reqs for g in q["decode_ms"]]
+    decoded = sum(len(q["decode_ms"]) for q in reqs)
+    meds = [m for m in (run_median(r, mine) for r in good) if m is not None]
+    entry["runs"] = meds
+    entry["decode_ms_median"] = median(meds) if meds else None
+    entry["decode_ms_p90"] = percentile(gaps, 90) if gaps else None
+    ttft = [q["ttft_ms"] for q in reqs]
+    entry["ttft_ms_median"] = median(ttft)
+    entry["prompt_tok_s"] = sum(q["prompt_tokens"] for q in reqs) / (sum(ttft) / 1000) if sum(ttft) else None
+    disk = _sum(reqs, "decode_disk_bytes")
+    entry["decode_disk_bytes_per_token"] = disk / decoded if disk is not None and decoded else None
+    pre = _sum(reqs, "prefill_disk_bytes")
+    entry["prefill_disk_bytes_per_request"] = pre / len(reqs) if pre is not None else None
+    hits, misses = _sum(reqs, "decode_hits"), _sum(reqs, "decode_misses")
     if hits is not None and misses is not None and hits + misses > 0:
-        hit_rate = hits / (hits + misses)
-    out = {
-        "per_token_ms_median": median(decode) if decode else None,
-        "per_token_ms_p90": percentile(decode, 90) if decode else None,
-        "ttft_ms_median": median(ttft) if ttft else None,
-        "tokens_per_s_concurrent4": raw["c4_tokens"] / c4s if c4s > 0 and raw.get("c4_tokens") else None,
-        "disk_bytes_per_token": raw["disk_read_bytes"] / gen if gen and "disk_read_bytes" in raw else None,
-        "hit_rate": hit_rate,
-        "peak_rss_bytes": int(raw["peak_rss_bytes"]) if raw.get("peak_rss_bytes") else None,
-        "error": err,
-    }
-    for k in ("tokens_per_request", "prompts_c1", "prompts_c4", "generated_tokens", "cgroup_limit_bytes",
-              "cgroup_peak_bytes", "cache_disk_bytes", "stall_seconds", "dtype", "notes", "wall_seconds"):
-        if raw.get(k) is not None:
-            out[k] = raw[k]
-    return out
+        entry["decode_hit_rate"] = hits / (hits + misses)
+    issued, used = _sum(reqs, "decode_prefetch_issued"), _sum(reqs, "decode_prefetch_used")
+    if issued:
+        entry["prefetch_precision"] = used / issued
+        entry["prefetch_recall"] = used / (used + (misses or 0.0)) if used + (misses or 0.0) else None
+    compute = None
+    if reference:
+        ref_meds = [m for m in (run_median(r, mine) for r in ok_runs(reference)) if m is not None]
+        compute = median(ref_meds) if ref_meds and prompts_of(reference) >= mine else None
+    entry["compute_ms"] = compute
+    entry["floor_ms"], entry["no_overlap_ms"] = floors(compute, entry["decode_disk_bytes_per_token"], bandwidth)
+    conc = [r["concurrent"] for r in good if r.get("concurrent")]
+    if conc:
+        entry["tok_s_concurrent"] = median([c["tokens"] / c["seconds"] for c in conc])
+        entry["concurrency"] = f"{conc[0]['requests']} {conc[0]['mode']}"
+    elif len(mine) < max(len(r["requests"]) for r in good) or any(len(r["requests"]) == 1 for r in good):
+        entry["concurrency"] = "not measured (slower than --slow-ms per token)"
+    entry["peak_rss_bytes"] = max(int(r.get("peak_rss_bytes") or 0) for r in good) or None
+    cg = [int(r["cgroup_peak_bytes"]) for r in good if r.get("cgroup_peak_bytes")]
+    entry["cgroup_peak_bytes"] = max(cg) if cg else None
+    entry["prompts"] = sorted(mine)
+    entry["tokens_per_request"] = len(reqs[0]["decode_ms"]) + 1 if reqs else None
+    entry["notes"] = good[-1].get("notes")
+    return entry
 
 
-def physical_bounds(systems: dict[str, dict[str, Any]], bandwidth: float) -> dict[str, Any]:
-    """moeserve's physical bounds on this machine, per offloaded system:
-    compute-bound = all-resident per-token time (compute never waited for an expert);
-    io-bound = compute-bound + the system's measured expert bytes per token read at ``bandwidth``
-    (every miss read sequentially, nothing overlapped)."""
-    res = systems.get("resident", {}).get("per_token_ms_median")
-    out: dict[str, Any] = {"disk_bandwidth_bytes_per_s": bandwidth, "compute_bound_ms": res}
-    for name in MOESERVE[1:]:
-        s = systems.get(name, {})
-        cache_bytes, gen = s.get("cache_disk_bytes"), s.get("generated_tokens")
-        if res is None or cache_bytes is None or not gen or bandwidth <= 0:
-            out[f"{name}_io_bound_ms"] = None
-            continue
-        out[f"{name}_io_bound_ms"] = res + cache_bytes / gen / bandwidth * 1000
-    return out
+def ratio_stats(ratio: Ratio, raw: dict[str, dict[str, list[Run]]], prompts: set[int]) -> dict[str, Any]:
+    """num/den per repeat on the common prompts (only repeats where both ran), median and min-max."""
+    def by_repeat(at: tuple[str, str]) -> dict[int, float]:
+        out = {}
+        for r in ok_runs(raw.get(at[0], {}).get(at[1], [])):
+            m = run_median(r, prompts)
+            if m is not None:
+                out[int(r["repeat"])] = m
+        return out
+    num, den = by_repeat(ratio.num), by_repeat(ratio.den)
+    vals = [num[k] / den[k] for k in sorted(num.keys() & den.keys()) if den[k] > 0]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "runs": []}
+    return {"median": median(vals), "min": min(vals), "max": max(vals), "runs": vals}
 
 
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return a / b if a is not None and b is not None and b > 0 else None
-
-
-def targets(systems: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's four targets on per-token median latency: met True/False, or None if unmeasured."""
-    def ms(name: str) -> Optional[float]:
-        s = systems.get(name, {})
-        return None if s.get("error") else s.get("per_token_ms_median")
-    auto = ms("auto")
-    checks = [("auto <= 1.5x resident", _ratio(auto, ms("resident")), lambda r: r <= 1.5),
-              ("auto >= 5x faster than accelerate", _ratio(ms("accelerate"), auto), lambda r: r >= 5),
-              ("auto faster than llama.cpp (same memory cap)", _ratio(ms("llama.cpp"), auto), lambda r: r > 1),
-              ("auto >= 1.3x faster than lru (no prefetch)", _ratio(ms("lru"), auto), lambda r: r >= 1.3),
-              ("resident-int4 at least as fast as llama.cpp Q4_K_M resident (uncapped)",
-               _ratio(ms("llama.cpp-q4_k_m-resident"), ms("resident-int4")), lambda r: r >= 1),
-              ("auto-int4 >= 3x faster than llama.cpp Q4_K_M (same cap)",
-               _ratio(ms("llama.cpp-q4_k_m"), ms("auto-int4")), lambda r: r >= 3),
-              ("auto-int4 >= 4x faster than auto (bf16)", _ratio(auto, ms("auto-int4")), lambda r: r >= 4)]
-    return [{"target": name, "ratio": r, "met": None if r is None else bool(ok(r))} for name, r, ok in checks]
-
-
-def rows(systems: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def target_verdicts(ratios: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
-    for name in SYSTEMS:
-        s = systems.get(name)
-        if s is None:
-            continue
-        if s.get("error") and s.get("per_token_ms_median") is None:
-            out.append({"system": name, "per-token ms (median)": "error (below)"})
-            continue
-        mb = s.get("disk_bytes_per_token")
-        rss = s.get("peak_rss_bytes")
-        hr = s.get("hit_rate")
-        out.append({
-            "system": name + (" (error)" if s.get("error") else ""),
-            "per-token ms (median)": s.get("per_token_ms_median"),
-            "per-token ms (p90)": s.get("per_token_ms_p90"),
-            "TTFT ms (median)": s.get("ttft_ms_median"),
-            "tok/s at 4 concurrent": s.get("tokens_per_s_concurrent4"),
-            "disk MB/token": None if mb is None else mb / 1e6,
-            "hit rate": "n/a" if hr is None else f"{hr:.1%}",
-            "peak RSS GB": None if rss is None else rss / 1e9,
-            "measured on": (f"{s.get('prompts_c1', '?')} prompts x {s.get('tokens_per_request', '?')} tokens"
-                            f" (then {s.get('prompts_c4', '?')} at 4)"),
-        })
+    for label, op, limit in TARGETS:
+        r = ratios.get(label, {})
+        m = r.get("median")
+        met = None if m is None else (m >= limit if op == ">=" else m <= limit)
+        out.append({"target": f"{label} {op} {limit:g}", "median": m, "min": r.get("min"),
+                    "max": r.get("max"), "runs": len(r.get("runs", [])), "met": met})
     return out
 
 
-def render(result: dict[str, Any]) -> str:
-    """The markdown report: setup line, table, bounds, targets, errors and notes."""
-    systems = result["systems"]
-    lines = [f"Machine: {result['machine']}", ""]
-    if result.get("setup"):
-        lines += [result["setup"], ""]
-    lines += [table(rows(systems), COLUMNS), ""]
-    b = result.get("bounds") or {}
-    if b:
-        bw = b.get("disk_bandwidth_bytes_per_s") or 0
-        parts = [f"disk sequential read (O_DIRECT) {bw / 1e9:.2f} GB/s",
-                 f"compute-bound (all resident) {_fmt_ms(b.get('compute_bound_ms'))}"]
-        parts += [f"{n} if every miss were read at that bandwidth {_fmt_ms(b.get(f'{n}_io_bound_ms'))}"
-                  for n in MOESERVE[1:]]
-        lines += ["Physical bounds per token: " + "; ".join(parts) + ".", ""]
-    for t in result.get("targets", []):
-        state = "not measured" if t["met"] is None else ("met" if t["met"] else "NOT met")
-        ratio = "" if t["ratio"] is None else f" (ratio {t['ratio']:.2f})"
-        lines.append(f"- target {t['target']}: {state}{ratio}")
-    for name in SYSTEMS:
-        s = systems.get(name, {})
-        if s.get("error"):
-            lines.append(f"- {name} error: {s['error']}")
-        if s.get("notes"):
-            lines.append(f"- {name}: {s['notes']}")
-    return "\n".join(lines) + "\n"
-
-
-def _fmt_ms(v: Optional[float]) -> str:
-    return "n/a" if v is None else f"{v:.1f} ms"
-
-
-def error_entry(error: str, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """A system that produced no measurement: every number null, ``error`` says why."""
-    out: dict[str, Any] = {k: None for k in SCHEMA_KEYS}
-    out["error"] = error
-    out.update(extra or {})
+def method_errors(scenarios: list[dict[str, Any]]) -> list[str]:
+    """Every measurement below its own floor: the floor or the measurement is wrong, never a win."""
+    out = []
+    for sc in scenarios:
+        for name, s in sc["systems"].items():
+            if s["decode_ms_median"] is not None and s["floor_ms"] is not None \
+                    and s["decode_ms_median"] < s["floor_ms"]:
+                out.append(f"{sc['name']}/{name}: decode {s['decode_ms_median']:.1f} ms/token is below its "
+                           f"floor {s['floor_ms']:.1f} ms (an error in the method, not a success)")
     return out
 
 
-def check_schema(result: dict[str, Any], names: Sequence[str] = SYSTEMS) -> None:
+def build(plan: list[Scenario], raw: dict[str, dict[str, list[Run]]], ratios: list[Ratio],
+          bandwidth: float) -> dict[str, Any]:
+    """Every scenario's systems and ratios, the targets and the method errors (e2e.json's body)."""
+    common = common_prompts(raw)
+    refs = raw.get("uncapped", {})
+    scenarios, all_ratios = [], {}
+    for sc in plan:
+        systems = {n: summarize(n, raw.get(sc.name, {}).get(n, []), refs.get(SYSTEMS[n].reference), bandwidth)
+                   for n in sc.systems}
+        rs = {r.label: ratio_stats(r, raw, common) for r in ratios if r.label.startswith(f"{sc.name}: ")}
+        all_ratios.update(rs)
+        scenarios.append({"name": sc.name, "memory_cap_bytes": sc.memory_cap_bytes,
+                          "expert_budget_bytes": sc.expert_budget_bytes, "why": sc.why,
+                          "systems": systems, "ratios": rs})
+    return {"scenarios": scenarios, "common_prompts": sorted(common), "targets": target_verdicts(all_ratios),
+            "method_errors": method_errors(scenarios)}
+
+
+def check_schema(result: dict[str, Any]) -> None:
     """Raise ValueError naming the first key of e2e.json that breaks the issue's schema."""
-    if not isinstance(result.get("machine"), str):
-        raise ValueError("e2e.json: 'machine' must be a string")
-    for name in names:
-        s = result["systems"].get(name)
-        if s is None:
-            raise ValueError(f"e2e.json: system {name!r} is missing")
-        for k in SCHEMA_KEYS:
-            if k not in s:
-                raise ValueError(f"e2e.json: systems[{name!r}] lacks {k!r}")
-        for k in SCHEMA_KEYS[:5]:
-            if s[k] is not None and not isinstance(s[k], float):
-                raise ValueError(f"e2e.json: systems[{name!r}][{k!r}] = {s[k]!r} is not a float")
-        if s["peak_rss_bytes"] is not None and not isinstance(s["peak_rss_bytes"], int):
-            raise ValueError(f"e2e.json: systems[{name!r}]['peak_rss_bytes'] is not an int")
+    if not isinstance(result.get("machine"), dict):
+        raise ValueError("e2e.json: 'machine' must be an object")
+    for sc in result["scenarios"]:
+        for k in ("name", "memory_cap_bytes", "systems", "ratios"):
+            if k not in sc:
+                raise ValueError(f"e2e.json: scenario lacks {k!r}")
+        for name, s in sc["systems"].items():
+            for k in SCHEMA_KEYS:
+                if k not in s:
+                    raise ValueError(f"e2e.json: {sc['name']}/{name} lacks {k!r}")
+            for k in ("decode_ms_median", "decode_ms_p90", "ttft_ms_median", "floor_ms", "tok_s_concurrent"):
+                if s[k] is not None and not isinstance(s[k], float):
+                    raise ValueError(f"e2e.json: {sc['name']}/{name}/{k} = {s[k]!r} is not a float")
+            if not isinstance(s["runs"], list):
+                raise ValueError(f"e2e.json: {sc['name']}/{name}/runs is not a list")
+        for label, r in sc["ratios"].items():
+            if set(r) < {"median", "min", "max"}:
+                raise ValueError(f"e2e.json: ratio {label!r} lacks median/min/max")

@@ -86,6 +86,44 @@ def sequential_read_bandwidth(path: str, block: int = 16 << 20, limit: int = 2 <
     return total / seconds
 
 
+def parallel_read_bandwidth(path: str, threads: int = 4, block: int = 4 << 20, limit: int = 1 << 30) -> float:
+    """Bytes/s of ``threads`` concurrent O_DIRECT reads of ``block`` bytes at interleaved offsets (as
+    moeserve's I/O pool reads experts): a queue deeper than one can beat a single sequential stream."""
+    from concurrent.futures import ThreadPoolExecutor
+    size = min(os.path.getsize(path), limit) // block * block
+    if size == 0:
+        raise RuntimeError(f"{path}: too small to measure bandwidth")
+
+    def worker(k: int) -> int:
+        buf = mmap.mmap(-1, block)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+        got = 0
+        try:
+            for off in range(k * block, size, threads * block):
+                got += os.preadv(fd, [buf], off)
+        finally:
+            os.close(fd)
+            buf.close()
+        return got
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as ex:
+        total = sum(ex.map(worker, range(threads)))
+    return total / (time.perf_counter() - start)
+
+
+def block_device_of(path: str) -> tuple[str, int | None]:
+    """(device name, read_ahead_kb) of the block device holding ``path`` (the kernel's read-ahead
+    decides how much every page fault of an mmap reader such as llama.cpp pulls from disk)."""
+    st = os.stat(path)
+    sysdir = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    for d in (sysdir, os.path.join(sysdir, "..")):
+        ra = os.path.join(d, "queue", "read_ahead_kb")
+        if os.path.isfile(ra):
+            with open(ra) as f:
+                return os.path.basename(os.path.realpath(d)), int(f.read().strip())
+    return os.path.basename(os.path.realpath(sysdir)) if os.path.exists(sysdir) else "unknown", None
+
+
 class MemoryCgroup:
     """A child memory cgroup (v1) capping a worker's RSS *and* its page cache.
 

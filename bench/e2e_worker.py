@@ -2,10 +2,13 @@
 
     python -m bench.e2e_worker SPEC.json
 
-SPEC: {"system": name, "model_dir": str, "prompts_c1": [[ids]], "prompts_c4": [[ids]],
-"max_tokens": int, "threads": int, "dtype": "bf16"|"fp32", "budget": "25%", plus per-system keys}.
-Prints one line ``E2E_RESULT {json}`` with the raw measurements bench.e2e_report.summarize reads;
-a failure is reported in "error" (the process still exits 0 so the parent can tell it from a crash).
+SPEC: {"system": name (bench.e2e_plan.SYSTEMS), "model_dir": str, "prompts": [[ids]],
+"max_tokens": int, "threads": int, "concurrency": int, "slow_ms": float, "expert_budget": str|None,
+plus "gguf" (llama.cpp) or "max_memory_bytes"/"offload_dir" (accelerate)}.
+Prints one line ``E2E_RESULT {json}``: {"requests": [Request...], "concurrent": {...} | None,
+"peak_rss_bytes", "error", "notes", "versions"}. Each request is measured apart in its prompt pass
+(TTFT, prompt disk bytes) and its decode (gaps between tokens, decode disk bytes, cache counters).
+A failure is reported in "error" (the process still exits 0 so the parent can tell it from a crash).
 """
 from __future__ import annotations
 
@@ -13,17 +16,62 @@ import json
 import sys
 import time
 import traceback
-from typing import Any
+from typing import Any, Callable, Optional
 
+from bench.e2e_plan import SYSTEMS
 from bench.e2e_sys import peak_rss_bytes, read_bytes_of
 
 MARK = "E2E_RESULT "
-# (policy, prefetch) of each moeserve system; None: all experts resident
-# auto runs as a user gets it: --prefetch auto (off on a CPU machine, where experts come from disk)
-MOESERVE_SYSTEMS: dict[str, Any] = {"resident": None, "lru": ("lru", "off"),
-                                    "moe-infinity": ("moe-infinity", "on"), "auto": ("auto", "auto"),
-                                    "resident-int8": None, "auto-int8": ("auto", "auto"),
-                                    "resident-int4": None, "auto-int4": ("auto", "auto")}
+CACHE_KEYS = ("hits", "misses", "prefetch_issued", "prefetch_used", "bytes_disk", "stall_seconds")
+
+
+class Probe:
+    """Disk bytes (/proc/self/io) and cache counters at the moments a request changes phase."""
+
+    def __init__(self, cache: Optional[Callable[[], dict[str, float]]] = None) -> None:
+        self.cache = cache
+
+    def __call__(self) -> dict[str, float]:
+        out = {"disk": float(read_bytes_of())}
+        if self.cache is not None:
+            c = self.cache()
+            out.update({k: float(c.get(k, 0.0)) for k in CACHE_KEYS})
+        return out
+
+
+def request_record(index: int, prompt_tokens: int, start: float, stamps: list[float],
+                   p0: dict[str, float], p1: dict[str, float], p2: dict[str, float]) -> dict[str, Any]:
+    """One request: probes p0 at submission, p1 at its first token, p2 after its last token."""
+    rec: dict[str, Any] = {"prompt": index, "prompt_tokens": prompt_tokens,
+                           "ttft_ms": (stamps[0] - start) * 1000,
+                           "decode_ms": [(b - a) * 1000 for a, b in zip(stamps, stamps[1:])],
+                           "prefill_disk_bytes": p1["disk"] - p0["disk"],
+                           "decode_disk_bytes": p2["disk"] - p1["disk"]}
+    for k in CACHE_KEYS:
+        if k in p1:
+            rec[f"decode_{k}"] = p2[k] - p1[k]
+    return rec
+
+
+def measure_sequential(prompts: list[list[int]], slow_ms: float, probe: Probe,
+                       one: Callable[[list[int], Callable[[], None]], list[float]]) -> list[dict[str, Any]]:
+    """Each prompt alone; ``one(ids, on_first)`` returns the token time stamps and calls on_first
+    right after the first token. Past the first prompt, a system slower than slow_ms per decoded
+    token stops (the report then compares every system on the prompts all of them ran)."""
+    out: list[dict[str, Any]] = []
+    for i, ids in enumerate(prompts):
+        probes: list[dict[str, float]] = [probe()]
+        start = time.perf_counter()
+        stamps = one(ids, lambda: probes.append(probe()))
+        probes.append(probe())
+        if len(probes) != 3:
+            raise RuntimeError(f"prompt {i}: the first-token probe ran {len(probes) - 2} times")
+        rec = request_record(i, len(ids), start, stamps, *probes)
+        out.append(rec)
+        gaps = sorted(rec["decode_ms"])
+        if gaps and gaps[len(gaps) // 2] > slow_ms:
+            break
+    return out
 
 
 def run_moeserve(spec: dict[str, Any]) -> dict[str, Any]:
@@ -34,80 +82,81 @@ def run_moeserve(spec: dict[str, Any]) -> dict[str, Any]:
     from moeserve.wiring import build_engine
 
     torch.set_num_threads(spec["threads"])
-    mode = MOESERVE_SYSTEMS[spec["system"]]
-    ccfg = CacheConfig() if mode is None else CacheConfig(
-        expert_budget=spec["budget"], policy=mode[0], prefetch=mode[1])
-    ecfg = EngineConfig(model=spec["model_dir"], max_batch=spec["concurrency"], dtype=spec["dtype"], threads=spec["threads"])
+    system = SYSTEMS[spec["system"]]
+    ccfg = CacheConfig() if system.policy is None else CacheConfig(
+        expert_budget=spec["expert_budget"], policy=system.policy, prefetch=system.prefetch)
+    ecfg = EngineConfig(model=spec["model_dir"], max_batch=spec["concurrency"], dtype=system.dtype,
+                        threads=spec["threads"])
     eng = build_engine(ecfg, ccfg, progress=False)
     try:
-        cache0 = dict(eng.stats().cache)
-        if mode is not None and "hits" not in cache0:
-            raise RuntimeError(f"moeserve.wiring.build_engine ignored {ccfg}: its provider "
-                               f"({type(eng.provider).__name__}) keeps every expert resident")
+        offloaded = "hits" in eng.stats().cache
+        if system.policy is not None and not offloaded:
+            raise RuntimeError(f"moeserve.wiring.build_engine ignored {ccfg}: every expert is resident")
+        probe = Probe((lambda: eng.stats().cache) if offloaded else None)
         params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, ignore_eos=True)
-        out: dict[str, Any] = {"decode_ms": [], "ttft_ms": [], "generated_tokens": 0}
-        io0 = read_bytes_of()
-        limit = spec["seconds_per_phase"]
-        phase0 = time.perf_counter()
-        for i, ids in enumerate(spec["prompts_c1"]):     # one request at a time
-            if i and time.perf_counter() - phase0 > limit:
-                break
-            out["prompts_c1"] = i + 1
-            eng.add_request(GenerateRequest(f"c1-{i}", tuple(ids), params))
-            start, stamps = time.perf_counter(), []
+        counter = [0]
+
+        def one(ids: list[int], on_first: Callable[[], None]) -> list[float]:
+            counter[0] += 1
+            eng.add_request(GenerateRequest(f"c1-{counter[0]}", tuple(ids), params))
+            stamps: list[float] = []
             while eng.has_work():
                 for d in eng.step():
                     if d.error:
                         raise RuntimeError(f"request {d.request_id} failed: {d.error}")
-                    stamps += [time.perf_counter()] * len(d.token_ids)
-            out["ttft_ms"].append((stamps[0] - start) * 1000)
-            out["decode_ms"] += [(b - a) * 1000 for a, b in zip(stamps, stamps[1:])]
-            out["generated_tokens"] += len(stamps)
-        reqs = [GenerateRequest(f"c4-{i}", tuple(ids), params) for i, ids in enumerate(spec["prompts_c4"])]
-        start, c4 = time.perf_counter(), 0
-        conc = spec["concurrency"]
-        for r in reqs[:conc]:                            # max_batch=conc: they decode together
-            eng.add_request(r)
-        added = min(conc, len(reqs))
-        while eng.has_work():
-            for d in eng.step():
-                if d.error:
-                    raise RuntimeError(f"request {d.request_id} failed: {d.error}")
-                c4 += len(d.token_ids)
-                # continuous batching: a finished request's slot goes to the next prompt
-                if d.finished and added < len(reqs) and time.perf_counter() - start <= limit:
-                    eng.add_request(reqs[added])
-                    added += 1
-        out["prompts_c4"] = added
-        out.update(c4_seconds=time.perf_counter() - start, c4_tokens=c4)
-        out["generated_tokens"] += c4
-        out["disk_read_bytes"] = read_bytes_of() - io0
-        cache1 = dict(eng.stats().cache)
-        if mode is not None:
-            for k in ("hits", "misses", "stall_seconds"):
-                out[k] = cache1.get(k, 0.0) - cache0.get(k, 0.0)
-            out["cache_disk_bytes"] = cache1.get("bytes_disk", 0.0) - cache0.get("bytes_disk", 0.0)
-        return out
+                    if d.token_ids and not stamps:
+                        stamps.append(time.perf_counter())
+                        on_first()
+                        stamps += [stamps[0]] * (len(d.token_ids) - 1)
+                    else:
+                        stamps += [time.perf_counter()] * len(d.token_ids)
+            return stamps
+
+        requests = measure_sequential(spec["prompts"], spec["slow_ms"], probe, one)
+        concurrent = None
+        if _fast_enough(requests, spec):
+            reqs = [GenerateRequest(f"cc-{i}", tuple(ids), params)
+                    for i, ids in enumerate(spec["prompts"][:spec["concurrency"]])]
+            d0, start, tokens = probe()["disk"], time.perf_counter(), 0
+            for r in reqs:                                   # max_batch=concurrency: decoded together
+                eng.add_request(r)
+            while eng.has_work():
+                for d in eng.step():
+                    if d.error:
+                        raise RuntimeError(f"request {d.request_id} failed: {d.error}")
+                    tokens += len(d.token_ids)
+            concurrent = {"requests": len(reqs), "tokens": tokens, "seconds": time.perf_counter() - start,
+                          "mode": "batched", "disk_bytes": probe()["disk"] - d0}
+        stats = eng.stats().cache
+        notes = (f"{stats.get('slots', 0):.0f} expert slots of {stats.get('slot_bytes', 0) / 1e6:.2f} MB, "
+                 f"budget {spec['expert_budget']}" if offloaded else "every expert resident")
+        return {"requests": requests, "concurrent": concurrent, "notes": notes}
     finally:
         eng.close()
 
 
-def run(spec: dict[str, Any]) -> dict[str, Any]:
-    name = spec["system"]
-    if name in MOESERVE_SYSTEMS:
-        out = run_moeserve(spec)
-    elif name == "accelerate":
-        from bench.e2e_baselines import run_accelerate
-        out = run_accelerate(spec)
-    elif name.startswith("llama.cpp"):
-        from bench.e2e_baselines import run_llama_cpp
-        out = run_llama_cpp(spec)
-    else:
-        raise ValueError(f"unknown system {name!r}")
-    out.setdefault("tokens_per_request", spec["max_tokens"])
-    out.setdefault("prompts_c1", len(spec["prompts_c1"]))
-    out.setdefault("prompts_c4", len(spec["prompts_c4"]))
+def _fast_enough(requests: list[dict[str, Any]], spec: dict[str, Any]) -> bool:
+    """The concurrent phase runs unless the sequential phase stopped early for slowness."""
+    return len(requests) == len(spec["prompts"]) or spec["slow_ms"] <= 0
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for pkg in ("torch", "transformers", "accelerate", "llama_cpp_python", "moeserve"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
     return out
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    kind = SYSTEMS[spec["system"]].kind
+    if kind == "moeserve":
+        return run_moeserve(spec)
+    from bench.e2e_baselines import run_accelerate, run_llama_cpp
+    return run_accelerate(spec) if kind == "accelerate" else run_llama_cpp(spec)
 
 
 def main(argv: list[str]) -> int:
@@ -125,7 +174,7 @@ def main(argv: list[str]) -> int:
         out = {"error": f"{type(e).__name__}: {e}"}
     out["peak_rss_bytes"] = peak_rss_bytes()
     out["wall_seconds"] = time.perf_counter() - t0
-    out["dtype"] = spec.get("dtype")
+    out["versions"] = versions()
     print(MARK + json.dumps(out), flush=True)
     return 0
 

@@ -48,13 +48,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, cfg: HFConfig, device: torch.device) -> torch.dtype:
-    """'auto': on CPU bf16 for quantized experts (the int8/int4 kernels take bf16 activations)
-    and fp32 otherwise (faster matrix-vector products there); the checkpoint's dtype on GPU."""
+    """'auto': bf16 for quantized experts (the int8/int4 kernels take bf16 activations), else the
+    checkpoint's own dtype; fp32 instead of bf16 on a CPU without native bf16 (oneDNN) support."""
     if name != "auto":
         return DTYPES[name]
-    if device.type == "cpu":
-        return torch.bfloat16 if cfg.get("quantization_config") else torch.float32
-    return DTYPES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"), torch.bfloat16)
+    if cfg.get("quantization_config"):
+        return torch.bfloat16
+    dtype = DTYPES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"), torch.bfloat16)
+    if device.type == "cpu" and dtype != torch.float32 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.float32
+    return dtype
 
 
 def load_config(model_dir: str) -> HFConfig:
