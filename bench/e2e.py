@@ -57,6 +57,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                          "prompts and no concurrent phase (0: never stop early)")
     ap.add_argument("--worker-timeout", type=float, default=900.0, help="seconds before a worker is killed")
     ap.add_argument("--name", default="e2e", help="result file names under bench/results/")
+    ap.add_argument("--report-only", action="store_true",
+                    help="measure nothing: rebuild the report from <name>-raw.json of an earlier run")
     args = ap.parse_args(argv)
     if args.repeats < 3:
         print(f"note: --repeats {args.repeats}: ratios from fewer than 3 runs are not headline numbers",
@@ -126,9 +128,10 @@ def prepare_files(model_dir: str, names: set[str]) -> tuple[dict[str, str], dict
 
 
 def spec_for(name: str, sc: Scenario, files: dict[str, str], prompts: list[list[int]],
-             args: argparse.Namespace) -> dict[str, Any]:
+             concurrent: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
     s = SYSTEMS[name]
-    spec: dict[str, Any] = dict(system=name, prompts=prompts, max_tokens=args.max_tokens, threads=args.threads,
+    spec: dict[str, Any] = dict(system=name, prompts=prompts, concurrent_prompts=concurrent,
+                                max_tokens=args.max_tokens, threads=args.threads,
                                 concurrency=args.concurrency, slow_ms=args.slow_ms,
                                 model_dir=files["none" if s.kind != "moeserve" else s.fmt])
     if s.kind == "moeserve" and s.policy:
@@ -171,54 +174,71 @@ def machine_info(model_dir: str, bandwidths: list[float]) -> dict[str, Any]:
     return out
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    from configs import EngineConfig
-    from moeserve.wiring import resolve_model_dir
-    from server.tokenizer import TextTokenizer
-
-    chosen = DEFAULT_SCENARIOS if not args.scenario else dict(
-        (k, tuple(x.strip() for x in v.split(",") if x.strip())) for k, _, v in (s.partition("=") for s in args.scenario))
-    bad = [n for names in chosen.values() for n in names if n not in SYSTEMS]
-    if bad:
-        raise SystemExit(f"unknown system(s) {bad}: choose from {', '.join(SYSTEMS)}")
-    model_dir = resolve_model_dir(EngineConfig(model=args.model, default_preset=args.preset))
-    tok = TextTokenizer(model_dir)
-    n_prompts = args.prompts or (3 if args.quick else 8)
-    prompts = [tok.encode_chat([{"role": "user", "content": t}]) for t in heldout_prompts(n_prompts)]
-    files, broken = prepare_files(model_dir, {n for v in chosen.values() for n in v})
-    sizes = {fmt: checkpoint_bytes(files[fmt]) for fmt in ("none", "int8", "int4")}
-    plan = scenarios(sizes, args.allowance_mib << 20, chosen)
-    ratios = ratio_pairs(plan)
-    shard = largest_shard(model_dir)
-    drop_page_cache([model_dir])
+def measure(plan: list[Scenario], files: dict[str, str], broken: dict[str, str], prompts: list[list[int]],
+            concurrent: list[list[int]], shard: str, args: argparse.Namespace
+            ) -> tuple[dict[str, dict[str, list[dict[str, Any]]]], list[float]]:
+    """Every repeat of every scenario's systems, in alternating order; saved after each run."""
+    drop_page_cache([files["none"]])
     bandwidths = [disk_bandwidth(shard)]
-    for sc in plan:
-        print(f"scenario {sc.name}: {sc.why}; systems {', '.join(sc.systems)}", flush=True)
     logs = os.path.join(RESULTS, f"{args.name}-logs")
     os.makedirs(logs, exist_ok=True)
     raw: dict[str, dict[str, list[dict[str, Any]]]] = {sc.name: {n: [] for n in sc.systems} for sc in plan}
     for rep in range(args.repeats):
         for sc in run_order(plan, rep):
             for name in run_order(sc.systems, rep):
-                spec = spec_for(name, sc, files, prompts, args) if not _broken(name, broken) else None
                 t0 = time.perf_counter()
-                if spec is None:
-                    run = {"error": _broken(name, broken)}
+                why = _broken(name, broken)
+                if why:
+                    run = {"error": why}
                 else:
-                    drop_page_cache([p for k, p in files.items() if k in ("none", SYSTEMS[name].fmt,
-                                                                          f"gguf-{SYSTEMS[name].fmt}")])
-                    run = run_worker(spec, sc.memory_cap_bytes, args.worker_timeout,
-                                     os.path.join(logs, f"{sc.name}-{name}.log"))
+                    fmt = SYSTEMS[name].fmt
+                    drop_page_cache([p for k, p in files.items() if k in ("none", fmt, f"gguf-{fmt}")])
+                    run = run_worker(spec_for(name, sc, files, prompts, concurrent, args), sc.memory_cap_bytes,
+                                     args.worker_timeout, os.path.join(logs, f"{sc.name}-{name}.log"))
                 run["repeat"] = rep
                 raw[sc.name][name].append(run)
-                write_json(f"{args.name}-raw.json", raw)      # every run kept as it lands
-                got = [g for q in run.get("requests", []) for g in q["decode_ms"]]
+                write_json(f"{args.name}-raw.json", {"runs": raw, "disk_bandwidths": bandwidths})
+                got = sorted(g for q in run.get("requests", []) for g in q["decode_ms"])
                 print(f"[{rep + 1}/{args.repeats}] {sc.name}/{name}: {time.perf_counter() - t0:.0f}s, "
                       f"{len(run.get('requests', []))} prompts, decode median "
-                      f"{sorted(got)[len(got) // 2] if got else float('nan'):.1f} ms/token, error {run.get('error')}",
+                      f"{got[len(got) // 2] if got else float('nan'):.1f} ms/token, error {run.get('error')}",
                       flush=True)
     bandwidths.append(disk_bandwidth(shard))
+    write_json(f"{args.name}-raw.json", {"runs": raw, "disk_bandwidths": bandwidths})
+    return raw, bandwidths
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    from configs import EngineConfig
+    from moeserve.wiring import resolve_model_dir
+    from server.tokenizer import TextTokenizer
+
+    pairs = [s.partition("=") for s in args.scenario or ()]
+    chosen = {k: tuple(x.strip() for x in v.split(",") if x.strip()) for k, _, v in pairs} or DEFAULT_SCENARIOS
+    bad = [n for names in chosen.values() for n in names if n not in SYSTEMS]
+    if bad:
+        raise SystemExit(f"unknown system(s) {bad}: choose from {', '.join(SYSTEMS)}")
+    model_dir = resolve_model_dir(EngineConfig(model=args.model, default_preset=args.preset))
+    tok = TextTokenizer(model_dir)
+    n_prompts = args.prompts or (3 if args.quick else 8)
+    texts = heldout_prompts(max(n_prompts, args.concurrency))
+    prompts = [tok.encode_chat([{"role": "user", "content": t}]) for t in texts]
+    concurrent = prompts[:args.concurrency]
+    prompts = prompts[:n_prompts]
+    files, broken = prepare_files(model_dir, {n for v in chosen.values() for n in v})
+    sizes = {fmt: checkpoint_bytes(files[fmt]) for fmt in ("none", "int8", "int4")}
+    plan = scenarios(sizes, args.allowance_mib << 20, chosen)
+    ratios = ratio_pairs(plan)
+    shard = largest_shard(model_dir)
+    for sc in plan:
+        print(f"scenario {sc.name}: {sc.why}; systems {', '.join(sc.systems)}", flush=True)
+    if args.report_only:
+        with open(os.path.join(RESULTS, f"{args.name}-raw.json")) as f:
+            saved = json.load(f)
+        raw, bandwidths = saved["runs"], saved["disk_bandwidths"]
+    else:
+        raw, bandwidths = measure(plan, files, broken, prompts, concurrent, shard, args)
     result: dict[str, Any] = {"machine": machine_info(model_dir, bandwidths), "model": model_dir}
     result["setup"] = (f"Model {os.path.basename(model_dir)}: experts {sizes['none'][0] / 1e9:.2f} GB bf16, "
                        f"{sizes['int8'][0] / 1e9:.2f} GB int8, {sizes['int4'][0] / 1e9:.2f} GB int4; dense "

@@ -76,7 +76,7 @@ def run_accelerate(spec: dict[str, Any]) -> dict[str, Any]:
         requests = measure_sequential(spec["prompts"], spec["slow_ms"], probe, one)
         concurrent = None
         if len(requests) == len(spec["prompts"]):
-            batch = spec["prompts"][:spec["concurrency"]]
+            batch = spec["concurrent_prompts"]
             d0, start = probe()["disk"], time.perf_counter()
             generate(batch)                              # one padded batch: generate decodes it together
             concurrent = {"requests": len(batch), "tokens": len(batch) * n, "mode": "batched",
@@ -101,10 +101,14 @@ def run_llama_cpp(spec: dict[str, Any]) -> dict[str, Any]:
     llm = llama_cpp.Llama(spec["gguf"], n_ctx=ctx, n_threads=spec["threads"],
                           n_threads_batch=spec["threads"], n_batch=512, verbose=False)
 
+    tokens: list[list[int]] = []      # of the sequential phase: the batched phase must make the same
+
     def one(ids: list[int], on_first: Callable[[], None]) -> list[float]:
         stamps: list[float] = []
-        for _ in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        tokens.append([])
+        for t in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
             stamps.append(time.perf_counter())
+            tokens[-1].append(int(t))
             if len(stamps) == 1:
                 on_first()
             if len(stamps) >= n:
@@ -113,15 +117,17 @@ def run_llama_cpp(spec: dict[str, Any]) -> dict[str, Any]:
 
     probe = Probe()
     requests = measure_sequential(spec["prompts"], spec["slow_ms"], probe, one)
-    concurrent = None
+    concurrent, same = None, True
     if len(requests) == len(spec["prompts"]):
-        batch = spec["prompts"][:spec["concurrency"]]
+        batch = spec["concurrent_prompts"]
         d0, start = probe()["disk"], time.perf_counter()
         made = decode_together(llama_cpp, llm, batch, n, spec["threads"])
+        same = all(m == t for m, t in zip(made, tokens))
         concurrent = {"requests": len(batch), "tokens": sum(map(len, made)), "mode": "batched",
                       "seconds": time.perf_counter() - start, "disk_bytes": probe()["disk"] - d0}
     return {"requests": requests, "concurrent": concurrent,
-            "notes": f"GGUF {os.path.basename(spec['gguf'])}, mmap; {llama_cpp.llama_print_system_info().decode()}"}
+            "notes": f"GGUF {os.path.basename(spec['gguf'])}, default mmap; batched phase tokens "
+                     f"{'equal' if same else 'DIFFER from'} the sequential ones"}
 
 
 def decode_together(llama_cpp: Any, llm: Any, prompts: list[list[int]], n: int,

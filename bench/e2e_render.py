@@ -68,6 +68,7 @@ def render(result: dict[str, Any]) -> str:
     errs = result["method_errors"]
     lines += ["", "Method errors (a measurement below its floor): " + ("none" if not errs else "")]
     lines += [f"- {e}" for e in errs]
+    lines += ["", "Errors and notes:"]
     for sc in result["scenarios"]:
         for n, s in sc["systems"].items():
             if s["error"]:

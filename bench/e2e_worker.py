@@ -2,7 +2,8 @@
 
     python -m bench.e2e_worker SPEC.json
 
-SPEC: {"system": name (bench.e2e_plan.SYSTEMS), "model_dir": str, "prompts": [[ids]],
+SPEC: {"system": name (bench.e2e_plan.SYSTEMS), "model_dir": str, "prompts": [[ids]] (one at a
+time), "concurrent_prompts": [[ids]] (decoded together),
 "max_tokens": int, "threads": int, "concurrency": int, "slow_ms": float, "expert_budget": str|None,
 plus "gguf" (llama.cpp) or "max_memory_bytes"/"offload_dir" (accelerate)}.
 Prints one line ``E2E_RESULT {json}``: {"requests": [Request...], "concurrent": {...} | None,
@@ -116,7 +117,7 @@ def run_moeserve(spec: dict[str, Any]) -> dict[str, Any]:
         concurrent = None
         if _fast_enough(requests, spec):
             reqs = [GenerateRequest(f"cc-{i}", tuple(ids), params)
-                    for i, ids in enumerate(spec["prompts"][:spec["concurrency"]])]
+                    for i, ids in enumerate(spec["concurrent_prompts"])]
             d0, start, tokens = probe()["disk"], time.perf_counter(), 0
             for r in reqs:                                   # max_batch=concurrency: decoded together
                 eng.add_request(r)

@@ -30,13 +30,16 @@ def tiny_model_dir() -> str:
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    # fp32 for the server and the `moeserve generate` it is compared with: the concurrent-vs-solo test
+    # needs batch-invariant greedy output, which bf16 (the default on this bf16 checkpoint) does not
+    # give: its rounding depends on the batch shape, so near-ties flip late in long answers
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MOESERVE_DTYPE", "fp32")
     srv = ServerProcess(tiny_model_dir, str(tmp_path_factory.mktemp("default") / "server.log"),
-                        # fp32: the concurrent-vs-solo test needs batch-invariant greedy output, which
-                        # bf16 (the default on this bf16 checkpoint) does not give: its rounding depends
-                        # on the batch shape, so near-ties flip late in long answers
-                        extra=("--max-batch", "8", "--dtype", "fp32"))
+                        extra=("--max-batch", "8"))
     try:
         srv.wait_ready(deadline_s=600)
         yield srv
     finally:
         srv.stop()
+        mp.undo()
