@@ -49,6 +49,9 @@ def render(result: dict[str, Any]) -> str:
              f"Versions: {m.get('versions')}; llama.cpp build: {m.get('llama_cpp_build')}", ""]
     if result.get("setup"):
         lines += [result["setup"], ""]
+    if result.get("incomplete"):
+        lines += ["**Incomplete run** (these rows have fewer runs than the others): "
+                  + "; ".join(result["incomplete"]), ""]
     lines += [f"Ratios compare every system on the same prompts {result['common_prompts']} (the ones all of "
               "them ran), run by run in the same repeat; median (min-max) over the repeats.", ""]
     for sc in result["scenarios"]:

@@ -76,6 +76,8 @@ def summarize(system: str, runs: list[Run], reference: Optional[list[Run]], band
     entry: dict[str, Any] = {k: None for k in SCHEMA_KEYS}
     entry.update(format=SYSTEMS[system].fmt, runs=[], concurrency="not measured", repeats=len(runs),
                  error=None if not failed else f"{len(failed)} of {len(runs)} runs failed: {failed[0]}")
+    if not runs:
+        entry["error"] = "not run (the benchmark stopped before this system's turn)"
     if not good:
         return entry
     mine = prompts_of(good)
@@ -175,8 +177,11 @@ def build(plan: list[Scenario], raw: dict[str, dict[str, list[Run]]], ratios: li
         scenarios.append({"name": sc.name, "memory_cap_bytes": sc.memory_cap_bytes,
                           "expert_budget_bytes": sc.expert_budget_bytes, "why": sc.why,
                           "systems": systems, "ratios": rs})
+    counts = [len(runs) for by in raw.values() for runs in by.values()]
+    missing = [f"{sc.name}/{n}: {len(raw.get(sc.name, {}).get(n, []))} of {max(counts, default=0)} runs"
+               for sc in plan for n in sc.systems if len(raw.get(sc.name, {}).get(n, [])) < max(counts, default=0)]
     return {"scenarios": scenarios, "common_prompts": sorted(common), "targets": target_verdicts(all_ratios),
-            "method_errors": method_errors(scenarios)}
+            "method_errors": method_errors(scenarios), "incomplete": missing}
 
 
 def check_schema(result: dict[str, Any]) -> None:

@@ -163,3 +163,12 @@ def test_checkpoint_bytes_splits_experts_from_dense(tmp_path) -> None:
     with open(os.path.join(tmp_path, "model.safetensors"), "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob + bytes(88))
     assert checkpoint_bytes(str(tmp_path)) == (64, 24)
+
+
+def test_a_system_that_never_ran_says_so_and_the_run_is_marked_incomplete() -> None:
+    plan = scenarios(SIZES, 0, {"int4-25%": ("auto-int4",)})
+    raw = {"uncapped": {"resident-int4": [run(0, [req(0, [50.0])])]}, "int4-25%": {"auto-int4": []}}
+    body = build(plan, raw, ratio_pairs(plan), 1e9)
+    entry = body["scenarios"][1]["systems"]["auto-int4"]
+    assert entry["error"].startswith("not run") and entry["decode_ms_median"] is None
+    assert body["incomplete"] == ["int4-25%/auto-int4: 0 of 1 runs"]
