@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from cache.provider import ExpertProvider, StepRows
+from engine.kernels import step_matmuls
 from engine.loader import LoadedModel
 from engine.models.common import Batch, KVCache
 from engine.protocol import (FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, EngineStats,
@@ -45,6 +46,7 @@ class Engine:
         self.model = loaded.model
         self.model_info: ModelInfo = loaded.info
         self.device = loaded.device
+        self.dtype = loaded.dtype
         self.provider = provider
         self.model.set_provider(provider)
         spec = self.model.kv_spec
@@ -134,7 +136,8 @@ class Engine:
         self.provider.begin_step(StepRows(tuple(s.id for s in seqs), tuple(n_tokens),
                                           (prefill,) * len(seqs)))
         try:
-            logits = self.model(ids, batch, self.kv)                  # [B, V]
+            with step_matmuls(dev, self.dtype, sum(n_tokens)):
+                logits = self.model(ids, batch, self.kv)              # [B, V]
             choices = sample(logits, [s.sampler for s in seqs])
         except Exception as e:  # a failed forward fails its requests, not the engine
             log.exception("forward pass failed for %s", [s.id for s in seqs])
