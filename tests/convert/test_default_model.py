@@ -1,5 +1,8 @@
 """The built-in default model (issue 3), checked with transformers' Llama/Mixtral on the built files.
 
+The transformers models are module-scoped: held for the session they kept ~3.3 GB of fp32 weights
+alive under every later test.
+
 The 8x preset is built once per session into $MOESERVE_HOME (default ~/.cache/moeserve), so later
 runs on the same machine reuse it; a fresh build takes a few minutes on 2 cores.
 """
@@ -33,17 +36,17 @@ def tok(model_dirs: tuple[str, str]):
     return transformers.AutoTokenizer.from_pretrained(model_dirs[1])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dense(model_dirs: tuple[str, str]):
     return transformers.LlamaForCausalLM.from_pretrained(model_dirs[0], dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def moe(model_dirs: tuple[str, str]):
     return transformers.MixtralForCausalLM.from_pretrained(model_dirs[1], dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def heldout(tok) -> list[list[int]]:
     return [tok(t, add_special_tokens=False)["input_ids"] for t in heldout_texts()]
 
@@ -72,7 +75,7 @@ def _run(model, seqs: list[list[int]], routing: bool) -> tuple[float, list[list[
     return math.exp(nll / n), router
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def moe_heldout(moe, heldout) -> tuple[float, list[list[torch.Tensor]]]:
     """One pass of the MoE over the held-out text serves the perplexity and the routing tests."""
     return _run(moe, heldout, routing=True)
