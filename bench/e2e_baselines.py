@@ -138,7 +138,7 @@ def decode_together(llama_cpp: Any, llm: Any, prompts: list[list[int]], n: int,
 
     k = len(prompts)
     cp = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)   # the same settings
-    cp.n_ctx = sum(len(p) for p in prompts) + k * (n + 8)
+    cp.n_ctx = k * (max(len(p) for p in prompts) + n + 8)     # each sequence gets n_ctx / k
     cp.n_batch = cp.n_ubatch = max(512, max(len(p) for p in prompts))
     cp.n_seq_max = k
     cp.n_threads = cp.n_threads_batch = threads
