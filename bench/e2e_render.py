@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from bench.common import table
 
-COLUMNS = ["system", "format", "decode ms/token (median; runs min-max)", "p90", "TTFT ms", "prompt tok/s",
+COLUMNS = ["system", "format", "decode ms/token (median; runs min-max)", "on common prompts", "p90", "TTFT ms", "prompt tok/s",
            "decode disk MB/token", "decode hit rate", "prefetch P/R", "floor ms", "no-overlap ms",
            "tok/s concurrent", "peak RSS GB", "measured on"]
 
@@ -31,7 +31,8 @@ def system_row(name: str, s: dict[str, Any]) -> dict[str, Any]:
     conc = s["concurrency"]
     return {
         "system": name + (" (some runs failed)" if s["error"] else ""), "format": s["format"],
-        COLUMNS[2]: _f(s["decode_ms_median"]) + spread, "p90": _f(s["decode_ms_p90"]),
+        COLUMNS[2]: _f(s["decode_ms_median"]) + spread, "on common prompts": _f(s.get("decode_ms_median_common")),
+        "p90": _f(s["decode_ms_p90"]),
         "TTFT ms": _f(s["ttft_ms_median"]), "prompt tok/s": _f(s.get("prompt_tok_s")),
         "decode disk MB/token": None if mb is None else _f(mb / 1e6), "decode hit rate": _pct(s["decode_hit_rate"]),
         "prefetch P/R": pr, "floor ms": _f(s["floor_ms"]), "no-overlap ms": _f(s["no_overlap_ms"]),
@@ -52,8 +53,9 @@ def render(result: dict[str, Any]) -> str:
     if result.get("incomplete"):
         lines += ["**Incomplete run** (these rows have fewer runs than the others): "
                   + "; ".join(result["incomplete"]), ""]
-    lines += [f"Ratios compare every system on the same prompts {result['common_prompts']} (the ones all of "
-              "them ran), run by run in the same repeat; median (min-max) over the repeats.", ""]
+    lines += [f"'On common prompts': every system on the prompts all of them ran ({result['common_prompts']}). "
+              "Ratios: run by run in the same repeat, on the prompts both sides ran; median (min-max) over "
+              "the repeats.", ""]
     for sc in result["scenarios"]:
         cap = sc["memory_cap_bytes"]
         lines += [f"### {sc['name']}" + (f": cap {cap / 1e9:.2f} GB" if cap else ": no cap"), "", sc["why"], "",
@@ -61,8 +63,8 @@ def render(result: dict[str, Any]) -> str:
         if sc["ratios"]:
             rows = [{"ratio": k, "median": _f(r["median"]),
                      "min-max": "" if r["min"] is None else f"{_f(r['min'])}-{_f(r['max'])}",
-                     "runs": len(r["runs"])} for k, r in sc["ratios"].items()]
-            lines += [table(rows, ["ratio", "median", "min-max", "runs"]), ""]
+                     "runs": len(r["runs"]), "prompts": r.get("prompts")} for k, r in sc["ratios"].items()]
+            lines += [table(rows, ["ratio", "median", "min-max", "runs", "prompts"]), ""]
     lines.append("Targets (met only when the median meets it):")
     for t in result["targets"]:
         state = "not measured" if t["met"] is None else ("met" if t["met"] else "NOT met")

@@ -124,11 +124,15 @@ def summarize(system: str, runs: list[Run], reference: Optional[list[Run]], band
     return entry
 
 
-def ratio_stats(ratio: Ratio, raw: dict[str, dict[str, list[Run]]], prompts: set[int]) -> dict[str, Any]:
-    """num/den per repeat on the common prompts (only repeats where both ran), median and min-max."""
+def ratio_stats(ratio: Ratio, raw: dict[str, dict[str, list[Run]]]) -> dict[str, Any]:
+    """num/den per repeat (only repeats where both ran) on the prompts both sides ran in every
+    run, median and min-max."""
+    runs = {at: ok_runs(raw.get(at[0], {}).get(at[1], [])) for at in (ratio.num, ratio.den)}
+    prompts = prompts_of(runs[ratio.num]) & prompts_of(runs[ratio.den])
+
     def by_repeat(at: tuple[str, str]) -> dict[int, float]:
         out = {}
-        for r in ok_runs(raw.get(at[0], {}).get(at[1], [])):
+        for r in runs[at]:
             m = run_median(r, prompts)
             if m is not None:
                 out[int(r["repeat"])] = m
@@ -136,8 +140,8 @@ def ratio_stats(ratio: Ratio, raw: dict[str, dict[str, list[Run]]], prompts: set
     num, den = by_repeat(ratio.num), by_repeat(ratio.den)
     vals = [num[k] / den[k] for k in sorted(num.keys() & den.keys()) if den[k] > 0]
     if not vals:
-        return {"median": None, "min": None, "max": None, "runs": []}
-    return {"median": median(vals), "min": min(vals), "max": max(vals), "runs": vals}
+        return {"median": None, "min": None, "max": None, "runs": [], "prompts": sorted(prompts)}
+    return {"median": median(vals), "min": min(vals), "max": max(vals), "runs": vals, "prompts": sorted(prompts)}
 
 
 def target_verdicts(ratios: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -172,7 +176,11 @@ def build(plan: list[Scenario], raw: dict[str, dict[str, list[Run]]], ratios: li
     for sc in plan:
         systems = {n: summarize(n, raw.get(sc.name, {}).get(n, []), refs.get(SYSTEMS[n].reference), bandwidth)
                    for n in sc.systems}
-        rs = {r.label: ratio_stats(r, raw, common) for r in ratios if r.label.startswith(f"{sc.name}: ")}
+        for name, entry in systems.items():           # every system also on the prompts all ran
+            meds = [m for m in (run_median(r, common) for r in ok_runs(raw.get(sc.name, {}).get(name, [])))
+                    if m is not None]
+            entry["decode_ms_median_common"] = median(meds) if meds else None
+        rs = {r.label: ratio_stats(r, raw) for r in ratios if r.label.startswith(f"{sc.name}: ")}
         all_ratios.update(rs)
         scenarios.append({"name": sc.name, "memory_cap_bytes": sc.memory_cap_bytes,
                           "expert_budget_bytes": sc.expert_budget_bytes, "why": sc.why,

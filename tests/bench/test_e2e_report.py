@@ -105,14 +105,19 @@ def test_summary_splits_decode_from_prefill_and_uses_the_reference_on_the_same_p
 def test_a_slow_system_is_compared_on_the_prompts_every_system_ran() -> None:
     fast = [run(r, [req(0, [10.0, 10.0]), req(1, [30.0, 30.0])]) for r in range(3)]
     slow = [run(r, [req(0, [100.0 * (r + 1), 100.0 * (r + 1)])]) for r in range(3)]
-    raw = {"s": {"fast": fast, "slow": slow}}
+    fast2 = [run(r, [req(0, [20.0, 20.0]), req(1, [30.0, 30.0])]) for r in range(3)]
+    raw = {"s": {"fast": fast, "slow": slow, "fast2": fast2}}
     assert common_prompts(raw) == {0}
     assert run_median(fast[0]) == 20.0 and run_median(fast[0], {0}) == 10.0
-    st = ratio_stats(Ratio("x", ("s", "slow"), ("s", "fast")), raw, {0})
+    st = ratio_stats(Ratio("x", ("s", "slow"), ("s", "fast")), raw)
     assert st["runs"] == [10.0, 20.0, 30.0] and (st["median"], st["min"], st["max"]) == (20.0, 10.0, 30.0)
+    assert st["prompts"] == [0]
+    # two systems that both ran every prompt are compared on all of them
+    both = ratio_stats(Ratio("y", ("s", "fast2"), ("s", "fast")), raw)
+    assert both["prompts"] == [0, 1] and both["median"] == pytest.approx(25.0 / 20.0)
     # a repeat one side lacks (a failed run) is left out, never paired with another repeat
     raw["s"]["slow"][1] = run(1, [], error="boom")
-    assert ratio_stats(Ratio("x", ("s", "slow"), ("s", "fast")), raw, {0})["runs"] == [10.0, 30.0]
+    assert ratio_stats(Ratio("x", ("s", "slow"), ("s", "fast")), raw)["runs"] == [10.0, 30.0]
 
 
 def test_failed_runs_are_reported_and_a_measurement_below_its_floor_is_a_method_error() -> None:
@@ -147,8 +152,8 @@ def test_schema_json_round_trip_and_report(tmp_path) -> None:
     back = json.loads(path.read_text())
     check_schema(back)
     text = render(back)
-    assert "### int4-25%" in text and "65 (65-65)" in text and "90.0%" in text
-    assert "int4-25%: auto-int4 slowdown vs resident-int4 (uncapped) | 1.27" in text
+    assert "### int4-25%" in text and "65 (65-65) | 65 |" in text and "90.0%" in text
+    assert "int4-25%: auto-int4 slowdown vs resident-int4 (uncapped) | 1.27 | 1.27-1.27 | 3 | [0] |" in text
     del back["scenarios"][1]["systems"]["auto-int4"]["floor_ms"]
     with pytest.raises(ValueError, match="floor_ms"):
         check_schema(back)
