@@ -40,9 +40,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--preset", default="smollm2-moe-64x", help="default-model preset (built on first use)")
     ap.add_argument("--model", default=None, help="checkpoint dir instead of the preset")
     ap.add_argument("--scenario", action="append", default=None, metavar="NAME=SYS,SYS",
-                    help="a capped scenario <bf16|int8|int4>-<pct>% and its systems (repeatable); default: "
-                         + "; ".join(f"{k}={','.join(v)}" for k, v in DEFAULT_SCENARIOS.items())
-                         + f". Systems: {', '.join(SYSTEMS)}")
+                    help=("a capped scenario <bf16|int8|int4>-<pct>% and its systems (repeatable); default: "
+                          + "; ".join(f"{k}={','.join(v)}" for k, v in DEFAULT_SCENARIOS.items())
+                          + f". Systems: {', '.join(SYSTEMS)}").replace("%", "%%"))   # argparse formats %
     ap.add_argument("--prompts", type=int, default=None, help="prompts per system (default 8, --quick 3)")
     ap.add_argument("--max-tokens", type=int, default=32, help="new tokens per request, every system")
     ap.add_argument("--concurrency", type=int, default=4, help="requests decoded together in phase 2")

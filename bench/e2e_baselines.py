@@ -7,7 +7,19 @@ import shutil
 import time
 from typing import Any, Callable
 
-from bench.e2e_worker import Probe, measure_sequential
+from bench.e2e_worker import Probe, fast_enough, measure_sequential
+
+
+def left_pad(prompts: list[list[int]], pad: int) -> tuple[Any, Any]:
+    """(ids, attention mask) [B, T] of ``prompts`` left-padded with ``pad``, as generate expects."""
+    import torch
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
 
 
 def run_accelerate(spec: dict[str, Any]) -> dict[str, Any]:
@@ -57,12 +69,7 @@ def run_accelerate(spec: dict[str, Any]) -> dict[str, Any]:
                 pass
 
         def generate(prompts: list[list[int]], streamer: Any = None) -> None:
-            width = max(len(p) for p in prompts)
-            ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(prompts), width), dtype=torch.long)
-            for i, p in enumerate(prompts):              # left padding, as generate expects
-                ids[i, width - len(p):] = torch.tensor(p)
-                mask[i, width - len(p):] = 1
+            ids, mask = left_pad(prompts, pad)
             with torch.inference_mode():
                 model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                do_sample=False, pad_token_id=pad, streamer=streamer)
@@ -75,7 +82,7 @@ def run_accelerate(spec: dict[str, Any]) -> dict[str, Any]:
         probe = Probe()
         requests = measure_sequential(spec["prompts"], spec["slow_ms"], probe, one)
         concurrent = None
-        if len(requests) == len(spec["prompts"]):
+        if fast_enough(requests, spec):
             batch = spec["concurrent_prompts"]
             d0, start = probe()["disk"], time.perf_counter()
             generate(batch)                              # one padded batch: generate decodes it together
@@ -118,7 +125,7 @@ def run_llama_cpp(spec: dict[str, Any]) -> dict[str, Any]:
     probe = Probe()
     requests = measure_sequential(spec["prompts"], spec["slow_ms"], probe, one)
     concurrent, same = None, True
-    if len(requests) == len(spec["prompts"]):
+    if fast_enough(requests, spec):
         batch = spec["concurrent_prompts"]
         d0, start = probe()["disk"], time.perf_counter()
         made = decode_together(llama_cpp, llm, batch, n, spec["threads"])

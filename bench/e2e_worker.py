@@ -70,7 +70,7 @@ def measure_sequential(prompts: list[list[int]], slow_ms: float, probe: Probe,
         rec = request_record(i, len(ids), start, stamps, *probes)
         out.append(rec)
         gaps = sorted(rec["decode_ms"])
-        if gaps and gaps[len(gaps) // 2] > slow_ms:
+        if slow_ms > 0 and gaps and gaps[len(gaps) // 2] > slow_ms:
             break
     return out
 
@@ -115,7 +115,7 @@ def run_moeserve(spec: dict[str, Any]) -> dict[str, Any]:
 
         requests = measure_sequential(spec["prompts"], spec["slow_ms"], probe, one)
         concurrent = None
-        if _fast_enough(requests, spec):
+        if fast_enough(requests, spec):
             reqs = [GenerateRequest(f"cc-{i}", tuple(ids), params)
                     for i, ids in enumerate(spec["concurrent_prompts"])]
             d0, start, tokens = probe()["disk"], time.perf_counter(), 0
@@ -136,9 +136,9 @@ def run_moeserve(spec: dict[str, Any]) -> dict[str, Any]:
         eng.close()
 
 
-def _fast_enough(requests: list[dict[str, Any]], spec: dict[str, Any]) -> bool:
+def fast_enough(requests: list[dict[str, Any]], spec: dict[str, Any]) -> bool:
     """The concurrent phase runs unless the sequential phase stopped early for slowness."""
-    return len(requests) == len(spec["prompts"]) or spec["slow_ms"] <= 0
+    return len(requests) == len(spec["prompts"])
 
 
 def versions() -> dict[str, str]:

@@ -55,13 +55,11 @@ def transformers_system(model_dir: str, dtype: str, pad: int) -> Measure:
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt).eval()
 
+    from bench.e2e_baselines import left_pad
+
     def measure(prompts: list[list[int]], tokens: int) -> tuple[float, float]:
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):          # left padding, as generate expects
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+        ids, mask = left_pad(prompts, pad)
+        width = ids.shape[1]
 
         def timed(k: int) -> float:
             start = time.perf_counter()

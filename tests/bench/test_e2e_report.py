@@ -177,3 +177,12 @@ def test_a_system_that_never_ran_says_so_and_the_run_is_marked_incomplete() -> N
     entry = body["scenarios"][1]["systems"]["auto-int4"]
     assert entry["error"].startswith("not run") and entry["decode_ms_median"] is None
     assert body["incomplete"] == ["int4-25%/auto-int4: 0 of 1 runs"]
+
+
+def test_cli_help_prints_every_flag(capsys: pytest.CaptureFixture) -> None:
+    from bench.e2e import parse_args
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--scenario" in out and "bf16-25%" in out and "--report-only" in out
