@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple, Optional, Protocol, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional, Protocol, Sequence, Union
 
 import torch
 
+from cache.packed import PackedExpert, pack_expert, packs
 from cache.quant import ExpertFormat, ExpertWeights
+
+# what a provider hands a MoE layer: slot views in a stored format, or a packed resident expert
+ProvidedExpert = Union[ExpertWeights, PackedExpert]
 
 # safetensors dtype string -> torch dtype
 ST_DTYPES: dict[str, torch.dtype] = {
@@ -137,7 +141,7 @@ class ExpertProvider(ABC):
 
     @abstractmethod
     def experts(self, layer: int, topk_ids: torch.Tensor,
-                hidden: Optional[torch.Tensor] = None) -> Iterator[tuple[int, ExpertWeights]]:
+                hidden: Optional[torch.Tensor] = None) -> Iterator[tuple[int, ProvidedExpert]]:
         """topk_ids: [T, k] routed expert ids of MoE layer ``layer`` for this step's rows;
         hidden: [T, H] the layer's normalised input (lets a cache look ahead at later routers).
         Yields (expert_id, weights) once per unique expert, each as soon as it is resident."""
@@ -155,14 +159,16 @@ class ExpertProvider(ABC):
 
 
 class ResidentExpertProvider(ExpertProvider):
-    """Every expert in device memory, one contiguous buffer each (the exactness reference)."""
+    """Every expert in device memory, one contiguous buffer each (the exactness reference);
+    unquantized bf16 experts on CPU are kept oneDNN-prepacked instead (cache/packed.py)."""
 
     def __init__(self, sources: Sequence[ExpertSource], device: torch.device, dtype: torch.dtype,
                  tracer: Optional[Tracer] = None,
                  progress: Optional[Callable[[int], None]] = None) -> None:
-        self._weights: dict[tuple[int, int], ExpertWeights] = {}
+        self._weights: dict[tuple[int, int], ProvidedExpert] = {}
         self.tracer = tracer
         self.fmt = expert_format(sources, dtype) if sources else None
+        pack = self.fmt is not None and not self.fmt.quantized and packs(torch.device(device), dtype)
         for src in sources:
             assert self.fmt is not None
             buf = torch.empty(self.fmt.slot_bytes, dtype=torch.uint8, device=device)
@@ -171,13 +177,14 @@ class ResidentExpertProvider(ExpertProvider):
             else:
                 for ref, dst in zip(src.refs, self.fmt.views(buf)):
                     dst.copy_(read_tensor(ref))
-            self._weights[(src.layer, src.expert)] = self.fmt.views(buf)
+            views = self.fmt.views(buf)
+            self._weights[(src.layer, src.expert)] = pack_expert(views) if pack else views
             if progress is not None:
                 progress(src.nbytes)
         self.resident_bytes = (self.fmt.slot_bytes if self.fmt else 0) * len(self._weights)
 
     def experts(self, layer: int, topk_ids: torch.Tensor,
-                hidden: Optional[torch.Tensor] = None) -> Iterator[tuple[int, ExpertWeights]]:
+                hidden: Optional[torch.Tensor] = None) -> Iterator[tuple[int, ProvidedExpert]]:
         if self.tracer is not None:
             self.tracer.record(layer, topk_ids)
         for e in torch.unique(topk_ids).tolist():

@@ -15,7 +15,6 @@ from typing import Optional
 import torch
 
 from cache.provider import ExpertProvider, StepRows
-from engine.kernels import step_matmuls
 from engine.loader import LoadedModel
 from engine.models.common import Batch, KVCache
 from engine.protocol import (FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, EngineStats,
@@ -132,12 +131,14 @@ class Engine:
             pos = torch.tensor([[s.length - 1] for s in seqs], dtype=torch.long, device=dev)
             n_tokens = [1] * len(seqs)
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=dev)
-        batch = Batch(pos, slots, int(pos.max()) + 1, seqs[0].slot if len(seqs) == 1 else None)
+        one = len(seqs) == 1
+        kv_len = n_tokens[0] if prefill else max(s.length for s in seqs)    # no device sync
+        batch = Batch(pos, slots, kv_len, seqs[0].slot if one else None,
+                      (0 if prefill else seqs[0].length - 1) if one else None)
         self.provider.begin_step(StepRows(tuple(s.id for s in seqs), tuple(n_tokens),
                                           (prefill,) * len(seqs)))
         try:
-            with step_matmuls(dev, self.dtype, sum(n_tokens)):
-                logits = self.model(ids, batch, self.kv)              # [B, V]
+            logits = self.model(ids, batch, self.kv)                  # [B, V]
             choices = sample(logits, [s.sampler for s in seqs])
         except Exception as e:  # a failed forward fails its requests, not the engine
             log.exception("forward pass failed for %s", [s.id for s in seqs])

@@ -1,26 +1,28 @@
-"""Expert matmuls for every storage format (cache/quant.py), behind one function.
+"""Matmuls for every weight format (cache/quant.py, cache/packed.py), behind one function each.
 
 CPU: int8 through ``torch._weight_int8pack_mm`` and int4 through
-``torch._weight_int4pack_mm_for_cpu`` (both take bf16 activations; measured here at the default
-model's [1536x576] shapes, 1 thread, batch 1: bf16 F.linear ~183 us, fp32 ~72 us, int8 ~54 us,
-int4 ~48 us). CUDA: int4 through the tinygemm kernel ``torch._weight_int4pack_mm``; int8 as
-a dequantize-then-matmul (weight-only int8: half the bytes of bf16 on the link and in VRAM).
+``torch._weight_int4pack_mm_for_cpu`` (both take bf16 activations); bf16 weights that stay
+resident (dense layers, resident experts) are oneDNN-prepacked, cache slots stay plain (same
+bits, see cache/packed.py). CUDA: int4 through the tinygemm kernel ``torch._weight_int4pack_mm``;
+int8 as a dequantize-then-matmul (weight-only int8: half the bytes of bf16 on the link and in VRAM).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from cache.quant import SCALE_DTYPE, ExpertWeights, Weight, dequantize_int4, unpack_int4_cpu
+from cache.packed import PackedExpert, pack_weight, packed_linear, packs
+from cache.provider import ProvidedExpert
+from cache.quant import SCALE_DTYPE, Weight, dequantize_int4, unpack_int4_cpu
 
 
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """x [N, In] @ w[O, In]^T -> [N, O] in x's dtype, whatever w's format."""
     if isinstance(w, torch.Tensor):
-        return F.linear(x, w)
+        return packed_linear(x, w) if packs(w.device, w.dtype) else F.linear(x, w)
     xq = x.to(SCALE_DTYPE)
     if w.kind == "int8":
         if x.device.type == "cuda":
@@ -37,29 +39,39 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-def expert_forward(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
+def expert_forward(x: torch.Tensor, w: ProvidedExpert) -> torch.Tensor:
     """x [N, H] through one SwiGLU expert -> [N, H]."""
+    if isinstance(w, PackedExpert):
+        gate, up = packed_linear(x, w.gate_up).split(w.inter, dim=-1)     # [N, I] each
+        return packed_linear(F.silu(gate) * up, w.down)
     return linear(F.silu(linear(x, w.gate)) * linear(x, w.up), w.down)
 
 
-@contextmanager
-def step_matmuls(device: torch.device, dtype: torch.dtype, rows: int) -> Iterator[None]:
-    """Pick the CPU bf16 matmul backend for one forward of ``rows`` token rows.
+class PackedLinear(nn.Module):
+    """An nn.Linear whose weight is kept oneDNN-prepacked (see cache/packed.py); ``keep_plain``
+    also keeps the plain weight as ``weight`` (for tensors read elsewhere, e.g. routers)."""
 
-    A single row (one sequence decoding) skips oneDNN for ATen's bf16 matrix-vector kernel: on the
-    default 8x model that decoded 82 -> 47 ms/token in bf16 and 54.5 -> 37 in int4 (LM head and
-    projections; 3 alternating runs, 1 thread). With 2+ rows ATen's bf16 GEMM was 2-10x slower
-    than oneDNN's, so prompt passes and batched decode keep oneDNN. The switch is process-wide,
-    which is safe because one engine thread runs every forward."""
-    if device.type != "cpu" or dtype != torch.bfloat16 or rows != 1:
-        yield
-        return
-    prev = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
-    try:
-        yield
-    finally:
-        torch._C._set_mkldnn_enabled(prev)
+    def __init__(self, lin: nn.Linear, keep_plain: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        self.packed = pack_weight(lin.weight.detach())
+        self.weight = lin.weight if keep_plain else self.packed
+        self.bias = None if lin.bias is None else lin.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.packed, self.bias)
+
+
+def pack_linears(model: nn.Module, keep_plain: Iterable[torch.Tensor] = ()) -> int:
+    """Replace every nn.Linear of ``model`` by a PackedLinear; those whose weight is in
+    ``keep_plain`` keep their plain weight too. Returns how many were replaced."""
+    kept = {id(t) for t in keep_plain}
+    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    for name, mod in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child,
+                PackedLinear(mod, keep_plain=id(mod.weight) in kept))
+    return len(targets)
 
 
 def dequantize(w: Weight) -> torch.Tensor:

@@ -13,10 +13,12 @@ from typing import Callable, Optional
 
 import torch
 
+from cache.packed import packs
 from cache.expert_store import STORE_FILE, locate_experts
 from cache.provider import ExpertSource, TensorRef, read_tensor
 from cache.quant import ExpertFormat, format_from_config
 from cache.safetensors_file import CheckpointError, read_checkpoint_index, slice_leading
+from engine.kernels import pack_linears
 from engine.models import family
 from engine.models.base import DecoderLM, ExpertLayout, HFConfig
 from engine.protocol import ModelInfo
@@ -224,4 +226,7 @@ def load_model(model_dir: str, device: torch.device, dtype: Optional[torch.dtype
                      num_experts=layout.num_experts if layout else 0,
                      top_k=layout.top_k if layout else 0)
     model.eval()
+    if packs(device, dtype):
+        log.info("%d dense linear layers prepacked for oneDNN (bf16 on CPU)",
+                 pack_linears(model, keep_plain=model.routers() if model.layout else ()))
     return LoadedModel(model, info, experts, device, dtype)

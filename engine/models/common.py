@@ -7,7 +7,7 @@ requests, T=1. ``Batch`` carries each row's absolute positions and its KV-cache 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -24,6 +24,20 @@ class Batch:
     slots: torch.Tensor       # [B] int64 KV-cache slot of each sequence
     kv_len: int               # keys to attend over: max(positions) + 1
     single_slot: Optional[int] = None  # B == 1: its slot as an int (lets attention slice, not gather)
+    start: Optional[int] = None        # B == 1: its first position (0: a whole prompt pass)
+    _mask: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def attn_mask(self) -> tuple[Optional[torch.Tensor], bool]:
+        """(mask, is_causal) for SDPA, shared by every layer of the step. One sequence needs no
+        mask: a decode token sees all its keys, a whole prompt pass is plainly causal."""
+        b, t = self.positions.shape
+        if b == 1 and t == 1:
+            return None, False
+        if b == 1 and self.start == 0 and t == self.kv_len:
+            return None, True
+        if self._mask is None:
+            self._mask = attention_mask(self)
+        return self._mask, False
 
 
 class KVCache:
@@ -177,12 +191,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch,
          scale: Optional[float] = None) -> torch.Tensor:
-    """q [B, H, T, D], k/v [B, Hkv, L, D] -> [B, T, H*Dv], grouped-query aware."""
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    mask = attention_mask(batch)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [B, H, T, Dv]
+    """q [B, H, T, D], k/v [B, Hkv, L, D] -> [B, T, H*Dv]; grouped-query heads share their k/v
+    in place (enable_gqa), nothing repeated."""
+    mask, causal = batch.attn_mask()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                         enable_gqa=k.shape[1] != q.shape[1])   # [B, H, T, Dv]
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
@@ -242,20 +255,36 @@ def combine_experts(provider: ExpertProvider, layer: int, x: torch.Tensor, weigh
     """x [N, H], routing weights/ids [N, k] -> sum_k weights * expert_k(x), [N, H].
     The product expert_k(x) * weight is formed in ``weight_dtype`` (default: x's dtype; DeepSeek
     keeps fp32 routing weights) and rounded to x's dtype, as each family's reference does.
-    Experts arrive from the provider as they become resident, so ready ones compute first."""
+    Experts arrive from the provider as they become resident, so ready ones compute first; each
+    token then sums its k products in expert-id order, as the reference's per-expert index_add_
+    loop does, so the result is bit-identical whatever order the cache delivered them in."""
     n, k = ids.shape
     wdt = weight_dtype or x.dtype
-    parts = x.new_empty(n, k, x.shape[-1])                      # [N, k, H] weighted expert outputs
+    rows = ids.tolist()                                          # the routing, read once per layer
+    ranked = [sorted(r) for r in rows]
+    if n == 1:                                                   # one decode token: no indexing
+        parts: list[Optional[torch.Tensor]] = [None] * k        # by rank of the expert id
+        for e, w in provider.experts(layer, ids, x):
+            j = rows[0].index(e)
+            parts[ranked[0].index(e)] = (expert_forward(x, w) * weights[:, j:j + 1].to(wdt)).to(x.dtype)
+        out = torch.zeros_like(x)
+        for p in parts:
+            out += p
+        return out
+    # per expert: its tokens, each token's column in ids, and the rank of that id in the token's row
+    where: dict[int, tuple[list[int], list[int], list[int]]] = {}
+    for t, (r, srt) in enumerate(zip(rows, ranked)):
+        for j, e in enumerate(r):
+            toks, cols, ranks = where.setdefault(e, ([], [], []))
+            toks.append(t), cols.append(j), ranks.append(srt.index(e))
+    sorted_parts = x.new_empty(n, k, x.shape[-1])               # [N, k, H] in expert-id order
     for e, w in provider.experts(layer, ids, x):
-        tok, slot = torch.where(ids == e)
-        parts[tok, slot] = (expert_forward(x[tok], w) * weights[tok, slot, None].to(wdt)).to(x.dtype)
-    # sum in expert-id order per token, as the reference's per-expert index_add_ loop does, so the
-    # result is bit-identical whatever order the cache delivered the experts in
-    order = ids.argsort(dim=1)                                   # [N, k]
-    parts = parts.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+        toks, cols, ranks = (torch.tensor(v, device=x.device) for v in where[e])
+        sorted_parts[toks, ranks] = (expert_forward(x[toks], w)
+                                     * weights[toks, cols, None].to(wdt)).to(x.dtype)
     out = torch.zeros_like(x)
     for j in range(k):
-        out += parts[:, j]
+        out += sorted_parts[:, j]
     return out
 
 

@@ -1,5 +1,6 @@
-"""cache/quant.py and engine/kernels.py: round trips within each format's error bound, kernels
-against a dequantized fp32 reference, the CPU int4 layout unpacked exactly."""
+"""cache/quant.py, cache/packed.py and engine/kernels.py: round trips within each format's error
+bound, kernels against a dequantized fp32 reference, the CPU int4 layout unpacked exactly,
+prepacked bf16 weights bit-identical to plain ones."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +9,8 @@ import torch.nn.functional as F
 
 from cache.quant import (ExpertFormat, default_group_size, dequantize_int4, fill_slot, pack_int4,
                          quantize_int4, quantize_int8, unpack_int4_cpu)
-from engine.kernels import dequantize, expert_forward, linear
+from cache.packed import PackedExpert, pack_expert, packs
+from engine.kernels import PackedLinear, dequantize, expert_forward, linear, pack_linears
 
 
 def _weights(o: int, i: int, seed: int = 0) -> torch.Tensor:
@@ -130,3 +132,40 @@ def test_cuda_kernels_match_the_cpu_store(kind: str) -> None:
     want = expert_forward(x, cpu_fmt.views(buf)).float()
     got = expert_forward(x.cuda(), cuda_fmt.views(cbuf.cuda())).float().cpu()
     assert (got - want).abs().max() <= 0.02 * want.abs().max() + 1e-3
+
+
+needs_onednn_bf16 = pytest.mark.skipif(not packs(torch.device("cpu"), torch.bfloat16),
+                                       reason="no oneDNN bf16 on this CPU")
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize("inter,hidden", [(32, 64), (96, 64), (1536, 576)])
+def test_packed_resident_expert_is_bit_identical_to_a_plain_slot(inter: int, hidden: int) -> None:
+    """Resident bf16 experts are prepacked (gate and up stacked), cache slots stay plain: both
+    must give the same bits at every row count, or offloaded output would drift from resident."""
+    fmt = ExpertFormat("none", inter, hidden, torch.bfloat16)
+    buf = torch.empty(fmt.slot_bytes, dtype=torch.uint8)
+    plain = fmt.views(buf)
+    for n, w in enumerate(plain):
+        w.copy_(_weights(*w.shape, seed=n).to(torch.bfloat16))
+    packed = pack_expert(plain)
+    assert isinstance(packed, PackedExpert) and packed.gate_up.is_mkldnn
+    for rows in (1, 2, 3, 8, 33):
+        x = torch.randn(rows, hidden, dtype=torch.bfloat16)
+        assert torch.equal(expert_forward(x, packed), expert_forward(x, plain)), rows
+        ref = F.linear(F.silu(F.linear(x.float(), plain.gate.float())) * F.linear(x.float(), plain.up.float()),
+                       plain.down.float())
+        assert (expert_forward(x, packed).float() - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+@needs_onednn_bf16
+def test_pack_linears_keeps_outputs_and_routers_plain() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 8, bias=False)).to(torch.bfloat16)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = model(x)
+        router = model[1].weight
+        assert pack_linears(model, keep_plain=[router]) == 2
+        assert isinstance(model[0], PackedLinear) and model[0].weight.is_mkldnn
+        assert model[1].weight is router                   # still readable as a plain tensor
+        assert torch.equal(model(x), want)
