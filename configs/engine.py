@@ -38,6 +38,10 @@ class EngineConfig:
                 "expert input dimension"})
     max_batch: int = field(default=8, metadata={
         "help": "most requests decoded together in one step (continuous batching)"})
+    prefill_chunk: int = field(default=256, metadata={
+        "help": "most prompt tokens in one prompt pass: longer prompts are processed in chunks, "
+                "each followed by a decode step of the running requests, so their streams keep "
+                "flowing while a long prompt is read"})
     context_length: Optional[int] = field(default=None, metadata={
         "help": "tokens per request (prompt + output); default: the model's, capped at 4096"})
     threads: Optional[int] = field(default=None, metadata={
@@ -50,6 +54,8 @@ class EngineConfig:
             raise ConfigError("dtype", self.dtype, f"choose one of {', '.join(DTYPES)}")
         if not 1 <= self.max_batch <= 1024:
             raise ConfigError("max_batch", self.max_batch, "must be between 1 and 1024")
+        if not 16 <= self.prefill_chunk <= 65536:
+            raise ConfigError("prefill_chunk", self.prefill_chunk, "must be between 16 and 65536")
         if self.context_length is not None and self.context_length < 16:
             raise ConfigError("context_length", self.context_length, "must be at least 16")
         if self.quantize is not None and self.quantize not in QUANT_FORMATS:

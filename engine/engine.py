@@ -1,8 +1,10 @@
 """The engine: token ids in, token ids out, one step at a time.
 
 step() reads as schedule -> run -> postprocess: aborts are applied, waiting requests are admitted
-into free KV-cache slots (continuous batching), newly admitted requests get their prompt pass
-(each on its own), otherwise every running request decodes one token in one batched forward.
+into free KV-cache slots (continuous batching); then the oldest request still reading its prompt
+gets one prompt pass of at most ``prefill_chunk`` tokens (first admitted, first answered), and
+every request already decoding gets one token in one batched forward, so running streams keep
+flowing while a long prompt is read (chunked prefill, as vLLM and llama.cpp's server do).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ class Sequence:
     req: GenerateRequest
     sampler: SamplerState
     slot: int = -1
+    prefilled: int = 0          # prompt tokens already in the KV cache
     output: list[int] = field(default_factory=list)
 
     @property
@@ -41,7 +44,8 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, provider: ExpertProvider, max_batch: int = 8) -> None:
+    def __init__(self, loaded: LoadedModel, provider: ExpertProvider, max_batch: int = 8,
+                 prefill_chunk: int = 256) -> None:
         self.model = loaded.model
         self.model_info: ModelInfo = loaded.info
         self.device = loaded.device
@@ -53,6 +57,7 @@ class Engine:
         self.kv = KVCache(spec.num_layers, max_batch, self.context, spec.kv_heads, spec.k_dim,
                           spec.v_dim, loaded.dtype, loaded.device)
         self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
         self.free_slots = list(range(max_batch - 1, -1, -1))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -90,17 +95,18 @@ class Engine:
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> list[TokenDelta]:
         out = self._apply_aborts()
-        new: list[Sequence] = []
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
             seq.slot = self.free_slots.pop()
-            new.append(seq)
-        if new:
-            for seq in new:
-                self.running.append(seq)
-                out += self._run([seq], prefill=True)
-        elif self.running:
-            out += self._run(list(self.running), prefill=False)
+            self.running.append(seq)
+        # decoders are chosen before the prompt pass, so a request whose prompt ends now gets
+        # its first token from that pass and its second from the next step
+        decoding = [s for s in self.running if s.output]
+        reading = next((s for s in self.running if not s.output), None)
+        if reading is not None:
+            out += self._run([reading], prefill=True)
+        if decoding:
+            out += self._run(decoding, prefill=False)
         return out
 
     def _apply_aborts(self) -> list[TokenDelta]:
@@ -119,27 +125,32 @@ class Engine:
 
     @torch.inference_mode()
     def _run(self, seqs: list[Sequence], prefill: bool) -> list[TokenDelta]:
-        """One forward over ``seqs`` (one prompt pass, or one decode token each) and sampling."""
+        """One forward over ``seqs`` (one chunk of one prompt, or one decode token each) and
+        sampling (none after a chunk that does not end its prompt)."""
         dev = self.device
         if prefill:
             (seq,) = seqs
-            ids = torch.tensor([seq.req.prompt_token_ids], dtype=torch.long, device=dev)
-            pos = torch.arange(ids.shape[1], device=dev)[None]
-            n_tokens = [ids.shape[1]]
+            start = seq.prefilled
+            chunk = seq.req.prompt_token_ids[start:start + self.prefill_chunk]
+            ids = torch.tensor([chunk], dtype=torch.long, device=dev)
+            pos = torch.arange(start, start + len(chunk), device=dev)[None]
+            n_tokens = [len(chunk)]
         else:
+            start = 0
             ids = torch.tensor([[s.output[-1]] for s in seqs], dtype=torch.long, device=dev)
             pos = torch.tensor([[s.length - 1] for s in seqs], dtype=torch.long, device=dev)
             n_tokens = [1] * len(seqs)
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=dev)
         one = len(seqs) == 1
-        kv_len = n_tokens[0] if prefill else max(s.length for s in seqs)    # no device sync
+        kv_len = start + n_tokens[0] if prefill else max(s.length for s in seqs)   # no device sync
         batch = Batch(pos, slots, kv_len, seqs[0].slot if one else None,
-                      (0 if prefill else seqs[0].length - 1) if one else None)
+                      (start if prefill else seqs[0].length - 1) if one else None)
         self.provider.begin_step(StepRows(tuple(s.id for s in seqs), tuple(n_tokens),
                                           (prefill,) * len(seqs)))
         try:
             logits = self.model(ids, batch, self.kv)                  # [B, V]
-            choices = sample(logits, [s.sampler for s in seqs])
+            partial = prefill and start + n_tokens[0] < len(seqs[0].req.prompt_token_ids)
+            choices = [] if partial else sample(logits, [s.sampler for s in seqs])
         except Exception as e:  # a failed forward fails its requests, not the engine
             log.exception("forward pass failed for %s", [s.id for s in seqs])
             for s in seqs:
@@ -150,6 +161,7 @@ class Engine:
         self.counters["steps"] += 1
         if prefill:
             self.counters["prompt_tokens"] += n_tokens[0]
+            seqs[0].prefilled += n_tokens[0]
         return [self._postprocess(s, c) for s, c in zip(seqs, choices)]
 
     def _postprocess(self, seq: Sequence, choice: Choice) -> TokenDelta:

@@ -6,7 +6,7 @@ import torch
 
 from cache.provider import ResidentExpertProvider
 from engine.engine import Engine, run_to_completion
-from engine.loader import load_model
+from engine.loader import LoadedModel, load_model
 from engine.protocol import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, GenerateRequest, SamplingParams
 from tests.tiny import make_tiny_mixtral
 
@@ -14,12 +14,56 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+def lm(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     path = make_tiny_mixtral(str(tmp_path_factory.mktemp("mix")))
-    lm = load_model(path, torch.device("cpu"), torch.float32, context_length=64)
+    return load_model(path, torch.device("cpu"), torch.float32, context_length=64)
+
+
+@pytest.fixture(scope="module")
+def engine(lm: LoadedModel) -> Engine:
     eng = Engine(lm, ResidentExpertProvider(lm.experts, lm.device, lm.dtype), max_batch=3)
     yield eng
     eng.close()
+
+
+def test_chunked_prompt_passes_match_one_pass(lm: LoadedModel, engine: Engine) -> None:
+    """A prompt read in chunks of 16 gives the tokens and (to fp32 rounding) the logprobs of one
+    prompt pass, and a running stream gets a token after every chunk of a long prompt."""
+    chunked = Engine(lm, ResidentExpertProvider(lm.experts, lm.device, lm.dtype), max_batch=3,
+                     prefill_chunk=16)
+    try:
+        long_prompt = tuple(range(3, 43))                               # 40 tokens: 3 chunks
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=True)
+        want = run_to_completion(engine, [GenerateRequest("w", long_prompt, params)])["w"]
+        got = run_to_completion(chunked, [GenerateRequest("g", long_prompt, params)])["g"]
+        assert got.token_ids == want.token_ids
+        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+
+        chunked.add_request(GenerateRequest("run", (5, 6, 7), GREEDY))
+        chunked.step()                                                  # "run" reads its prompt
+        chunked.add_request(GenerateRequest("long", long_prompt, GREEDY))
+        per_step: list[list] = []
+        while not any(d.request_id == "long" and d.token_ids for d in (per_step or [[]])[-1]):
+            per_step.append(chunked.step())
+        assert len(per_step) == 3                                       # one step per chunk
+        assert all(any(d.request_id == "run" and d.token_ids for d in s) for s in per_step)
+        while chunked.has_work():
+            chunked.step()
+    finally:
+        chunked.close()
+
+
+def test_first_admitted_request_answers_first(engine: Engine) -> None:
+    for i, p in enumerate([(5, 6, 7, 8), (9, 10), (11, 12, 13)]):
+        engine.add_request(GenerateRequest(f"q{i}", p, GREEDY))
+    first_token_step: dict[str, int] = {}
+    step = 0
+    while engine.has_work():
+        for d in engine.step():
+            if d.token_ids:
+                first_token_step.setdefault(d.request_id, step)
+        step += 1
+    assert first_token_step["q0"] < first_token_step["q1"] < first_token_step["q2"]
 
 
 def gen(engine: Engine, prompt: list[int], params: SamplingParams = GREEDY, rid: str = "r") -> list[int]:
