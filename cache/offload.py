@@ -139,13 +139,13 @@ class OffloadedExpertProvider(ExpertProvider):
         if self.store is not None:
             self.store.request_finished()
 
-    def experts(self, layer: int, topk_ids: torch.Tensor,
-                hidden: Optional[torch.Tensor] = None) -> Iterator[tuple[int, ExpertWeights]]:
+    def experts(self, layer: int, topk_ids: torch.Tensor, hidden: Optional[torch.Tensor] = None,
+                host_ids: Optional[list[list[int]]] = None) -> Iterator[tuple[int, ExpertWeights]]:
         if self._closed:
             raise RuntimeError("OffloadedExpertProvider is closed")
         self._layer = layer
-        ids = topk_ids.tolist()                                   # [T][k]
-        routed = self._routed(layer, topk_ids, ids)
+        ids = topk_ids.tolist() if host_ids is None else host_ids      # [T][k]
+        routed = self._routed(layer, ids)
         if self._routers is not None and hidden is not None and layer + 1 < len(self._routers):
             self.policy.hint(layer + 1, self._lookahead(layer + 1, hidden))
         self.policy.observe(layer, routed)
@@ -201,10 +201,10 @@ class OffloadedExpertProvider(ExpertProvider):
         return key[1], self._dev.views(slot)
 
     # ---- routing helpers --------------------------------------------------------------------
-    def _routed(self, layer: int, topk_ids: torch.Tensor, ids: list[list[int]]) -> dict[str, list[int]]:
+    def _routed(self, layer: int, ids: list[list[int]]) -> dict[str, list[int]]:
         """Per request, the expert ids its rows chose (from the tracer when it splits them)."""
         if self.tracer is not None:
-            got = self.tracer.record(layer, topk_ids)
+            got = self.tracer.record(layer, ids)
             if isinstance(got, dict):
                 return got
         rows = self._rows

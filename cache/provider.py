@@ -125,7 +125,7 @@ class Tracer(Protocol):
     """Records per-request expert activations (implemented in cache/trace.py)."""
 
     def begin_step(self, rows: StepRows) -> None: ...
-    def record(self, layer: int, topk_ids: torch.Tensor) -> None: ...
+    def record(self, layer: int, topk_ids: list[list[int]]) -> object: ...  # [T][k] on the host
     def end_request(self, seq_id: str, aborted: bool = False) -> None: ...
 
 
@@ -140,10 +140,11 @@ class ExpertProvider(ABC):
             self.tracer.begin_step(rows)
 
     @abstractmethod
-    def experts(self, layer: int, topk_ids: torch.Tensor,
-                hidden: Optional[torch.Tensor] = None) -> Iterator[tuple[int, ProvidedExpert]]:
+    def experts(self, layer: int, topk_ids: torch.Tensor, hidden: Optional[torch.Tensor] = None,
+                host_ids: Optional[list[list[int]]] = None) -> Iterator[tuple[int, ProvidedExpert]]:
         """topk_ids: [T, k] routed expert ids of MoE layer ``layer`` for this step's rows;
-        hidden: [T, H] the layer's normalised input (lets a cache look ahead at later routers).
+        hidden: [T, H] the layer's normalised input (lets a cache look ahead at later routers);
+        host_ids: topk_ids already read to the host, when the caller has them (saves a sync).
         Yields (expert_id, weights) once per unique expert, each as soon as it is resident."""
 
     def end_request(self, seq_id: str, aborted: bool = False) -> None:
@@ -183,11 +184,12 @@ class ResidentExpertProvider(ExpertProvider):
                 progress(src.nbytes)
         self.resident_bytes = (self.fmt.slot_bytes if self.fmt else 0) * len(self._weights)
 
-    def experts(self, layer: int, topk_ids: torch.Tensor,
-                hidden: Optional[torch.Tensor] = None) -> Iterator[tuple[int, ProvidedExpert]]:
+    def experts(self, layer: int, topk_ids: torch.Tensor, hidden: Optional[torch.Tensor] = None,
+                host_ids: Optional[list[list[int]]] = None) -> Iterator[tuple[int, ProvidedExpert]]:
+        ids = topk_ids.tolist() if host_ids is None else host_ids
         if self.tracer is not None:
-            self.tracer.record(layer, topk_ids)
-        for e in torch.unique(topk_ids).tolist():
+            self.tracer.record(layer, ids)
+        for e in sorted({e for row in ids for e in row}):
             yield e, self._weights[(layer, e)]
 
     def stats(self) -> dict[str, float]:

@@ -264,7 +264,7 @@ def combine_experts(provider: ExpertProvider, layer: int, x: torch.Tensor, weigh
     ranked = [sorted(r) for r in rows]
     if n == 1:                                                   # one decode token: no indexing
         parts: list[Optional[torch.Tensor]] = [None] * k        # by rank of the expert id
-        for e, w in provider.experts(layer, ids, x):
+        for e, w in provider.experts(layer, ids, x, host_ids=rows):
             j = rows[0].index(e)
             parts[ranked[0].index(e)] = (expert_forward(x, w) * weights[:, j:j + 1].to(wdt)).to(x.dtype)
         out = torch.zeros_like(x)
@@ -278,7 +278,7 @@ def combine_experts(provider: ExpertProvider, layer: int, x: torch.Tensor, weigh
             toks, cols, ranks = where.setdefault(e, ([], [], []))
             toks.append(t), cols.append(j), ranks.append(srt.index(e))
     sorted_parts = x.new_empty(n, k, x.shape[-1])               # [N, k, H] in expert-id order
-    for e, w in provider.experts(layer, ids, x):
+    for e, w in provider.experts(layer, ids, x, host_ids=rows):
         toks, cols, ranks = (torch.tensor(v, device=x.device) for v in where[e])
         sorted_parts[toks, ranks] = (expert_forward(x[toks], w)
                                      * weights[toks, cols, None].to(wdt)).to(x.dtype)

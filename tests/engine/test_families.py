@@ -59,8 +59,8 @@ class ActivationProbe:
     def begin_step(self, rows: StepRows) -> None:
         pass
 
-    def record(self, layer: int, topk_ids: torch.Tensor) -> None:
-        self.counts.update((layer, e) for e in topk_ids.flatten().tolist())
+    def record(self, layer: int, topk_ids: list[list[int]]) -> None:
+        self.counts.update((layer, e) for row in topk_ids for e in row)
 
     def end_request(self, seq_id: str, aborted: bool = False) -> None:
         pass
