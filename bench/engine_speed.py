@@ -85,6 +85,7 @@ def llama_system(gguf: str, threads: int, max_batch: int, ctx: int) -> Measure:
             decode_together(llama_cpp, llm, prompts, tokens, threads)
             return len(prompts) * tokens / (time.perf_counter() - start), float("nan")
         stamps: list[float] = []
+        llm.reset()         # else generate() reuses the cached prefix and skips the prompt pass
         start = time.perf_counter()
         for _ in llm.generate(prompts[0], top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
             stamps.append(time.perf_counter())
