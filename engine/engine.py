@@ -144,7 +144,8 @@ class Engine:
         one = len(seqs) == 1
         kv_len = start + n_tokens[0] if prefill else max(s.length for s in seqs)   # no device sync
         batch = Batch(pos, slots, kv_len, seqs[0].slot if one else None,
-                      (start if prefill else seqs[0].length - 1) if one else None)
+                      (start if prefill else seqs[0].length - 1) if one else None,
+                      None if prefill else tuple((s.slot, s.length) for s in seqs))
         self.provider.begin_step(StepRows(tuple(s.id for s in seqs), tuple(n_tokens),
                                           (prefill,) * len(seqs)))
         try:

@@ -25,6 +25,7 @@ class Batch:
     kv_len: int               # keys to attend over: max(positions) + 1
     single_slot: Optional[int] = None  # B == 1: its slot as an int (lets attention slice, not gather)
     start: Optional[int] = None        # B == 1: its first position (0: a whole prompt pass)
+    seq_rows: Optional[tuple[tuple[int, int], ...]] = None  # decode, per row: (slot, keys to read)
     _mask: Optional[torch.Tensor] = field(default=None, repr=False)
 
     def attn_mask(self) -> tuple[Optional[torch.Tensor], bool]:
@@ -56,10 +57,11 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v [B, Hkv, T, D] at the batch's positions; return all keys/values [B, Hkv, L, D]."""
+        """Store k/v [B, Hkv, T, D] at the batch's positions; return all keys/values [B, Hkv, L, D]
+        (views of the cache for one sequence, a gathered copy for several)."""
         kc, vc = self.k[layer], self.v[layer]
         if batch.single_slot is not None:
-            start = int(batch.positions[0, 0])
+            start = int(batch.positions[0, 0]) if batch.start is None else batch.start
             end = start + k.shape[2]
             kc[batch.single_slot, :, start:end] = k[0]
             vc[batch.single_slot, :, start:end] = v[0]
@@ -69,6 +71,24 @@ class KVCache:
         kc[slots, :, batch.positions] = k.transpose(1, 2)   # index [B, T] -> [B, T, Hkv, D]
         vc[slots, :, batch.positions] = v.transpose(1, 2)
         return kc[batch.slots, :, :batch.kv_len], vc[batch.slots, :, :batch.kv_len]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch,
+               scale: Optional[float] = None) -> torch.Tensor:
+        """Store this step's k/v [B, Hkv, T, D] and attend q [B, H, T, D] -> [B, T, H*Dv].
+        A decode step of several sequences attends each over its own keys in place: no gather
+        of every sequence's cache per layer, no padding mask, and a row's result does not depend
+        on who else is in the batch."""
+        if batch.seq_rows is None or batch.single_slot is not None:
+            keys, values = self.update(layer, k, v, batch)
+            return sdpa(q, keys, values, batch, scale)
+        kc, vc = self.k[layer], self.v[layer]
+        slots = batch.slots[:, None]
+        kc[slots, :, batch.positions] = k.transpose(1, 2)
+        vc[slots, :, batch.positions] = v.transpose(1, 2)
+        outs = [F.scaled_dot_product_attention(q[i:i + 1], kc[s:s + 1, :, :n], vc[s:s + 1, :, :n],
+                                               scale=scale, enable_gqa=kc.shape[1] != q.shape[1])
+                for i, (s, n) in enumerate(batch.seq_rows)]                  # each [1, H, 1, Dv]
+        return torch.cat(outs).transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
 def attention_mask(batch: Batch) -> torch.Tensor:
@@ -233,8 +253,7 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)                 # [B, H, T, D]
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        keys, values = kv.update(self.layer, k, v, batch)
-        return self.o_proj(sdpa(q, keys, values, batch))
+        return self.o_proj(kv.attend(self.layer, q, k, v, batch))
 
 
 class DenseMLP(nn.Module):

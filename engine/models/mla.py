@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from engine.models.common import Batch, KVCache, RMSNorm, Rotary, apply_rope, sdpa
+from engine.models.common import Batch, KVCache, RMSNorm, Rotary, apply_rope
 
 LORA_NORM_EPS = 1e-6   # transformers builds q_a/kv_a layernorms with the default eps, not rms_norm_eps
 
@@ -87,5 +87,4 @@ class MLAttention(nn.Module):
         k_nope, v = kv_up.split([self.qk_nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rot.expand(-1, self.heads, -1, -1)], dim=-1)  # [B, H, T, nope+rope]
         q = torch.cat([q_nope, q_rot], dim=-1)
-        keys, values = kv.update(self.layer, k, v.contiguous(), batch)
-        return self.o_proj(sdpa(q, keys, values, batch, scale=self.scale))  # [B, T, hidden]
+        return self.o_proj(kv.attend(self.layer, q, k, v.contiguous(), batch, scale=self.scale))

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from engine.models.base import DecoderLM, HFConfig
-from engine.models.common import Attention, Batch, KVCache, apply_rope, sdpa
+from engine.models.common import Attention, Batch, KVCache, apply_rope
 from engine.models.softmax_moe import build_softmax_moe, num_experts
 
 
@@ -31,8 +31,7 @@ class OlmoeAttention(Attention):
         k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)     # [B, Hkv, T, D]
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        keys, values = kv.update(self.layer, k, v, batch)
-        return self.o_proj(sdpa(q, keys, values, batch))
+        return self.o_proj(kv.attend(self.layer, q, k, v, batch))
 
 
 def build(cfg: HFConfig, context: int) -> DecoderLM:
