@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 
@@ -39,3 +40,15 @@ def test_missing_model_dir_is_a_clear_error(command: str, tmp_path, capsys: pyte
     assert "no such directory" in capsys.readouterr().err
     assert main([command, "--model", str(tmp_path)] + args[3:]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_compute_threads_wait_passively_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    from moeserve.cli import main
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"        # inherited by the engine process
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
