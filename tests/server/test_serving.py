@@ -95,7 +95,7 @@ def test_api_key_required_except_health_and_preflight(auth_server: ServerProcess
     assert httpx.get(url, headers=auth_server.headers).status_code == 200
     assert httpx.get(auth_server.base + "/health").status_code == 200
     pre = httpx.options(auth_server.base + "/v1/chat/completions", headers={
-        "Origin": "http://x.test", "Access-Control-Request-Method": "POST"})
+        "Origin": "http://localhost:5173", "Access-Control-Request-Method": "POST"})
     assert pre.status_code == 200
     r = httpx.post(auth_server.base + "/v1/chat/completions", headers=auth_server.headers, timeout=120,
                    json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
