@@ -56,6 +56,7 @@ class ProcessEngineClient(_LoopClient):
         self._gen += 1
         gen = self._gen
         self._started = self._loop.create_future()
+        self._retire_inbox()
         self._inbox = self._ctx.Queue()
         out_r, out_w = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(target=child_main, name="moeserve-engine", daemon=True,
@@ -146,6 +147,20 @@ class ProcessEngineClient(_LoopClient):
         log.critical("%s", why)
         self._set_failed(why)
 
+    def _retire_inbox(self) -> None:
+        """Close the previous child's queue and drop it, so that its semaphores are unlinked now
+        (the process may end by a re-raised SIGTERM, which skips multiprocessing's finalizers and
+        makes the resource tracker warn about 'leaked semaphore objects')."""
+        inbox, self._inbox = self._inbox, None
+        if inbox is None:
+            return
+        inbox.close()
+        # the feeder thread holds two of the semaphores until it has flushed; the child is gone,
+        # so wait for it briefly in a daemon thread rather than risk blocking on a full pipe
+        joiner = threading.Thread(target=inbox.join_thread, daemon=True)
+        joiner.start()
+        joiner.join(2.0)
+
     async def close(self) -> None:
         self._closing = True
         self._ready = False
@@ -163,6 +178,6 @@ class ProcessEngineClient(_LoopClient):
                 proc.kill()
                 await loop.run_in_executor(None, proc.join, 5.0)
         self._fail_all("the engine was shut down")
-        self._inbox.close()
+        self._retire_inbox()
         self._proc = None
         log.info("engine process stopped")

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Serve /v1/chat/completions, /v1/completions, /v1/models, "
                            "/health, /metrics and /openapi.json. Without --model: the built-in "
                            "default model.",
-                           epilog="exit codes: 0 stopped by a signal; 2 bad configuration; "
+                           epilog="exit codes: 0 (or death by the signal) when stopped by SIGTERM/SIGINT; 2 bad configuration; "
                            "3 the engine failed to start; 4 the engine died and could not be "
                            "restarted.")
     for cls in (EngineConfig, CacheConfig, ServerConfig):
