@@ -39,7 +39,9 @@ def error_responses(*statuses: str) -> dict[str, Any]:
     out: dict[str, Any] = {"200": {"description": "the completion (JSON, or SSE when stream is "
                                                   "true)",
                                    "content": {"application/json": {"schema": {"type": "object"}},
-                                               "text/event-stream": {"schema": {"type": "string"}}}}}
+                                               "text/event-stream": {"schema": {
+                                                   "type": "object", "properties": {
+                                                       "data": {"type": "string"}}}}}}}
     for code in statuses or tuple(_STATUS):
         out[code] = {"description": _STATUS[code],
                      "content": {"application/json": {"schema": {"$ref": _REF.format(
