@@ -192,8 +192,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--json", default=None, metavar="OUT",
                     help="write the report here (default: bench/results/soak.json)")
     args = ap.parse_args(argv)
-    log_path = os.path.join(RESULTS, "soak-server.log")
-    os.makedirs(RESULTS, exist_ok=True)
+    log_path = os.path.join(RESULTS, "soak-logs", "server.log")   # bench/results/*-logs/: ignored
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
     proc = _start_server(args.model, args.port, args.streams, args.max_batch, args.threads,
                          log_path)
     soak = Soak(f"http://127.0.0.1:{args.port}", proc.pid, args.streams, args.minutes * 60,
