@@ -3,6 +3,7 @@ naming `param`, never 500s, and never harm other requests (tiny model, SmolLM2 t
 from __future__ import annotations
 
 import json
+import select
 import socket
 import sys
 import threading
@@ -152,25 +153,18 @@ def _send_chunked_until_refused(srv: ServerProcess, total: int) -> bytes:
     chunk = b"x" * 65536
     frame = b"%x\r\n" % len(chunk) + chunk + b"\r\n"
     sent = 0
-    sock.setblocking(False)
     reply = b""
     try:
         while sent < total:
-            try:
-                reply += sock.recv(65536)
-                if reply:
-                    break
-            except BlockingIOError:
-                pass
-            try:
-                sock.send(frame)
-                sent += len(chunk)
-            except BlockingIOError:
-                time.sleep(0.001)   # the server is not reading: flow control, give it a moment
-            except (BrokenPipeError, ConnectionResetError):
+            readable, writable, _ = select.select([sock], [sock], [], 10)
+            if readable:   # the server answered (or closed): stop sending
                 break
-        sock.setblocking(True)
-        sock.settimeout(10)
+            if writable:
+                try:
+                    sock.sendall(frame)   # whole frames only: a cut frame is a 400, not a 413
+                except (socket.timeout, BrokenPipeError, ConnectionResetError):
+                    break
+                sent += len(chunk)
         while b"\r\n\r\n" not in reply:
             data = sock.recv(65536)
             if not data:
