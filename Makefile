@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 QUICK ?=
 
-.PHONY: install bench-install serve test bench quality replay default-model clean
+.PHONY: install bench-install serve test fuzz soak bench quality replay default-model clean
 # llama-cpp-python (the llama.cpp peer of the benchmarks), built from source: the native build
 # segfaults on Q8_0/Q4 GGUFs on some AVX-512 machines, so the ISA is named explicitly
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
@@ -37,6 +37,15 @@ default-model: install
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+# the schemathesis fuzz test with many more examples per operation and full-length generations
+FUZZ_EXAMPLES ?= 200
+fuzz: install
+	MOESERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) MOESERVE_FUZZ_FULL=1 $(PY) -m pytest -q -s tests/server/test_fuzz.py $(ARGS)
+
+# 64 concurrent streaming chats for 10 minutes on the default model (see bench/soak.py)
+soak: install
+	$(PY) -m bench.soak $(ARGS)
 
 bench: bench-install
 	LLAMA_CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m bench.e2e $(if $(QUICK),--quick,) $(ARGS)

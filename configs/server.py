@@ -23,8 +23,19 @@ class ServerConfig:
         "help": "most requests waiting for the engine; more are answered 429"})
     max_request_bytes: int = field(default=4_000_000, metadata={
         "help": "largest accepted request body in bytes"})
-    cors_origins: tuple[str, ...] = field(default=("*",), metadata={
-        "help": "origins allowed by CORS (space-separated on the CLI, comma-separated in the env)"})
+    cors_origins: tuple[str, ...] = field(default=(), metadata={
+        "help": "web origins allowed to use the API from a browser (CORS and the Origin check), "
+                "e.g. https://app.example; '*' allows any. Default: pages served from loopback "
+                "(http://localhost:*, http://127.0.0.1:*) only. Space-separated on the CLI, "
+                "comma-separated in the env"})
+    allowed_hosts: tuple[str, ...] = field(default=(), metadata={
+        "help": "extra names accepted in the Host header ('*' accepts any). The bound address, "
+                "loopback names and IP literals are always accepted; other names are refused "
+                "(403) against DNS rebinding"})
+    shutdown_grace_s: float = field(default=10.0, metadata={
+        "help": "seconds that open requests get to finish at shutdown (SIGTERM/Ctrl-C); streams "
+                "still open then end with an error event", "flag": "--shutdown-grace",
+        "metavar": "SECONDS"})
     log_level: str = field(default="info", metadata={
         "help": "logging level", "choices": ("debug", "info", "warning", "error")})
 
@@ -37,5 +48,11 @@ class ServerConfig:
             raise ConfigError("max_queue", self.max_queue, "must be at least 1")
         if self.max_request_bytes < 1024:
             raise ConfigError("max_request_bytes", self.max_request_bytes, "must be at least 1024")
+        if not 0.0 <= self.shutdown_grace_s <= 3600.0:
+            raise ConfigError("shutdown_grace_s", self.shutdown_grace_s, "must be in [0, 3600]")
         if not self.host:
             raise ConfigError("host", self.host, "must not be empty")
+        for origin in self.cors_origins:
+            if origin != "*" and "://" not in origin:
+                raise ConfigError("cors_origins", origin, "expected '*' or an origin such as "
+                                  "https://app.example")

@@ -15,8 +15,8 @@ import queue
 import threading
 from typing import Any, AsyncIterator, Callable, Optional
 
-from engine.client_loop import (EngineLike, Rejected, Shutdown, StatsQuery, StatsReply, StepOutput,
-                                run_loop)
+from engine.client_loop import (EngineLike, Rejected, Shutdown, StatsQuery, StatsReply,
+                                StatsSnapshot, StepOutput, run_loop)
 from engine.protocol import AbortRequest, EngineStats, GenerateRequest, ModelInfo, TokenDelta
 
 log = logging.getLogger("moeserve.engine.client")
@@ -120,6 +120,21 @@ class EngineClient(abc.ABC):
         """True while an engine is up and accepting requests."""
 
     @property
+    def snapshot(self) -> Optional[EngineStats]:
+        """The engine's latest published counters (no round trip; None before the first)."""
+        return None
+
+    @property
+    def failure(self) -> Optional[str]:
+        """Why the engine is gone for good (no restart will be tried), else None."""
+        return None
+
+    async def wait_failed(self) -> str:
+        """Return ``failure`` once the engine is gone for good (never, by default)."""
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    @property
     @abc.abstractmethod
     def model_info(self) -> ModelInfo:
         """The loaded model (raises EngineNotReady before the first start)."""
@@ -147,6 +162,30 @@ class _LoopClient(EngineClient):
         self._info: Optional[ModelInfo] = None
         self._ready = False
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._snapshot: Optional[EngineStats] = None
+        self._failure: Optional[str] = None
+        self._failed: Optional[asyncio.Future[str]] = None
+
+    @property
+    def snapshot(self) -> Optional[EngineStats]:
+        return self._snapshot
+
+    @property
+    def failure(self) -> Optional[str]:
+        return self._failure
+
+    async def wait_failed(self) -> str:
+        if self._failed is None:
+            self._failed = asyncio.get_running_loop().create_future()
+            if self._failure is not None:
+                self._failed.set_result(self._failure)
+        return await asyncio.shield(self._failed)
+
+    def _set_failed(self, why: str) -> None:
+        """The engine is gone and will not come back: /health says so and the server exits."""
+        self._failure = why
+        if self._failed is not None and not self._failed.done():
+            self._failed.set_result(why)
 
     @abc.abstractmethod
     def _send(self, msg: Any) -> None:
@@ -206,6 +245,8 @@ class _LoopClient(EngineClient):
         if isinstance(msg, StepOutput):
             for delta in msg.deltas:
                 self._route(delta.request_id, delta, delta.finished)
+        elif isinstance(msg, StatsSnapshot):
+            self._snapshot = msg.stats
         elif isinstance(msg, Rejected):
             self._route(msg.request_id, RequestRejected(msg.message), True)
         elif isinstance(msg, StatsReply):
@@ -276,6 +317,7 @@ class InProcessEngineClient(_LoopClient):
     def _on_dead(self, why: str) -> None:
         self._ready = False
         self._fail_all(why)
+        self._set_failed(why)   # an in-process engine is not restarted
 
     async def close(self) -> None:
         if self._thread is None:

@@ -7,8 +7,11 @@ imports no torch: the Engine arrives through a factory that runs inside the loop
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
+import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol
@@ -72,8 +75,18 @@ class StatsReply:
     stats: EngineStats
 
 
+@dataclass(frozen=True)
+class StatsSnapshot:
+    """The engine's counters, published by the loop as it steps (so /metrics never waits on it)."""
+
+    stats: EngineStats
+
+
 Inbound = GenerateRequest | AbortRequest | StatsQuery | Shutdown
-Outbound = Ready | StartFailed | Rejected | StepOutput | StatsReply
+Outbound = Ready | StartFailed | Rejected | StepOutput | StatsReply | StatsSnapshot
+
+SNAPSHOT_EVERY_S = 0.25   # stats are a dict of cache counters: cheap, but not worth every step
+PARENT_CHECK_S = 0.25
 
 
 class Inbox(Protocol):
@@ -100,7 +113,9 @@ def run_loop(engine: EngineLike, inbox: Inbox, emit: Callable[[Outbound], None])
     An exception from engine.step() propagates: the engine's state is unknown afterwards, so the
     owner treats it like a crash (the process client restarts a fresh engine).
     """
+    last_snapshot = 0.0
     try:
+        emit(StatsSnapshot(engine.stats()))
         while True:
             for msg in _drain(inbox, block=not engine.has_work()):
                 if isinstance(msg, GenerateRequest):
@@ -120,12 +135,30 @@ def run_loop(engine: EngineLike, inbox: Inbox, emit: Callable[[Outbound], None])
                 deltas = engine.step()
                 if deltas:
                     emit(StepOutput(tuple(deltas)))
+                now = time.monotonic()
+                if now - last_snapshot >= SNAPSHOT_EVERY_S or not engine.has_work():
+                    last_snapshot = now
+                    emit(StatsSnapshot(engine.stats()))
     finally:
         engine.close()
 
 
-def child_main(factory: Callable[[], EngineLike], inbox: Inbox, out: Any, log_level: str) -> None:
+def _exit_with_parent(parent_pid: int) -> None:
+    """Exit as soon as the server process is gone (kill -9, OOM killer): the orphaned engine
+    would otherwise keep its gigabytes, and a restarted server would start a second one."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_CHECK_S)   # getppid() changes when we are re-parented
+        log.error("the server process (pid %d) is gone; the engine exits", parent_pid)
+        os._exit(70)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def child_main(factory: Callable[[], EngineLike], inbox: Inbox, out: Any, log_level: str,
+               parent_pid: Optional[int] = None) -> None:
     """Entry point of the engine process (spawn): build the engine, report, serve."""
+    if parent_pid is not None:
+        _exit_with_parent(parent_pid)
     # Ctrl-C in a terminal reaches the whole process group: the server alone handles it and
     # shuts the engine down with a Shutdown message (no half-finished step, no traceback)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

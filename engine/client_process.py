@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing as mp
+import os
 import multiprocessing.connection as mpc
 import threading
 from typing import Any, Callable, Optional
@@ -55,10 +56,12 @@ class ProcessEngineClient(_LoopClient):
         self._gen += 1
         gen = self._gen
         self._started = self._loop.create_future()
+        self._retire_inbox()
         self._inbox = self._ctx.Queue()
         out_r, out_w = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(target=child_main, name="moeserve-engine", daemon=True,
-                                 args=(self._factory, self._inbox, out_w, self._log_level))
+                                 args=(self._factory, self._inbox, out_w, self._log_level,
+                                       os.getpid()))
         proc.start()
         out_w.close()   # the child holds the only write end: EOF on our side means it is gone
         self._proc = proc
@@ -122,10 +125,16 @@ class ProcessEngineClient(_LoopClient):
         if was_ready and (self._restart_task is None or self._restart_task.done()):
             self._restart_task = asyncio.ensure_future(self._restart())
 
+    @property
+    def restarting(self) -> bool:
+        return self._restart_task is not None and not self._restart_task.done()
+
     async def _restart(self) -> None:
         for attempt in range(1, MAX_RESTARTS_WITHOUT_READY + 1):
             if self._closing:
                 return
+            if attempt > 1:
+                await asyncio.sleep(min(2.0 ** (attempt - 1), 30.0))   # back off between tries
             try:
                 await self._spawn()
                 self.restarts += 1
@@ -133,9 +142,24 @@ class ProcessEngineClient(_LoopClient):
                 return
             except EngineStartError as exc:
                 log.error("engine restart attempt %d failed: %s", attempt, exc)
-                await asyncio.sleep(min(2.0 ** attempt, 30.0))   # back off before the next try
         self.failed_permanently = True
-        log.critical("engine could not be restarted; the server stays unavailable")
+        why = f"the engine could not be restarted ({MAX_RESTARTS_WITHOUT_READY} attempts failed)"
+        log.critical("%s", why)
+        self._set_failed(why)
+
+    def _retire_inbox(self) -> None:
+        """Close the previous child's queue and drop it, so that its semaphores are unlinked now
+        (the process may end by a re-raised SIGTERM, which skips multiprocessing's finalizers and
+        makes the resource tracker warn about 'leaked semaphore objects')."""
+        inbox, self._inbox = self._inbox, None
+        if inbox is None:
+            return
+        inbox.close()
+        # the feeder thread holds two of the semaphores until it has flushed; the child is gone,
+        # so wait for it briefly in a daemon thread rather than risk blocking on a full pipe
+        joiner = threading.Thread(target=inbox.join_thread, daemon=True)
+        joiner.start()
+        joiner.join(2.0)
 
     async def close(self) -> None:
         self._closing = True
@@ -154,6 +178,6 @@ class ProcessEngineClient(_LoopClient):
                 proc.kill()
                 await loop.run_in_executor(None, proc.join, 5.0)
         self._fail_all("the engine was shut down")
-        self._inbox.close()
+        self._retire_inbox()
         self._proc = None
         log.info("engine process stopped")

@@ -82,6 +82,9 @@ class Engine:
         bad = next((t for t in ids if not 0 <= int(t) < vocab), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        bad = next((t for t, _ in req.sampling.logit_bias if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias token id {bad} is outside the vocabulary (0..{vocab - 1})")
         if any(s.id == req.request_id for s in (*self.waiting, *self.running)):
             raise ValueError(f"request id {req.request_id!r} is already in use")
         self.waiting.append(Sequence(req, SamplerState(req.sampling, tuple(ids))))
@@ -163,7 +166,15 @@ class Engine:
         if prefill:
             self.counters["prompt_tokens"] += n_tokens[0]
             seqs[0].prefilled += n_tokens[0]
-        return [self._postprocess(s, c) for s, c in zip(seqs, choices)]
+        return [self._postprocess(s, c) if c.error is None else self._fail_alone(s, c.error)
+                for s, c in zip(seqs, choices)]
+
+    def _fail_alone(self, seq: Sequence, why: str) -> TokenDelta:
+        """One request's logits could not be sampled: it ends with an error, the batch goes on."""
+        log.warning("request %s failed: %s", seq.id, why)
+        self._finish(seq, aborted=True)
+        self.counters["requests_failed"] += 1
+        return self._delta(seq, (), None, FINISH_ERROR, error=why)
 
     def _postprocess(self, seq: Sequence, choice: Choice) -> TokenDelta:
         seq.output.append(choice.token)

@@ -19,12 +19,20 @@ class SamplerState:
     prompt_ids: tuple[int, ...]
     generator: Optional[torch.Generator] = None
     output_counts: dict[int, int] = field(default_factory=dict)
+    # logit_bias as two tensors, built once: applied with one index_add_ per step (a Python loop
+    # over a large bias slowed every request in the batch)
+    bias_ids: Optional[torch.Tensor] = None
+    bias_values: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         if not self.params.greedy:
             self.generator = torch.Generator()
             seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
-            self.generator.manual_seed(seed)
+            self.generator.manual_seed(seed % 2**63)
+        if self.params.logit_bias:
+            ids, values = zip(*self.params.logit_bias)
+            self.bias_ids = torch.tensor(ids, dtype=torch.long)
+            self.bias_values = torch.tensor(values, dtype=torch.float32)
 
     def note(self, token: int) -> None:
         self.output_counts[token] = self.output_counts.get(token, 0) + 1
@@ -41,6 +49,18 @@ class Choice:
     token: int
     logprob: Optional[float]
     top: Optional[tuple[tuple[int, float], ...]]
+    error: Optional[str] = None   # this row could not be sampled: its request alone fails
+
+
+def _why_unusable(row: torch.Tensor) -> Optional[str]:
+    """Why a logits row cannot be sampled from (NaN, +inf, or nothing finite), else None."""
+    if bool(torch.isnan(row).any()):
+        return "the logits contain NaN"
+    if bool(torch.isposinf(row).any()):
+        return "the logits contain +inf"
+    if not bool(torch.isfinite(row).any()):
+        return "no token has a finite logit"
+    return None
 
 
 def _process(logits: torch.Tensor, st: SamplerState) -> torch.Tensor:
@@ -55,9 +75,8 @@ def _process(logits: torch.Tensor, st: SamplerState) -> torch.Tensor:
         ids = torch.tensor(list(st.output_counts), dtype=torch.long)
         counts = torch.tensor(list(st.output_counts.values()), dtype=torch.float32)
         logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
-    for tok, bias in p.logit_bias:
-        if 0 <= tok < logits.shape[0]:
-            logits[tok] += bias
+    if st.bias_ids is not None and st.bias_values is not None:
+        logits.index_add_(0, st.bias_ids, st.bias_values)
     return logits
 
 
@@ -82,14 +101,28 @@ def _sample_row(logits: torch.Tensor, st: SamplerState) -> int:
 
 
 def sample(logits: torch.Tensor, states: list[SamplerState]) -> list[Choice]:
-    """logits [B, V] (any device) -> one Choice per row."""
+    """logits [B, V] (any device) -> one Choice per row.
+
+    A row that cannot be sampled (non-finite logits after penalties, bias or temperature) gives
+    a Choice with ``error`` set; the other rows are sampled as usual.
+    """
     logits = logits.float().cpu()
     if all(st.params.greedy and not st.needs_processing and not st.params.logprobs for st in states):
-        return [Choice(int(t), None, None) for t in torch.argmax(logits, dim=-1).tolist()]
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        return [Choice(int(t), None, None) if ok else _failed(row)
+                for t, ok, row in zip(torch.argmax(logits, dim=-1).tolist(), finite, logits)]
     out = []
     for row, st in zip(logits, states):
         row = _process(row, st) if st.needs_processing else row
-        tok = _sample_row(row, st)
+        why = _why_unusable(row if st.params.greedy else row / st.params.temperature)
+        if why is not None:
+            out.append(Choice(-1, None, None, error=why))
+            continue
+        try:
+            tok = _sample_row(row, st)
+        except RuntimeError as exc:   # e.g. multinomial on a distribution that underflowed
+            out.append(Choice(-1, None, None, error=f"sampling failed: {exc}"))
+            continue
         lp, top = None, None
         if st.params.logprobs:
             logp = torch.log_softmax(row, dim=-1)
@@ -99,3 +132,9 @@ def sample(logits: torch.Tensor, states: list[SamplerState]) -> list[Choice]:
                 top = tuple(zip(ids.tolist(), vals.tolist()))
         out.append(Choice(tok, lp, top))
     return out
+
+
+def _failed(row: torch.Tensor) -> Choice:
+    # the greedy fast path saw a non-finite entry: only NaN/+inf/all -inf make argmax meaningless
+    why = _why_unusable(row)
+    return Choice(int(torch.argmax(row)), None, None) if why is None else Choice(-1, None, None, error=why)

@@ -41,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
                            description="Serve /v1/chat/completions, /v1/completions, /v1/models, "
-                           "/health and /metrics. Without --model: the built-in default model.")
+                           "/health, /metrics and /openapi.json. Without --model: the built-in "
+                           "default model.",
+                           epilog="exit codes: 0 (or death by the signal) when stopped by SIGTERM/SIGINT; 2 bad configuration; "
+                           "3 the engine failed to start; 4 the engine died and could not be "
+                           "restarted.")
     for cls in (EngineConfig, CacheConfig, ServerConfig):
         add_arguments(serve, cls)
 
@@ -129,8 +133,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ecfg = EngineConfig(**{**ecfg.__dict__, "model": model_dir})
     client = ProcessEngineClient(LazyFactory("moeserve.wiring:build_engine", ecfg, ccfg),
                                  log_level=scfg.log_level)
-    run_server(scfg, client, model_dir)
-    return 0
+    return run_server(scfg, client, model_dir)
 
 
 def _check_model_dir(path: str) -> str:

@@ -20,6 +20,7 @@ from configs import CacheConfig, EngineConfig
 from engine.engine import Engine
 from engine.loader import (DTYPES, LoadedModel, load_config, load_model, quantization, resolve_device,
                            resolve_dtype)
+from moeserve.trace_files import check_trace_store, open_tracer
 
 log = logging.getLogger("moeserve")
 
@@ -81,8 +82,8 @@ def make_tracer(loaded: LoadedModel, ccfg: CacheConfig) -> Optional[ActivationTr
     info = loaded.info
     if not ccfg.record_trace or not info.num_experts:
         return None
-    return ActivationTracer(info.num_moe_layers, info.num_experts, info.top_k,
-                            record_path=ccfg.record_trace, model=info.name)
+    return open_tracer(ccfg.record_trace, info.num_moe_layers, info.num_experts, info.top_k,
+                       info.name)
 
 
 def make_provider(loaded: LoadedModel, ccfg: CacheConfig, progress: bool = True) -> ExpertProvider:
@@ -98,6 +99,8 @@ def make_provider(loaded: LoadedModel, ccfg: CacheConfig, progress: bool = True)
     collection: Optional[EAMCollection] = None
     store: Optional[CollectionStore] = None
     if ccfg.policy in ("moe-infinity", "auto"):
+        if ccfg.trace_store:
+            check_trace_store(ccfg.trace_store, L, E)
         collection = (EAMCollection.load(ccfg.trace_store, L, E, ccfg.collection_capacity)
                       if ccfg.trace_store else EAMCollection(L, E, ccfg.collection_capacity))
         if ccfg.trace_store:

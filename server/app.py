@@ -1,67 +1,29 @@
-"""The FastAPI application: routes, auth, CORS, metrics, error envelopes. Never imports torch."""
+"""The FastAPI application: routes, middleware order, error envelopes. Never imports torch."""
 from __future__ import annotations
 
-import hmac
-import json
 import logging
-import time
-from dataclasses import dataclass, field
-from typing import Any
 
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from configs import ServerConfig
-from engine.client import EngineClient, EngineNotReady
-from server.errors import APIError, bad_request
+from engine.client import EngineClient
+from server.errors import APIError, JSONBody
 from server.metrics import Metrics
+from server.openai_routes import add_openai_routes
+from server.openapi import install_openapi
+from server.security import (AuthMiddleware, HostCheckMiddleware, OriginCheckMiddleware,
+                             OriginPolicy)
+from server.state import ServerState
 from server.tokenizer import TextTokenizer
 
 log = logging.getLogger("moeserve.server")
 
-KNOWN_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
-
-
-@dataclass
-class ServerState:
-    cfg: ServerConfig
-    client: EngineClient
-    tokenizer: TextTokenizer
-    model_name: str
-    metrics: Metrics = field(default_factory=Metrics)
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    def model_card(self) -> dict[str, Any]:
-        return {"id": self.model_name, "object": "model", "created": self.created,
-                "owned_by": "moeserve"}
-
-    def check_model(self, requested: str | None) -> None:
-        if requested and requested != self.model_name:
-            raise APIError(404, f"The model '{requested}' does not exist; this server serves "
-                                f"'{self.model_name}'", param="model", code="model_not_found")
-
-
-class AuthMiddleware:
-    """Bearer key on every route but /health and CORS preflights (OPTIONS)."""
-
-    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
-        self.app, self.key = app, api_key
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] == "http" and self.key and scope["method"] != "OPTIONS"
-                and scope["path"] != "/health"):
-            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                     self.key.encode()):
-                err = APIError(401, "Invalid or missing API key: send 'Authorization: Bearer KEY'",
-                               code="invalid_api_key")
-                await err.response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+KNOWN_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
+                "/openapi.json")
 
 
 class MetricsMiddleware:
@@ -75,7 +37,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        norm = path if path.startswith("/v1/") or path in ("/health", "/metrics") else "/v1" + path
+        norm = path if path.startswith("/v1/") or path in KNOWN_ROUTES else "/v1" + path
         route = next((r for r in KNOWN_ROUTES if norm == r or norm.startswith(r + "/")), "other")
         status = [500]
 
@@ -90,25 +52,22 @@ class MetricsMiddleware:
             self.metrics.request_done(route, status[0])
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON whatever the Content-Type (curl -d sends a form type)."""
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit:
-        raise APIError(413, f"the request body has {length} bytes; the limit is {limit}")
-    raw = await request.body()
-    if len(raw) > limit:
-        raise APIError(413, f"the request body has {len(raw)} bytes; the limit is {limit}")
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+def health_response(client: EngineClient) -> Response:
+    """ok (200); loading or restarting (503, Retry-After); failed for good (503, no retry)."""
+    if client.ready:
+        return JSONBody({"status": "ok"})
+    if client.failure is not None:
+        return JSONBody({"status": "failed", "error": {
+            "message": client.failure, "type": "server_error", "param": None,
+            "code": "engine_failed"}}, status_code=503)
+    status = "restarting" if getattr(client, "restarting", False) else "loading"
+    return JSONBody({"status": status}, status_code=503, headers={"Retry-After": "5"})
 
 
 def create_app(cfg: ServerConfig, client: EngineClient, tokenizer: TextTokenizer,
                model_name: str) -> FastAPI:
-    from server.openai_routes import add_openai_routes
-
-    app = FastAPI(title="moeserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="moeserve", version="0.1.0", docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
     state = ServerState(cfg, client, tokenizer, model_name)
     app.state.moeserve = state
 
@@ -120,46 +79,47 @@ def create_app(cfg: ServerConfig, client: EngineClient, tokenizer: TextTokenizer
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         msg = (f"Unknown route {request.method} {request.url.path}" if exc.status_code == 404
                else str(exc.detail))
-        return APIError(exc.status_code, msg).response()
+        return APIError(exc.status_code, msg, headers=exc.headers).response()   # keeps Allow
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+        return APIError(500, f"internal error: {type(exc).__name__}").response()
 
-    @app.get("/health")
+    @app.get("/health", summary="Readiness", responses={503: {"description": "not ready"}})
     async def health() -> Response:
-        if client.ready:
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
+        return health_response(client)
 
-    @app.get("/metrics")
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
-        stats = None
-        if client.ready:
-            try:
-                stats = await client.stats()
-            except EngineNotReady:
-                stats = None
+        # the engine publishes its counters as it steps: a scrape never waits for a long step
+        stats = client.snapshot if client.ready else None
         text = state.metrics.render(client.queue_depth, client.in_flight, stats, client.ready)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     for prefix in ("/v1", ""):
-        @app.get(prefix + "/models")
+        @app.get(prefix + "/models", include_in_schema=prefix == "/v1", summary="List models")
         async def list_models() -> Response:
-            return JSONResponse({"object": "list", "data": [state.model_card()]})
+            return JSONBody({"object": "list", "data": [state.model_card()]})
 
-        @app.get(prefix + "/models/{model_id:path}")
+        @app.get(prefix + "/models/{model_id:path}", include_in_schema=prefix == "/v1",
+                 summary="Retrieve a model", responses={404: {"description": "unknown model"}})
         async def get_model(model_id: str) -> Response:
             if model_id != model_name:
-                raise APIError(404, f"The model '{model_id}' does not exist", param="model",
+                raise APIError(404, f"The model '{model_id[:200]}' does not exist", param="model",
                                code="model_not_found")
-            return JSONResponse(state.model_card())
+            return JSONBody(state.model_card())
 
     add_openai_routes(app, state)
-    # added last = outermost: CORS answers preflights before auth; metrics see 401s too
+    install_openapi(app)
+    # added last = outermost: Host first, then CORS answers preflights before the origin check
+    # and auth; metrics see 401s and 403s too
+    policy = OriginPolicy(cfg.cors_origins)
     app.add_middleware(AuthMiddleware, api_key=cfg.api_key)
+    app.add_middleware(OriginCheckMiddleware, policy=policy)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
-    app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["*"],
-                       allow_headers=["*"], expose_headers=["Retry-After"], max_age=600)
+    app.add_middleware(CORSMiddleware, allow_origins=[o for o in policy.origins],
+                       allow_origin_regex=policy.regex, allow_methods=["*"], allow_headers=["*"],
+                       expose_headers=["Retry-After"], max_age=600)
+    app.add_middleware(HostCheckMiddleware, bound=cfg.host, allowed=cfg.allowed_hosts)
     return app

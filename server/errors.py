@@ -1,8 +1,10 @@
-"""The OpenAI error envelope: {"error": {"message", "type", "param", "code"}} with a matching status."""
+"""The OpenAI error envelope: {"error": {"message", "type", "param", "code"}} with a matching status,
+and the one JSON encoder every response uses (never NaN/Infinity, never a lone surrogate)."""
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+import math
+from typing import Any, Mapping, Optional
 
 from starlette.responses import JSONResponse
 
@@ -11,14 +13,50 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
 
+def finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any) -> str:
+    """Strict JSON text: a stray NaN/inf becomes null instead of the invalid literal `NaN`."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except ValueError:
+        return json.dumps(finite(obj), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def encode(obj: Any) -> bytes:
+    text = dumps(obj)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:   # a lone surrogate (e.g. from a percent-decoded path): escape it
+        return json.dumps(finite(obj), ensure_ascii=True, separators=(",", ":")).encode()
+
+
+class JSONBody(JSONResponse):
+    """JSONResponse rendered with ``encode``."""
+
+    def render(self, content: Any) -> bytes:
+        return encode(content)
+
+
 class APIError(Exception):
     """Raised anywhere in a handler; turned into the envelope with its status."""
 
     def __init__(self, status: int, message: str, param: Optional[str] = None,
-                 code: Optional[str] = None, retry_after: Optional[int] = None) -> None:
+                 code: Optional[str] = None, retry_after: Optional[int] = None,
+                 headers: Optional[Mapping[str, str]] = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.retry_after = retry_after
+        self.headers = dict(headers or {})
 
     @property
     def type(self) -> str:
@@ -30,12 +68,14 @@ class APIError(Exception):
                           "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        headers = dict(self.headers)
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(self.retry_after)
+        return JSONBody(self.body(), status_code=self.status, headers=headers or None)
 
     def sse_event(self) -> bytes:
         """The error as an SSE event, for failures after streaming began."""
-        return f"data: {json.dumps(self.body(), ensure_ascii=False)}\n\n".encode()
+        return b"data: " + encode(self.body()) + b"\n\n"
 
 
 def bad_request(message: str, param: Optional[str] = None) -> APIError:

@@ -7,12 +7,13 @@ which aborts their requests in the engine.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
 
 from engine.client import DeltaStream, EngineClient, EngineFailure
-from engine.protocol import FINISH_ERROR, FINISH_STOP, GenerateRequest, TokenDelta
+from engine.protocol import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, GenerateRequest, TokenDelta
 from server.detokenize import IncrementalDetokenizer, StopMatcher
 from server.metrics import Metrics
 from server.tokenizer import TextTokenizer
@@ -74,6 +75,10 @@ class Generation:
                 continue
             yield item
 
+    def fail(self, exc: BaseException) -> None:
+        """End the consumer's iteration with ``exc`` (e.g. the server is shutting down)."""
+        self._queue.put_nowait(exc)
+
     def close(self) -> None:
         """Abort whatever still runs (idempotent)."""
         for t in getattr(self, "_tasks", []):
@@ -104,7 +109,7 @@ class Generation:
                     self._queue.put_nowait(Piece(index, text, tokens, FINISH_STOP))
                     return
                 if d.finished:
-                    if d.finish_reason not in ("stop", "length"):
+                    if d.finish_reason not in (FINISH_STOP, FINISH_LENGTH):
                         raise EngineFailure(f"the engine ended the request ({d.finish_reason})")
                     text += stops.feed(detok.flush())
                     text += stops.flush()
@@ -136,11 +141,18 @@ def token_text(tok: TextTokenizer, token_id: int) -> str:
     return tok.decode([token_id], skip_special_tokens=False)
 
 
+def _lp(value: Optional[float]) -> Optional[float]:
+    """JSON has no NaN or -inf: -inf is OpenAI's -9999.0, NaN is null."""
+    if value is None or math.isfinite(value):
+        return value
+    return -9999.0 if value < 0 else None
+
+
 def chat_logprobs(tok: TextTokenizer, tokens: list[TokenInfo], top_n: int) -> dict[str, Any]:
     """OpenAI chat format: {"content": [{"token","logprob","bytes","top_logprobs":[...]}]}."""
     def entry(tid: int, lp: Optional[float]) -> dict[str, Any]:
         s = token_text(tok, tid)
-        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+        return {"token": s, "logprob": _lp(lp), "bytes": list(s.encode("utf-8"))}
     return {"content": [{**entry(t.token_id, t.logprob),
                          "top_logprobs": [entry(i, lp) for i, lp in t.top[:top_n]]}
                         for t in tokens]}
@@ -154,6 +166,7 @@ def completion_logprobs(tok: TextTokenizer, tokens: list[TokenInfo], top_n: int,
     for s in texts:
         offsets.append(pos)
         pos += len(s)
-    return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{token_text(tok, i): lp for i, lp in t.top[:top_n]} for t in tokens],
+    return {"tokens": texts, "token_logprobs": [_lp(t.logprob) for t in tokens],
+            "top_logprobs": [{token_text(tok, i): _lp(lp) for i, lp in t.top[:top_n]}
+                             for t in tokens],
             "text_offset": offsets}

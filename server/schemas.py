@@ -4,11 +4,17 @@ Responses are plain dicts built in server/responses.py (the wire format is fixed
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+import re
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from server.errors import APIError, bad_request
+
+
+LOGIT_BIAS_MAX_ENTRIES = 1024   # documented in the README; each entry is applied every step
+SEED_MIN, SEED_MAX = -2**63, 2**64 - 1
+_TOKEN_ID = re.compile(r"-?[0-9]{1,12}")
 
 
 class _Liberal(BaseModel):
@@ -35,14 +41,15 @@ class _SamplingFields(_Liberal):
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
-    top_k: Optional[int] = Field(default=None, ge=-1)
+    top_k: Optional[int] = Field(default=None, ge=-1, le=1_000_000)
     min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     n: Optional[int] = Field(default=None, ge=1, le=64)
     stop: Union[str, list[str], None] = None
     presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: Optional[float] = Field(default=None, gt=0.0)
+    # beyond [0.01, 10] a penalty only overflows the logits (1e-300 made them +inf)
+    repetition_penalty: Optional[float] = Field(default=None, ge=0.01, le=10.0)
     logit_bias: Optional[dict[str, float]] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
@@ -51,9 +58,11 @@ class _SamplingFields(_Liberal):
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, v: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        if v is not None and len(v) > LOGIT_BIAS_MAX_ENTRIES:
+            raise ValueError(f"logit_bias has {len(v)} entries; at most {LOGIT_BIAS_MAX_ENTRIES}")
         for key, bias in (v or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not _TOKEN_ID.fullmatch(key):   # ASCII digits only: "²".isdigit() is True
+                raise ValueError(f"logit_bias keys must be token ids, got {key[:40]!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must lie in [-100, 100], got {bias}")
         return v
@@ -85,7 +94,8 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Union[str, list[str], list[Annotated[int, Field(ge=0, lt=2**31)]],
+                  list[list[Annotated[int, Field(ge=0, lt=2**31)]]]]
     logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     echo: Optional[bool] = False
     suffix: Optional[str] = None

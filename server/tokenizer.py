@@ -70,6 +70,11 @@ class TextTokenizer:
         self.chat_template: Optional[jinja2.Template] = (
             compile_chat_template(source) if source else None)
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        # the longest token's text: a text of more than context x this many characters can never
+        # fit, so it is rejected without tokenizing it (a normalizer may shrink text: then x4)
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        longest = max((len(t) for t in vocab), default=1)
+        self.max_token_chars = longest * (4 if self.tokenizer.normalizer is not None else 1)
 
     @staticmethod
     def _template_source(model_dir: str, cfg: dict[str, Any]) -> Optional[str]:
@@ -89,6 +94,8 @@ class TextTokenizer:
         return tpl if isinstance(tpl, str) else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > 16384:   # encode_batch releases the GIL (encode holds it throughout)
+            return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

@@ -166,3 +166,35 @@ def test_penalties_change_repetitive_output(engine: Engine) -> None:
     assert max(plain.count(t) for t in plain) > 2          # the tiny model repeats itself...
     assert penal != plain                                  # ...and the penalties change that
     assert max(penal.count(t) for t in penal) < max(plain.count(t) for t in plain)
+
+
+def test_non_finite_logits_fail_only_their_request(engine: Engine) -> None:
+    """A repetition_penalty of 1e-300 makes one row's logits +inf: that request alone ends with an
+    error; the others in the same decode batch get exactly their solo tokens (issue 13, #1)."""
+    innocent = [[5, 6, 7], [9, 10]]
+    solo = [gen(engine, p) for p in innocent]
+    bad = SamplingParams(max_tokens=12, temperature=1.0, seed=1, repetition_penalty=1e-300,
+                         ignore_eos=True)
+    reqs = [GenerateRequest("a", tuple(innocent[0]), GREEDY), GenerateRequest("bad", (3, 4), bad),
+            GenerateRequest("b", tuple(innocent[1]), GREEDY)]
+    for r in reqs:
+        engine.add_request(r)
+    got: dict[str, list[int]] = {"a": [], "b": [], "bad": []}
+    ends: dict[str, object] = {}
+    while engine.has_work():
+        for d in engine.step():
+            got[d.request_id].extend(d.token_ids)
+            if d.finished:
+                ends[d.request_id] = (d.finish_reason, d.error)
+    assert [got["a"], got["b"]] == solo
+    assert ends["a"][0] == ends["b"][0] == FINISH_LENGTH
+    reason, error = ends["bad"]
+    assert reason == "error" and "inf" in error and got["bad"] == []
+    assert engine.stats().running == 0 and len(engine.free_slots) == 3
+
+
+def test_logit_bias_ids_outside_the_vocabulary_are_rejected(engine: Engine) -> None:
+    vocab = engine.model_info.vocab_size
+    with pytest.raises(ValueError, match="logit_bias token id"):
+        engine.add_request(GenerateRequest("oov", (1, 2), SamplingParams(
+            max_tokens=2, logit_bias=((vocab, 5.0),))))

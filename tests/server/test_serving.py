@@ -95,7 +95,7 @@ def test_api_key_required_except_health_and_preflight(auth_server: ServerProcess
     assert httpx.get(url, headers=auth_server.headers).status_code == 200
     assert httpx.get(auth_server.base + "/health").status_code == 200
     pre = httpx.options(auth_server.base + "/v1/chat/completions", headers={
-        "Origin": "http://x.test", "Access-Control-Request-Method": "POST"})
+        "Origin": "http://localhost:5173", "Access-Control-Request-Method": "POST"})
     assert pre.status_code == 200
     r = httpx.post(auth_server.base + "/v1/chat/completions", headers=auth_server.headers, timeout=120,
                    json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
@@ -156,10 +156,11 @@ def test_full_queue_answers_429_then_engine_death_fails_in_flight_and_restarts(
     client.close()
     # the engine process just died; a fresh one needs seconds to import torch and load the model
     assert httpx.get(srv.base + "/health").status_code == 503
-    srv.wait_ready(deadline_s=120)
-    again = httpx.post(srv.base + "/v1/completions", timeout=120,
-                       json={"prompt": "after restart", "max_tokens": 3, "temperature": 0})
-    assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] >= 1
+    srv.wait_ready(deadline_s=30)                  # service is back within 30 s...
+    for i in range(5):                             # ...and then every request succeeds
+        again = httpx.post(srv.base + "/v1/completions", timeout=120,
+                           json={"prompt": f"after restart {i}", "max_tokens": 3, "temperature": 0})
+        assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] >= 1
     assert "starting a new engine" in srv.log() and "engine restarted" in srv.log()
 
 

@@ -1,0 +1,68 @@
+"""What every route shares: config, engine client, tokenizer, metrics, the shutdown signal, and
+tokenization off the event loop."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from configs import ServerConfig
+from engine.client import EngineClient
+from server.errors import APIError, bad_request
+from server.metrics import Metrics
+from server.tokenizer import TemplateError, TextTokenizer
+
+
+@dataclass
+class ServerState:
+    cfg: ServerConfig
+    client: EngineClient
+    tokenizer: TextTokenizer
+    model_name: str
+    metrics: Metrics = field(default_factory=Metrics)
+    created: int = field(default_factory=lambda: int(time.time()))
+    # set when shutdown begins: open streams end with an error event instead of being cut
+    shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
+    live: set[Any] = field(default_factory=set)   # open Generations (server.generate)
+
+    def begin_shutdown(self, error: BaseException) -> None:
+        """Shutdown started: every open generation ends now with ``error`` (an SSE error event)
+        rather than being cut when the graceful-shutdown timeout expires."""
+        self.shutting_down.set()
+        for gen in list(self.live):
+            gen.fail(error)
+
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created,
+                "owned_by": "moeserve"}
+
+    def check_model(self, requested: str | None) -> None:
+        if requested and requested != self.model_name:
+            raise APIError(404, f"The model '{requested}' does not exist; this server serves "
+                                f"'{self.model_name}'", param="model", code="model_not_found")
+
+    @property
+    def context(self) -> int:
+        if not self.client.ready:
+            raise APIError(503, "the engine is starting; retry shortly", retry_after=5,
+                           code="engine_loading")
+        return self.client.model_info.context_length
+
+    def _check_chars(self, n_chars: int, param: str) -> None:
+        most = self.context * self.tokenizer.max_token_chars
+        if n_chars > most:
+            raise bad_request(f"the prompt has {n_chars} characters, more than the model's "
+                              f"context of {self.context} tokens can ever hold", param)
+
+    async def encode(self, text: str, param: str = "prompt") -> list[int]:
+        """Token ids of ``text``, on a worker thread; hopeless sizes rejected before tokenizing."""
+        self._check_chars(len(text), param)
+        return await asyncio.to_thread(self.tokenizer.encode, text)
+
+    async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        self._check_chars(sum(len(m.get("content") or "") for m in messages), "messages")
+        try:
+            return await asyncio.to_thread(self.tokenizer.encode_chat, messages)
+        except (TemplateError, TypeError) as exc:   # TypeError: a template choking on a value
+            raise bad_request(str(exc), "messages") from None
