@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 QUICK ?=
 
-.PHONY: install bench-install serve test fuzz soak bench quality replay default-model clean
+.PHONY: install bench-install serve test fuzz soak bench quality replay default-model gpu-check gpu-wheels clean
 # llama-cpp-python (the llama.cpp peer of the benchmarks), built from source: the native build
 # segfaults on Q8_0/Q4 GGUFs on some AVX-512 machines, so the ISA is named explicitly
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
@@ -55,6 +55,24 @@ quality: bench-install
 
 replay: install
 	$(PY) -m bench.replay ../shared/traces/mixtral-8x7b-instruct.jsonl $(ARGS)
+
+# The GPU check runs on a CUDA machine without network, with its own python3 (CUDA torch,
+# transformers, safetensors, numpy, tqdm, pytest): the repository is used in place, and any of
+# the wheels `make gpu-wheels` fetched beforehand (on a machine with the registries) that its
+# python3 lacks are installed into .gpu-wheels/site. Without CUDA it says so and exits 0.
+GPU_WHEELS ?= .gpu-wheels
+GPU_PYTHON ?= python3
+
+gpu-wheels: install
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: -d $(GPU_WHEELS) tqdm safetensors psutil
+
+gpu-check:
+	@$(GPU_PYTHON) -c "import torch" 2>/dev/null || { echo "gpu-check: $(GPU_PYTHON) has no torch here; nothing to check"; exit 0; }; \
+	if [ -d $(GPU_WHEELS) ]; then for w in $(GPU_WHEELS)/*.whl; do \
+	  m=$$(basename $$w | cut -d- -f1); \
+	  $(GPU_PYTHON) -c "import $$m" 2>/dev/null || $(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --target $(GPU_WHEELS)/site $$w; \
+	done; fi; \
+	PYTHONPATH=.:$(GPU_WHEELS)/site $(GPU_PYTHON) -m bench.gpu_check $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,213 @@
+"""`make gpu-check`: the GPU path measured on a real CUDA machine, in one run of a few minutes.
+
+    python3 -m bench.gpu_check [--shapes default-64x,mixtral-like] [--formats none,int4] [--json OUT]
+
+Made for the lent CUDA machines: they have torch (CUDA), transformers, safetensors, numpy, tqdm and
+pytest but no network, so the models are built here from random weights (the 64-expert default
+model's shape; a Mixtral-like shape with Mixtral-8x7B's hidden and expert sizes and fewer layers,
+whose ~350 MB experts make the host-to-device link the bottleneck). It runs the `gpu`-marked tests,
+measures host-to-device bandwidth (pageable and pinned), and decodes on each shape and expert format
+with all experts in VRAM, with 25% in VRAM (the rest in host RAM) and with 25% in VRAM above a host
+budget below the model (disk under host RAM), prefetch on and off, checking every run's greedy
+tokens against the all-resident run. Prints one table, writes one JSON.
+
+Without CUDA it says so in one line and exits 0. ``--device cpu --shapes tiny`` runs the same code
+on a CPU (a check of the script itself; the test suite does that).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Optional
+
+import torch
+
+from bench.common import RESULTS, table
+
+SHAPES: dict[str, dict[str, int]] = {
+    # the default 64x model's layer shape with 8 of its 30 layers, so that ten engine starts and
+    # an int4 conversion fit the device time (per-token figures scale with the layer count)
+    "default-64x": dict(hidden=576, inter=1536, layers=8, experts=64, top_k=8, heads=9, kv_heads=3,
+                        vocab=49152),
+    "mixtral-like": dict(hidden=4096, inter=14336, layers=2, experts=8, top_k=2, heads=32, kv_heads=8,
+                         vocab=32000),
+    "tiny": dict(hidden=64, inter=96, layers=2, experts=8, top_k=2, heads=4, kv_heads=2, vocab=256),
+}
+# (name, expert budget, host budget, prefetch)
+CASES = (("all in VRAM", "all", "all", "off"),
+         ("25% VRAM", "25%", "all", "off"),
+         ("25% VRAM + prefetch", "25%", "all", "on"),
+         ("25% VRAM, 50% host", "25%", "50%", "off"),
+         ("25% VRAM, 50% host + prefetch", "25%", "50%", "on"))
+GPU_TESTS = ("tests/engine/test_kernels.py", "tests/cache/test_offload.py", "tests/cache/test_slots.py")
+
+
+def write_checkpoint(path: str, s: dict[str, int], seed: int = 0) -> str:
+    """A random bf16 Mixtral checkpoint of shape ``s``, one safetensors shard per layer."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    hd = s["hidden"] // s["heads"]
+
+    def rand(*shape: int, scale: float = 0.02) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16)
+
+    weight_map: dict[str, str] = {}
+
+    def shard(name: str, tensors: dict[str, torch.Tensor]) -> None:
+        save_file(tensors, os.path.join(path, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in tensors})
+
+    shard("dense.safetensors", {"model.embed_tokens.weight": rand(s["vocab"], s["hidden"]),
+                                "lm_head.weight": rand(s["vocab"], s["hidden"]),
+                                "model.norm.weight": torch.ones(s["hidden"], dtype=torch.bfloat16)})
+    for i in range(s["layers"]):
+        p = f"model.layers.{i}"
+        t = {f"{p}.self_attn.q_proj.weight": rand(s["heads"] * hd, s["hidden"]),
+             f"{p}.self_attn.k_proj.weight": rand(s["kv_heads"] * hd, s["hidden"]),
+             f"{p}.self_attn.v_proj.weight": rand(s["kv_heads"] * hd, s["hidden"]),
+             f"{p}.self_attn.o_proj.weight": rand(s["hidden"], s["heads"] * hd),
+             f"{p}.input_layernorm.weight": torch.ones(s["hidden"], dtype=torch.bfloat16),
+             f"{p}.post_attention_layernorm.weight": torch.ones(s["hidden"], dtype=torch.bfloat16),
+             # a decisive router (random routing at std 0.02 would be near-uniform)
+             f"{p}.block_sparse_moe.gate.weight": rand(s["experts"], s["hidden"], scale=0.5)}
+        for e in range(s["experts"]):
+            q = f"{p}.block_sparse_moe.experts.{e}"
+            t[f"{q}.w1.weight"] = rand(s["inter"], s["hidden"])
+            t[f"{q}.w3.weight"] = rand(s["inter"], s["hidden"])
+            t[f"{q}.w2.weight"] = rand(s["hidden"], s["inter"])
+        shard(f"layer-{i:03d}.safetensors", t)
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": s["hidden"],
+           "intermediate_size": s["inter"], "num_hidden_layers": s["layers"],
+           "num_attention_heads": s["heads"], "num_key_value_heads": s["kv_heads"], "head_dim": hd,
+           "num_local_experts": s["experts"], "num_experts_per_tok": s["top_k"], "vocab_size": s["vocab"],
+           "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+           "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+def h2d_bandwidth(device: torch.device, nbytes: int = 256 << 20, reps: int = 5) -> dict[str, float]:
+    """Best-of-``reps`` host-to-device GB/s from pageable and from pinned memory."""
+    out = {}
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    for kind in ("pageable", "pinned"):
+        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=kind == "pinned")
+        best = float("inf")
+        for _ in range(reps):
+            torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            dst.copy_(src, non_blocking=kind == "pinned")
+            torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - t)
+        out[f"h2d_{kind}_gb_s"] = nbytes / best / 1e9
+    return out
+
+
+def decode(model_dir: str, device: str, fmt: str, case: tuple[str, str, str, str], prompt: tuple[int, ...],
+           tokens: int) -> dict[str, Any]:
+    """One engine at ``case``'s budgets: greedy tokens, decode ms/token, cache counters."""
+    from configs import CacheConfig, EngineConfig
+    from engine.engine import run_to_completion
+    from engine.protocol import GenerateRequest, SamplingParams
+    from moeserve.wiring import build_engine
+    name, budget, host, prefetch = case
+    eng = build_engine(EngineConfig(model=model_dir, device=device, max_batch=1,
+                                    quantize=None if fmt == "none" else fmt),
+                       CacheConfig(expert_budget=budget, host_budget=host, prefetch=prefetch),
+                       progress=False)
+    try:
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        run_to_completion(eng, [GenerateRequest("warm", prompt, SamplingParams(max_tokens=2, temperature=0.0))])
+        t = time.perf_counter()
+        res = run_to_completion(eng, [GenerateRequest("m", prompt, params)])["m"]
+        total = time.perf_counter() - t
+        cache = eng.stats().cache
+    finally:
+        eng.close()
+    ms = (total - res.first_token_seconds) / max(1, tokens - 1) * 1e3
+    keep = {k: v for k, v in cache.items() if "." not in k}        # totals, not per layer
+    return {"case": name, "format": fmt, "expert_budget": budget, "host_budget": host,
+            "prefetch": prefetch, "decode_ms_per_token": ms, "tokens": res.token_ids, "cache": keep}
+
+
+def run_gpu_tests(timeout: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", *GPU_TESTS]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        tail = (p.stdout + p.stderr).strip().splitlines()[-1:]
+        return {"returncode": p.returncode, "summary": tail[0] if tail else ""}
+    except subprocess.TimeoutExpired:
+        return {"returncode": None, "summary": f"timed out after {timeout} s"}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="default-64x,mixtral-like",
+                    help=f"model shapes to build and run ({', '.join(SHAPES)})")
+    ap.add_argument("--formats", default="none,int4", help="expert formats (none = bf16, int8, int4)")
+    ap.add_argument("--tokens", type=int, default=16, help="greedy tokens per run")
+    ap.add_argument("--device", default="cuda", help="cuda (the check) or cpu (a dry run of the script)")
+    ap.add_argument("--workdir", default=None, help="where models are built (default: a temp dir)")
+    ap.add_argument("--skip-tests", action="store_true", help="do not run the gpu-marked tests")
+    ap.add_argument("--json", default=os.path.join(RESULTS, "gpu_check.json"), help="output JSON path")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"gpu-check: no CUDA device here (torch {torch.__version__}); nothing to check")
+        return 0
+    shapes = [s for s in args.shapes.split(",") if s]
+    bad = [s for s in shapes if s not in SHAPES]
+    if bad:
+        ap.error(f"unknown shape(s) {bad}; choose from {', '.join(SHAPES)}")
+    work = args.workdir or tempfile.mkdtemp(prefix="moeserve-gpu-check-")
+    os.environ.setdefault("MOESERVE_HOME", os.path.join(work, "home"))    # conversions land here
+    out: dict[str, Any] = {"device": args.device, "torch": torch.__version__, "runs": []}
+    if args.device == "cuda":
+        dev = torch.device("cuda")
+        out["gpu"] = torch.cuda.get_device_name(dev)
+        out.update(h2d_bandwidth(dev))
+        print(f"{out['gpu']}: H2D pageable {out['h2d_pageable_gb_s']:.1f} GB/s, "
+              f"pinned {out['h2d_pinned_gb_s']:.1f} GB/s", flush=True)
+        if not args.skip_tests:
+            out["gpu_tests"] = run_gpu_tests(timeout=240)
+            print("gpu tests:", out["gpu_tests"]["summary"], flush=True)
+    prompt = tuple(range(3, 40))
+    for shape in shapes:
+        t = time.perf_counter()
+        model_dir = write_checkpoint(os.path.join(work, shape), SHAPES[shape])
+        print(f"{shape}: checkpoint built in {time.perf_counter() - t:.0f} s", flush=True)
+        for fmt in [f for f in args.formats.split(",") if f]:
+            want: Optional[list[int]] = None
+            for case in CASES:
+                try:
+                    r = decode(model_dir, args.device, fmt, case, prompt, args.tokens)
+                except Exception as e:                        # report it, go on with the others
+                    r = {"case": case[0], "format": fmt, "error": f"{type(e).__name__}: {e}"}
+                r["shape"] = shape
+                if "tokens" in r:
+                    want = r["tokens"] if want is None else want
+                    r["exact"] = r["tokens"] == want
+                out["runs"].append(r)
+                print(json.dumps({k: v for k, v in r.items() if k not in ("tokens", "cache")}), flush=True)
+    rows = [{"shape": r["shape"], "format": r["format"], "case": r["case"],
+             "ms/token": r.get("decode_ms_per_token"), "exact": r.get("exact"),
+             "error": r.get("error", "")} for r in out["runs"]]
+    print(table(rows, ["shape", "format", "case", "ms/token", "exact", "error"]))
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json + ".tmp", "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(args.json + ".tmp", args.json)
+    print("wrote", args.json)
+    return 0 if all(r.get("exact", False) for r in out["runs"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
