@@ -158,10 +158,11 @@ def main() -> None:
     cols = ["model", "batch", "dtype", "moeserve_tok_s", "transformers_tok_s", "llama_cpp_tok_s", "prefill_tok_s",
             "transformers_prefill_tok_s", "llama_cpp_prefill_tok_s"]
     print(table(rows, cols))
-    path = write_json(os.path.relpath(args.json, RESULTS) if args.json.startswith(RESULTS) else args.json,
+    out = os.path.abspath(args.json)          # write_json takes a name under RESULTS or an absolute path
+    path = write_json(os.path.relpath(out, RESULTS) if out.startswith(RESULTS) else out,
                       {"machine": machine(), "model": model_dir, "tokens": args.tokens, "threads": args.threads,
                        "repeats": args.repeats, "results": rows})
-    plot(os.path.splitext(args.json)[0] + ".png", rows)
+    plot(os.path.splitext(out)[0] + ".png", rows)
     print(f"wrote {path}")
 
 
