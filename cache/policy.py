@@ -9,9 +9,13 @@ The same policy object runs inside the engine's offloading cache and inside the 
         policy.observe(layer, {seq_id: [expert, ...]})   # routing of this layer, per request
         for key in policy.prefetch(layer, resident, n):  # what to load next, most urgent first
             ... when room is needed: victim = policy.victim(resident, pinned, layer)
+                                     (or n at once: policy.victims(resident, pinned, layer, n))
     policy.end_request(seq_id)                           # a request finished (feeds the collection)
 
-Keys are (layer, expert) tuples. ``resident`` includes experts in flight.
+Keys are (layer, expert) tuples. ``resident`` includes experts in flight. Callers announce
+every expert that becomes resident with ``on_load`` and every one that leaves with
+``on_evict``: array-backed policies keep residency as a mask from those calls instead of
+scanning ``resident`` on every decision.
 """
 from __future__ import annotations
 
@@ -50,6 +54,20 @@ class CachePolicy(ABC):
                layer: int) -> Optional[ExpertKey]:
         """The resident expert (not in ``pinned``) to evict to make room while at ``layer``;
         None if every resident expert is pinned."""
+
+    def victims(self, resident: Collection[ExpertKey], pinned: Collection[ExpertKey],
+                layer: int, n: int) -> list[ExpertKey]:
+        """Up to ``n`` distinct victims at once, first to evict first (a batch's misses need
+        many slots; array-backed policies answer in one pass). Default: ``victim`` n times."""
+        out: list[ExpertKey] = []
+        held = set(pinned)
+        for _ in range(n):
+            v = self.victim(resident, held, layer)
+            if v is None:
+                break
+            out.append(v)
+            held.add(v)
+        return out
 
     def on_access(self, key: ExpertKey) -> None:
         """``key`` was used by a layer's compute (a hit or a completed miss)."""
