@@ -122,14 +122,19 @@ class MaskedRows:
         """The ``n`` resident, unpinned experts with the largest vals + offset, largest first."""
         if n <= 0 or self.n == 0:
             return []
-        low = self._low if offset is None else -np.inf
-        m = np.where(self.mask, self.vals if offset is None else self.vals + offset[:, None],
-                     low).ravel()
+        keep = self.mask
         if pinned:
-            m[[i * self.E + j for i, j in pinned]] = low
+            keep = keep.copy()
+            pi, pj = zip(*pinned)
+            keep[list(pi), list(pj)] = False
+        # only the resident entries: a partition over a mostly-sentinel array degenerates
+        cand = np.flatnonzero(keep)
+        m = self.vals.ravel()[cand]
+        if offset is not None:
+            m = m + offset[cand // self.E]
         n = min(n, m.size)
-        # argpartition/argsort of the negation would overflow at int64's minimum: sort ascending
-        idx = np.argpartition(m, m.size - n)[m.size - n:] if n < m.size else np.arange(m.size)
-        idx = idx[np.argsort(m[idx], kind="stable")[::-1]]
-        idx = idx[m[idx] > low]
+        if n == 0:
+            return []
+        sel = np.argpartition(m, m.size - n)[m.size - n:] if n < m.size else np.arange(m.size)
+        idx = cand[sel[np.argsort(m[sel], kind="stable")[::-1]]]
         return [divmod(int(f), self.E) for f in idx]
