@@ -22,7 +22,7 @@ from cache.cache_stats import CacheStats
 from cache.disk import ExpertReader, ExpertReadError
 from cache.io_pool import IOPool, LoadJob
 from cache.policy import CachePolicy, ExpertKey
-from cache.provider import ExpertProvider, ExpertSource, StepRows, Tracer, expert_format
+from cache.provider import ExpertProvider, ExpertSource, StepRows, Tracer, expert_format, lookahead
 from cache.quant import ExpertFormat, ExpertWeights
 from cache.slots import SlotPool, slot_count
 from cache.store import CollectionStore
@@ -147,7 +147,12 @@ class OffloadedExpertProvider(ExpertProvider):
         ids = topk_ids.tolist() if host_ids is None else host_ids      # [T][k]
         routed = self._routed(layer, ids)
         if self._routers is not None and hidden is not None and layer + 1 < len(self._routers):
-            self.policy.hint(layer + 1, self._lookahead(layer + 1, hidden))
+            # record_lookahead is optional in a Tracer (a probe may only count activations)
+            record = self.tracer is not None and hasattr(self.tracer, "record_lookahead")
+            scores, ahead = lookahead(self._routers[layer + 1], hidden, self.policy.top_k, record)
+            if ahead is not None:
+                self.tracer.record_lookahead(layer, ahead)
+            self.policy.hint(layer + 1, scores)
         self.policy.observe(layer, routed)
         self._drain(block=False)
 
@@ -216,12 +221,6 @@ class OffloadedExpertProvider(ExpertProvider):
             out[seq] = [e for row in ids[start:start + n] for e in row]
             start += n
         return out
-
-    def _lookahead(self, layer: int, hidden: torch.Tensor) -> list[float]:
-        """Mean router probability per expert of ``layer`` on the current hidden state [T, H]."""
-        w = self._routers[layer]                                   # [E, H]
-        logits = hidden.to(w.dtype) @ w.t()                         # [T, E]
-        return torch.softmax(logits.float(), dim=-1).mean(0).tolist()
 
     # ---- loads and evictions (engine thread) ------------------------------------------------
     def _pinned(self) -> set[ExpertKey]:

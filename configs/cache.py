@@ -53,7 +53,7 @@ class CacheConfig:
     collection_capacity: int = field(default=120, metadata={
         "help": "most past activation matrices kept for prediction"})
     record_trace: Optional[str] = field(default=None, metadata={
-        "help": "append every finished request's routing to this moe-trace v1 JSONL file",
+        "help": "append every finished request's routing to this moe-trace v2 JSONL file (v1 plus the next layer's look-ahead)",
         "metavar": "FILE"})
     io_threads: int = field(default=4, metadata={
         "help": "background threads reading experts (several reads in flight)"})

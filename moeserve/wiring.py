@@ -82,8 +82,9 @@ def make_tracer(loaded: LoadedModel, ccfg: CacheConfig) -> Optional[ActivationTr
     info = loaded.info
     if not ccfg.record_trace or not info.num_experts:
         return None
+    one = expert_format(loaded.experts, loaded.dtype).slot_bytes if loaded.experts else None
     return open_tracer(ccfg.record_trace, info.num_moe_layers, info.num_experts, info.top_k,
-                       info.name)
+                       info.name, expert_bytes=one)
 
 
 def make_provider(loaded: LoadedModel, ccfg: CacheConfig, progress: bool = True) -> ExpertProvider:
@@ -92,8 +93,10 @@ def make_provider(loaded: LoadedModel, ccfg: CacheConfig, progress: bool = True)
     if ccfg.expert_budget.strip().lower() == "all" or not loaded.experts:
         with tqdm(total=sum(s.nbytes for s in loaded.experts), unit="B", unit_scale=True,
                   desc="loading experts", disable=not progress or not loaded.experts) as bar:
-            return ResidentExpertProvider(loaded.experts, loaded.device, loaded.dtype, tracer=tracer,
-                                          progress=bar.update)
+            return ResidentExpertProvider(
+                loaded.experts, loaded.device, loaded.dtype, tracer=tracer, progress=bar.update,
+                routers=loaded.model.routers() if tracer is not None else None,
+                top_k=loaded.info.top_k)
     info = loaded.info
     L, E, k = info.num_moe_layers, info.num_experts, info.top_k
     collection: Optional[EAMCollection] = None
