@@ -122,6 +122,16 @@ class MaskedRows:
         """The ``n`` resident, unpinned experts with the largest vals + offset, largest first."""
         if n <= 0 or self.n == 0:
             return []
+        if n <= 2:          # a row-wise pick or two beats one pass over the whole mask
+            out: list[ExpertKey] = []
+            held = set(pinned)
+            for _ in range(n):
+                key = self.best(held, offset)
+                if key is None:
+                    break
+                out.append(key)
+                held.add(key)
+            return out
         keep = self.mask
         if pinned:
             keep = keep.copy()

@@ -88,6 +88,8 @@ class AutoPolicy(CachePolicy):
         self._q_all = np.zeros((L, E))
         self._d = (np.arange(L)[None, :] - np.arange(L)[:, None] - 1) % L + 1.0   # [l, i] -> d
         self._prior_ok = np.zeros(self._slots, dtype=bool)
+        self._targets = [np.arange(l, min(l + 3, L)) for l in range(L)]    # layers _predict sets
+        self._blocks = np.array([2 * E, 0, E])                              # their evidence block
 
     def _grow(self) -> None:
         """Per-request state lives in slot arrays shaped like the tracker's."""
@@ -196,21 +198,26 @@ class AutoPolicy(CachePolicy):
         weighted c^(1/4) and the evidence c (c = ``evidence_scale``), normalised to sum to k
         (each at most 0.999)."""
         L, E, k, sm = self.num_layers, self.num_experts, self.top_k, self.smooth
-        tg = np.array([t for t in (layer, layer + 1, layer + 2) if t < L])               # [T]
-        z = np.zeros_like(w)
-        rows = [np.concatenate([ids + 2 * E, ids], axis=1)]          # target l: temporal only
-        wts = [np.concatenate([w, z], axis=1)]
-        for blk, t in ((0, layer + 1), (1, layer + 2)):
-            if t < L:
-                rows.append(np.concatenate([ids + blk * E, self._last[ds, t] + 2 * E], axis=1))
-                wts.append(np.concatenate([w, self._last_w[ds, t]], axis=1))
-        R, W = np.stack(rows), np.stack(wts)                                  # [T, B, 2k]
-        r = (self._use[tg] + 1.0) / (self._tok[tg][:, None] + E / k)          # [T, E], sums ~ k
-        log_r = np.log(r)[:, None, :]
+        tg = self._targets[layer]                                             # [T] <= 3 layers
+        T, B = len(tg), len(ds)
+        # evidence [T, B, 2k]: this token's experts through block 2 (target l, temporal), 0
+        # (l+1, one layer back) or 1 (l+2, two back); then the previous token's at the target
+        R = np.empty((T, B, 2 * k), dtype=np.int64)
+        W = np.empty((T, B, 2 * k), dtype=np.float32)
+        R[:, :, :k] = ids[None] + self._blocks[:T, None, None]
+        R[:, :, k:] = self._last[ds[None, :], tg[:, None]] + 2 * E
+        W[:, :, :k] = w[None]
+        W[:, :, k:] = self._last_w[ds[None, :], tg[:, None]]
+        W[0, :, k:] = 0.0           # target l: the previous token's layer l is not evidence
+        r = ((self._use[tg] + 1.0) / (self._tok[tg][:, None] + E / k)).astype(np.float32)  # [T, E]
+        log_r = np.log(r)[:, None, :]                                         # [T, 1, E]
         counts = self._stat[tg[:, None, None], R]                             # [T, B, 2k, E]
-        n = self._stat_n[tg[:, None, None], R]
-        gain = np.log((counts + sm * r[:, None, None, :]) / (n[..., None] + sm)) - log_r[:, None]
-        score = self._base_w * log_r + self.evidence_scale * np.einsum("tbm,tbme->tbe", W, gain)
+        n = self._stat_n[tg[:, None, None], R]                                # [T, B, 2k]
+        # sum_a w_a (log(c_ab + s r_b) - log(n_a + s) - log r_b): one pass over the big array
+        counts += sm * r[:, None, None, :]
+        big = np.einsum("tbm,tbme->tbe", W, np.log(counts, out=counts))
+        small = (W * np.log(n + sm)).sum(axis=-1)[..., None] + W.sum(axis=-1)[..., None] * log_r
+        score = self._base_w * log_r + self.evidence_scale * (big - small)
         q = np.exp(score - score.max(axis=-1, keepdims=True))
         q = np.minimum(q * (k / q.sum(axis=-1, keepdims=True)), 0.999)
         self._q[ds[None, :], tg[:, None]] = q
@@ -229,8 +236,11 @@ class AutoPolicy(CachePolicy):
         num, prior, q = self._num[idx], self._prior[idx], self._q[idx]
         p = (num + a * prior) / (self._den[idx][..., None] + a)               # [S, R, E]
         q = np.where(q < 0, p, q)
-        p_all = np.maximum(1.0 - np.prod(1.0 - p, axis=0), P_FLOOR)
-        q_all = 1.0 - np.prod(1.0 - q, axis=0)
+        if len(act) == 1:           # one request: no product to form
+            p_all, q_all = np.maximum(p[0], P_FLOOR), q[0]
+        else:
+            p_all = np.maximum(1.0 - np.prod(1.0 - p, axis=0), P_FLOOR)
+            q_all = 1.0 - np.prod(1.0 - q, axis=0)
         if len(act) == 0:
             p_all = np.full_like(p_all, P_FLOOR)
         self._q_all[rows] = q_all
