@@ -32,6 +32,7 @@ from bench.common import RESULTS, machine, table
 from cache.eam import EAMCollection
 from cache.policies import POLICY_NAMES, make_policy
 from cache.policy import CachePolicy, ExpertKey
+from cache.routing import Routed
 
 # (name, MoE layers, experts, top-k)
 SHAPES: tuple[tuple[str, int, int, int], ...] = (
@@ -120,7 +121,8 @@ class Driver:
         for layer in range(L):
             if hints is not None and layer + 1 < L:
                 self._call(p.hint, layer + 1, np.mean([h[layer + 1] for h in hints], axis=0).tolist())
-            routed = {sid: r[layer].tolist() for sid, r in zip(sids, routing)}
+            routed = Routed([(sid, r[layer].tolist()) for sid, r in zip(sids, routing)],
+                            sids if hints is None else ())      # hints only on decode steps
             self._call(p.observe, layer, routed)
             need = [(layer, e) for e in sorted({e for ids in routed.values() for e in ids})]
             pinned = set(need)

@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from bench.replay_limits import Future
 from cache.policy import CachePolicy, ExpertKey
+from cache.routing import Routed
 
 
 @dataclass
@@ -143,7 +144,7 @@ def simulate(passes: Sequence[Pass], num_layers: int, num_experts: int, capacity
                 for e in ps.ahead[layer]:
                     scores[e] += 1.0
                 policy.hint(layer + 1, scores)
-            policy.observe(layer, {ps.seq_id: experts})
+            policy.observe(layer, Routed([(ps.seq_id, experts)], () if scored else (ps.seq_id,)))
             needed = sorted(set(experts))
             for e in needed:
                 key = (layer, e)

@@ -24,6 +24,7 @@ from cache.io_pool import IOPool, LoadJob
 from cache.policy import CachePolicy, ExpertKey
 from cache.provider import ExpertProvider, ExpertSource, StepRows, Tracer, expert_format, lookahead
 from cache.quant import ExpertFormat, ExpertWeights
+from cache.routing import Routed, split_routing
 from cache.slots import SlotPool, slot_count
 from cache.store import CollectionStore
 from configs.cache import CacheConfig, parse_budget
@@ -206,21 +207,14 @@ class OffloadedExpertProvider(ExpertProvider):
         return key[1], self._dev.views(slot)
 
     # ---- routing helpers --------------------------------------------------------------------
-    def _routed(self, layer: int, ids: list[list[int]]) -> dict[str, list[int]]:
-        """Per request, the expert ids its rows chose (from the tracer when it splits them)."""
+    def _routed(self, layer: int, ids: list[list[int]]) -> Routed:
+        """Per request, the expert ids its rows chose: split once, by the tracer when there
+        is one (it needs the same split), and that object goes to the policy."""
         if self.tracer is not None:
             got = self.tracer.record(layer, ids)
-            if isinstance(got, dict):
+            if isinstance(got, Routed):
                 return got
-        rows = self._rows
-        if rows is None or sum(rows.num_tokens) != len(ids):
-            return {"": [e for row in ids for e in row]}
-        out: dict[str, list[int]] = {}
-        start = 0
-        for seq, n in zip(rows.seq_ids, rows.num_tokens):
-            out[seq] = [e for row in ids[start:start + n] for e in row]
-            start += n
-        return out
+        return split_routing(self._rows, ids)
 
     # ---- loads and evictions (engine thread) ------------------------------------------------
     def _pinned(self) -> set[ExpertKey]:

@@ -6,7 +6,8 @@ The same policy object runs inside the engine's offloading cache and inside the 
     policy.begin_step(seq_ids)                          # which requests are in this pass
     for layer in range(num_layers):
         policy.hint(layer + 1, scores)                   # optional: engine-side gate look-ahead
-        policy.observe(layer, {seq_id: [expert, ...]})   # routing of this layer, per request
+        policy.observe(layer, routed)                    # routing of this layer, per request
+                                                         # (cache/routing.py Routed)
         for key in policy.prefetch(layer, resident, n):  # what to load next, most urgent first
             ... when room is needed: victim = policy.victim(resident, pinned, layer)
                                      (or n at once: policy.victims(resident, pinned, layer, n))
@@ -38,7 +39,9 @@ class CachePolicy(ABC):
 
     @abstractmethod
     def observe(self, layer: int, routed: Mapping[str, Sequence[int]]) -> None:
-        """Layer ``layer`` routed: per request, the expert ids its tokens chose (repeats count)."""
+        """Layer ``layer`` routed: per request, the expert ids its tokens chose (repeats count).
+        Engine and replay pass a ``cache.routing.Routed``, whose ``prompt`` names the requests
+        in a prompt pass; a plain mapping is accepted (prompt passes are then guessed)."""
 
     def hint(self, layer: int, scores: Sequence[float]) -> None:
         """Optional look-ahead: a score per expert of a later ``layer`` (e.g. its router applied

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple, Optional, Protocol, Sequence, Union
+from typing import Callable, Iterator, Optional, Protocol, Sequence, Union
 
 import torch
 
 from cache.packed import PackedExpert, pack_expert, packs
 from cache.quant import ExpertFormat, ExpertWeights
+from cache.routing import StepRows  # noqa: F401  (re-exported: the engine's import)
 
 # what a provider hands a MoE layer: slot views in a stored format, or a packed resident expert
 ProvidedExpert = Union[ExpertWeights, PackedExpert]
@@ -110,15 +111,6 @@ def read_tensor(ref: TensorRef) -> torch.Tensor:
         raise ValueError(f"{ref.path}: tensor {ref.name or '?'} is truncated "
                          f"(wanted {ref.nbytes} bytes at offset {ref.offset}, got {got})")
     return torch.frombuffer(data, dtype=ST_DTYPES[ref.dtype]).view(ref.shape)
-
-
-class StepRows(NamedTuple):
-    """The engine's description of the rows of one forward pass: sequence i owns the next
-    num_tokens[i] rows of every [T, ...] tensor; prefill[i] tells a prompt pass from a decode."""
-
-    seq_ids: tuple[str, ...]
-    num_tokens: tuple[int, ...]
-    prefill: tuple[bool, ...]
 
 
 class Tracer(Protocol):

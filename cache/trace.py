@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from cache.provider import StepRows
+from cache.routing import Routed, StepRows, split_routing
 
 log = logging.getLogger("moeserve.cache")
 
@@ -91,6 +91,7 @@ class ActivationTracer:
         self._live: dict[str, _Live] = {}
         # the current step: (seq_id, first row, row count, prompt?, first token index)
         self._spans: list[tuple[str, int, int, bool, int]] = []
+        self._step: Optional[StepRows] = None
         self._rows = 0
         if record_path is not None:
             self._check_existing(record_path)
@@ -115,6 +116,7 @@ class ActivationTracer:
             raise ValueError(f"StepRows fields differ in length: {len(rows.seq_ids)} seq_ids, "
                              f"{len(rows.num_tokens)} num_tokens, {len(rows.prefill)} prefill")
         self._spans = []
+        self._step = rows
         start = 0
         L = self.num_layers
         for sid, n, pre in zip(rows.seq_ids, rows.num_tokens, rows.prefill):
@@ -131,26 +133,26 @@ class ActivationTracer:
             start += n
         self._rows = start
 
-    def record(self, layer: int, topk_ids: Any) -> dict[str, list[int]]:
+    def record(self, layer: int, topk_ids: Any) -> Routed:
         """topk_ids: [T, k] (tensor or nested list) for MoE layer ``layer`` of this step.
-        Returns the routing per request: the experts its tokens chose, repeats included."""
+        Returns the routing per request (the experts its tokens chose, repeats included, and
+        which requests are in a prompt pass): the split the policy gets too."""
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"record: layer {layer} outside 0..{self.num_layers - 1}")
         rows = _as_rows(topk_ids)
         if len(rows) != self._rows:
             raise ValueError(f"record: layer {layer} routed {len(rows)} rows but the step "
                              f"declared {self._rows} (begin_step missing or stale?)")
-        routed: dict[str, list[int]] = {}
+        routed = split_routing(self._step, rows)
+        if len(self._spans) != len(routed):     # a request ended mid-step: not routed any more
+            live = {sp[0] for sp in self._spans}
+            routed = Routed(((s, e) for s, e in routed.items() if s in live), routed.prompt & live)
         for sid, start, n, pre, first_tok in self._spans:
             live = self._live[sid]
-            mat = live.prompt if pre else live.decode
-            flat: list[int] = []
             for r in range(n):
-                experts = rows[start + r]
-                live.tokens[first_tok + r][layer] = experts
-                flat.extend(experts)
-            np.add.at(mat[layer], np.asarray(flat, dtype=np.int64), 1)
-            routed[sid] = flat
+                live.tokens[first_tok + r][layer] = rows[start + r]
+            mat = live.prompt if pre else live.decode
+            np.add.at(mat[layer], np.asarray(routed[sid], dtype=np.int64), 1)
         return routed
 
     def record_lookahead(self, layer: int, topk_ids: Any) -> None:

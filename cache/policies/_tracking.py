@@ -1,8 +1,9 @@
 """Per-request activation matrices as a policy sees them through ``observe`` (shared helper).
 
 Each live request owns a slot in [S, L, E] arrays, so one layer's routing of a whole batch is
-a few vectorised updates. A pass is a prompt pass when a request routes more than top_k experts
-on layer 0 (several tokens); prompt and decode counts are kept apart, as in the tracer.
+a few vectorised updates. Whether a pass is a prompt pass comes from the split
+(cache/routing.py ``Routed.prompt``; guessed from the number of ids only for plain mappings);
+prompt and decode counts are kept apart, as in the tracer.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from cache.eam import EAMCollection
+from cache.routing import prompt_pass
 
 
 @dataclass
@@ -67,7 +69,7 @@ class RequestTracker:
         for sid, experts in routed.items():
             s = self.slot(sid)
             if layer == 0:
-                self.in_prompt[s] = len(experts) > k
+                self.in_prompt[s] = prompt_pass(routed, sid, len(experts), k)
             if self.in_prompt[s]:
                 pro.append((sid, s, np.asarray(experts, dtype=np.int64)))
             else:

@@ -289,3 +289,58 @@ def test_cuda_three_tiers_exact(ckpt, budget: str) -> None:
         assert s["host_allocated_bytes"] <= 3 * EXPERT_BYTES
     finally:
         p.close()
+
+
+class _RoutingSpy(CachePolicy):
+    """Any unpinned victim; remembers every routing object it was handed."""
+
+    name = "spy"
+
+    def __init__(self) -> None:
+        super().__init__(L, E, K)
+        self.seen: list = []
+
+    def observe(self, layer: int, routed: Mapping[str, Sequence[int]]) -> None:
+        self.seen.append(routed)
+
+    def victim(self, resident: Collection[ExpertKey], pinned: Collection[ExpertKey],
+               layer: int) -> Optional[ExpertKey]:
+        return next((k for k in resident if k not in pinned), None)
+
+
+def test_policy_gets_the_tracers_split_with_prompt_flags(ckpt):
+    from cache.routing import Routed
+    from cache.trace import ActivationTracer
+    sources, _ = ckpt
+    spy = _RoutingSpy()
+    tracer = ActivationTracer(L, E, K)
+    p = make(sources, spy, budget=str(4 * EXPERT_BYTES))
+    p.tracer = tracer
+    returned = []
+    real = tracer.record
+    tracer.record = lambda layer, ids: returned.append(real(layer, ids)) or returned[-1]
+    # a one-token prompt routes exactly top_k ids, as a decode does: only the flag tells
+    p.begin_step(StepRows(("a", "b"), (1, 1), (True, False)))
+    for _ in p.experts(0, torch.tensor([[0, 1], [2, 3]])):
+        pass
+    assert spy.seen[0] is returned[0]                    # split once, the same object
+    assert isinstance(spy.seen[0], Routed) and spy.seen[0].prompt == {"a"}
+    assert dict(spy.seen[0]) == {"a": [0, 1], "b": [2, 3]}
+    p.tracer = None                                      # without a tracer: the same split
+    for _ in p.experts(1, torch.tensor([[4, 5], [6, 7]])):
+        pass
+    assert spy.seen[1].prompt == {"a"} and dict(spy.seen[1]) == {"a": [4, 5], "b": [6, 7]}
+    p.close()
+
+
+def test_policies_take_prompt_passes_from_the_split():
+    from cache.policies._tracking import RequestTracker
+    from cache.routing import Routed
+    t = RequestTracker(2, 4, 2)
+    t.begin_step(["a"])
+    t.observe(0, Routed([("a", [0, 1])], prompt=["a"]))     # one prompt token: k ids
+    t.observe(1, Routed([("a", [2, 3])], prompt=["a"]))
+    assert t.prompt[t.live["a"]].sum() == 4 and not t.decode[t.live["a"]].any()
+    t.begin_step(["a"])
+    t.observe(0, {"a": [1, 2]})                              # plain mapping: guessed (decode)
+    assert t.decode[t.live["a"]].sum() == 2
