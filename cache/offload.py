@@ -68,7 +68,7 @@ class OffloadedExpertProvider(ExpertProvider):
         self.num_layers = max(s.layer for s in sources) + 1
         self.expert_bytes = self.fmt.slot_bytes     # budgets count bytes of the stored format
         total = self.expert_bytes * len(self._sources)
-        self.budget_bytes = parse_budget(cache_cfg.expert_budget, total, "expert_budget")
+        self.budget_bytes = cache_cfg.expert_budget_bytes(total)
         n_dev = min(slot_count(self.budget_bytes, self.expert_bytes, policy.top_k, "expert_budget"),
                     len(self._sources))
         self._routers = list(routers) if routers is not None else None

@@ -64,6 +64,11 @@ class CacheConfig:
                 "so prefetching measured more bytes per token and no fewer stalls",
         "choices": PREFETCH})
 
+    def expert_budget_bytes(self, total_bytes: int) -> int:
+        """``expert_budget`` in bytes for experts totalling ``total_bytes`` ('all' and '100%'
+        are the same number): the one resolution the wiring and the cache share."""
+        return parse_budget(self.expert_budget, total_bytes, "expert_budget")
+
     def prefetch_enabled(self, device_type: str) -> bool:
         """Whether to prefetch with experts served to a ``device_type`` ('cpu' or 'cuda') device."""
         return self.prefetch == "on" or (self.prefetch == "auto" and device_type == "cuda")

@@ -88,9 +88,11 @@ def make_tracer(loaded: LoadedModel, ccfg: CacheConfig) -> Optional[ActivationTr
 
 
 def make_provider(loaded: LoadedModel, ccfg: CacheConfig, progress: bool = True) -> ExpertProvider:
-    """All experts resident for --expert-budget all; otherwise the offloading cache."""
+    """All experts resident when --expert-budget holds them all ('all', '100%' or a size at
+    least their bytes: resolved here, once); otherwise the offloading cache."""
     tracer = make_tracer(loaded, ccfg)
-    if ccfg.expert_budget.strip().lower() == "all" or not loaded.experts:
+    total = expert_bytes(loaded)
+    if not loaded.experts or ccfg.expert_budget_bytes(total) >= total:
         with tqdm(total=sum(s.nbytes for s in loaded.experts), unit="B", unit_scale=True,
                   desc="loading experts", disable=not progress or not loaded.experts) as bar:
             return ResidentExpertProvider(
