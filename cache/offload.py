@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import queue
 import time
-from collections import OrderedDict
 from typing import Iterator, Optional, Sequence
 
 import torch
 
 from cache.cache_stats import CacheStats
 from cache.disk import ExpertReader, ExpertReadError
+from cache.host_tier import HostTier
 from cache.io_pool import IOPool, LoadJob
 from cache.policy import CachePolicy, ExpertKey
 from cache.provider import ExpertProvider, ExpertSource, StepRows, Tracer, expert_format, lookahead
@@ -81,24 +81,17 @@ class OffloadedExpertProvider(ExpertProvider):
         for s in sources:
             self.reader.plan(s)
 
-        cuda = self.device.type == "cuda"
         self._dev = SlotPool(n_dev, self.fmt, self.device)
-        self._host: Optional[SlotPool] = None
-        if cuda:
+        self._host: Optional[HostTier] = None
+        if self.device.type == "cuda":
             host_budget = parse_budget(cache_cfg.host_budget, total, "host_budget")
             n_host = min(slot_count(host_budget, self.expert_bytes, policy.top_k, "host_budget"),
                          len(self._sources))
-            self._host = SlotPool(n_host, self.fmt, torch.device("cpu"), pin=True)
-            self._copy_stream = torch.cuda.Stream(self.device)
-            # one pair per device slot: a slot has at most one load in flight
-            self._free_events = [torch.cuda.Event() for _ in range(n_dev)]
-            self._ready_events = [torch.cuda.Event() for _ in range(n_dev)]
+            self._host = HostTier(n_host, self.fmt, self.device, n_dev)
 
         # engine-thread state
         self._resident: dict[ExpertKey, int] = {}            # key -> device slot, ready
         self._inflight: dict[ExpertKey, LoadJob] = {}
-        self._host_lru: "OrderedDict[ExpertKey, int]" = OrderedDict()   # key -> host slot
-        self._host_busy: set[ExpertKey] = set()              # host copies a load is using
         self._layer_pins: set[ExpertKey] = set()             # this layer's experts not yet consumed
         self._pending: list[ExpertKey] = []                  # demand loads waiting for a slot
         self._prefetched: set[ExpertKey] = set()             # prefetched, not used yet
@@ -109,19 +102,12 @@ class OffloadedExpertProvider(ExpertProvider):
     # ---- I/O threads ------------------------------------------------------------------------
     def _load(self, job: LoadJob, staging: torch.Tensor) -> None:
         """Runs on an I/O thread: fill the job's slot(s), nothing else."""
+        dev_buf = self._dev.buffer(job.slot)
         if self._host is None:
-            job.bytes_disk = self.reader.read_into(job.src, self._read_target(self._dev.buffer(job.slot)),
-                                                   staging)
+            job.bytes_disk = self.reader.read_into(job.src, self._read_target(dev_buf), staging)
             return
-        host_buf = self._host.buffer(job.host_slot)
-        if job.from_disk:
-            job.bytes_disk = self.reader.read_into(job.src, self._read_target(host_buf), staging)
-        with torch.cuda.stream(self._copy_stream):
-            self._copy_stream.wait_event(job.free_event)       # old occupant's compute is done
-            self._dev.buffer(job.slot).copy_(host_buf, non_blocking=True)
-            job.ready_event.record(self._copy_stream)
-        # the host slot may be reused once this job is reported, so the copy must be finished
-        job.ready_event.synchronize()
+        self._host.fill(job, dev_buf,
+                        lambda host_buf: self.reader.read_into(job.src, self._read_target(host_buf), staging))
         job.bytes_h2d = self.expert_bytes
 
     def _read_target(self, buf: torch.Tensor) -> torch.Tensor:
@@ -200,7 +186,7 @@ class OffloadedExpertProvider(ExpertProvider):
             self.stats_.add(key[0], "prefetch_used")
         self.policy.on_access(key)
         if self._host is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._ready_events[slot])
+            self._host.wait_ready(slot)
         # unpinned now: the generator resumes only after the layer used the weights (on CUDA
         # the kernels are queued; a later load into this slot waits on free_event first)
         self._layer_pins.discard(key)
@@ -244,37 +230,15 @@ class OffloadedExpertProvider(ExpertProvider):
             self.stats_.add(key[0], "prefetch_wasted")
         self.policy.on_evict(key)
 
-    def _host_slot(self, key: ExpertKey) -> Optional[tuple[int, bool]]:
-        """CUDA: (host slot holding or receiving ``key``, whether it must come from disk)."""
-        assert self._host is not None
-        if key in self._host_lru:
-            self._host_lru.move_to_end(key)
-            self._host_busy.add(key)
-            return self._host_lru[key], False
-        slot = self._host.acquire()
-        if slot is None:    # the host tier is an LRU of its own, below the policy-managed device tier
-            old = next((k for k in self._host_lru if k not in self._host_busy), None)
-            if old is None:
-                return None
-            slot = self._host_lru.pop(old)
-        self._host_lru[key] = slot
-        self._host_busy.add(key)
-        return slot, True
-
     def _issue(self, key: ExpertKey, demand: bool) -> bool:
         """Start loading ``key`` into a device slot; False when no slot can be had right now."""
         slot = self._take_slot()
         if slot is None:
             return False
         job = LoadJob(key, self._sources[key], slot, demand)
-        if self._host is not None:
-            got = self._host_slot(key)
-            if got is None:
-                self._dev.release(slot)
-                return False
-            job.host_slot, job.from_disk = got
-            job.free_event, job.ready_event = self._free_events[slot], self._ready_events[slot]
-            job.free_event.record(torch.cuda.current_stream(self.device))
+        if self._host is not None and not self._host.prepare(job):
+            self._dev.release(slot)
+            return False
         self._inflight[key] = job
         self._pool.submit(job)
         return True
@@ -318,9 +282,7 @@ class OffloadedExpertProvider(ExpertProvider):
     def _complete(self, job: LoadJob) -> None:
         del self._inflight[job.key]
         if self._host is not None:
-            self._host_busy.discard(job.key)
-            if job.error is not None and job.from_disk:
-                self._host.release(self._host_lru.pop(job.key))
+            self._host.finished(job)
         if job.error is not None:
             self._dev.release(job.slot)
             self._prefetched.discard(job.key)
@@ -360,9 +322,7 @@ class OffloadedExpertProvider(ExpertProvider):
         out["budget_bytes"] = float(self.budget_bytes)
         out["inflight"] = float(len(self._inflight))
         if self._host is not None:
-            out["host_slots"] = float(self._host.num_slots)
-            out["host_resident_bytes"] = float(len(self._host_lru) * self.expert_bytes)
-            out["host_allocated_bytes"] = float(self._host.allocated_bytes)
+            out.update(self._host.stats(self.expert_bytes))
         return out
 
     def close(self) -> None:
