@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import queue
 import time
-from typing import Iterator, Optional, Sequence
+from typing import Collection, Iterator, Optional, Sequence
 
 import torch
 
@@ -206,21 +206,26 @@ class OffloadedExpertProvider(ExpertProvider):
     def _pinned(self) -> set[ExpertKey]:
         return self._layer_pins | self._inflight.keys()
 
+    def _known(self) -> "_Known":
+        """Resident or in flight, as a view (no set built per decision)."""
+        return _Known(self._resident, self._inflight)
+
+    def _make_room(self, n: int) -> None:
+        """Evict up to ``n`` experts in one ``victims`` call (a batch's misses at once)."""
+        pinned = self._pinned()
+        for victim in self.policy.victims(self._known(), pinned, self._layer, n):
+            if victim in pinned or victim not in self._resident:
+                raise RuntimeError(f"policy {self.policy.name!r} chose {victim} to evict, which "
+                                   f"is {'pinned' if victim in pinned else 'not resident'}")
+            self._evict(victim)
+
     def _take_slot(self) -> Optional[int]:
         """A free device slot, evicting the policy's victim if needed; None if all are pinned."""
         slot = self._dev.acquire()
-        if slot is not None:
-            return slot
-        pinned = self._pinned()
-        candidates = self._resident.keys() | self._inflight.keys()
-        victim = self.policy.victim(candidates, pinned, self._layer)
-        if victim is None:
-            return None
-        if victim in pinned or victim not in self._resident:
-            raise RuntimeError(f"policy {self.policy.name!r} chose {victim} to evict, which is "
-                               f"{'pinned' if victim in pinned else 'not resident'}")
-        self._evict(victim)
-        return self._dev.acquire()
+        if slot is None:
+            self._make_room(1)
+            slot = self._dev.acquire()
+        return slot
 
     def _evict(self, key: ExpertKey) -> None:
         self._dev.release(self._resident.pop(key))
@@ -245,6 +250,9 @@ class OffloadedExpertProvider(ExpertProvider):
 
     def _issue_pending(self) -> None:
         """Issue waiting demand loads, in order, as far as slots allow."""
+        new = sum(1 for k in self._pending if k not in self._resident and k not in self._inflight)
+        if new > self._dev.free_count:
+            self._make_room(new - self._dev.free_count)
         while self._pending:
             key = self._pending[0]
             if key in self._resident or key in self._inflight:
@@ -259,7 +267,7 @@ class OffloadedExpertProvider(ExpertProvider):
         limit = self.cfg.io_threads - len(self._inflight)
         if limit <= 0:
             return
-        known = self._resident.keys() | self._inflight.keys()
+        known = self._known()
         pending = set(self._pending)
         for key in self.policy.prefetch(layer, known, limit)[:limit]:
             if key in known or key in pending or key not in self._sources:
@@ -334,3 +342,20 @@ class OffloadedExpertProvider(ExpertProvider):
         self.reader.close()
         if self.store is not None:
             self.store.flush()
+
+
+class _Known(Collection[ExpertKey]):
+    """The keys of two disjoint dicts (resident, in flight) as one collection."""
+
+    def __init__(self, a: dict, b: dict) -> None:
+        self._a, self._b = a, b
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._a or key in self._b
+
+    def __len__(self) -> int:
+        return len(self._a) + len(self._b)
+
+    def __iter__(self) -> Iterator[ExpertKey]:
+        yield from self._a
+        yield from self._b

@@ -177,7 +177,7 @@ class _Spy(CachePolicy):
 
     def __init__(self, inner: CachePolicy, provider_box: list) -> None:
         super().__init__(inner.num_layers, inner.num_experts, inner.top_k)
-        self.inner, self.box, self.victims, self.hints = inner, provider_box, 0, []
+        self.inner, self.box, self.chosen, self.hints = inner, provider_box, 0, []
 
     def observe(self, layer, routed):
         self.inner.observe(layer, routed)
@@ -189,13 +189,22 @@ class _Spy(CachePolicy):
     def prefetch(self, layer, resident, limit):
         return self.inner.prefetch(layer, resident, limit)
 
-    def victim(self, resident, pinned, layer):
+    def _check(self, resident, pinned):
         p = self.box[0]
         assert set(p._inflight) <= set(pinned) and set(p._layer_pins) <= set(pinned)
         assert set(resident) == set(p._resident) | set(p._inflight)
+
+    def victim(self, resident, pinned, layer):
+        self._check(resident, pinned)
         v = self.inner.victim(resident, pinned, layer)
-        self.victims += v is not None
+        self.chosen += v is not None
         return v
+
+    def victims(self, resident, pinned, layer, n):
+        self._check(resident, pinned)
+        vs = self.inner.victims(resident, pinned, layer, n)
+        self.chosen += len(vs)
+        return vs
 
     def on_access(self, key):
         self.inner.on_access(key)
@@ -233,7 +242,7 @@ def test_victims_exclude_in_flight_and_current_layer(ckpt, policy: str) -> None:
                 for e, w in p.experts(layer, ids, hidden):
                     assert torch.equal(_flat(w), want[(layer, e)].float())
             p.begin_step(StepRows(("a",), (1,), (False,)))
-        assert spy.victims > 0
+        assert spy.chosen > 0
         # look-ahead: one score per expert of the next layer, a probability distribution
         assert [h[0] for h in spy.hints[:L - 1]] == list(range(1, L))
         assert all(len(s) == E and abs(sum(s) - 1) < 1e-4 for _, s in spy.hints)
