@@ -320,6 +320,9 @@ class OffloadedExpertProvider(ExpertProvider):
         """Experts whose weights are in device-tier slots now (not counting loads in flight)."""
         return set(self._resident)
 
+    def layer_stats(self) -> dict[str, list[float]]:
+        return self.stats_.per_layer()
+
     def stats(self) -> dict[str, float]:
         out = self.stats_.flat()
         out["resident_bytes"] = float(len(self._resident) * self.expert_bytes)

@@ -162,6 +162,11 @@ class ExpertProvider(ABC):
             self.tracer.end_request(seq_id, aborted)
 
     def stats(self) -> dict[str, float]:
+        """Cache totals by name (empty without a cache)."""
+        return {}
+
+    def layer_stats(self) -> dict[str, list[float]]:
+        """Cache counters per MoE layer: name -> one value per layer (empty without a cache)."""
         return {}
 
     def close(self) -> None:

@@ -76,7 +76,9 @@ def test_exact_weights_every_policy(ckpt, policy: str, budget: str) -> None:
         s = p.stats()
         assert s["allocated_bytes"] <= s["budget_bytes"]
         assert s["hits"] + s["misses"] == s["accesses"] == uses
-        assert sum(s[f"layer.{i}.hits"] + s[f"layer.{i}.misses"] for i in range(L)) == uses
+        per = p.layer_stats()
+        assert len(per["hits"]) == L and not any(k.startswith("layer.") for k in s)
+        assert sum(per["hits"]) + sum(per["misses"]) == uses
         assert s["prefetch_used"] + s["prefetch_wasted"] <= s["prefetch_issued"]
         loads = s["loads"] + s["prefetch_issued"]
         assert s["bytes_disk"] >= (loads - s["inflight"]) * sources[0].nbytes
