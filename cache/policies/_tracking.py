@@ -79,7 +79,7 @@ class RequestTracker:
         slots = np.array(dec_slots, dtype=np.int64)
         ids, w = _pad(dec_rows, k)
         if len(slots):
-            np.add.at(self.decode, (slots[:, None], layer, ids), w)
+            add_at(self.decode, ((slots * self.L + layer) * self.E)[:, None] + ids, w)
             self.layers_seen[slots] = layer + 1
             if layer == self.L - 1:
                 self.decode_passes[slots] += 1
@@ -113,6 +113,11 @@ class RequestTracker:
         self.in_prompt[s] = False
         self._free.append(s)
         return s
+
+
+def add_at(arr: np.ndarray, flat: np.ndarray, w: np.ndarray) -> None:
+    """np.add.at on a contiguous array by flat indices: the 1-D form is several times faster."""
+    np.add.at(arr.reshape(-1), flat.reshape(-1), w.reshape(-1))
 
 
 def _pad(rows: list[Sequence[int]], k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,7 @@ import numpy as np
 
 from cache.eam import EAMCollection
 from cache.policies._rows import MaskedRows
-from cache.policies._tracking import RequestTracker, grow
+from cache.policies._tracking import RequestTracker, add_at, grow
 from cache.policy import CachePolicy, ExpertKey
 
 P_FLOOR = 1e-3
@@ -138,9 +138,9 @@ class AutoPolicy(CachePolicy):
         if len(ds):
             # decode pass: one token, so its routing pairs layer to layer and token to token
             self._num[ds, layer] *= g
-            np.add.at(self._num, (ds[:, None], layer, ids), w)
+            add_at(self._num, ((ds * self.num_layers + layer) * self.num_experts)[:, None] + ids, w)
             self._den[ds, layer] = self._den[ds, layer] * g + 1.0
-            np.add.at(self._glob_num[layer], ids, w)
+            add_at(self._glob_num[layer], ids, w)
             self._glob_den[layer] += len(ds)
             self._learn(layer, ds, ids, w)
             self._predict(layer, ds, ids, w)
@@ -175,7 +175,7 @@ class AutoPolicy(CachePolicy):
 
     def _learn(self, layer: int, ds: np.ndarray, ids: np.ndarray, w: np.ndarray) -> None:
         E = self.num_experts
-        np.add.at(self._use[layer], ids, w)
+        add_at(self._use[layer], ids, w)
         self._tok[layer] += len(ds)
         # this token's layers l-1 and l-2 (when this pass routed them as a decode), and the
         # previous token's layer l: one update of the three evidence blocks
@@ -185,8 +185,8 @@ class AutoPolicy(CachePolicy):
         wr = np.concatenate([self._last_w[ds, max(layer - 1, 0)] * (same * (layer >= 1)),
                              self._last_w[ds, max(layer - 2, 0)] * (same * (layer >= 2)),
                              self._last_w[ds, layer]], axis=1)
-        np.add.at(self._stat[layer], (rows[:, :, None], ids[:, None, :]), wr[:, :, None] * w[:, None, :])
-        np.add.at(self._stat_n[layer], rows, wr)
+        add_at(self._stat[layer], rows[:, :, None] * E + ids[:, None, :], wr[:, :, None] * w[:, None, :])
+        add_at(self._stat_n[layer], rows, wr)
 
     def _predict(self, layer: int, ds: np.ndarray, ids: np.ndarray, w: np.ndarray) -> None:
         """After a decode token routed ``ids`` at ``layer``, per request, P(b chosen) for: the
