@@ -1,4 +1,4 @@
-"""Record moe-trace v1 routing traces from a model: MT-Bench first turns, chat template, greedy.
+"""Record moe-trace v2 routing traces from a model: MT-Bench first turns, chat template, greedy.
 
     python -m bench.record_traces [--model DIR | --preset NAME] [--out FILE] [--prompts 40]
                                   [--max-tokens 64] [--dtype bf16] [--threads 1]

@@ -13,6 +13,9 @@ Model (documented in bench/replay.py's --help too):
   is loaded. Only the expert being taken and the loads in flight are pinned.
 - After the layer's accesses the policy may prefetch up to ceil(2 B) - (loads queued) experts
   (E per layer when B = inf), evicting its own victims; then the layer computes (the link moves B).
+- Look-ahead (moe-trace v2): before layer l routes, the policy gets ``hint(l + 1, scores)``
+  with scores counting the experts the trace's look-ahead lists for layer l (layer l + 1's
+  router on layer l's input), as the engine's cache does; v1 traces give no hints.
 - Metrics count decode passes only: the prompt pass warms the cache but is not scored, as in
   the reference figures of the shared traces (demand hit rate on decode tokens).
 """
@@ -25,6 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from bench.replay_limits import Future
 from cache.policy import CachePolicy, ExpertKey
+from cache.routing import Routed
 
 
 @dataclass
@@ -33,6 +37,7 @@ class Pass:
     layers: list[list[int]]     # per layer: experts chosen by this pass's tokens (repeats count)
     scored: bool                # a decode pass (metrics count it)
     last: bool                  # the request's final pass
+    ahead: Optional[list[list[int]]] = None   # per layer < L-1: look-ahead experts (v2)
 
 
 def build_passes(requests: Sequence[dict[str, Any]], num_layers: int) -> list[Pass]:
@@ -43,12 +48,19 @@ def build_passes(requests: Sequence[dict[str, Any]], num_layers: int) -> list[Pa
         seen[req["id"]] = n + 1
         sid = req["id"] if n == 0 else f"{req['id']}#{n}"   # repeated ids stay distinct requests
         tokens, P = req["tokens"], req["prefill"]
+        ahead = req.get("lookahead")
         mine: list[Pass] = []
+
+        def hints(rows: Any) -> Optional[list[list[int]]]:
+            if ahead is None:
+                return None
+            return [[e for t in rows for e in ahead[t][l]] for l in range(num_layers - 1)]
+
         if P > 0:
             mine.append(Pass(sid, [[e for tok in tokens[:P] for e in tok[l]]
-                                   for l in range(num_layers)], False, False))
-        mine.extend(Pass(sid, [list(tok[l]) for l in range(num_layers)], True, False)
-                    for tok in tokens[P:])
+                                   for l in range(num_layers)], False, False, hints(range(P))))
+        mine.extend(Pass(sid, [list(tokens[t][l]) for l in range(num_layers)], True, False,
+                         hints((t,))) for t in range(P, len(tokens)))
         if mine:
             mine[-1].last = True
             passes.extend(mine)
@@ -127,7 +139,12 @@ def simulate(passes: Sequence[Pass], num_layers: int, num_experts: int, capacity
         scored = ps.scored
         st.tokens += scored
         for layer, experts in enumerate(ps.layers):
-            policy.observe(layer, {ps.seq_id: experts})
+            if ps.ahead is not None and layer + 1 < num_layers and ps.ahead[layer]:
+                scores = [0.0] * num_experts
+                for e in ps.ahead[layer]:
+                    scores[e] += 1.0
+                policy.hint(layer + 1, scores)
+            policy.observe(layer, Routed([(ps.seq_id, experts)], () if scored else (ps.seq_id,)))
             needed = sorted(set(experts))
             for e in needed:
                 key = (layer, e)

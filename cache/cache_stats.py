@@ -1,4 +1,5 @@
-"""Counters of the offloading cache, per tier and per MoE layer, exported as flat names."""
+"""Counters of the offloading cache, per tier and per MoE layer: totals by name, and per-layer
+series by name (typed data across the engine boundary; nobody parses "layer.<i>.<name>")."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
@@ -40,11 +41,13 @@ class CacheStats:
         setattr(per, name, getattr(per, name) + amount)
 
     def flat(self) -> dict[str, float]:
-        """``hits``, ``misses``, ... then ``layer.<l>.hits`` ... (every counter, every layer)."""
+        """The totals: ``hits``, ``misses``, ..., ``accesses`` and ``hit_rate``."""
         out = dict(self.total.items())
         out["accesses"] = out["hits"] + out["misses"]
         out["hit_rate"] = out["hits"] / out["accesses"] if out["accesses"] else 0.0
-        for i, per in enumerate(self.layers):
-            for name, value in per.items():
-                out[f"layer.{i}.{name}"] = value
         return out
+
+    def per_layer(self) -> dict[str, list[float]]:
+        """Every counter as a series over the MoE layers: name -> [value of layer 0, 1, ...]."""
+        return {f.name: [float(getattr(per, f.name)) for per in self.layers]
+                for f in fields(Counters)}

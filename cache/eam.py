@@ -48,6 +48,7 @@ class EAMCollection:
         # [capacity, L, E] row-normalised matrices; row-normalising before storage makes a long
         # request weigh the same as a short one when entries are summed into a prediction.
         self._mats = np.zeros((capacity, num_layers, num_experts), dtype=np.float64)
+        self._rn2 = np.zeros((capacity, num_layers))    # squared row norms: cosines need no pass
         self._n = 0
 
     def __len__(self) -> int:
@@ -65,10 +66,12 @@ class EAMCollection:
         return a
 
     def _cosine(self, vec: np.ndarray, rows: slice) -> np.ndarray:
-        """Cosine of ``vec`` ([r*E] flattened rows) with every stored entry over the same rows."""
+        """Cosine of ``vec`` ([r*E] flattened rows, or [r*E, B] for B vectors) with every
+        stored entry over the same rows: [n] (or [n, B])."""
         stored = self._mats[:self._n, rows].reshape(self._n, -1)   # [n, r*E]
-        num = stored @ vec                                          # [n]
-        den = np.linalg.norm(stored, axis=1) * np.linalg.norm(vec)
+        num = stored @ vec                                          # [n] or [n, B]
+        norms = np.sqrt(self._rn2[:self._n, rows].sum(axis=1))
+        den = np.multiply.outer(norms, np.linalg.norm(vec, axis=0))
         return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
 
     def insert(self, matrix: np.ndarray) -> Optional[int]:
@@ -84,6 +87,7 @@ class EAMCollection:
         else:
             slot = int(np.argmax(self._cosine(m.reshape(-1), slice(None))))
         self._mats[slot] = m
+        self._rn2[slot] = (m * m).sum(axis=1)
         return slot
 
     def match(self, partial: np.ndarray, layers_seen: Optional[int] = None,
@@ -108,6 +112,26 @@ class EAMCollection:
         if best.size == 0:
             return None
         return row_normalise(self._mats[best].sum(axis=0))
+
+    def match_full(self, partials: Sequence[np.ndarray], nearest: int = 3) -> list[Optional[np.ndarray]]:
+        """``match(p, None, nearest)`` for each of ``partials``, with one pass over the stored
+        entries for all of them (a batch of requests refreshes its predictions together)."""
+        if self._n == 0 or not len(partials):
+            return [None] * len(partials)
+        vecs = np.stack([row_normalise(self._check(p, "match_full")).reshape(-1) for p in partials],
+                        axis=1)                                     # [L*E, B]
+        sims = self._cosine(vecs, slice(None))                      # [n, B]
+        k = min(nearest, self._n)
+        out: list[Optional[np.ndarray]] = []
+        for b in range(len(partials)):
+            if not vecs[:, b].any():
+                out.append(None)
+                continue
+            col = sims[:, b]
+            best = np.argpartition(-col, k - 1)[:k] if k < self._n else np.arange(self._n)
+            best = best[col[best] > 0]
+            out.append(row_normalise(self._mats[best].sum(axis=0)) if best.size else None)
+        return out
 
     # --- persistence -------------------------------------------------------------------------
 

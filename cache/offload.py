@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import queue
 import time
-from collections import OrderedDict
-from typing import Iterator, Optional, Sequence
+from typing import Collection, Iterator, Optional, Sequence
 
 import torch
 
 from cache.cache_stats import CacheStats
 from cache.disk import ExpertReader, ExpertReadError
+from cache.host_tier import HostTier
 from cache.io_pool import IOPool, LoadJob
 from cache.policy import CachePolicy, ExpertKey
-from cache.provider import ExpertProvider, ExpertSource, StepRows, Tracer, expert_format
+from cache.provider import ExpertProvider, ExpertSource, StepRows, Tracer, expert_format, lookahead
 from cache.quant import ExpertFormat, ExpertWeights
+from cache.routing import Routed, split_routing
 from cache.slots import SlotPool, slot_count
 from cache.store import CollectionStore
 from configs.cache import CacheConfig, parse_budget
@@ -67,7 +68,7 @@ class OffloadedExpertProvider(ExpertProvider):
         self.num_layers = max(s.layer for s in sources) + 1
         self.expert_bytes = self.fmt.slot_bytes     # budgets count bytes of the stored format
         total = self.expert_bytes * len(self._sources)
-        self.budget_bytes = parse_budget(cache_cfg.expert_budget, total, "expert_budget")
+        self.budget_bytes = cache_cfg.expert_budget_bytes(total)
         n_dev = min(slot_count(self.budget_bytes, self.expert_bytes, policy.top_k, "expert_budget"),
                     len(self._sources))
         self._routers = list(routers) if routers is not None else None
@@ -80,24 +81,17 @@ class OffloadedExpertProvider(ExpertProvider):
         for s in sources:
             self.reader.plan(s)
 
-        cuda = self.device.type == "cuda"
         self._dev = SlotPool(n_dev, self.fmt, self.device)
-        self._host: Optional[SlotPool] = None
-        if cuda:
+        self._host: Optional[HostTier] = None
+        if self.device.type == "cuda":
             host_budget = parse_budget(cache_cfg.host_budget, total, "host_budget")
             n_host = min(slot_count(host_budget, self.expert_bytes, policy.top_k, "host_budget"),
                          len(self._sources))
-            self._host = SlotPool(n_host, self.fmt, torch.device("cpu"), pin=True)
-            self._copy_stream = torch.cuda.Stream(self.device)
-            # one pair per device slot: a slot has at most one load in flight
-            self._free_events = [torch.cuda.Event() for _ in range(n_dev)]
-            self._ready_events = [torch.cuda.Event() for _ in range(n_dev)]
+            self._host = HostTier(n_host, self.fmt, self.device, n_dev)
 
         # engine-thread state
         self._resident: dict[ExpertKey, int] = {}            # key -> device slot, ready
         self._inflight: dict[ExpertKey, LoadJob] = {}
-        self._host_lru: "OrderedDict[ExpertKey, int]" = OrderedDict()   # key -> host slot
-        self._host_busy: set[ExpertKey] = set()              # host copies a load is using
         self._layer_pins: set[ExpertKey] = set()             # this layer's experts not yet consumed
         self._pending: list[ExpertKey] = []                  # demand loads waiting for a slot
         self._prefetched: set[ExpertKey] = set()             # prefetched, not used yet
@@ -108,19 +102,12 @@ class OffloadedExpertProvider(ExpertProvider):
     # ---- I/O threads ------------------------------------------------------------------------
     def _load(self, job: LoadJob, staging: torch.Tensor) -> None:
         """Runs on an I/O thread: fill the job's slot(s), nothing else."""
+        dev_buf = self._dev.buffer(job.slot)
         if self._host is None:
-            job.bytes_disk = self.reader.read_into(job.src, self._read_target(self._dev.buffer(job.slot)),
-                                                   staging)
+            job.bytes_disk = self.reader.read_into(job.src, self._read_target(dev_buf), staging)
             return
-        host_buf = self._host.buffer(job.host_slot)
-        if job.from_disk:
-            job.bytes_disk = self.reader.read_into(job.src, self._read_target(host_buf), staging)
-        with torch.cuda.stream(self._copy_stream):
-            self._copy_stream.wait_event(job.free_event)       # old occupant's compute is done
-            self._dev.buffer(job.slot).copy_(host_buf, non_blocking=True)
-            job.ready_event.record(self._copy_stream)
-        # the host slot may be reused once this job is reported, so the copy must be finished
-        job.ready_event.synchronize()
+        self._host.fill(job, dev_buf,
+                        lambda host_buf: self.reader.read_into(job.src, self._read_target(host_buf), staging))
         job.bytes_h2d = self.expert_bytes
 
     def _read_target(self, buf: torch.Tensor) -> torch.Tensor:
@@ -147,7 +134,12 @@ class OffloadedExpertProvider(ExpertProvider):
         ids = topk_ids.tolist() if host_ids is None else host_ids      # [T][k]
         routed = self._routed(layer, ids)
         if self._routers is not None and hidden is not None and layer + 1 < len(self._routers):
-            self.policy.hint(layer + 1, self._lookahead(layer + 1, hidden))
+            # record_lookahead is optional in a Tracer (a probe may only count activations)
+            record = self.tracer is not None and hasattr(self.tracer, "record_lookahead")
+            scores, ahead = lookahead(self._routers[layer + 1], hidden, self.policy.top_k, record)
+            if ahead is not None:
+                self.tracer.record_lookahead(layer, ahead)
+            self.policy.hint(layer + 1, scores)
         self.policy.observe(layer, routed)
         self._drain(block=False)
 
@@ -194,54 +186,46 @@ class OffloadedExpertProvider(ExpertProvider):
             self.stats_.add(key[0], "prefetch_used")
         self.policy.on_access(key)
         if self._host is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._ready_events[slot])
+            self._host.wait_ready(slot)
         # unpinned now: the generator resumes only after the layer used the weights (on CUDA
         # the kernels are queued; a later load into this slot waits on free_event first)
         self._layer_pins.discard(key)
         return key[1], self._dev.views(slot)
 
     # ---- routing helpers --------------------------------------------------------------------
-    def _routed(self, layer: int, ids: list[list[int]]) -> dict[str, list[int]]:
-        """Per request, the expert ids its rows chose (from the tracer when it splits them)."""
+    def _routed(self, layer: int, ids: list[list[int]]) -> Routed:
+        """Per request, the expert ids its rows chose: split once, by the tracer when there
+        is one (it needs the same split), and that object goes to the policy."""
         if self.tracer is not None:
             got = self.tracer.record(layer, ids)
-            if isinstance(got, dict):
+            if isinstance(got, Routed):
                 return got
-        rows = self._rows
-        if rows is None or sum(rows.num_tokens) != len(ids):
-            return {"": [e for row in ids for e in row]}
-        out: dict[str, list[int]] = {}
-        start = 0
-        for seq, n in zip(rows.seq_ids, rows.num_tokens):
-            out[seq] = [e for row in ids[start:start + n] for e in row]
-            start += n
-        return out
-
-    def _lookahead(self, layer: int, hidden: torch.Tensor) -> list[float]:
-        """Mean router probability per expert of ``layer`` on the current hidden state [T, H]."""
-        w = self._routers[layer]                                   # [E, H]
-        logits = hidden.to(w.dtype) @ w.t()                         # [T, E]
-        return torch.softmax(logits.float(), dim=-1).mean(0).tolist()
+        return split_routing(self._rows, ids)
 
     # ---- loads and evictions (engine thread) ------------------------------------------------
     def _pinned(self) -> set[ExpertKey]:
         return self._layer_pins | self._inflight.keys()
 
+    def _known(self) -> "_Known":
+        """Resident or in flight, as a view (no set built per decision)."""
+        return _Known(self._resident, self._inflight)
+
+    def _make_room(self, n: int) -> None:
+        """Evict up to ``n`` experts in one ``victims`` call (a batch's misses at once)."""
+        pinned = self._pinned()
+        for victim in self.policy.victims(self._known(), pinned, self._layer, n):
+            if victim in pinned or victim not in self._resident:
+                raise RuntimeError(f"policy {self.policy.name!r} chose {victim} to evict, which "
+                                   f"is {'pinned' if victim in pinned else 'not resident'}")
+            self._evict(victim)
+
     def _take_slot(self) -> Optional[int]:
         """A free device slot, evicting the policy's victim if needed; None if all are pinned."""
         slot = self._dev.acquire()
-        if slot is not None:
-            return slot
-        pinned = self._pinned()
-        candidates = self._resident.keys() | self._inflight.keys()
-        victim = self.policy.victim(candidates, pinned, self._layer)
-        if victim is None:
-            return None
-        if victim in pinned or victim not in self._resident:
-            raise RuntimeError(f"policy {self.policy.name!r} chose {victim} to evict, which is "
-                               f"{'pinned' if victim in pinned else 'not resident'}")
-        self._evict(victim)
-        return self._dev.acquire()
+        if slot is None:
+            self._make_room(1)
+            slot = self._dev.acquire()
+        return slot
 
     def _evict(self, key: ExpertKey) -> None:
         self._dev.release(self._resident.pop(key))
@@ -251,43 +235,24 @@ class OffloadedExpertProvider(ExpertProvider):
             self.stats_.add(key[0], "prefetch_wasted")
         self.policy.on_evict(key)
 
-    def _host_slot(self, key: ExpertKey) -> Optional[tuple[int, bool]]:
-        """CUDA: (host slot holding or receiving ``key``, whether it must come from disk)."""
-        assert self._host is not None
-        if key in self._host_lru:
-            self._host_lru.move_to_end(key)
-            self._host_busy.add(key)
-            return self._host_lru[key], False
-        slot = self._host.acquire()
-        if slot is None:    # the host tier is an LRU of its own, below the policy-managed device tier
-            old = next((k for k in self._host_lru if k not in self._host_busy), None)
-            if old is None:
-                return None
-            slot = self._host_lru.pop(old)
-        self._host_lru[key] = slot
-        self._host_busy.add(key)
-        return slot, True
-
     def _issue(self, key: ExpertKey, demand: bool) -> bool:
         """Start loading ``key`` into a device slot; False when no slot can be had right now."""
         slot = self._take_slot()
         if slot is None:
             return False
         job = LoadJob(key, self._sources[key], slot, demand)
-        if self._host is not None:
-            got = self._host_slot(key)
-            if got is None:
-                self._dev.release(slot)
-                return False
-            job.host_slot, job.from_disk = got
-            job.free_event, job.ready_event = self._free_events[slot], self._ready_events[slot]
-            job.free_event.record(torch.cuda.current_stream(self.device))
+        if self._host is not None and not self._host.prepare(job):
+            self._dev.release(slot)
+            return False
         self._inflight[key] = job
         self._pool.submit(job)
         return True
 
     def _issue_pending(self) -> None:
         """Issue waiting demand loads, in order, as far as slots allow."""
+        new = sum(1 for k in self._pending if k not in self._resident and k not in self._inflight)
+        if new > self._dev.free_count:
+            self._make_room(new - self._dev.free_count)
         while self._pending:
             key = self._pending[0]
             if key in self._resident or key in self._inflight:
@@ -302,7 +267,7 @@ class OffloadedExpertProvider(ExpertProvider):
         limit = self.cfg.io_threads - len(self._inflight)
         if limit <= 0:
             return
-        known = self._resident.keys() | self._inflight.keys()
+        known = self._known()
         pending = set(self._pending)
         for key in self.policy.prefetch(layer, known, limit)[:limit]:
             if key in known or key in pending or key not in self._sources:
@@ -325,9 +290,7 @@ class OffloadedExpertProvider(ExpertProvider):
     def _complete(self, job: LoadJob) -> None:
         del self._inflight[job.key]
         if self._host is not None:
-            self._host_busy.discard(job.key)
-            if job.error is not None and job.from_disk:
-                self._host.release(self._host_lru.pop(job.key))
+            self._host.finished(job)
         if job.error is not None:
             self._dev.release(job.slot)
             self._prefetched.discard(job.key)
@@ -357,6 +320,9 @@ class OffloadedExpertProvider(ExpertProvider):
         """Experts whose weights are in device-tier slots now (not counting loads in flight)."""
         return set(self._resident)
 
+    def layer_stats(self) -> dict[str, list[float]]:
+        return self.stats_.per_layer()
+
     def stats(self) -> dict[str, float]:
         out = self.stats_.flat()
         out["resident_bytes"] = float(len(self._resident) * self.expert_bytes)
@@ -367,9 +333,7 @@ class OffloadedExpertProvider(ExpertProvider):
         out["budget_bytes"] = float(self.budget_bytes)
         out["inflight"] = float(len(self._inflight))
         if self._host is not None:
-            out["host_slots"] = float(self._host.num_slots)
-            out["host_resident_bytes"] = float(len(self._host_lru) * self.expert_bytes)
-            out["host_allocated_bytes"] = float(self._host.allocated_bytes)
+            out.update(self._host.stats(self.expert_bytes))
         return out
 
     def close(self) -> None:
@@ -381,3 +345,20 @@ class OffloadedExpertProvider(ExpertProvider):
         self.reader.close()
         if self.store is not None:
             self.store.flush()
+
+
+class _Known(Collection[ExpertKey]):
+    """The keys of two disjoint dicts (resident, in flight) as one collection."""
+
+    def __init__(self, a: dict, b: dict) -> None:
+        self._a, self._b = a, b
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._a or key in self._b
+
+    def __len__(self) -> int:
+        return len(self._a) + len(self._b)
+
+    def __iter__(self) -> Iterator[ExpertKey]:
+        yield from self._a
+        yield from self._b

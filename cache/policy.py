@@ -6,12 +6,17 @@ The same policy object runs inside the engine's offloading cache and inside the 
     policy.begin_step(seq_ids)                          # which requests are in this pass
     for layer in range(num_layers):
         policy.hint(layer + 1, scores)                   # optional: engine-side gate look-ahead
-        policy.observe(layer, {seq_id: [expert, ...]})   # routing of this layer, per request
+        policy.observe(layer, routed)                    # routing of this layer, per request
+                                                         # (cache/routing.py Routed)
         for key in policy.prefetch(layer, resident, n):  # what to load next, most urgent first
             ... when room is needed: victim = policy.victim(resident, pinned, layer)
+                                     (or n at once: policy.victims(resident, pinned, layer, n))
     policy.end_request(seq_id)                           # a request finished (feeds the collection)
 
-Keys are (layer, expert) tuples. ``resident`` includes experts in flight.
+Keys are (layer, expert) tuples. ``resident`` includes experts in flight. Callers announce
+every expert that becomes resident with ``on_load`` and every one that leaves with
+``on_evict``: array-backed policies keep residency as a mask from those calls instead of
+scanning ``resident`` on every decision.
 """
 from __future__ import annotations
 
@@ -34,7 +39,9 @@ class CachePolicy(ABC):
 
     @abstractmethod
     def observe(self, layer: int, routed: Mapping[str, Sequence[int]]) -> None:
-        """Layer ``layer`` routed: per request, the expert ids its tokens chose (repeats count)."""
+        """Layer ``layer`` routed: per request, the expert ids its tokens chose (repeats count).
+        Engine and replay pass a ``cache.routing.Routed``, whose ``prompt`` names the requests
+        in a prompt pass; a plain mapping is accepted (prompt passes are then guessed)."""
 
     def hint(self, layer: int, scores: Sequence[float]) -> None:
         """Optional look-ahead: a score per expert of a later ``layer`` (e.g. its router applied
@@ -50,6 +57,20 @@ class CachePolicy(ABC):
                layer: int) -> Optional[ExpertKey]:
         """The resident expert (not in ``pinned``) to evict to make room while at ``layer``;
         None if every resident expert is pinned."""
+
+    def victims(self, resident: Collection[ExpertKey], pinned: Collection[ExpertKey],
+                layer: int, n: int) -> list[ExpertKey]:
+        """Up to ``n`` distinct victims at once, first to evict first (a batch's misses need
+        many slots; array-backed policies answer in one pass). Default: ``victim`` n times."""
+        out: list[ExpertKey] = []
+        held = set(pinned)
+        for _ in range(n):
+            v = self.victim(resident, held, layer)
+            if v is None:
+                break
+            out.append(v)
+            held.add(v)
+        return out
 
     def on_access(self, key: ExpertKey) -> None:
         """``key`` was used by a layer's compute (a hit or a completed miss)."""

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple, Optional, Protocol, Sequence, Union
+from typing import Callable, Iterator, Optional, Protocol, Sequence, Union
 
 import torch
 
 from cache.packed import PackedExpert, pack_expert, packs
 from cache.quant import ExpertFormat, ExpertWeights
+from cache.routing import StepRows  # noqa: F401  (re-exported: the engine's import)
 
 # what a provider hands a MoE layer: slot views in a stored format, or a packed resident expert
 ProvidedExpert = Union[ExpertWeights, PackedExpert]
@@ -112,21 +113,29 @@ def read_tensor(ref: TensorRef) -> torch.Tensor:
     return torch.frombuffer(data, dtype=ST_DTYPES[ref.dtype]).view(ref.shape)
 
 
-class StepRows(NamedTuple):
-    """The engine's description of the rows of one forward pass: sequence i owns the next
-    num_tokens[i] rows of every [T, ...] tensor; prefill[i] tells a prompt pass from a decode."""
-
-    seq_ids: tuple[str, ...]
-    num_tokens: tuple[int, ...]
-    prefill: tuple[bool, ...]
-
-
 class Tracer(Protocol):
     """Records per-request expert activations (implemented in cache/trace.py)."""
 
     def begin_step(self, rows: StepRows) -> None: ...
     def record(self, layer: int, topk_ids: list[list[int]]) -> object: ...  # [T][k] on the host
+    def record_lookahead(self, layer: int, topk_ids: list[list[int]]) -> None: ...  # [T][k]
     def end_request(self, seq_id: str, aborted: bool = False) -> None: ...
+
+
+def lookahead(router: torch.Tensor, hidden: torch.Tensor, top_k: int,
+              per_token: bool) -> tuple[list[float], Optional[list[list[int]]]]:
+    """The next layer's router [E, H] on the current hidden state [T, H]: its mean probability
+    per expert (the policy's hint) and, when ``per_token``, each row's top-k (the trace's v2
+    look-ahead). One device-to-host read for both."""
+    probs = torch.softmax((hidden.to(router.dtype) @ router.t()).float(), dim=-1)   # [T, E]
+    mean = probs.mean(0)
+    if not per_token:
+        return mean.tolist(), None
+    top = probs.topk(top_k, dim=-1).indices                                       # [T, k]
+    flat = torch.cat([mean, top.reshape(-1).float()]).tolist()
+    E = probs.shape[1]
+    ids = [int(x) for x in flat[E:]]
+    return flat[:E], [ids[i:i + top_k] for i in range(0, len(ids), top_k)]
 
 
 class ExpertProvider(ABC):
@@ -153,6 +162,11 @@ class ExpertProvider(ABC):
             self.tracer.end_request(seq_id, aborted)
 
     def stats(self) -> dict[str, float]:
+        """Cache totals by name (empty without a cache)."""
+        return {}
+
+    def layer_stats(self) -> dict[str, list[float]]:
+        """Cache counters per MoE layer: name -> one value per layer (empty without a cache)."""
         return {}
 
     def close(self) -> None:
@@ -165,9 +179,14 @@ class ResidentExpertProvider(ExpertProvider):
 
     def __init__(self, sources: Sequence[ExpertSource], device: torch.device, dtype: torch.dtype,
                  tracer: Optional[Tracer] = None,
-                 progress: Optional[Callable[[int], None]] = None) -> None:
+                 progress: Optional[Callable[[int], None]] = None,
+                 routers: Optional[Sequence[torch.Tensor]] = None, top_k: int = 0) -> None:
+        """routers, top_k: per MoE layer its [E, H] router weight and the model's top-k, so
+        the tracer records the next layer's look-ahead (moe-trace v2)."""
         self._weights: dict[tuple[int, int], ProvidedExpert] = {}
         self.tracer = tracer
+        self._routers = list(routers) if routers is not None and top_k > 0 else None
+        self._top_k = top_k
         self.fmt = expert_format(sources, dtype) if sources else None
         pack = self.fmt is not None and not self.fmt.quantized and packs(torch.device(device), dtype)
         for src in sources:
@@ -189,6 +208,9 @@ class ResidentExpertProvider(ExpertProvider):
         ids = topk_ids.tolist() if host_ids is None else host_ids
         if self.tracer is not None:
             self.tracer.record(layer, ids)
+            if self._routers is not None and hidden is not None and layer + 1 < len(self._routers):
+                _, ahead = lookahead(self._routers[layer + 1], hidden, self._top_k, True)
+                self.tracer.record_lookahead(layer, ahead)
         for e in sorted({e for row in ids for e in row}):
             yield e, self._weights[(layer, e)]
 

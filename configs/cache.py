@@ -53,7 +53,7 @@ class CacheConfig:
     collection_capacity: int = field(default=120, metadata={
         "help": "most past activation matrices kept for prediction"})
     record_trace: Optional[str] = field(default=None, metadata={
-        "help": "append every finished request's routing to this moe-trace v1 JSONL file",
+        "help": "append every finished request's routing to this moe-trace v2 JSONL file (v1 plus the next layer's look-ahead)",
         "metavar": "FILE"})
     io_threads: int = field(default=4, metadata={
         "help": "background threads reading experts (several reads in flight)"})
@@ -63,6 +63,11 @@ class CacheConfig:
                 "disk (CPU): there the disk is the bottleneck and every wrong guess costs a read, "
                 "so prefetching measured more bytes per token and no fewer stalls",
         "choices": PREFETCH})
+
+    def expert_budget_bytes(self, total_bytes: int) -> int:
+        """``expert_budget`` in bytes for experts totalling ``total_bytes`` ('all' and '100%'
+        are the same number): the one resolution the wiring and the cache share."""
+        return parse_budget(self.expert_budget, total_bytes, "expert_budget")
 
     def prefetch_enabled(self, device_type: str) -> bool:
         """Whether to prefetch with experts served to a ``device_type`` ('cpu' or 'cuda') device."""

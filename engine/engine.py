@@ -210,7 +210,8 @@ class Engine:
     # -- introspection ----------------------------------------------------------------------
     def stats(self) -> EngineStats:
         return EngineStats(running=len(self.running), waiting=len(self.waiting),
-                           cache=dict(self.provider.stats()), **self.counters)
+                           cache=dict(self.provider.stats()),
+                           cache_layers=dict(self.provider.layer_stats()), **self.counters)
 
     def close(self) -> None:
         self.provider.close()

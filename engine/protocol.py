@@ -106,5 +106,7 @@ class EngineStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     steps: int = 0
-    # expert cache counters (hits, misses, prefetches, bytes per tier, ...): flat name -> number
+    # expert cache totals (hits, misses, prefetches, bytes per tier, ...): name -> number
     cache: dict[str, float] = field(default_factory=dict)
+    # the same counters per MoE layer: name -> [layer 0, layer 1, ...]
+    cache_layers: dict[str, list[float]] = field(default_factory=dict)

@@ -53,10 +53,12 @@ def check_trace_store(path: str, num_layers: int, num_experts: int) -> Optional[
 
 
 def open_tracer(path: str, num_layers: int, num_experts: int, top_k: int,
-                model: str) -> ActivationTracer:
-    """ActivationTracer appending to ``path``; any problem with the file names it."""
+                model: str, expert_bytes: Optional[int] = None) -> ActivationTracer:
+    """ActivationTracer appending to ``path``; any problem with the file names it.
+    ``expert_bytes`` goes into a new file's moe-trace v2 header."""
     try:
-        return ActivationTracer(num_layers, num_experts, top_k, record_path=path, model=model)
+        return ActivationTracer(num_layers, num_experts, top_k, record_path=path, model=model,
+                                expert_bytes=expert_bytes)
     except UnicodeDecodeError:
         raise TraceFileError(f"--record-trace {path}: not a moe-trace file (not UTF-8 text); "
                              "name a new file or an existing trace of this model") from None

@@ -82,18 +82,23 @@ def make_tracer(loaded: LoadedModel, ccfg: CacheConfig) -> Optional[ActivationTr
     info = loaded.info
     if not ccfg.record_trace or not info.num_experts:
         return None
+    one = expert_format(loaded.experts, loaded.dtype).slot_bytes if loaded.experts else None
     return open_tracer(ccfg.record_trace, info.num_moe_layers, info.num_experts, info.top_k,
-                       info.name)
+                       info.name, expert_bytes=one)
 
 
 def make_provider(loaded: LoadedModel, ccfg: CacheConfig, progress: bool = True) -> ExpertProvider:
-    """All experts resident for --expert-budget all; otherwise the offloading cache."""
+    """All experts resident when --expert-budget holds them all ('all', '100%' or a size at
+    least their bytes: resolved here, once); otherwise the offloading cache."""
     tracer = make_tracer(loaded, ccfg)
-    if ccfg.expert_budget.strip().lower() == "all" or not loaded.experts:
+    total = expert_bytes(loaded)
+    if not loaded.experts or ccfg.expert_budget_bytes(total) >= total:
         with tqdm(total=sum(s.nbytes for s in loaded.experts), unit="B", unit_scale=True,
                   desc="loading experts", disable=not progress or not loaded.experts) as bar:
-            return ResidentExpertProvider(loaded.experts, loaded.device, loaded.dtype, tracer=tracer,
-                                          progress=bar.update)
+            return ResidentExpertProvider(
+                loaded.experts, loaded.device, loaded.dtype, tracer=tracer, progress=bar.update,
+                routers=loaded.model.routers() if tracer is not None else None,
+                top_k=loaded.info.top_k)
     info = loaded.info
     L, E, k = info.num_moe_layers, info.num_experts, info.top_k
     collection: Optional[EAMCollection] = None

@@ -96,16 +96,11 @@ class Metrics:
                 name = f"moeserve_engine_{field}_total"
                 metric(name, "counter", f"engine {field.replace('_', ' ')}",
                        [f"{name} {_num(getattr(stats, field))}"])
-            per_layer: dict[str, list[str]] = {}
             for key, value in sorted(stats.cache.items()):
-                m = re.fullmatch(r"layer\.(\d+)\.(\w+)", key)
-                if m:                     # 'layer.3.hits' -> moeserve_expert_cache_layer_hits{layer="3"}
-                    name = f"moeserve_expert_cache_layer_{_metric_name(m.group(2))}"
-                    per_layer.setdefault(name, []).append(f'{name}{{layer="{m.group(1)}"}} {_num(value)}')
-                    continue
                 name = f"moeserve_expert_cache_{_metric_name(key)}"
                 metric(name, "gauge", f"expert cache: {key.replace('_', ' ')}", [f"{name} {_num(value)}"])
-            for name, lines in per_layer.items():
-                lines.sort(key=lambda line: int(line.split('"')[1]))
-                metric(name, "gauge", f"expert cache per MoE layer: {name[28:].replace('_', ' ')}", lines)
+            for key, series in sorted(stats.cache_layers.items()):
+                name = f"moeserve_expert_cache_layer_{_metric_name(key)}"   # {layer="3"} per layer
+                metric(name, "gauge", f"expert cache per MoE layer: {key.replace('_', ' ')}",
+                       [f'{name}{{layer="{i}"}} {_num(v)}' for i, v in enumerate(series)])
         return "\n".join(L) + "\n"

@@ -1,12 +1,13 @@
 """``auto``: eviction and prefetch by estimated time to next use (an estimated Belady)."""
 from __future__ import annotations
 
-from typing import Collection, Mapping, Optional, Sequence
+from typing import Any, Collection, Mapping, Optional, Sequence
 
 import numpy as np
 
 from cache.eam import EAMCollection
-from cache.policies._tracking import RequestTracker
+from cache.policies._rows import MaskedRows
+from cache.policies._tracking import RequestTracker, add_at, grow
 from cache.policy import CachePolicy, ExpertKey
 
 P_FLOOR = 1e-3
@@ -23,8 +24,9 @@ class AutoPolicy(CachePolicy):
     per-pass usage rate learned online (k x pEAM alone when there is no history).
     The probability q_s[i][j] that (i, j) is used at layer i's next access comes from online
     statistics of decode tokens: r_i(b) = (tokens choosing b at i + 1) / (tokens + E/k),
-    cross-layer rates r_i(b | a) (a at i-1, same token) and temporal rates r_i(b | c) (c at i
-    for the previous token), each smoothed as (count(a, b) + m r_i(b)) / (count(a) + m),
+    cross-layer rates r_i(b | a) (a at i-1, same token), two-layer rates r_i(b | a) (a at i-2,
+    same token) and temporal rates r_i(b | c) (c at i for the previous token), each smoothed as
+    (count(a, b) + m r_i(b)) / (count(a) + m),
     m = ``smooth``. Naive Bayes over evidence experts a with weights w_a, damped by
     c = ``evidence_scale`` (default min(1, 2 / k)):
         score_i(b) = c^(1/4) log r_i(b) + c sum_a w_a (log r_i(b | a) - log r_i(b)),
@@ -33,14 +35,17 @@ class AutoPolicy(CachePolicy):
     overconfident when k is large; c = 1, plain naive Bayes, for top-1 and top-2 models.)
     After a decode token routed A at layer l: q_l (next token) from the temporal rates given A;
     q_{l+1} from the cross-layer rates given A (w = 1) and the temporal rates given the previous
-    token's layer-(l+1) experts; q_{l+2} likewise, its cross-layer evidence weighted by q_{l+1}.
+    token's layer-(l+1) experts; q_{l+2} from the two-layer rates given A and the temporal rates
+    (direct statistics: chaining through q_{l+1} would cost O(E^2) per layer). All three in one
+    vectorised pass over the batch's decode requests.
     Rows not predicted yet (and prompt passes) use q = p. An engine ``hint`` (next router on
     the current hidden state) sets q = 1 on its top-k. Batches combine requests as
     q = 1 - prod_s (1 - q_s), p likewise.
     The expected time, in layer steps, until (i, j) is next used is
         t[i][j] = d(i) + (1 - q[i][j]) x L / max(p[i][j], eps),  d(i) = (i - l - 1) mod L + 1
     (the first chance at distance d, then a geometric number of passes).
-    victim: the unpinned resident expert with the largest t.
+    victim: the unpinned resident expert with the largest t (a masked argmax; only the rows
+    whose estimate changed are recomputed per layer).
     prefetch: non-resident experts of the next ``lookahead`` layers (d <= lookahead) in
     increasing t, each only while its t is below ``margin`` x the t of the resident expert it
     would displace (the largest remaining): the link's time spent on far guesses is lost;
@@ -64,216 +69,268 @@ class AutoPolicy(CachePolicy):
         self.evidence_scale = c
         self._base_w = c ** 0.25
         self._req = RequestTracker(L, E, top_k)
-        self._active: list[str] = []
-        # per request: decayed pass-use counts [L, E] and decayed pass counts [L]
-        self._num: dict[str, np.ndarray] = {}
-        self._den: dict[str, np.ndarray] = {}
+        self._active = np.zeros(0, dtype=np.int64)      # slots of this pass's requests
+        self._slots = 0
+        self._grow()
         self._glob_num = np.zeros((L, E))
         self._glob_den = np.zeros(L)
         # online routing statistics of decode tokens (one token per pass, so layers pair up):
         self._use = np.zeros((L, E))          # tokens that chose b at layer j
         self._tok = np.zeros(L)               # tokens seen at layer j
-        self._cross = np.zeros((L, E, E))     # [j, a, b]: a at j-1 -> b at j, same token
-        self._cross_n = np.zeros((L, E))      # [j, a]: tokens with a at j-1 (and a layer j)
-        self._temp = np.zeros((L, E, E))      # [j, c, b]: c at j for the previous token -> b at j
-        self._temp_n = np.zeros((L, E))
-        self._prev: dict[str, list[int]] = {}                # this pass's previous layer routing
-        self._last: dict[str, list[Optional[list[int]]]] = {}  # last decode token's routing, per layer
-        self._q: dict[str, np.ndarray] = {}   # per request: P(used at the layer's next access)
-        self._prior_cache: dict[str, np.ndarray] = {}
+        # [j, block * E + a, b] for b at layer j of a token, evidence a from block 0: a at j-1
+        # (same token), 1: a at j-2 (same token), 2: a at j for the previous token; [j, block*E+a]
+        # counts the evidence. One tensor so that one gather predicts three layers at once.
+        self._stat = np.zeros((L, 3 * E, E), dtype=np.float32)
+        self._stat_n = np.zeros((L, 3 * E), dtype=np.float32)
         self._hint: Optional[tuple[int, np.ndarray]] = None
-        self._t: list[list[float]] = [[0.0] * E for _ in range(L)]
-        self._t_arr = np.zeros((L, E))
-        self._layer_idx = np.arange(L)
+        # the estimate without the distance term: t[i][j] = d(i) + rows.vals[i][j]
+        self._rows = MaskedRows(L, E)
+        self._q_all = np.zeros((L, E))
+        self._d = (np.arange(L)[None, :] - np.arange(L)[:, None] - 1) % L + 1.0   # [l, i] -> d
+        self._prior_ok = np.zeros(self._slots, dtype=bool)
+        self._targets = [np.arange(l, min(l + 3, L)) for l in range(L)]    # layers _predict sets
+        self._blocks = np.array([2 * E, 0, E])                              # their evidence block
+
+    def _grow(self) -> None:
+        """Per-request state lives in slot arrays shaped like the tracker's."""
+        n, L, E, k = self._req.capacity, self.num_layers, self.num_experts, self.top_k
+        if n == self._slots:
+            return
+        self._num = grow(getattr(self, "_num", None), (n, L, E))      # decayed pass-use counts
+        self._den = grow(getattr(self, "_den", None), (n, L))          # decayed pass counts
+        self._prior = grow(getattr(self, "_prior", None), (n, L, E))
+        self._q = grow(getattr(self, "_q", None), (n, L, E), fill=-1.0)    # -1: not predicted
+        self._last = grow(getattr(self, "_last", None), (n, L, k), np.int64)  # last decode token
+        self._last_w = grow(getattr(self, "_last_w", None), (n, L, k))        # 0: none / padding
+        self._dec_at = grow(getattr(self, "_dec_at", None), (n,), np.int64, -1)  # last decode layer
+        self._prior_ok = grow(getattr(self, "_prior_ok", None), (n,), bool)
+        self._slots = n
 
     # --- tracking ----------------------------------------------------------------------------
 
     def begin_step(self, seq_ids: Sequence[str]) -> None:
-        self._active = list(seq_ids)
-        self._req.begin_step(seq_ids)
-        for sid in seq_ids:
-            if sid not in self._num:
-                self._num[sid] = np.zeros((self.num_layers, self.num_experts))
-                self._den[sid] = np.zeros(self.num_layers)
+        self._active = self._req.begin_step(seq_ids)
+        self._grow()
 
     def hint(self, layer: int, scores: Sequence[float]) -> None:
         if 0 <= layer < self.num_layers and len(scores) == self.num_experts:
-            self._hint = (layer, np.asarray(scores, dtype=np.float64))
+            s = np.asarray(scores, dtype=np.float64)
+            self._hint = (layer, np.argpartition(-s, self.top_k - 1)[:self.top_k])
 
     def observe(self, layer: int, routed: Mapping[str, Sequence[int]]) -> None:
-        self._req.observe(layer, routed)
-        if not self._active:
-            self._active = list(routed)
-        k, g = self.top_k, self.decay
-        for sid, experts in routed.items():
-            if sid not in self._num:     # observe without begin_step: start tracking anyway
-                self._num[sid] = np.zeros((self.num_layers, self.num_experts))
-                self._den[sid] = np.zeros(self.num_layers)
-                self._active.append(sid)
-            ids = np.asarray(experts, dtype=np.int64)
-            tokens = max(1, len(experts) // k)
-            use = np.bincount(ids, minlength=self.num_experts) / tokens    # [E] per-token rate
-            use = np.minimum(use, 1.0)
-            num, den = self._num[sid], self._den[sid]
-            num[layer] = num[layer] * g + use
-            den[layer] = den[layer] * g + 1.0
-            if tokens == 1:
-                # decode pass: one token, so its routing pairs layer to layer and token to token
-                self._glob_num[layer] += use
-                self._glob_den[layer] += 1.0
-                u = np.unique(ids)
-                self._learn(sid, layer, u)
-                self._predict(sid, layer, u)
-                self._prev[sid] = u.tolist()
-            else:
-                self._prev.pop(sid, None)
-                self._last.pop(sid, None)
-                self._q.pop(sid, None)
-        self._score(layer, routed)
+        b = self._req.observe(layer, routed)
+        self._grow()
+        known = set(self._active.tolist())
+        extra = [s for _, s, _ in b.pro if s not in known] + \
+            [s for s in b.dec_slots.tolist() if s not in known]
+        if extra:           # observe without begin_step: start tracking anyway
+            self._active = np.concatenate([self._active, np.array(extra, dtype=np.int64)])
+        g = self.decay
+        for _, s, ids in b.pro:          # prompt pass: per-token use rates, no token pairing
+            tokens = max(1, len(ids) // self.top_k)
+            use = np.minimum(np.bincount(ids, minlength=self.num_experts) / tokens, 1.0)
+            self._num[s, layer] = self._num[s, layer] * g + use
+            self._den[s, layer] = self._den[s, layer] * g + 1.0
+            self._q[s] = -1.0
+            self._last_w[s] = 0.0
+            self._dec_at[s] = -1
+        ds, ids, w = b.dec_slots, b.dec_ids, b.dec_w
+        if len(ds):
+            # decode pass: one token, so its routing pairs layer to layer and token to token
+            self._num[ds, layer] *= g
+            add_at(self._num, ((ds * self.num_layers + layer) * self.num_experts)[:, None] + ids, w)
+            self._den[ds, layer] = self._den[ds, layer] * g + 1.0
+            add_at(self._glob_num[layer], ids, w)
+            self._glob_den[layer] += len(ds)
+            self._learn(layer, ds, ids, w)
+            self._predict(layer, ds, ids, w)
+        self._score(layer)
 
     # --- the estimate ------------------------------------------------------------------------
 
-    def _prior(self, sid: str, layer: int) -> np.ndarray:
-        # Matching costs most of a call: once a request has a full decode pass its matrix moves
-        # slowly, so the prior is refreshed once per pass (every layer during the first pass).
-        cached = self._prior_cache.get(sid)
-        if cached is not None and layer != 0:
-            return cached
+    def _refresh_priors(self, layer: int) -> bool:
+        """Matching costs most of a call: once a request has a full decode pass its matrix
+        moves slowly, so its prior is refreshed once per pass (every layer during its first
+        pass). Returns whether any prior changed."""
+        act = self._active
+        if not len(act):
+            return False
+        stale = act if layer == 0 else act[~self._prior_ok[act]]
+        if not len(stale):
+            return False
         k, E = self.top_k, self.num_experts
         glob = np.where(self._glob_den[:, None] > 0,
                         self._glob_num / np.maximum(self._glob_den[:, None], 1e-9), k / E)
-        mat, seen = self._req.query(sid)
-        p = self.collection.match(mat, seen, self.nearest)
-        prior = glob if p is None else 0.5 * np.minimum(p * k, 1.0) + 0.5 * glob
-        if seen is None:
-            self._prior_cache[sid] = prior
-        return prior
+        slot_sid = {s: sid for sid, s in self._req.live.items()}
+        full, part = [], []
+        for s in stale.tolist():
+            mat, seen = self._req.query(slot_sid[s])
+            (full if seen is None else part).append((s, mat, seen))
+        preds = self.collection.match_full([m for _, m, _ in full], self.nearest)
+        preds += [self.collection.match(m, seen, self.nearest) for _, m, seen in part]
+        for (s, _, seen), p in zip(full + part, preds):
+            self._prior[s] = glob if p is None else 0.5 * np.minimum(p * k, 1.0) + 0.5 * glob
+            self._prior_ok[s] = seen is None
+        return True
 
-    def _learn(self, sid: str, layer: int, u: np.ndarray) -> None:
-        self._use[layer][u] += 1.0
-        self._tok[layer] += 1.0
-        prev = self._prev.get(sid) if layer > 0 else None
-        if prev is not None:
-            self._cross[layer][np.ix_(prev, u)] += 1.0
-            self._cross_n[layer][prev] += 1.0
-        last = self._last.get(sid)
-        if last is not None and last[layer] is not None:
-            c = last[layer]
-            self._temp[layer][np.ix_(c, u)] += 1.0
-            self._temp_n[layer][c] += 1.0
+    def _learn(self, layer: int, ds: np.ndarray, ids: np.ndarray, w: np.ndarray) -> None:
+        E = self.num_experts
+        add_at(self._use[layer], ids, w)
+        self._tok[layer] += len(ds)
+        # this token's layers l-1 and l-2 (when this pass routed them as a decode), and the
+        # previous token's layer l: one update of the three evidence blocks
+        same = (self._dec_at[ds] == layer - 1)[:, None]
+        rows = np.concatenate([self._last[ds, max(layer - 1, 0)], self._last[ds, max(layer - 2, 0)] + E,
+                               self._last[ds, layer] + 2 * E], axis=1)              # [B, 3k]
+        wr = np.concatenate([self._last_w[ds, max(layer - 1, 0)] * (same * (layer >= 1)),
+                             self._last_w[ds, max(layer - 2, 0)] * (same * (layer >= 2)),
+                             self._last_w[ds, layer]], axis=1)
+        add_at(self._stat[layer], rows[:, :, None] * E + ids[:, None, :], wr[:, :, None] * w[:, None, :])
+        add_at(self._stat_n[layer], rows, wr)
 
-    def _odds(self, layer: int, evidence: list) -> np.ndarray:
-        """P(b chosen at ``layer``) for every b, naive Bayes over evidence experts: the log-rate
-        log r(b) plus, per evidence expert a of weight w_a, w_a (log r(b | a) - log r(b)) (rates
-        smoothed towards r(b) with ``smooth`` pseudo-tokens), the log-rate weighted c^(1/4) and the
-        evidence c (c = ``evidence_scale``), normalised to sum to k (each at
-        most 0.999). ``evidence``: (counts [E, E], evidence counts [E], rows, weights or None)."""
-        k, E, s = self.top_k, self.num_experts, self.smooth
-        r = (self._use[layer] + 1.0) / (self._tok[layer] + E / k)           # [E], sums ~ k
-        log_r = np.log(r)
-        c = self.evidence_scale
-        score = self._base_w * log_r
-        for counts, n, rows, wts in evidence:
-            gain = np.log((counts[rows] + s * r) / (n[rows][:, None] + s)) - log_r   # [|A|, E]
-            score = score + c * (gain.sum(axis=0) if wts is None else wts @ gain)
-        w = np.exp(score - score.max())
-        return np.minimum(w * (k / w.sum()), 0.999)
+    def _predict(self, layer: int, ds: np.ndarray, ids: np.ndarray, w: np.ndarray) -> None:
+        """After a decode token routed ``ids`` at ``layer``, per request, P(b chosen) for: the
+        next token's layer ``layer`` (evidence: ``ids``, temporal block), this token's layer + 1
+        (``ids`` through the l-1 block, the previous token's layer + 1 through the temporal
+        block) and layer + 2 (``ids`` through the l-2 block, temporal). Naive Bayes: the
+        log-rate log r(b) plus, per evidence expert a of weight w_a, w_a (log r(b | a) -
+        log r(b)) (rates smoothed towards r(b) with ``smooth`` pseudo-tokens), the log-rate
+        weighted c^(1/4) and the evidence c (c = ``evidence_scale``), normalised to sum to k
+        (each at most 0.999)."""
+        L, E, k, sm = self.num_layers, self.num_experts, self.top_k, self.smooth
+        tg = self._targets[layer]                                             # [T] <= 3 layers
+        T, B = len(tg), len(ds)
+        # evidence [T, B, 2k]: this token's experts through block 2 (target l, temporal), 0
+        # (l+1, one layer back) or 1 (l+2, two back); then the previous token's at the target
+        R = np.empty((T, B, 2 * k), dtype=np.int64)
+        W = np.empty((T, B, 2 * k), dtype=np.float32)
+        R[:, :, :k] = ids[None] + self._blocks[:T, None, None]
+        R[:, :, k:] = self._last[ds[None, :], tg[:, None]] + 2 * E
+        W[:, :, :k] = w[None]
+        W[:, :, k:] = self._last_w[ds[None, :], tg[:, None]]
+        W[0, :, k:] = 0.0           # target l: the previous token's layer l is not evidence
+        r = ((self._use[tg] + 1.0) / (self._tok[tg][:, None] + E / k)).astype(np.float32)  # [T, E]
+        log_r = np.log(r)[:, None, :]                                         # [T, 1, E]
+        counts = self._stat[tg[:, None, None], R]                             # [T, B, 2k, E]
+        n = self._stat_n[tg[:, None, None], R]                                # [T, B, 2k]
+        # sum_a w_a (log(c_ab + s r_b) - log(n_a + s) - log r_b): one pass over the big array
+        counts += sm * r[:, None, None, :]
+        big = np.einsum("tbm,tbme->tbe", W, np.log(counts, out=counts))
+        small = (W * np.log(n + sm)).sum(axis=-1)[..., None] + W.sum(axis=-1)[..., None] * log_r
+        score = self._base_w * log_r + self.evidence_scale * (big - small)
+        q = np.exp(score - score.max(axis=-1, keepdims=True))
+        q = np.minimum(q * (k / q.sum(axis=-1, keepdims=True)), 0.999)
+        self._q[ds[None, :], tg[:, None]] = q
+        self._last[ds, layer], self._last_w[ds, layer] = ids, w
+        self._dec_at[ds] = layer
 
-    def _predict(self, sid: str, layer: int, u: np.ndarray) -> None:
-        """After a decode token routed ``u`` at ``layer``: the next token's layer ``layer``
-        (temporal statistics), this token's layer + 1 (cross-layer and temporal) and layer + 2
-        (cross-layer from the layer + 1 estimate, and temporal)."""
-        L, E = self.num_layers, self.num_experts
-        q = self._q.get(sid)
-        if q is None:
-            q = self._q[sid] = np.full((L, E), -1.0)
-        last = self._last.get(sid)
-        if last is None:
-            last = self._last[sid] = [None] * L
-        rows = u.tolist()
-        last[layer] = rows
-        q[layer] = self._odds(layer, [(self._temp[layer], self._temp_n[layer], rows, None)])
-        src: tuple[list[int], Optional[np.ndarray]] = (rows, None)
-        for nxt in (layer + 1, layer + 2):
-            if nxt >= L:
-                break
-            ev = [(self._cross[nxt], self._cross_n[nxt], src[0], src[1])]
-            if last[nxt] is not None:
-                ev.append((self._temp[nxt], self._temp_n[nxt], last[nxt], None))
-            q[nxt] = self._odds(nxt, ev)
-            src = (list(range(E)), q[nxt])
-
-    def _score(self, layer: int, routed: Mapping[str, Sequence[int]]) -> None:
-        L, E = self.num_layers, self.num_experts
-        nxt = layer + 1 if layer + 1 < L else None
-        miss_p = np.ones((L, E))          # prod_s (1 - p_s)
-        miss_q = np.ones((L, E))          # prod_s (1 - q_s)
-        for sid in self._active:
-            if sid not in self._num:
-                continue
-            prior = self._prior(sid, layer)
-            a = self.prior_weight
-            p = (self._num[sid] + a * prior) / (self._den[sid][:, None] + a)   # [L, E]
-            qs = self._q.get(sid)
-            q = p if qs is None else np.where(qs < 0, p, qs)
-            miss_p *= 1.0 - p
-            miss_q *= 1.0 - q
-        p_all = np.maximum(1.0 - miss_p, P_FLOOR)
-        q_all = 1.0 - miss_q
+    def _score(self, layer: int) -> None:
+        """Updates the rows whose estimate changed: all of them when a prior did, else the
+        layer just routed and the two predicted ahead."""
+        L = self.num_layers
+        act = self._active
+        rows: Any = slice(None) if self._refresh_priors(layer) else \
+            np.arange(layer, min(layer + 3, L))
+        a = self.prior_weight
+        idx = (act,) if isinstance(rows, slice) else (act[:, None], rows)
+        num, prior, q = self._num[idx], self._prior[idx], self._q[idx]
+        p = (num + a * prior) / (self._den[idx][..., None] + a)               # [S, R, E]
+        q = np.where(q < 0, p, q)
+        if len(act) == 1:           # one request: no product to form
+            p_all, q_all = np.maximum(p[0], P_FLOOR), q[0]
+        else:
+            p_all = np.maximum(1.0 - np.prod(1.0 - p, axis=0), P_FLOOR)
+            q_all = 1.0 - np.prod(1.0 - q, axis=0)
+        if len(act) == 0:
+            p_all = np.full_like(p_all, P_FLOOR)
+        self._q_all[rows] = q_all
+        self._rows.vals[rows] = (1.0 - q_all) * L / p_all
         if self._hint is not None:
-            hl, scores = self._hint
-            if nxt is not None and hl == nxt:
-                top = np.argsort(-scores)[: self.top_k]
-                q_all[nxt, top] = 1.0
+            hl, top = self._hint
+            if hl == layer + 1:
+                self._q_all[hl, top] = 1.0
+                self._rows.vals[hl, top] = 0.0
             self._hint = None
-        d = (self._layer_idx - layer - 1) % L + 1                               # [L] in 1..L
-        t = d[:, None] + (1.0 - q_all) * L / p_all                              # [L, E]
-        self._t_arr = t
-        self._q_arr = q_all
-        self._t = t.tolist()
+        if isinstance(rows, slice):
+            self._rows.touch_all()
+        else:
+            for i in rows.tolist():
+                self._rows.touch(i)
 
     # --- decisions ---------------------------------------------------------------------------
 
+    def on_load(self, key: ExpertKey) -> None:
+        self._rows.load(key)
+
+    def on_evict(self, key: ExpertKey) -> None:
+        self._rows.evict(key)
+
     def victim(self, resident: Collection[ExpertKey], pinned: Collection[ExpertKey],
                layer: int) -> Optional[ExpertKey]:
-        t = self._t
-        best: Optional[ExpertKey] = None
-        best_t = -1.0
-        for key in resident:
-            if key in pinned:
-                continue
-            v = t[key[0]][key[1]]
-            if v > best_t:
-                best, best_t = key, v
-        return best
+        d = self._d[layer % self.num_layers]
+        if not self._rows.n <= len(resident) <= self._rows.n + len(pinned):
+            self._rows.sync(resident)      # on_load / on_evict missed (a policy attached late)
+        key = self._rows.best(pinned, d)
+        if key is not None and key in resident:
+            return key
+        self._rows.sync(resident)
+        return self._rows.best(pinned, d)
+
+    def victims(self, resident: Collection[ExpertKey], pinned: Collection[ExpertKey],
+                layer: int, n: int) -> list[ExpertKey]:
+        if not self._rows.n <= len(resident) <= self._rows.n + len(pinned):
+            self._rows.sync(resident)
+        out = self._rows.best_n(pinned, n, self._d[layer % self.num_layers])
+        if all(k in resident for k in out):
+            return out
+        self._rows.sync(resident)
+        return self._rows.best_n(pinned, n, self._d[layer % self.num_layers])
 
     def prefetch(self, layer: int, resident: Collection[ExpertKey], limit: int) -> list[ExpertKey]:
         if limit <= 0:
             return []
-        t = self._t
-        held = sorted((t[le][e] for le, e in resident), reverse=True)
+        if len(resident) < self._rows.n or (self._rows.n == 0 and len(resident)):
+            self._rows.sync(resident)
+        L, E = self.num_layers, self.num_experts
+        d = self._d[layer % L]
+        held = self._rows.top(limit, d).tolist()
         if not held:
             return []
-        L, E = self.num_layers, self.num_experts
         rows = [(layer + 1 + x) % L for x in range(min(self.lookahead, L))]
-        order = np.argsort(self._t_arr[rows], axis=None, kind="stable")
+        t = d[rows][:, None] + self._rows.vals[rows]
+        ok = (self._q_all[rows] >= self.min_q) & ~self._rows.mask[rows]
+        flat = np.flatnonzero(ok)
+        flat = flat[np.argsort(t.reshape(-1)[flat], kind="stable")]
         out: list[ExpertKey] = []
-        for flat in order.tolist():
-            r, j = divmod(flat, E)
-            i = rows[r]
-            key = (i, j)
-            if key in resident or self._q_arr[i, j] < self.min_q:
+        for f in flat.tolist():
+            r, j = divmod(f, E)
+            key = (rows[r], j)
+            if key in resident:
                 continue
             n = len(out)
-            if n >= len(held) or not t[i][j] < self.margin * held[n]:
+            if n >= len(held) or not t[r, j] < self.margin * held[n]:
                 break
             out.append(key)
             if len(out) >= limit:
                 break
         return out
 
+    def predicted(self, seq_id: str) -> Optional[np.ndarray]:
+        """The request's P(used at each layer's next access) [L, E] (-1: not predicted)."""
+        s = self._req.live.get(seq_id)
+        return None if s is None else self._q[s].copy()
+
+    def tracked(self, seq_id: str) -> bool:
+        return seq_id in self._req.live
+
     def end_request(self, seq_id: str) -> None:
-        self._req.finish(seq_id, self.collection)
-        for d in (self._num, self._den, self._prev, self._prior_cache, self._last, self._q):
-            d.pop(seq_id, None)
-        self._active = [s for s in self._active if s != seq_id]
+        s = self._req.finish(seq_id, self.collection)
+        if s is None:
+            return
+        self._num[s] = self._prior[s] = 0.0
+        self._den[s] = 0.0
+        self._q[s] = -1.0
+        self._last_w[s] = 0.0
+        self._dec_at[s] = -1
+        self._prior_ok[s] = False
+        self._active = self._active[self._active != s]

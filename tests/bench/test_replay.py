@@ -61,7 +61,9 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert doc["trace"] == str(trace) and len(doc["results"]) == 4
     assert set(doc["results"][0]) == {"capacity", "link", "policy", "hit_rate", "stalls_per_token",
-                                      "loads_per_token", "prefetch_precision", "prefetch_recall"}
+                                      "loads_per_token", "prefetch_precision", "prefetch_recall",
+                                      "bytes_per_token", "ms_per_token"}
+    assert doc["results"][0]["ms_per_token"] is None
     assert doc["results"][0]["link"] is None
     assert png.stat().st_size > 1000 and "oracle" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown fifo"):
@@ -80,3 +82,33 @@ def test_reproduces_reference_demand_hit_rates_on_real_trace():
     assert r["lru"] == pytest.approx(0.332, abs=0.001)
     assert r["lfu"] == pytest.approx(0.301, abs=0.001)
     assert r["belady"] == pytest.approx(0.604, abs=0.001)
+
+
+def test_time_model_derives_link_and_reports_bytes_and_ms():
+    from bench.replay import TimeModel
+    tm = TimeModel(compute_ms=2.0, bandwidth=1e6, expert_bytes=2000)   # 1 expert per layer step
+    assert tm.link() == pytest.approx(1.0)
+    reqs = [{"id": "a", "prefill": 0, "tokens": TOKENS}]
+    derived = run_replay(HEADER, reqs, [0.5], float("inf"), ["lru"], tm)[0]
+    by_link = results([0.5], 1.0, ["lru"])["lru"]
+    assert derived["link"] == pytest.approx(1.0)
+    assert derived["stalls_per_token"] == pytest.approx(by_link["stalls_per_token"])
+    assert derived["bytes_per_token"] == pytest.approx(by_link["loads_per_token"] * 2000)
+    # 2 layers + 2 stall steps per token, 2 ms each
+    assert derived["ms_per_token"] == pytest.approx((2 + by_link["stalls_per_token"]) * 2.0)
+    with pytest.raises(ValueError, match="TimeModel.bandwidth"):
+        TimeModel(1.0, 0.0, 10)
+
+
+def test_lookahead_of_a_v2_trace_reaches_the_policy():
+    # layer 1 alternates between experts 0 and 1 with no pattern the statistics can learn
+    # at 4 experts; the look-ahead names it exactly, so auto prefetches it in time
+    header = {**HEADER, "version": 2, "num_experts": 4}
+    seq = "0110100110010110"
+    tokens = [[[2], [int(c)]] for c in seq]
+    ahead = [[[int(c)]] for c in seq]
+    plain = run_replay(header, [{"id": "a", "prefill": 0, "tokens": tokens}], [0.5], 1.0, ["auto"])
+    v2 = run_replay(header, [{"id": "a", "prefill": 0, "tokens": tokens, "lookahead": ahead}],
+                    [0.5], 1.0, ["auto"])
+    assert v2[0]["hit_rate"] > plain[0]["hit_rate"]
+    assert v2[0]["prefetch_precision"] is not None

@@ -76,7 +76,9 @@ def test_exact_weights_every_policy(ckpt, policy: str, budget: str) -> None:
         s = p.stats()
         assert s["allocated_bytes"] <= s["budget_bytes"]
         assert s["hits"] + s["misses"] == s["accesses"] == uses
-        assert sum(s[f"layer.{i}.hits"] + s[f"layer.{i}.misses"] for i in range(L)) == uses
+        per = p.layer_stats()
+        assert len(per["hits"]) == L and not any(k.startswith("layer.") for k in s)
+        assert sum(per["hits"]) + sum(per["misses"]) == uses
         assert s["prefetch_used"] + s["prefetch_wasted"] <= s["prefetch_issued"]
         loads = s["loads"] + s["prefetch_issued"]
         assert s["bytes_disk"] >= (loads - s["inflight"]) * sources[0].nbytes
@@ -177,7 +179,7 @@ class _Spy(CachePolicy):
 
     def __init__(self, inner: CachePolicy, provider_box: list) -> None:
         super().__init__(inner.num_layers, inner.num_experts, inner.top_k)
-        self.inner, self.box, self.victims, self.hints = inner, provider_box, 0, []
+        self.inner, self.box, self.chosen, self.hints = inner, provider_box, 0, []
 
     def observe(self, layer, routed):
         self.inner.observe(layer, routed)
@@ -189,13 +191,22 @@ class _Spy(CachePolicy):
     def prefetch(self, layer, resident, limit):
         return self.inner.prefetch(layer, resident, limit)
 
-    def victim(self, resident, pinned, layer):
+    def _check(self, resident, pinned):
         p = self.box[0]
         assert set(p._inflight) <= set(pinned) and set(p._layer_pins) <= set(pinned)
         assert set(resident) == set(p._resident) | set(p._inflight)
+
+    def victim(self, resident, pinned, layer):
+        self._check(resident, pinned)
         v = self.inner.victim(resident, pinned, layer)
-        self.victims += v is not None
+        self.chosen += v is not None
         return v
+
+    def victims(self, resident, pinned, layer, n):
+        self._check(resident, pinned)
+        vs = self.inner.victims(resident, pinned, layer, n)
+        self.chosen += len(vs)
+        return vs
 
     def on_access(self, key):
         self.inner.on_access(key)
@@ -233,7 +244,7 @@ def test_victims_exclude_in_flight_and_current_layer(ckpt, policy: str) -> None:
                 for e, w in p.experts(layer, ids, hidden):
                     assert torch.equal(_flat(w), want[(layer, e)].float())
             p.begin_step(StepRows(("a",), (1,), (False,)))
-        assert spy.victims > 0
+        assert spy.chosen > 0
         # look-ahead: one score per expert of the next layer, a probability distribution
         assert [h[0] for h in spy.hints[:L - 1]] == list(range(1, L))
         assert all(len(s) == E and abs(sum(s) - 1) < 1e-4 for _, s in spy.hints)
@@ -289,3 +300,58 @@ def test_cuda_three_tiers_exact(ckpt, budget: str) -> None:
         assert s["host_allocated_bytes"] <= 3 * EXPERT_BYTES
     finally:
         p.close()
+
+
+class _RoutingSpy(CachePolicy):
+    """Any unpinned victim; remembers every routing object it was handed."""
+
+    name = "spy"
+
+    def __init__(self) -> None:
+        super().__init__(L, E, K)
+        self.seen: list = []
+
+    def observe(self, layer: int, routed: Mapping[str, Sequence[int]]) -> None:
+        self.seen.append(routed)
+
+    def victim(self, resident: Collection[ExpertKey], pinned: Collection[ExpertKey],
+               layer: int) -> Optional[ExpertKey]:
+        return next((k for k in resident if k not in pinned), None)
+
+
+def test_policy_gets_the_tracers_split_with_prompt_flags(ckpt):
+    from cache.routing import Routed
+    from cache.trace import ActivationTracer
+    sources, _ = ckpt
+    spy = _RoutingSpy()
+    tracer = ActivationTracer(L, E, K)
+    p = make(sources, spy, budget=str(4 * EXPERT_BYTES))
+    p.tracer = tracer
+    returned = []
+    real = tracer.record
+    tracer.record = lambda layer, ids: returned.append(real(layer, ids)) or returned[-1]
+    # a one-token prompt routes exactly top_k ids, as a decode does: only the flag tells
+    p.begin_step(StepRows(("a", "b"), (1, 1), (True, False)))
+    for _ in p.experts(0, torch.tensor([[0, 1], [2, 3]])):
+        pass
+    assert spy.seen[0] is returned[0]                    # split once, the same object
+    assert isinstance(spy.seen[0], Routed) and spy.seen[0].prompt == {"a"}
+    assert dict(spy.seen[0]) == {"a": [0, 1], "b": [2, 3]}
+    p.tracer = None                                      # without a tracer: the same split
+    for _ in p.experts(1, torch.tensor([[4, 5], [6, 7]])):
+        pass
+    assert spy.seen[1].prompt == {"a"} and dict(spy.seen[1]) == {"a": [4, 5], "b": [6, 7]}
+    p.close()
+
+
+def test_policies_take_prompt_passes_from_the_split():
+    from cache.policies._tracking import RequestTracker
+    from cache.routing import Routed
+    t = RequestTracker(2, 4, 2)
+    t.begin_step(["a"])
+    t.observe(0, Routed([("a", [0, 1])], prompt=["a"]))     # one prompt token: k ids
+    t.observe(1, Routed([("a", [2, 3])], prompt=["a"]))
+    assert t.prompt[t.live["a"]].sum() == 4 and not t.decode[t.live["a"]].any()
+    t.begin_step(["a"])
+    t.observe(0, {"a": [1, 2]})                              # plain mapping: guessed (decode)
+    assert t.decode[t.live["a"]].sum() == 2

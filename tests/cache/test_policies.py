@@ -139,7 +139,7 @@ def test_auto_damps_naive_bayes_evidence_for_large_top_k():
         run_passes(p, [a, b] * 10)
         p.begin_step(["r"])
         p.observe(0, {"r": [0, 1, 2, 3]})
-        qs.append(p._q["r"][1])
+        qs.append(p.predicted("r")[1])
     damped, plain = qs
     # same ranking, less certainty: 4 correlated evidence experts are not 4 independent ones
     assert set(np.argsort(-damped)[:4]) == set(np.argsort(-plain)[:4]) == {4, 5, 6, 7}
@@ -180,4 +180,51 @@ def test_auto_end_request_feeds_collection_and_forgets_request():
     run_passes(p, [[[0], [1]], [[0], [2]]])
     p.end_request("r")
     assert len(coll) == 1 and coll.matrices()[0].tolist() == [[1, 0, 0, 0], [0, .5, .5, 0]]
-    assert "r" not in p._num and "r" not in p._req.live
+    assert not p.tracked("r")
+
+
+def test_masked_rows_follow_load_evict_pins_and_offsets():
+    from cache.policies._rows import MaskedRows
+    r = MaskedRows(3, 4)
+    r.vals[:] = [[5, 1, 0, 0], [2, 9, 0, 0], [3, 3, 7, 0]]
+    for key in [(0, 0), (0, 1), (1, 0), (2, 2)]:
+        r.load(key)
+    assert r.best(set()) == (2, 2)                       # (1, 1) scores 9 but is not resident
+    assert r.best({(2, 2)}) == (0, 0) and r.best({(0, 0), (2, 2)}) == (1, 0)
+    assert r.best(set(), np.array([0.0, 0.0, -10.0])) == (0, 0)
+    r.evict((0, 0))
+    r.vals[2, 2] = 1.0
+    r.touch(2)
+    assert r.best(set()) == (1, 0)
+    assert r.best_n(set(), 3)[0] == (1, 0) and set(r.best_n(set(), 3)[1:]) == {(0, 1), (2, 2)}
+    assert r.top(2).tolist() == [2.0, 1.0]
+    assert r.best({(0, 1), (1, 0), (2, 2)}) is None and r.best_n({(0, 1), (1, 0), (2, 2)}, 2) == []
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_victims_at_once_equal_victims_one_by_one(name):
+    rng = np.random.default_rng(1)
+    p = make_policy(name, 4, 8, 2, EAMCollection(4, 8))
+    resident = set()
+    for step in range(12):                 # play a few passes with loads, accesses, evictions
+        p.begin_step(["r"])
+        for layer in range(4):
+            ids = rng.choice(8, 2, replace=False).tolist()
+            p.observe(layer, {"r": ids})
+            for e in ids:
+                if (layer, e) not in resident:
+                    if len(resident) >= 10:
+                        v = p.victim(resident, {(layer, x) for x in ids}, layer)
+                        resident.discard(v)
+                        p.on_evict(v)
+                    resident.add((layer, e))
+                    p.on_load((layer, e))
+                p.on_access((layer, e))
+    pinned = {(3, e) for e in range(8)}
+    batch = p.victims(resident, pinned, 3, 4)
+    one_by_one, held = [], set(pinned)
+    for _ in range(4):
+        one_by_one.append(p.victim(resident, held, 3))
+        held.add(one_by_one[-1])
+    assert len(batch) == 4 and not set(batch) & pinned and set(batch) <= resident
+    assert batch == one_by_one

@@ -79,3 +79,22 @@ def test_quantized_slots_are_aligned_and_sized_by_format(kind: str, group: int) 
         segs = [w.gate.q, w.gate.scales, w.up.q, w.up.scales, w.down.q, w.down.scales]
         ptrs = [t.data_ptr() - buf.data_ptr() for t in segs]
         assert ptrs == sorted(ptrs) and all(0 <= p < fmt.slot_bytes for p in ptrs)
+
+
+def test_host_lru_reuses_copies_and_never_hands_out_a_busy_slot():
+    import torch
+    from cache.host_tier import HostLRU
+    from cache.quant import ExpertFormat
+    from cache.slots import SlotPool
+    lru = HostLRU(SlotPool(2, ExpertFormat("none", 2, 2, torch.float32), torch.device("cpu")))
+    sa, disk = lru.reserve((0, 0))
+    assert disk
+    sb, _ = lru.reserve((0, 1))
+    assert lru.reserve((0, 2)) is None                 # both copies are in use by loads
+    lru.release((0, 0), keep=True)
+    lru.release((0, 1), keep=True)
+    assert lru.reserve((0, 1)) == (sb, False)          # a host hit: no disk read
+    lru.release((0, 1), keep=True)
+    assert lru.reserve((0, 2)) == (sa, True)           # evicts the least recently used copy
+    lru.release((0, 2), keep=False)                    # its read failed: the copy is dropped
+    assert len(lru) == 1 and lru.reserve((0, 2))[1]

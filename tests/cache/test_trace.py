@@ -91,7 +91,12 @@ HEADER = json.dumps({"format": "moe-trace", "version": 1, "model": "m", "num_lay
 @pytest.mark.parametrize("body, message", [
     ("", "empty file"),
     ("[1]\n", "not a moe-trace header"),
-    (HEADER.replace('"version": 1', '"version": 2') + "\n", "version 2"),
+    (HEADER.replace('"version": 1', '"version": 3') + "\n", "version 3"),
+    (HEADER.replace('"version": 1', '"version": 2, "expert_bytes": 0') + "\n", "expert_bytes"),
+    (HEADER.replace('"version": 1', '"version": 2') + "\n{\"id\": \"a\", \"prefill\": 0, \"tokens\": "
+     "[[[0, 1], [1, 2]]], \"lookahead\": [[[1], [2]]]}\n", "lookahead[0] must list 1 layers"),
+    (HEADER.replace('"version": 1', '"version": 2') + "\n{\"id\": \"a\", \"prefill\": 0, \"tokens\": "
+     "[[[0, 1], [1, 2]]], \"lookahead\": [[[7]]]}\n", "lookahead[0][0]"),
     (HEADER + "\n{\"id\": \"a\", \"prefill\": 0}\n", ":2: request lacks field 'tokens'"),
     (HEADER + "\n{\"id\": \"a\", \"prefill\": 0, \"tokens\": [[[0, 1]]]}\n", "must list 2 layers"),
     (HEADER + "\n{\"id\": \"a\", \"prefill\": 0, \"tokens\": [[[0, 9], [1, 2]]]}\n", "0..3"),
@@ -153,3 +158,34 @@ def test_failed_write_leaves_no_partial_line(tmp_path, monkeypatch):
     t.end_request("b")
     monkeypatch.undo()
     assert path.read_bytes() == before
+
+
+def test_v2_records_lookahead_and_v1_files_stay_v1(tmp_path):
+    path = tmp_path / "t.jsonl"
+    t = ActivationTracer(3, 4, 2, record_path=str(path), model="tiny", expert_bytes=1024)
+    t.begin_step(StepRows(("a",), (2,), (True,)))
+    for layer in range(3):
+        t.record(layer, [[0, 1], [2, 3]])
+        if layer < 2:
+            t.record_lookahead(layer, [[layer, 3], [1, 2]])
+    t.begin_step(StepRows(("a",), (1,), (False,)))
+    for layer in range(3):
+        t.record(layer, [[1, 2]])
+    t.record_lookahead(0, [[0, 2]])                 # only layer 0 looked ahead this token
+    with pytest.raises(ValueError, match="layer 2 outside 0..1"):
+        t.record_lookahead(2, [[0, 1]])
+    t.end_request("a")
+    header, reqs = load_trace(str(path))
+    assert header["version"] == 2 and header["expert_bytes"] == 1024
+    assert reqs[0]["lookahead"] == [[[0, 3], [1, 3]], [[1, 2], [1, 2]], [[0, 2], []]]
+    # a v1 file is appended to as v1: no look-ahead field, still loads as v1
+    old = tmp_path / "v1.jsonl"
+    old.write_text(HEADER + "\n")
+    t1 = ActivationTracer(2, 4, 2, record_path=str(old))
+    t1.begin_step(StepRows(("b",), (1,), (False,)))
+    t1.record(0, [[0, 1]])
+    t1.record_lookahead(0, [[2, 3]])
+    t1.record(1, [[1, 2]])
+    t1.end_request("b")
+    header, reqs = load_trace(str(old))
+    assert header["version"] == 1 and reqs == [{"id": "b", "prefill": 0, "tokens": [[[0, 1], [1, 2]]]}]

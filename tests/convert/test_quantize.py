@@ -78,14 +78,16 @@ def test_budgets_count_quantized_bytes(family_checkpoint: FamilyCheckpoint, tmp_
     src, out = _quantized(family_checkpoint, tmp_path, "qwen2_moe", "int4")
     plain = load_model(src, CPU, torch.bfloat16, context_length=64)
     quant = load_model(out, CPU, torch.bfloat16, context_length=64)
-    budget = str(8 * expert_format(plain.experts, torch.bfloat16).slot_bytes)
+    # 4 bf16 experts' bytes: the int4 model fits many more, yet not all of them (a budget that
+    # holds every expert takes the resident path)
+    budget = str(4 * expert_format(plain.experts, torch.bfloat16).slot_bytes)
     counts = []
     for lm in (plain, quant):
         p = make_provider(lm, CacheConfig(expert_budget=budget), progress=False)
         assert isinstance(p, OffloadedExpertProvider)
         counts.append(int(p.stats()["slots"]))
         p.close()
-    assert counts[0] == 8 and counts[1] >= 2 * counts[0]       # same bytes, many more int4 experts
+    assert counts[0] == 4 and counts[1] >= 2 * counts[0]       # same bytes, many more int4 experts
     p = make_provider(quant, CacheConfig(expert_budget="25%"), progress=False)
     assert int(p.stats()["slots"]) == len(quant.experts) // 4
     assert p.stats()["expert_bits_per_weight"] < 16

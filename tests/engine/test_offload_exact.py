@@ -56,6 +56,20 @@ def test_offloaded_equals_resident(family_checkpoint: FamilyCheckpoint, family: 
             assert stats["misses"] > 0                  # the cache really was in the way
 
 
+def test_budget_of_every_expert_is_the_resident_path(family_checkpoint: FamilyCheckpoint) -> None:
+    from cache.provider import ResidentExpertProvider
+    from moeserve.wiring import expert_bytes
+    lm = load_model(family_checkpoint("mixtral", torch.float32), torch.device("cpu"), torch.float32,
+                    context_length=64)
+    for budget in ("all", "100%", str(expert_bytes(lm)), "1TiB"):
+        p = make_provider(lm, CacheConfig(expert_budget=budget), progress=False)
+        assert isinstance(p, ResidentExpertProvider), budget
+        p.close()
+    p = make_provider(lm, CacheConfig(expert_budget=str(expert_bytes(lm) - 1)), progress=False)
+    assert isinstance(p, OffloadedExpertProvider)
+    p.close()
+
+
 def test_budget_below_one_layer_top_k_is_refused(family_checkpoint: FamilyCheckpoint) -> None:
     lm = load_model(family_checkpoint("mixtral", torch.float32), torch.device("cpu"), torch.float32,
                     context_length=64)
@@ -64,7 +78,7 @@ def test_budget_below_one_layer_top_k_is_refused(family_checkpoint: FamilyCheckp
 
 
 def test_trace_store_and_record_trace(family_checkpoint: FamilyCheckpoint, tmp_path) -> None:
-    """The collection survives a restart through --trace-store; --record-trace appends moe-trace v1;
+    """The collection survives a restart through --trace-store; --record-trace appends moe-trace v2;
     a corrupt store is reported and ignored."""
     lm = load_model(family_checkpoint("mixtral", torch.float32), torch.device("cpu"), torch.float32,
                     context_length=64)
@@ -76,6 +90,13 @@ def test_trace_store_and_record_trace(family_checkpoint: FamilyCheckpoint, tmp_p
     with open(trace) as f:
         lines = [json.loads(line) for line in f]
     assert lines[0]["format"] == "moe-trace" and len(lines) == 1 + len(PROMPTS)
+    # v2: the look-ahead is the next layer's top-k, one entry per token and MoE layer but the last
+    assert lines[0]["version"] == 2 and lines[0]["expert_bytes"] == one_layer_top_k_bytes(lm) // lm.info.top_k
+    L, k = lm.info.num_moe_layers, lm.info.top_k
+    for req in lines[1:]:
+        ahead = req["lookahead"]
+        assert len(ahead) == len(req["tokens"]) and all(len(t) == L - 1 for t in ahead)
+        assert all(len(a) == k and len(set(a)) == k for t in ahead for a in t)
     provider = make_provider(lm, ccfg, progress=False)
     assert isinstance(provider, OffloadedExpertProvider)
     assert len(provider.policy.collection) == len(PROMPTS)

@@ -1,0 +1,107 @@
+"""The CUDA host tier: pinned host slots between the disk and the device slots.
+
+An LRU of its own below the policy-managed device tier: a device load takes the expert's host
+copy when there is one (no disk read), else a host slot (the least recently used copy no load
+is using) that the disk fills first. Copies to the device run on a dedicated stream; a device
+slot's ``free`` event orders the copy after the compute on its old occupant, its ``ready``
+event orders compute after the copy.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Optional
+
+import torch
+
+from cache.io_pool import LoadJob
+from cache.policy import ExpertKey
+from cache.quant import ExpertFormat
+from cache.slots import SlotPool
+
+
+class HostLRU:
+    """Which expert each host slot holds, least recently used first; slots a load is using
+    are never handed out again until it is reported (pure bookkeeping over a SlotPool)."""
+
+    def __init__(self, pool: SlotPool) -> None:
+        self.pool = pool
+        self._lru: "OrderedDict[ExpertKey, int]" = OrderedDict()   # key -> host slot
+        self._busy: set[ExpertKey] = set()                         # host copies a load is using
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def reserve(self, key: ExpertKey) -> Optional[tuple[int, bool]]:
+        """(host slot holding or receiving ``key``, whether it must come from disk); None when
+        every host slot is in use by a load."""
+        if key in self._lru:
+            self._lru.move_to_end(key)
+            self._busy.add(key)
+            return self._lru[key], False
+        slot = self.pool.acquire()
+        if slot is None:
+            old = next((k for k in self._lru if k not in self._busy), None)
+            if old is None:
+                return None
+            slot = self._lru.pop(old)
+        self._lru[key] = slot
+        self._busy.add(key)
+        return slot, True
+
+    def release(self, key: ExpertKey, keep: bool) -> None:
+        """The load using ``key``'s host copy is over; ``keep`` False drops the copy (a failed read)."""
+        self._busy.discard(key)
+        if not keep and key in self._lru:
+            self.pool.release(self._lru.pop(key))
+
+
+class HostTier:
+    def __init__(self, num_slots: int, fmt: ExpertFormat, device: torch.device,
+                 device_slots: int) -> None:
+        self.device = device
+        self.pool = SlotPool(num_slots, fmt, torch.device("cpu"), pin=True)
+        self.lru = HostLRU(self.pool)
+        self._stream = torch.cuda.Stream(device)
+        # one pair per device slot: a slot has at most one load in flight
+        self._free = [torch.cuda.Event() for _ in range(device_slots)]
+        self._ready = [torch.cuda.Event() for _ in range(device_slots)]
+
+    # ---- engine thread ----------------------------------------------------------------------
+    def prepare(self, job: LoadJob) -> bool:
+        """Give ``job`` (device slot already chosen) its host slot and events; False when every
+        host slot is in use by a load."""
+        got = self.lru.reserve(job.key)
+        if got is None:
+            return False
+        job.host_slot, job.from_disk = got
+        job.free_event, job.ready_event = self._free[job.slot], self._ready[job.slot]
+        job.free_event.record(torch.cuda.current_stream(self.device))
+        return True
+
+    def finished(self, job: LoadJob) -> None:
+        """``job`` was reported back: its host copy is free to reuse (dropped if the read failed)."""
+        self.lru.release(job.key, keep=job.error is None or not job.from_disk)
+
+    def wait_ready(self, device_slot: int) -> None:
+        """Compute queued from now on waits for the copy into ``device_slot``."""
+        torch.cuda.current_stream(self.device).wait_event(self._ready[device_slot])
+
+    def stats(self, expert_bytes: int) -> dict[str, float]:
+        return {"host_slots": float(self.pool.num_slots),
+                "host_resident_bytes": float(len(self.lru) * expert_bytes),
+                "host_allocated_bytes": float(self.pool.allocated_bytes)}
+
+    # ---- I/O thread -------------------------------------------------------------------------
+    def fill(self, job: LoadJob, device_buf: torch.Tensor,
+             read: Callable[[torch.Tensor], int]) -> None:
+        """Read into the host slot when needed (``read`` returns the disk bytes), then copy to
+        the device slot; returns once the copy is done, since the host slot may be reused as
+        soon as the job is reported."""
+        host_buf = self.pool.buffer(job.host_slot)
+        if job.from_disk:
+            job.bytes_disk = read(host_buf)
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(job.free_event)       # old occupant's compute is done
+            device_buf.copy_(host_buf, non_blocking=True)
+            job.ready_event.record(self._stream)
+        job.ready_event.synchronize()
