@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -11,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from configs import ServerConfig
 from engine.client import EngineClient
+from server.defaults import GenerationDefaults
 from server.errors import APIError, JSONBody
 from server.metrics import Metrics
 from server.openai_routes import add_openai_routes
@@ -65,10 +67,11 @@ def health_response(client: EngineClient) -> Response:
 
 
 def create_app(cfg: ServerConfig, client: EngineClient, tokenizer: TextTokenizer,
-               model_name: str) -> FastAPI:
+               model_name: str, defaults: Optional[GenerationDefaults] = None) -> FastAPI:
     app = FastAPI(title="moeserve", version="0.1.0", docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json")
-    state = ServerState(cfg, client, tokenizer, model_name)
+    state = ServerState(cfg, client, tokenizer, model_name,
+                        defaults=defaults or GenerationDefaults())
     app.state.moeserve = state
 
     @app.exception_handler(APIError)

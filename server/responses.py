@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from engine.client import EngineFailure, EngineNotReady, RequestRejected
-from engine.protocol import FINISH_STOP, GenerateRequest
+from engine.protocol import FINISH_STOP, Constraint, GenerateRequest
 from server.errors import APIError, JSONBody, bad_request, encode
 from server.generate import Generation, Piece
 from server.params import logit_bias, sampling_params
@@ -56,7 +56,7 @@ class Job(abc.ABC):
     prompt_param: str
 
     def __init__(self, state: ServerState, body: _SamplingFields, prompts: list[list[int]],
-                 logprobs: bool, top_logprobs: int) -> None:
+                 logprobs: bool, top_logprobs: int, constraint: Optional[Constraint] = None) -> None:
         self.state, self.body = state, body
         self.n = body.n or 1
         self.logprobs, self.top_logprobs = logprobs, top_logprobs
@@ -78,7 +78,8 @@ class Job(abc.ABC):
                 raise bad_request(f"the prompt has {len(ids)} tokens but the model's context holds "
                                   f"{ctx} tokens (prompt and reply together)", self.prompt_param)
             for j in range(self.n):
-                params = sampling_params(body, ctx - len(ids), j, logprobs, top_logprobs, bias)
+                params = sampling_params(body, ctx - len(ids), j, logprobs, top_logprobs, bias,
+                                         state.defaults, state.cfg.default_max_tokens, constraint)
                 self.requests.append(GenerateRequest(f"{self.id}-{p * self.n + j}", tuple(ids),
                                                      params))
         client = state.client
@@ -133,6 +134,13 @@ class Job(abc.ABC):
     def final_chunk(self, index: int, reason: str) -> dict[str, Any]:
         return self.envelope([{"index": index, **self.delta(None), "logprobs": None,
                                "finish_reason": reason}], chunk=True)
+
+    def chunks(self, piece: Piece, offset: int) -> list[dict[str, Any]]:
+        """The SSE chunks for one piece (chat with tools may hold text back, or split it)."""
+        return [self.chunk(piece, offset)] if piece.text or piece.tokens else []
+
+    def final_chunks(self, index: int, reason: str) -> list[dict[str, Any]]:
+        return [self.final_chunk(index, reason)]
 
     def full_response(self, gen: Generation, per_choice: list[list[Piece]]) -> dict[str, Any]:
         choices = []
@@ -212,11 +220,12 @@ async def _stream(job: Job, gen: Generation, first: Piece,
                 yield sse(head)
         piece: Optional[Piece] = first
         while piece is not None:
-            if piece.text or piece.tokens:
-                yield sse(job.chunk(piece, offsets[piece.index]))
-                offsets[piece.index] += len(piece.text)
+            for c in job.chunks(piece, offsets[piece.index]):
+                yield sse(c)
+            offsets[piece.index] += len(piece.text)
             if piece.finish_reason:
-                yield sse(job.final_chunk(piece.index, piece.finish_reason))
+                for c in job.final_chunks(piece.index, piece.finish_reason):
+                    yield sse(c)
             piece = await rest.__anext__()
     except StopAsyncIteration:
         if job.body.include_usage:
