@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from configs import ServerConfig
 from engine.client import EngineClient
+from server.access_log import AccessLogMiddleware
 from server.defaults import GenerationDefaults
 from server.errors import APIError, JSONBody
 from server.metrics import Metrics
@@ -125,4 +126,5 @@ def create_app(cfg: ServerConfig, client: EngineClient, tokenizer: TextTokenizer
                        allow_origin_regex=policy.regex, allow_methods=["*"], allow_headers=["*"],
                        expose_headers=["Retry-After"], max_age=600)
     app.add_middleware(HostCheckMiddleware, bound=cfg.host, allowed=cfg.allowed_hosts)
+    app.add_middleware(AccessLogMiddleware)   # outermost: every request gets its line
     return app

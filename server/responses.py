@@ -14,6 +14,7 @@ from starlette.responses import Response, StreamingResponse
 
 from engine.client import EngineFailure, EngineNotReady, RequestRejected
 from engine.protocol import FINISH_STOP, Constraint, GenerateRequest
+from server.access_log import record_usage
 from server.errors import APIError, JSONBody, bad_request, encode
 from server.generate import Generation, Piece
 from server.params import logit_bias, sampling_params
@@ -194,7 +195,10 @@ async def respond(request: Request, job: Job) -> Response:
             except ENGINE_ERRORS as exc:
                 raise engine_error(exc) from None
             job.finish(gen)
-            return JSONBody(job.full_response(gen, per_choice))
+            out = job.full_response(gen, per_choice)
+            record_usage(request.scope, out["usage"]["prompt_tokens"],
+                         out["usage"]["completion_tokens"])
+            return JSONBody(out)
         it = gen.pieces().__aiter__()
         try:   # errors before the first token are plain HTTP errors, not SSE
             first = await _unless_disconnected(request, it.__anext__())
@@ -206,12 +210,12 @@ async def respond(request: Request, job: Job) -> Response:
     except BaseException:
         job.finish(gen)
         raise
-    return StreamingResponse(_stream(job, gen, first, it), media_type="text/event-stream",
+    return StreamingResponse(_stream(job, gen, first, it, request), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _stream(job: Job, gen: Generation, first: Piece,
-                  rest: AsyncIterator[Piece]) -> AsyncIterator[bytes]:
+async def _stream(job: Job, gen: Generation, first: Piece, rest: AsyncIterator[Piece],
+                  request: Request) -> AsyncIterator[bytes]:
     offsets = [0] * len(job.requests)
     try:
         for i in range(len(job.requests)):
@@ -236,4 +240,6 @@ async def _stream(job: Job, gen: Generation, first: Piece,
     except ENGINE_ERRORS as exc:
         yield engine_error(exc).sse_event()
     finally:
+        usage = job.usage(gen)
+        record_usage(request.scope, usage["prompt_tokens"], usage["completion_tokens"])
         job.finish(gen)   # client gone (cancelled) or done: abort whatever still runs

@@ -105,3 +105,29 @@ def test_non_strict_schema_ignores_what_it_cannot_enforce(server: ServerProcess)
         "messages": ASK, "max_tokens": 40, "response_format": schema_format(schema, strict=False)})
     assert r.status_code == 200, r.text
     assert json.loads(r.json()["choices"][0]["message"]["content"])["d"] in ("x", "y")
+
+
+def _log_line(server: ServerProcess, pattern: str) -> str:
+    """The first server log line matching ``pattern`` (written just after the response went out,
+    so it is polled for, with a deadline)."""
+    import re
+    import time
+    deadline = time.monotonic() + 30
+    while True:
+        m = re.search(pattern, server.log(), re.M)
+        if m:
+            return m.group(0)
+        assert time.monotonic() < deadline, f"no log line matching {pattern!r}:\n{server.log()}"
+        time.sleep(0.05)
+
+
+def test_access_and_error_lines(server: ServerProcess) -> None:
+    r = httpx.post(server.base + "/v1/chat/completions", timeout=60, json={
+        "messages": ASK, "max_tokens": 3, "ignore_eos": True, "seed": 424242})
+    usage = r.json()["usage"]
+    _log_line(server, rf"INFO moeserve\.access: POST /v1/chat/completions 200 prompt="
+                      rf"{usage['prompt_tokens']} completion=3 [0-9.]+s$")
+    httpx.post(server.base + "/v1/chat/completions", timeout=60,
+               json={"messages": ASK, "response_format": {"type": "toml"}})
+    _log_line(server, r"WARNING moeserve\.access: 400 on POST /v1/chat/completions: "
+                      r"response_format type 'toml' is not supported.*\(param response_format\.type\)$")
