@@ -15,6 +15,7 @@ from engine.client import EngineClient
 from server.access_log import AccessLogMiddleware
 from server.defaults import GenerationDefaults
 from server.errors import APIError, JSONBody
+from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from server.metrics import Metrics
 from server.openai_routes import add_openai_routes
 from server.openapi import install_openapi
@@ -99,7 +100,7 @@ def create_app(cfg: ServerConfig, client: EngineClient, tokenizer: TextTokenizer
         # the engine publishes its counters as it steps: a scrape never waits for a long step
         stats = client.snapshot if client.ready else None
         text = state.metrics.render(client.queue_depth, client.in_flight, stats, client.ready)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(text, media_type=METRICS_CONTENT_TYPE)
 
     for prefix in ("/v1", ""):
         @app.get(prefix + "/models", include_in_schema=prefix == "/v1", summary="List models")

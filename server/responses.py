@@ -10,7 +10,8 @@ import uuid
 from typing import Any, AsyncIterator, Awaitable, Optional, TypeVar
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.responses import Response
 
 from engine.client import EngineFailure, EngineNotReady, RequestRejected
 from engine.protocol import FINISH_STOP, Constraint, GenerateRequest
@@ -210,8 +211,14 @@ async def respond(request: Request, job: Job) -> Response:
     except BaseException:
         job.finish(gen)
         raise
-    return StreamingResponse(_stream(job, gen, first, it, request), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    cfg = job.state.cfg
+    # sse-starlette: keep-alive comments while a long prompt is read, disconnect detection (the
+    # generator is cancelled, which aborts the engine requests); at shutdown the stream gets the
+    # grace period, within which state.begin_shutdown ends it with an error event
+    return EventSourceResponse(_stream(job, gen, first, it, request), ping=cfg.sse_ping_s,
+                               sep="\n", headers={"Cache-Control": "no-cache"},
+                               ping_message_factory=lambda: ServerSentEvent(comment="ping"),
+                               shutdown_grace_period=cfg.shutdown_grace_s)
 
 
 async def _stream(job: Job, gen: Generation, first: Piece, rest: AsyncIterator[Piece],
