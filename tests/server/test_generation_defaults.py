@@ -99,3 +99,14 @@ def test_generation_config_none_and_default_max_tokens(none_server: ServerProces
     assert all(t["usage"]["completion_tokens"] == 7 for t in texts)   # --default-max-tokens
     assert len({t["choices"][0]["message"]["content"] for t in texts}) == 3   # temperature 1
     assert reply(none_server, max_tokens=20)["usage"]["completion_tokens"] == 20
+
+
+def test_the_build_writes_the_preset_defaults(tmp_path: Any) -> None:
+    from convert.default_model import write_generation_config
+    write_config(str(tmp_path), {"bos_token_id": 1, "do_sample": False})
+    out = str(tmp_path / "out.json")
+    write_generation_config(str(tmp_path / "generation_config.json"), out,
+                            {"temperature": 0.4, "top_p": 0.9})
+    with open(out, encoding="utf-8") as f:
+        assert json.load(f) == {"bos_token_id": 1, "do_sample": True, "temperature": 0.4,
+                                "top_p": 0.9}
