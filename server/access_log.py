@@ -2,6 +2,8 @@
 and a warning/error line for each 4xx/5xx with the message the client got.
 
 uvicorn's own access log (no tokens, no error message) stays off unless --log-level debug.
+Successful /health and /metrics polls (every few seconds from a supervisor or Prometheus) are
+logged at debug, so that the info log shows requests people made.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ log = logging.getLogger("moeserve.access")
 
 USAGE_KEY = "moeserve_usage"      # scope["state"][USAGE_KEY] = (prompt, completion), set by routes
 _ERROR_BODY_LIMIT = 4096
+_POLLED = frozenset({"/health", "/metrics"})
 
 
 def record_usage(scope: Scope, prompt: int, completion: int) -> None:
@@ -56,8 +59,9 @@ class AccessLogMiddleware:
             usage = scope.get("state", {}).get(USAGE_KEY)
             tokens = f" prompt={usage[0]} completion={usage[1]}" if usage else ""
             path = scope.get("path", "")
-            log.info("%s %s %d%s %.3fs", scope.get("method", "?"), path, code, tokens,
-                     time.perf_counter() - start)
+            quiet = code < 400 and path in _POLLED
+            log.log(logging.DEBUG if quiet else logging.INFO, "%s %s %d%s %.3fs",
+                    scope.get("method", "?"), path, code, tokens, time.perf_counter() - start)
             if code >= 400 and code != 499:
                 level = logging.ERROR if code >= 500 else logging.WARNING
                 log.log(level, "%d on %s %s: %s", code, scope.get("method", "?"), path,
