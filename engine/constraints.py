@@ -40,8 +40,13 @@ class GrammarCompiler:
             return self._tokenizer
 
     def matcher(self, constraint: Constraint) -> "GrammarMatcher":
-        """A fresh matcher; ValueError with llguidance's message when the grammar does not compile."""
-        m = llguidance.LLMatcher(self.tokenizer(), constraint.lark, log_level=0)
+        """A fresh matcher; ValueError (the request is refused, the engine goes on) when the
+        grammar does not compile or the model's tokenizer cannot be read."""
+        try:
+            tokenizer = self.tokenizer()
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"structured output needs the model's tokenizer.json: {exc}") from None
+        m = llguidance.LLMatcher(tokenizer, constraint.lark, log_level=0)
         if m.is_error():
             raise ValueError(f"the output grammar does not compile: {m.get_error()}")
         return GrammarMatcher(m, self.vocab_size)
