@@ -36,6 +36,23 @@ class ServerConfig:
         "help": "seconds that open requests get to finish at shutdown (SIGTERM/Ctrl-C); streams "
                 "still open then end with an error event", "flag": "--shutdown-grace",
         "metavar": "SECONDS"})
+    generation_config: str = field(default="auto", metadata={
+        "help": "'auto': the model's generation_config.json supplies the default temperature, "
+                "top_p, top_k, min_p, repetition_penalty and max_new_tokens of requests that leave "
+                "them out (as vLLM does); 'none': the OpenAI defaults (temperature 1, top_p 1)",
+        "choices": ("auto", "none")})
+    default_max_tokens: int = field(default=1024, metadata={
+        "help": "most new tokens for a request that sets no max_tokens/max_completion_tokens "
+                "(front ends such as Open WebUI send none); 0: up to the context's end",
+        "metavar": "N"})
+    tool_parser: str = field(default="auto", metadata={
+        "help": "how tool calls are read from the model's output: 'hermes' (<tool_call>{json}"
+                "</tool_call>, Hermes/Qwen style), 'json' (a bare JSON object or array), or "
+                "'auto' (hermes for templates that mention <tool_call>, else both)",
+        "choices": ("auto", "hermes", "json")})
+    sse_ping_s: float = field(default=15.0, metadata={
+        "help": "seconds between SSE keep-alive comments on an open stream (proxies and clients "
+                "drop idle connections)", "flag": "--sse-ping", "metavar": "SECONDS"})
     log_level: str = field(default="info", metadata={
         "help": "logging level", "choices": ("debug", "info", "warning", "error")})
 
@@ -50,6 +67,15 @@ class ServerConfig:
             raise ConfigError("max_request_bytes", self.max_request_bytes, "must be at least 1024")
         if not 0.0 <= self.shutdown_grace_s <= 3600.0:
             raise ConfigError("shutdown_grace_s", self.shutdown_grace_s, "must be in [0, 3600]")
+        if self.default_max_tokens < 0:
+            raise ConfigError("default_max_tokens", self.default_max_tokens,
+                              "must be >= 0 (0: no cap)")
+        if not 0.1 <= self.sse_ping_s <= 3600.0:
+            raise ConfigError("sse_ping_s", self.sse_ping_s, "must be in [0.1, 3600]")
+        for name, choices in (("generation_config", ("auto", "none")),
+                              ("tool_parser", ("auto", "hermes", "json"))):
+            if getattr(self, name) not in choices:
+                raise ConfigError(name, getattr(self, name), f"expected one of {', '.join(choices)}")
         if not self.host:
             raise ConfigError("host", self.host, "must not be empty")
         for origin in self.cors_origins:

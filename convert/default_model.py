@@ -58,7 +58,18 @@ def _expected_bytes(dense_dir: str, experts: int) -> int:
     return os.path.getsize(os.path.join(dense_dir, "model.safetensors")) + c["num_hidden_layers"] * experts * ffn
 
 
-def _build_moe(dense_dir: str, out: str, params: dict[str, Any], progress: bool) -> None:
+def write_generation_config(src: str, dst: str, generation: dict[str, Any]) -> None:
+    """The dense model's generation_config.json with the preset's measured sampling defaults
+    (bench/generation_defaults.py), which a server applies to requests that leave them out."""
+    with open(src, encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg.update(generation)
+    cfg["do_sample"] = generation.get("temperature", 1.0) > 0
+    write_json(dst, cfg)
+
+
+def _build_moe(dense_dir: str, out: str, params: dict[str, Any], progress: bool,
+               generation: dict[str, Any] | None = None) -> None:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -85,7 +96,7 @@ def _build_moe(dense_dir: str, out: str, params: dict[str, Any], progress: bool)
         log.info("calibration: %d conversations, %d tokens (%.0fs)", len(seqs), states[0].shape[0],
                  time.monotonic() - t0)
         routers = []
-        from tqdm import tqdm
+        from convert.progress import progress as tqdm
         for li, x in enumerate(tqdm(states, desc="k-means routers", unit="layer", disable=not progress)):
             cent, _ = spherical_kmeans(x, e, _seed(params["seed"], "kmeans", li))
             routers.append(cent * router_scale(x, cent, params["router_logit_std"]))  # [E, H]
@@ -97,6 +108,10 @@ def _build_moe(dense_dir: str, out: str, params: dict[str, Any], progress: bool)
             write_json(os.path.join(out, "config.json"), mixtral_config_dict(json.load(f), e, k))
         for name in TOKENIZER_FILES:
             shutil.copyfile(os.path.join(dense_dir, name), os.path.join(out, name))
+        if generation:
+            name = "generation_config.json"
+            write_generation_config(os.path.join(dense_dir, name), os.path.join(out, name),
+                                    generation)
         log.info("measuring routing and perplexity on held-out text")
         tok.padding_side = "right"
         stats = measure(model, tok, out, heldout_texts())
@@ -117,6 +132,9 @@ def build_default(preset: str = DEFAULT_PRESET, experts: int | None = None, top_
     ``out`` defaults to <home>/models/<name>.
     """
     params = load_preset(preset)
+    # not a build parameter: changing the defaults must not rebuild the model (the server reads
+    # the preset's values for builds whose generation_config.json predates them)
+    generation = params.pop("generation", None)
     if experts is not None or top_k is not None:
         params["experts"] = int(experts if experts is not None else params["experts"])
         params["top_k"] = int(top_k if top_k is not None else params["top_k"])
@@ -129,7 +147,7 @@ def build_default(preset: str = DEFAULT_PRESET, experts: int | None = None, top_
     dense_dir = ensure_dense_model(home)
     target = out or os.path.join(moeserve_home(home), "models", params["name"])
     need = int(_expected_bytes(dense_dir, params["experts"]) * 1.02) + 50_000_000
-    return build_atomically(target, params, lambda tmp: _build_moe(dense_dir, tmp, params, progress),
+    return build_atomically(target, params, lambda tmp: _build_moe(dense_dir, tmp, params, progress, generation),
                             need_bytes=need)
 
 

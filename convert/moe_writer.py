@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
-from tqdm import tqdm
+from convert.progress import progress as tqdm  # a bar on a terminal, log lines otherwise
 
 from convert.gguf_import import write_json
 from convert.upcycle import perturbed_expert

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 from safetensors.torch import save_file
-from tqdm import tqdm
+from convert.progress import progress as tqdm  # a bar on a terminal, log lines otherwise
 
 from cache.expert_store import STORE_FILE, write_store
 from cache.provider import ExpertSource, read_tensor

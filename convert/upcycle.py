@@ -14,7 +14,7 @@ import logging
 from typing import Any, Iterable
 
 import torch
-from tqdm import tqdm
+from convert.progress import progress as tqdm  # a bar on a terminal, log lines otherwise
 
 from convert.mtbench import Question
 

@@ -21,6 +21,7 @@ from engine.loader import LoadedModel
 from engine.models.common import Batch, KVCache
 from engine.protocol import (FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, EngineStats,
                              GenerateRequest, ModelInfo, TokenDelta)
+from engine.constraints import GrammarCompiler
 from engine.sampling import Choice, SamplerState, sample
 
 log = logging.getLogger("moeserve.engine")
@@ -63,6 +64,8 @@ class Engine:
         self.running: list[Sequence] = []
         self.pending_aborts: list[str] = []
         self.eos = frozenset(loaded.info.eos_token_ids)
+        self.grammars = GrammarCompiler(loaded.info.path, loaded.info.vocab_size,
+                                        loaded.info.eos_token_ids)
         self.counters = dict(requests_finished=0, requests_aborted=0, requests_failed=0,
                              prompt_tokens=0, generated_tokens=0, steps=0)
         log.info("engine ready: %s (%s) on %s, context %d, batch %d, KV cache %.1f MiB",
@@ -87,7 +90,10 @@ class Engine:
             raise ValueError(f"logit_bias token id {bad} is outside the vocabulary (0..{vocab - 1})")
         if any(s.id == req.request_id for s in (*self.waiting, *self.running)):
             raise ValueError(f"request id {req.request_id!r} is already in use")
-        self.waiting.append(Sequence(req, SamplerState(req.sampling, tuple(ids))))
+        state = SamplerState(req.sampling, tuple(ids))
+        if req.sampling.constraint is not None:   # compiled on arrival; ValueError: a 400
+            state.grammar = self.grammars.matcher(req.sampling.constraint)
+        self.waiting.append(Sequence(req, state))
 
     def abort(self, request_id: str) -> None:
         self.pending_aborts.append(request_id)
@@ -180,9 +186,13 @@ class Engine:
         seq.output.append(choice.token)
         seq.sampler.note(choice.token)
         self.counters["generated_tokens"] += 1
+        grammar = seq.sampler.grammar
+        if grammar is not None and grammar.error is not None:
+            return self._fail_alone(seq, grammar.error)
         p = seq.req.sampling
         reason: Optional[str] = None
-        if (choice.token in self.eos and not p.ignore_eos) or choice.token in p.stop_token_ids:
+        if (choice.token in self.eos and not p.ignore_eos) or choice.token in p.stop_token_ids \
+                or (grammar is not None and grammar.finished):
             reason = FINISH_STOP
         elif len(seq.output) >= p.max_tokens or seq.length >= self.context:
             reason = FINISH_LENGTH

@@ -14,6 +14,16 @@ FINISH_ERROR = "error"    # the engine failed this request; `error` says why
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """A grammar the generated text must follow, as a Lark grammar in llguidance's dialect
+    (JSON schemas embed as ``%json {...}``). The engine compiles it against the model's tokenizer
+    and masks every step's logits to the tokens the grammar allows; once the grammar is complete
+    only end-of-sequence is allowed."""
+
+    lark: str
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. temperature == 0 means greedy."""
 
@@ -31,6 +41,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0               # 0..20
+    constraint: Optional[Constraint] = None
 
     def __post_init__(self) -> None:
         checks = [

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from engine.constraints import GrammarMatcher
 from engine.protocol import SamplingParams
 
 
@@ -23,6 +24,7 @@ class SamplerState:
     # over a large bias slowed every request in the batch)
     bias_ids: Optional[torch.Tensor] = None
     bias_values: Optional[torch.Tensor] = None
+    grammar: Optional[GrammarMatcher] = None    # response_format / forced tool calls
 
     def __post_init__(self) -> None:
         if not self.params.greedy:
@@ -36,12 +38,14 @@ class SamplerState:
 
     def note(self, token: int) -> None:
         self.output_counts[token] = self.output_counts.get(token, 0) + 1
+        if self.grammar is not None:
+            self.grammar.consume(token)
 
     @property
     def needs_processing(self) -> bool:
         p = self.params
         return bool(p.logit_bias) or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 \
-            or p.frequency_penalty != 0.0
+            or p.frequency_penalty != 0.0 or self.grammar is not None
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,8 @@ def _process(logits: torch.Tensor, st: SamplerState) -> torch.Tensor:
         logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
     if st.bias_ids is not None and st.bias_values is not None:
         logits.index_add_(0, st.bias_ids, st.bias_values)
+    if st.grammar is not None:   # last: no bias may revive a token the grammar forbids
+        logits.masked_fill_(~st.grammar.allowed(), float("-inf"))
     return logits
 
 

@@ -129,11 +129,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ecfg = from_args(EngineConfig, args)
     ccfg = from_args(CacheConfig, args)
     scfg = from_args(ServerConfig, args)
+    from configs.presets import load_preset
+    builtin = not ecfg.model
     model_dir = _check_model_dir(ecfg.model or _default_model_dir(ecfg.default_preset))
     ecfg = EngineConfig(**{**ecfg.__dict__, "model": model_dir})
     client = ProcessEngineClient(LazyFactory("moeserve.wiring:build_engine", ecfg, ccfg),
                                  log_level=scfg.log_level)
-    return run_server(scfg, client, model_dir)
+    # builds of the built-in model made before its generation_config.json carried the measured
+    # sampling defaults get them from the preset
+    fallback = load_preset(ecfg.default_preset).get("generation") if builtin else None
+    return run_server(scfg, client, model_dir, fallback)
 
 
 def _check_model_dir(path: str) -> str:

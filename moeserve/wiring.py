@@ -5,10 +5,10 @@ This is the one place that chooses a concrete ExpertProvider for the engine.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Any, Optional
 
 import torch
-from tqdm import tqdm
+from convert.progress import progress as tqdm  # a bar on a terminal, log lines otherwise
 
 from cache.eam import EAMCollection
 from cache.offload import OffloadedExpertProvider
@@ -53,7 +53,7 @@ def load(ecfg: EngineConfig, progress: bool = True) -> LoadedModel:
     device = resolve_device(ecfg.device)
     model_dir = resolve_quantized_dir(resolve_model_dir(ecfg), ecfg, device, progress)
     dtype = resolve_dtype(ecfg.dtype, load_config(model_dir), device)
-    bar: Optional[tqdm] = None
+    bar: Optional[Any] = None
 
     def on_progress(done: int, total: int) -> None:
         nonlocal bar

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -11,7 +12,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from configs import ServerConfig
 from engine.client import EngineClient
+from server.access_log import AccessLogMiddleware
+from server.defaults import GenerationDefaults
 from server.errors import APIError, JSONBody
+from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from server.metrics import Metrics
 from server.openai_routes import add_openai_routes
 from server.openapi import install_openapi
@@ -65,10 +69,11 @@ def health_response(client: EngineClient) -> Response:
 
 
 def create_app(cfg: ServerConfig, client: EngineClient, tokenizer: TextTokenizer,
-               model_name: str) -> FastAPI:
+               model_name: str, defaults: Optional[GenerationDefaults] = None) -> FastAPI:
     app = FastAPI(title="moeserve", version="0.1.0", docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json")
-    state = ServerState(cfg, client, tokenizer, model_name)
+    state = ServerState(cfg, client, tokenizer, model_name,
+                        defaults=defaults or GenerationDefaults())
     app.state.moeserve = state
 
     @app.exception_handler(APIError)
@@ -95,7 +100,7 @@ def create_app(cfg: ServerConfig, client: EngineClient, tokenizer: TextTokenizer
         # the engine publishes its counters as it steps: a scrape never waits for a long step
         stats = client.snapshot if client.ready else None
         text = state.metrics.render(client.queue_depth, client.in_flight, stats, client.ready)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(text, media_type=METRICS_CONTENT_TYPE)
 
     for prefix in ("/v1", ""):
         @app.get(prefix + "/models", include_in_schema=prefix == "/v1", summary="List models")
@@ -122,4 +127,5 @@ def create_app(cfg: ServerConfig, client: EngineClient, tokenizer: TextTokenizer
                        allow_origin_regex=policy.regex, allow_methods=["*"], allow_headers=["*"],
                        expose_headers=["Retry-After"], max_age=600)
     app.add_middleware(HostCheckMiddleware, bound=cfg.host, allowed=cfg.allowed_hosts)
+    app.add_middleware(AccessLogMiddleware)   # outermost: every request gets its line
     return app

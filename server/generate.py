@@ -60,7 +60,7 @@ class Generation:
         except BaseException:
             self.close()
             raise
-        metrics.prompt_tokens += sum(self.prompt_tokens)
+        metrics.prompt_tokens.inc(sum(self.prompt_tokens))
         self._tasks = [asyncio.ensure_future(self._run(i, s)) for i, s in enumerate(self._streams)]
 
     async def pieces(self) -> AsyncIterator[Piece]:
@@ -101,7 +101,7 @@ class Generation:
                         self._metrics.itl.observe(now - last)
                     last = now
                     self.completion_tokens[index] += len(d.token_ids)
-                    self._metrics.generated_tokens += len(d.token_ids)
+                    self._metrics.generated_tokens.inc(len(d.token_ids))
                 text = stops.feed("".join(detok.add(t) for t in d.token_ids))
                 tokens = self._token_infos(d) if self._want_logprobs else []
                 if stops.stopped:

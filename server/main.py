@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from types import FrameType
-from typing import AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Mapping, Optional
 
 import uvicorn
 from fastapi import FastAPI
@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from configs import ServerConfig
 from engine.client import EngineClient, EngineStartError
 from server.app import create_app
+from server.defaults import load_generation_defaults
 from server.responses import ShuttingDown
 from server.state import ServerState
 from server.tokenizer import TextTokenizer
@@ -48,9 +49,12 @@ class ServerRun:
     """The app and its lifecycle: the engine starts in the background (/health says 'loading'
     meanwhile); no engine at all ends the process with a distinct exit code."""
 
-    def __init__(self, cfg: ServerConfig, client: EngineClient, model_dir: str) -> None:
+    def __init__(self, cfg: ServerConfig, client: EngineClient, model_dir: str,
+                 generation_fallback: Optional[Mapping[str, Any]] = None) -> None:
         self.cfg, self.client = cfg, client
-        self.app = create_app(cfg, client, TextTokenizer(model_dir), served_name(cfg, model_dir))
+        defaults = load_generation_defaults(model_dir, cfg.generation_config, generation_fallback)
+        self.app = create_app(cfg, client, TextTokenizer(model_dir), served_name(cfg, model_dir),
+                              defaults)
         self.state: ServerState = self.app.state.moeserve
         self.exit_code = EXIT_OK
         self.server: Optional[_Uvicorn] = None
@@ -112,9 +116,12 @@ def _warn_if_exposed(cfg: ServerConfig) -> None:
                     "the server; set --api-key (or MOESERVE_API_KEY)", cfg.host)
 
 
-def run_server(server_cfg: ServerConfig, client: EngineClient, model_dir: str) -> int:
-    """Serve the OpenAI-compatible API for ``model_dir`` until interrupted; the exit code."""
-    run = ServerRun(server_cfg, client, model_dir)
+def run_server(server_cfg: ServerConfig, client: EngineClient, model_dir: str,
+               generation_fallback: Optional[Mapping[str, Any]] = None) -> int:
+    """Serve the OpenAI-compatible API for ``model_dir`` until interrupted; the exit code.
+    ``generation_fallback``: default sampling values for keys the model's
+    generation_config.json lacks (the built-in model's preset)."""
+    run = ServerRun(server_cfg, client, model_dir, generation_fallback)
     if "torch" in sys.modules:
         log.warning("torch is imported in the HTTP process; the engine should live in its own "
                     "process (use engine.client.LazyFactory for the engine factory)")

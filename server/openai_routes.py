@@ -8,16 +8,58 @@ from starlette.responses import Response
 
 from server.body import read_json
 from server.errors import bad_request
+from engine.protocol import FINISH_STOP
 from server.generate import Piece, chat_logprobs, completion_logprobs
 from server.openapi import body_schema, error_responses
 from server.responses import Job, respond
 from server.schemas import ChatCompletionRequest, CompletionRequest, message_dicts, parse
 from server.state import ServerState
+from server.structured import check, response_format_constraint
+from server.tools import (ToolSetup, ToolStream, forcing_grammar, parse_setup, prompt_messages)
+from server.tools import parse as parse_tool_calls
 
 
 class ChatJob(Job):
     id_prefix, object_name, chunk_object = "chatcmpl-", "chat.completion", "chat.completion.chunk"
     prompt_param = "messages"
+    tools: Optional[ToolSetup] = None
+    _streams: dict[int, ToolStream]
+
+    def with_tools(self, setup: ToolSetup) -> "ChatJob":
+        if setup.active:
+            self.tools, self._streams = setup, {}
+        return self
+
+    def chunks(self, piece: Piece, offset: int) -> list[dict[str, Any]]:
+        if self.tools is None:
+            return super().chunks(piece, offset)
+        st = self._streams.setdefault(piece.index, ToolStream(self.tools))
+        return [self._delta_chunk(piece.index, d) for d in st.feed(piece.text)]
+
+    def final_chunks(self, index: int, reason: str) -> list[dict[str, Any]]:
+        if self.tools is None:
+            return super().final_chunks(index, reason)
+        st = self._streams.setdefault(index, ToolStream(self.tools))
+        out = [self._delta_chunk(index, d) for d in st.finish()]
+        return out + [self.final_chunk(index, "tool_calls" if st.calls and reason == FINISH_STOP
+                                       else reason)]
+
+    def _delta_chunk(self, index: int, delta: dict[str, Any]) -> dict[str, Any]:
+        return self.envelope([{"index": index, "delta": delta, "logprobs": None,
+                               "finish_reason": None}], chunk=True)
+
+    def full_response(self, gen: Any, per_choice: list[list[Piece]]) -> dict[str, Any]:
+        out = super().full_response(gen, per_choice)
+        if self.tools is None:
+            return out
+        for choice in out["choices"]:
+            content, calls = parse_tool_calls(choice["message"]["content"], self.tools)
+            if calls:
+                choice["message"] = {"role": "assistant", "content": content or None,
+                                     "tool_calls": [c.as_dict() for c in calls]}
+                if choice["finish_reason"] == FINISH_STOP:
+                    choice["finish_reason"] = "tool_calls"
+        return out
 
     def logprobs_of(self, piece: Piece, offset: int) -> Optional[dict[str, Any]]:
         if not self.logprobs:
@@ -54,15 +96,26 @@ class CompletionJob(Job):
 async def chat(state: ServerState, request: Request) -> Response:
     body = parse(ChatCompletionRequest, await read_json(request, state.cfg.max_request_bytes))
     state.check_model(body.model)
-    rf = body.response_format
-    if rf is not None and rf.get("type", "text") != "text":
-        raise bad_request(f"response_format type {rf.get('type')!r} is not supported yet; "
-                          "only 'text'", "response_format")
-    if body.tools:
-        raise bad_request("tools (function calling) are not supported yet", "tools")
-    ids = await state.encode_chat(message_dicts(body.messages))
-    job = ChatJob(state, body, [ids], bool(body.logprobs), body.top_logprobs or 0)
-    return await respond(request, job)
+    constraint = response_format_constraint(body.response_format)
+    setup = parse_setup(body.tools, body.tool_choice, body.parallel_tool_calls,
+                        tool_style(state))
+    if setup.forced:
+        if constraint is not None:
+            raise bad_request("response_format json cannot be combined with tool_choice "
+                              "'required' or a named function", "response_format")
+        constraint = check(forcing_grammar(setup), "tools")
+    messages, extra = prompt_messages(message_dicts(body.messages), setup,
+                                      state.tokenizer.template_takes_tools)
+    ids = await state.encode_chat(messages, **extra)
+    job = ChatJob(state, body, [ids], bool(body.logprobs), body.top_logprobs or 0, constraint)
+    return await respond(request, job.with_tools(setup))
+
+
+def tool_style(state: ServerState) -> str:
+    """--tool-parser; 'auto' is the Hermes style, which the built-in system prompt and the
+    Hermes/Qwen templates use (its parser also reads a bare JSON call)."""
+    style = state.cfg.tool_parser
+    return "hermes" if style == "auto" else style
 
 
 async def completions(state: ServerState, request: Request) -> Response:

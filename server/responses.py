@@ -10,10 +10,12 @@ import uuid
 from typing import Any, AsyncIterator, Awaitable, Optional, TypeVar
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.responses import Response
 
 from engine.client import EngineFailure, EngineNotReady, RequestRejected
-from engine.protocol import FINISH_STOP, GenerateRequest
+from engine.protocol import FINISH_STOP, Constraint, GenerateRequest
+from server.access_log import record_usage
 from server.errors import APIError, JSONBody, bad_request, encode
 from server.generate import Generation, Piece
 from server.params import logit_bias, sampling_params
@@ -56,7 +58,7 @@ class Job(abc.ABC):
     prompt_param: str
 
     def __init__(self, state: ServerState, body: _SamplingFields, prompts: list[list[int]],
-                 logprobs: bool, top_logprobs: int) -> None:
+                 logprobs: bool, top_logprobs: int, constraint: Optional[Constraint] = None) -> None:
         self.state, self.body = state, body
         self.n = body.n or 1
         self.logprobs, self.top_logprobs = logprobs, top_logprobs
@@ -78,7 +80,8 @@ class Job(abc.ABC):
                 raise bad_request(f"the prompt has {len(ids)} tokens but the model's context holds "
                                   f"{ctx} tokens (prompt and reply together)", self.prompt_param)
             for j in range(self.n):
-                params = sampling_params(body, ctx - len(ids), j, logprobs, top_logprobs, bias)
+                params = sampling_params(body, ctx - len(ids), j, logprobs, top_logprobs, bias,
+                                         state.defaults, state.cfg.default_max_tokens, constraint)
                 self.requests.append(GenerateRequest(f"{self.id}-{p * self.n + j}", tuple(ids),
                                                      params))
         client = state.client
@@ -134,6 +137,13 @@ class Job(abc.ABC):
         return self.envelope([{"index": index, **self.delta(None), "logprobs": None,
                                "finish_reason": reason}], chunk=True)
 
+    def chunks(self, piece: Piece, offset: int) -> list[dict[str, Any]]:
+        """The SSE chunks for one piece (chat with tools may hold text back, or split it)."""
+        return [self.chunk(piece, offset)] if piece.text or piece.tokens else []
+
+    def final_chunks(self, index: int, reason: str) -> list[dict[str, Any]]:
+        return [self.final_chunk(index, reason)]
+
     def full_response(self, gen: Generation, per_choice: list[list[Piece]]) -> dict[str, Any]:
         choices = []
         for i, pieces in enumerate(per_choice):
@@ -186,7 +196,10 @@ async def respond(request: Request, job: Job) -> Response:
             except ENGINE_ERRORS as exc:
                 raise engine_error(exc) from None
             job.finish(gen)
-            return JSONBody(job.full_response(gen, per_choice))
+            out = job.full_response(gen, per_choice)
+            record_usage(request.scope, out["usage"]["prompt_tokens"],
+                         out["usage"]["completion_tokens"])
+            return JSONBody(out)
         it = gen.pieces().__aiter__()
         try:   # errors before the first token are plain HTTP errors, not SSE
             first = await _unless_disconnected(request, it.__anext__())
@@ -198,12 +211,18 @@ async def respond(request: Request, job: Job) -> Response:
     except BaseException:
         job.finish(gen)
         raise
-    return StreamingResponse(_stream(job, gen, first, it), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    cfg = job.state.cfg
+    # sse-starlette: keep-alive comments while a long prompt is read, disconnect detection (the
+    # generator is cancelled, which aborts the engine requests); at shutdown the stream gets the
+    # grace period, within which state.begin_shutdown ends it with an error event
+    return EventSourceResponse(_stream(job, gen, first, it, request), ping=cfg.sse_ping_s,
+                               sep="\n", headers={"Cache-Control": "no-cache"},
+                               ping_message_factory=lambda: ServerSentEvent(comment="ping"),
+                               shutdown_grace_period=cfg.shutdown_grace_s)
 
 
-async def _stream(job: Job, gen: Generation, first: Piece,
-                  rest: AsyncIterator[Piece]) -> AsyncIterator[bytes]:
+async def _stream(job: Job, gen: Generation, first: Piece, rest: AsyncIterator[Piece],
+                  request: Request) -> AsyncIterator[bytes]:
     offsets = [0] * len(job.requests)
     try:
         for i in range(len(job.requests)):
@@ -212,11 +231,12 @@ async def _stream(job: Job, gen: Generation, first: Piece,
                 yield sse(head)
         piece: Optional[Piece] = first
         while piece is not None:
-            if piece.text or piece.tokens:
-                yield sse(job.chunk(piece, offsets[piece.index]))
-                offsets[piece.index] += len(piece.text)
+            for c in job.chunks(piece, offsets[piece.index]):
+                yield sse(c)
+            offsets[piece.index] += len(piece.text)
             if piece.finish_reason:
-                yield sse(job.final_chunk(piece.index, piece.finish_reason))
+                for c in job.final_chunks(piece.index, piece.finish_reason):
+                    yield sse(c)
             piece = await rest.__anext__()
     except StopAsyncIteration:
         if job.body.include_usage:
@@ -227,4 +247,6 @@ async def _stream(job: Job, gen: Generation, first: Piece,
     except ENGINE_ERRORS as exc:
         yield engine_error(exc).sse_event()
     finally:
+        usage = job.usage(gen)
+        record_usage(request.scope, usage["prompt_tokens"], usage["completion_tokens"])
         job.finish(gen)   # client gone (cancelled) or done: abort whatever still runs

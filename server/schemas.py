@@ -91,6 +91,7 @@ class ChatCompletionRequest(_SamplingFields):
     response_format: Optional[dict[str, Any]] = None
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
+    parallel_tool_calls: Optional[bool] = None
 
 
 class CompletionRequest(_SamplingFields):

@@ -9,6 +9,7 @@ from typing import Any
 
 from configs import ServerConfig
 from engine.client import EngineClient
+from server.defaults import GenerationDefaults
 from server.errors import APIError, bad_request
 from server.metrics import Metrics
 from server.tokenizer import TemplateError, TextTokenizer
@@ -21,6 +22,7 @@ class ServerState:
     tokenizer: TextTokenizer
     model_name: str
     metrics: Metrics = field(default_factory=Metrics)
+    defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
     created: int = field(default_factory=lambda: int(time.time()))
     # set when shutdown begins: open streams end with an error event instead of being cut
     shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
@@ -60,9 +62,9 @@ class ServerState:
         self._check_chars(len(text), param)
         return await asyncio.to_thread(self.tokenizer.encode, text)
 
-    async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    async def encode_chat(self, messages: list[dict[str, Any]], **extra: Any) -> list[int]:
         self._check_chars(sum(len(m.get("content") or "") for m in messages), "messages")
         try:
-            return await asyncio.to_thread(self.tokenizer.encode_chat, messages)
+            return await asyncio.to_thread(self.tokenizer.encode_chat, messages, **extra)
         except (TemplateError, TypeError) as exc:   # TypeError: a template choking on a value
             raise bad_request(str(exc), "messages") from None

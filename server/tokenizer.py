@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any, Optional
 
 import jinja2
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
@@ -69,6 +70,9 @@ class TextTokenizer:
         source = self._template_source(model_dir, cfg)
         self.chat_template: Optional[jinja2.Template] = (
             compile_chat_template(source) if source else None)
+        # a template that reads `tools` renders them itself (tool calling, server/tools.py)
+        self.template_takes_tools = bool(source) and "tools" in jinja2.meta.find_undeclared_variables(
+            ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(source))
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         # the longest token's text: a text of more than context x this many characters can never
         # fit, so it is rejected without tokenizing it (a normalizer may shrink text: then x4)

@@ -152,7 +152,7 @@ def test_errors_have_status_and_envelope(server: ServerProcess) -> None:
         (httpx.post(url, json={"messages": HELLO, "max_tokens": "many"}), 400),
         (httpx.post(url, json={"messages": HELLO, "model": "no-such-model"}), 404),
         (httpx.post(url, json={"messages": [{"role": "user", "content": "word " * 400}]}), 400),
-        (httpx.post(url, json={"messages": HELLO, "response_format": {"type": "json_object"}}), 400),
+        (httpx.post(url, json={"messages": HELLO, "response_format": {"type": "xml"}}), 400),
         (httpx.get(server.base + "/v1/nothing-here"), 404),
     ]
     for resp, status in cases:

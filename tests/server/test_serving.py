@@ -65,15 +65,15 @@ def test_greedy_output_equals_moeserve_generate(server: ServerProcess, tiny_mode
 
 
 def test_metrics_export_the_expert_cache(server: ServerProcess) -> None:
-    before = metric(server, "moeserve_expert_cache_misses")
+    before = metric(server, "moeserve_expert_cache_misses_total")
     httpx.post(server.base + "/v1/chat/completions", json=_greedy_body(99, 6), timeout=120)
-    assert metric(server, "moeserve_expert_cache_misses") > before     # half the experts fit
+    assert metric(server, "moeserve_expert_cache_misses_total") > before     # half the experts fit
     assert metric(server, "moeserve_expert_cache_allocated_bytes") <= metric(
         server, "moeserve_expert_cache_budget_bytes")
     text = httpx.get(server.base + "/metrics", timeout=30).text
-    layers = re.findall(r'^moeserve_expert_cache_layer_hits\{layer="(\d+)"\} ', text, re.M)
+    layers = re.findall(r'^moeserve_expert_cache_layer_hits_total\{layer="(\d+)"\} ', text, re.M)
     assert layers == ["0", "1"]
-    assert "# TYPE moeserve_expert_cache_layer_hits gauge" in text
+    assert "# TYPE moeserve_expert_cache_layer_hits_total counter" in text
 
 
 @pytest.fixture(scope="module")
