@@ -51,8 +51,11 @@ def test_16_concurrent_streams_each_get_their_solo_greedy_output(server: ServerP
 def test_greedy_output_equals_moeserve_generate(server: ServerProcess, tiny_model_dir: str) -> None:
     prompt = "Write one line about rivers."
     out = subprocess.run(
+        # one sequence, a short context and a quarter of the experts resident (offloaded output is
+        # bit-identical to resident, tests/engine/test_offload_exact.py): little memory beside the server
         [sys.executable, "-m", "moeserve.cli", "generate", "--model", tiny_model_dir, "--prompt", prompt,
-         "--chat", "--max-tokens", "12", "--ignore-eos", "--json"],
+         "--chat", "--max-tokens", "12", "--ignore-eos", "--json", "--max-batch", "1",
+         "--context-length", "1024", "--expert-budget", "25%"],
         cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     want = json.loads(out.stdout.strip().splitlines()[-1])
