@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import tempfile
 from typing import Optional, Sequence
 
@@ -148,6 +149,10 @@ class EAMCollection:
                 json.dump(doc, f, separators=(",", ":"))
                 f.flush()
                 os.fsync(f.fileno())
+            try:        # a store the user made readable stays so (mkstemp creates 0600)
+                os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+            except FileNotFoundError:
+                pass
             os.replace(tmp, path)
         except BaseException:
             try:

@@ -59,6 +59,17 @@ def test_save_load_round_trip(tmp_path):
     assert len(d) == 2 and np.allclose(d.matrices(), c.matrices(), atol=1e-6)
 
 
+def test_a_new_store_is_private_and_a_resaved_one_keeps_its_mode(tmp_path):
+    c = EAMCollection(2, 2, capacity=3)
+    c.insert(mat([[1, 3], [2, 2]]))
+    path = tmp_path / "store.json"
+    c.save(str(path))
+    assert path.stat().st_mode & 0o777 == 0o600
+    path.chmod(0o644)
+    c.save(str(path))
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 def test_load_missing_gives_empty(tmp_path):
     assert len(EAMCollection.load(str(tmp_path / "none.json"), 2, 2)) == 0
 
