@@ -5,9 +5,39 @@ import json
 import os
 import platform
 import statistics
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start_server(serve_args: Sequence[str], port: int, log_path: Optional[str] = None,
+                 deadline_s: float = 1800) -> Any:
+    """`moeserve serve --port PORT *serve_args` from this checkout; returns the process once its
+    /health answers 200 (its output to ``log_path`` when given). Exits naming the failure."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    args = [sys.executable, "-m", "moeserve.cli", "serve", "--port", str(port), *serve_args]
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = open(log_path, "w") if log_path else None
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=out,
+                            stderr=subprocess.STDOUT if out else None)
+    where = f"; see {log_path}" if log_path else ""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with code {proc.returncode}{where}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)   # readiness poll, bounded by the deadline
+    proc.kill()
+    raise SystemExit("the server did not become ready")
 
 
 def machine() -> str:

@@ -16,15 +16,13 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import time
 from typing import Any, Optional
 
 import httpx
 
-from bench.common import RESULTS, heldout_prompts, machine, percentile, table, write_json
+from bench.common import RESULTS, heldout_prompts, machine, percentile, start_server, table, write_json
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def engine_direct(model_dir: str, prompts: list[list[int]], max_tokens: int,
@@ -102,25 +100,11 @@ async def _level(base: str, texts: list[str], concurrency: int, max_tokens: int)
 
 
 def _start_server(model_dir: str, port: int, max_batch: int, threads: Optional[int]) -> Any:
-    import subprocess
-    args = [sys.executable, "-m", "moeserve.cli", "serve", "--model", model_dir, "--port", str(port),
-            "--max-batch", str(max_batch), "--max-queue", "1024", "--log-level", "warning"]
+    args = ["--model", model_dir, "--max-batch", str(max_batch), "--max-queue", "1024",
+            "--log-level", "warning"]
     if threads:
         args += ["--threads", str(threads)]
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen(args, cwd=REPO, env=env)
-    deadline = time.monotonic() + 1800
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)   # readiness poll, bounded by the deadline
-    proc.kill()
-    raise SystemExit("the server did not become ready")
+    return start_server(args, port)
 
 
 def _plot(path: str, levels: list[dict[str, Any]]) -> None:

@@ -21,9 +21,8 @@ from typing import Any, Optional
 import httpx
 import psutil
 
-from bench.common import RESULTS, percentile, table, write_json
+from bench.common import RESULTS, percentile, start_server, table, write_json
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["Tell me about the sea.", "Write a short poem about rivers.",
            "Explain how a bicycle works.", "What is the capital of France, and why?",
            "Give three tips for learning to cook.", "Describe a thunderstorm to a child.",
@@ -32,26 +31,11 @@ PROMPTS = ["Tell me about the sea.", "Write a short poem about rivers.",
 
 def _start_server(model: Optional[str], port: int, streams: int, max_batch: int, threads: int,
                   log_path: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "moeserve.cli", "serve", "--port", str(port),
-            "--max-batch", str(max_batch), "--max-queue", str(max(64, 2 * streams)),
+    args = ["--max-batch", str(max_batch), "--max-queue", str(max(64, 2 * streams)),
             "--threads", str(threads), "--log-level", "warning"]
     if model:
         args += ["--model", model]
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    log = open(log_path, "w")
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 1800
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with code {proc.returncode}; see {log_path}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)   # readiness poll, bounded by the deadline
-    proc.kill()
-    raise SystemExit("the server did not become ready")
+    return start_server(args, port, log_path)
 
 
 def _rss(pid: int) -> tuple[int, int]:
