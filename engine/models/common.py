@@ -67,10 +67,14 @@ class KVCache:
             vc[batch.single_slot, :, start:end] = v[0]
             return kc[batch.single_slot:batch.single_slot + 1, :, :batch.kv_len], \
                 vc[batch.single_slot:batch.single_slot + 1, :, :batch.kv_len]
-        slots = batch.slots[:, None]                        # [B, 1]
-        kc[slots, :, batch.positions] = k.transpose(1, 2)   # index [B, T] -> [B, T, Hkv, D]
-        vc[slots, :, batch.positions] = v.transpose(1, 2)
+        self._scatter(layer, k, v, batch)
         return kc[batch.slots, :, :batch.kv_len], vc[batch.slots, :, :batch.kv_len]
+
+    def _scatter(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: Batch) -> None:
+        """Store k/v [B, Hkv, T, D] of several sequences at their slots and positions."""
+        slots = batch.slots[:, None]                                  # [B, 1]
+        self.k[layer][slots, :, batch.positions] = k.transpose(1, 2)  # index [B, T] -> [B, T, Hkv, D]
+        self.v[layer][slots, :, batch.positions] = v.transpose(1, 2)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch,
                scale: Optional[float] = None) -> torch.Tensor:
@@ -81,10 +85,8 @@ class KVCache:
         if batch.seq_rows is None or batch.single_slot is not None:
             keys, values = self.update(layer, k, v, batch)
             return sdpa(q, keys, values, batch, scale)
+        self._scatter(layer, k, v, batch)
         kc, vc = self.k[layer], self.v[layer]
-        slots = batch.slots[:, None]
-        kc[slots, :, batch.positions] = k.transpose(1, 2)
-        vc[slots, :, batch.positions] = v.transpose(1, 2)
         outs = [F.scaled_dot_product_attention(q[i:i + 1], kc[s:s + 1, :, :n], vc[s:s + 1, :, :n],
                                                scale=scale, enable_gqa=kc.shape[1] != q.shape[1])
                 for i, (s, n) in enumerate(batch.seq_rows)]                  # each [1, H, 1, Dv]
