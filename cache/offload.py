@@ -26,6 +26,7 @@ from cache.provider import ExpertProvider, ExpertSource, StepRows, Tracer, exper
 from cache.quant import ExpertFormat, ExpertWeights
 from cache.routing import Routed, split_routing
 from cache.slots import SlotPool, slot_count
+from cache.step_events import MISS, PREFETCHED, StepEvents
 from cache.store import CollectionStore
 from configs.cache import CacheConfig, parse_budget
 
@@ -115,8 +116,8 @@ class OffloadedExpertProvider(ExpertProvider):
         return buf if self.fmt.quantized else buf.view(self.fmt.dtype)
 
     # ---- the ExpertProvider interface -------------------------------------------------------
-    def begin_step(self, rows: StepRows) -> None:
-        super().begin_step(rows)
+    def begin_step(self, rows: StepRows, events: Optional[StepEvents] = None) -> None:
+        super().begin_step(rows, events)
         self._rows = rows
         self.policy.begin_step(list(rows.seq_ids))
 
@@ -133,6 +134,9 @@ class OffloadedExpertProvider(ExpertProvider):
         self._layer = layer
         ids = topk_ids.tolist() if host_ids is None else host_ids      # [T][k]
         routed = self._routed(layer, ids)
+        events = self.events
+        if events is not None:
+            events.route(layer, ids)
         if self._routers is not None and hidden is not None and layer + 1 < len(self._routers):
             # record_lookahead is optional in a Tracer (a probe may only count activations)
             record = self.tracer is not None and hasattr(self.tracer, "record_lookahead")
@@ -155,8 +159,12 @@ class OffloadedExpertProvider(ExpertProvider):
                 if key in self._resident:
                     self.stats_.add(layer, "hits")
                     ready.append(key)
+                    if events is not None and key in self._prefetched:
+                        events.status(layer, key[1], PREFETCHED)
                     continue
                 self.stats_.add(layer, "misses")
+                if events is not None:
+                    events.status(layer, key[1], MISS)
                 waiting.add(key)
                 if key in self._inflight:
                     self._pool.promote(self._inflight[key])
@@ -230,6 +238,8 @@ class OffloadedExpertProvider(ExpertProvider):
     def _evict(self, key: ExpertKey) -> None:
         self._dev.release(self._resident.pop(key))
         self.stats_.add(key[0], "evictions")
+        if self.events is not None:
+            self.events.evicted.append(key)
         if key in self._prefetched:
             self._prefetched.discard(key)
             self.stats_.add(key[0], "prefetch_wasted")
@@ -276,6 +286,8 @@ class OffloadedExpertProvider(ExpertProvider):
                 return
             self._prefetched.add(key)
             self.stats_.add(key[0], "prefetch_issued")
+            if self.events is not None:
+                self.events.prefetched.append(key)
 
     def _drain(self, block: bool) -> None:
         """Process finished loads (blocking for the first one if ``block``)."""
@@ -300,6 +312,8 @@ class OffloadedExpertProvider(ExpertProvider):
         layer = job.key[0]
         self.stats_.add(layer, "bytes_disk", job.bytes_disk)
         self.stats_.add(layer, "bytes_h2d", job.bytes_h2d)
+        if self.events is not None:
+            self.events.bytes_read += job.bytes_disk
         if self._host is not None:
             self.stats_.add(layer, "host_misses" if job.from_disk else "host_hits")
         self.policy.on_load(job.key)
@@ -312,7 +326,10 @@ class OffloadedExpertProvider(ExpertProvider):
                                "no load is in flight (every slot pinned?)")
         t0 = time.perf_counter()
         self._drain(block=True)
-        self.stats_.add(layer, "stall_seconds", time.perf_counter() - t0)
+        stalled = time.perf_counter() - t0
+        self.stats_.add(layer, "stall_seconds", stalled)
+        if self.events is not None:
+            self.events.stall_seconds += stalled
         self._issue_pending()
 
     # ---- reporting and shutdown -------------------------------------------------------------
@@ -321,7 +338,12 @@ class OffloadedExpertProvider(ExpertProvider):
         return set(self._resident)
 
     def layer_stats(self) -> dict[str, list[float]]:
-        return self.stats_.per_layer()
+        out = self.stats_.per_layer()
+        per = [0.0] * self.num_layers
+        for layer, _ in self._resident:
+            per[layer] += 1
+        out["resident_experts"] = per
+        return out
 
     def stats(self) -> dict[str, float]:
         out = self.stats_.flat()

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Protocol, Sequence, Union
+from typing import Callable, Collection, Iterator, Optional, Protocol, Sequence, Union
 
 import torch
 
 from cache.packed import PackedExpert, pack_expert, packs
 from cache.quant import ExpertFormat, ExpertWeights
 from cache.routing import StepRows  # noqa: F401  (re-exported: the engine's import)
+from cache.step_events import StepEvents, masks
 
 # what a provider hands a MoE layer: slot views in a stored format, or a packed resident expert
 ProvidedExpert = Union[ExpertWeights, PackedExpert]
@@ -142,11 +143,25 @@ class ExpertProvider(ABC):
     """Hands a MoE layer the weights of the experts it routed to, and records the activation."""
 
     tracer: Optional["Tracer"] = None
+    events: Optional[StepEvents] = None    # this pass's cache events, when a request watches
 
-    def begin_step(self, rows: StepRows) -> None:
-        """Called by the engine before each forward pass."""
+    def begin_step(self, rows: StepRows, events: Optional[StepEvents] = None) -> None:
+        """Called by the engine before each forward pass; ``events`` (when some row's request
+        asked to see the cache at work) is filled during the pass and sealed by end_step."""
+        self.events = events
         if self.tracer is not None:
             self.tracer.begin_step(rows)
+
+    def end_step(self) -> Optional[StepEvents]:
+        """After the pass: its events, with the resident set as the pass left it."""
+        events, self.events = self.events, None
+        if events is not None:
+            events.resident = masks(self.resident_keys(), events.num_layers)
+        return events
+
+    def resident_keys(self) -> Collection[tuple[int, int]]:
+        """(MoE layer, expert) of every expert whose weights are resident now."""
+        return ()
 
     @abstractmethod
     def experts(self, layer: int, topk_ids: torch.Tensor, hidden: Optional[torch.Tensor] = None,
@@ -206,6 +221,8 @@ class ResidentExpertProvider(ExpertProvider):
     def experts(self, layer: int, topk_ids: torch.Tensor, hidden: Optional[torch.Tensor] = None,
                 host_ids: Optional[list[list[int]]] = None) -> Iterator[tuple[int, ProvidedExpert]]:
         ids = topk_ids.tolist() if host_ids is None else host_ids
+        if self.events is not None:
+            self.events.route(layer, ids)     # everything is resident: every status is a hit
         if self.tracer is not None:
             self.tracer.record(layer, ids)
             if self._routers is not None and hidden is not None and layer + 1 < len(self._routers):
@@ -213,6 +230,15 @@ class ResidentExpertProvider(ExpertProvider):
                 self.tracer.record_lookahead(layer, ahead)
         for e in sorted({e for row in ids for e in row}):
             yield e, self._weights[(layer, e)]
+
+    def resident_keys(self) -> Collection[tuple[int, int]]:
+        return self._weights.keys()
+
+    def layer_stats(self) -> dict[str, list[float]]:
+        per = [0.0] * (max((k[0] for k in self._weights), default=-1) + 1)
+        for layer, _ in self._weights:
+            per[layer] += 1
+        return {"resident_experts": per} if per else {}
 
     def stats(self) -> dict[str, float]:
         out = {"resident_bytes": float(self.resident_bytes)}

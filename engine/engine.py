@@ -17,11 +17,13 @@ from typing import Optional
 import torch
 
 from cache.provider import ExpertProvider, StepRows
+from cache.step_events import StepEvents
 from engine.loader import LoadedModel
 from engine.models.common import Batch, KVCache
 from engine.protocol import (FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, EngineStats,
-                             GenerateRequest, ModelInfo, TokenDelta)
+                             GenerateRequest, ModelInfo, TokenDelta, TokenExperts)
 from engine.constraints import GrammarCompiler
+from engine.expert_view import merge, share
 from engine.sampling import Choice, SamplerState, sample
 
 log = logging.getLogger("moeserve.engine")
@@ -34,6 +36,7 @@ class Sequence:
     slot: int = -1
     prefilled: int = 0          # prompt tokens already in the KV cache
     output: list[int] = field(default_factory=list)
+    experts: Optional[TokenExperts] = None   # watched: the passes since the last token
 
     @property
     def id(self) -> str:
@@ -155,10 +158,20 @@ class Engine:
         batch = Batch(pos, slots, kv_len, seqs[0].slot if one else None,
                       (start if prefill else seqs[0].length - 1) if one else None,
                       None if prefill else tuple((s.slot, s.length) for s in seqs))
-        self.provider.begin_step(StepRows(tuple(s.id for s in seqs), tuple(n_tokens),
-                                          (prefill,) * len(seqs)))
+        rows = StepRows(tuple(s.id for s in seqs), tuple(n_tokens), (prefill,) * len(seqs))
+        watched = frozenset(s.id for s in seqs if s.req.watch_experts)
+        self.provider.begin_step(rows, StepEvents(rows, watched, self.model_info.num_moe_layers)
+                                 if watched else None)
         try:
-            logits = self.model(ids, batch, self.kv)                  # [B, V]
+            try:
+                logits = self.model(ids, batch, self.kv)                  # [B, V]
+            finally:
+                events = self.provider.end_step()
+            if events is not None:
+                for s in seqs:
+                    if s.id in watched:
+                        s.experts = merge(s.experts, share(events, s.id,
+                                                           "prompt" if prefill else "decode"))
             partial = prefill and start + n_tokens[0] < len(seqs[0].req.prompt_token_ids)
             choices = [] if partial else sample(logits, [s.sampler for s in seqs])
         except Exception as e:  # a failed forward fails its requests, not the engine
@@ -213,9 +226,10 @@ class Engine:
                reason: Optional[str], error: Optional[str] = None) -> TokenDelta:
         lp = (choice.logprob,) if choice is not None and choice.logprob is not None else None
         top = (choice.top,) if choice is not None and choice.top is not None else None
+        experts, seq.experts = (seq.experts, None) if tokens else (None, seq.experts)
         return TokenDelta(seq.id, tokens, lp, top, finished=reason is not None, finish_reason=reason,
                           error=error, prompt_tokens=len(seq.req.prompt_token_ids),
-                          completion_tokens=len(seq.output))
+                          completion_tokens=len(seq.output), experts=experts)
 
     # -- introspection ----------------------------------------------------------------------
     def stats(self) -> EngineStats:

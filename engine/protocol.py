@@ -69,6 +69,26 @@ class GenerateRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    watch_experts: bool = False         # attach TokenExperts to every delta (the expert stream)
+
+
+@dataclass(frozen=True)
+class TokenExperts:
+    """What the forward pass that produced a token did with the experts, for a request that
+    watches them. A request's first token covers its whole prompt (``phase`` "prompt", counts
+    summed over its chunks); every later token its one decode pass."""
+
+    phase: str                                              # "prompt" or "decode"
+    # per MoE layer: (expert, this request's rows routed to it, cache status): h resident,
+    # p resident thanks to a prefetch (first use), m missing, loaded while the pass waited
+    routed: tuple[tuple[tuple[int, int, str], ...], ...]
+    resident: tuple[int, ...]           # per MoE layer, a bit mask of resident experts after
+    # the pass's cache events, shared by every request in its batch:
+    evicted: tuple[tuple[int, int], ...] = ()               # (layer, expert)
+    prefetched: tuple[tuple[int, int], ...] = ()            # prefetches issued
+    bytes_read: int = 0                                     # bytes read from disk
+    stall_seconds: float = 0.0                              # time the pass waited for loads
+    batch: int = 1                                          # requests sharing the pass
 
 
 @dataclass(frozen=True)
@@ -90,6 +110,7 @@ class TokenDelta:
     error: Optional[str] = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    experts: Optional[TokenExperts] = None   # only for requests with watch_experts
 
 
 @dataclass(frozen=True)

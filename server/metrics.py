@@ -19,7 +19,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 
                    10.0, 30.0, 60.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # expert-cache stats that are levels; every other key is a running count (a counter)
-CACHE_GAUGES = frozenset({"hit_rate", "resident_bytes", "slots", "slot_bytes", "allocated_bytes",
+CACHE_GAUGES = frozenset({"hit_rate", "resident_bytes", "resident_experts", "slots", "slot_bytes", "allocated_bytes",
                           "budget_bytes", "inflight", "host_slots", "host_resident_bytes",
                           "host_allocated_bytes", "expert_bits_per_weight"})
 ENGINE_COUNTERS = ("requests_finished", "requests_aborted", "requests_failed", "prompt_tokens",
