@@ -53,6 +53,9 @@ class ServerConfig:
     sse_ping_s: float = field(default=15.0, metadata={
         "help": "seconds between SSE keep-alive comments on an open stream (proxies and clients "
                 "drop idle connections)", "flag": "--sse-ping", "metavar": "SECONDS"})
+    web_ui: bool = field(default=True, metadata={
+        "help": "serve the built-in chat page, with its live expert view, at / (--no-web-ui: "
+                "the API only)"})
     log_level: str = field(default="info", metadata={
         "help": "logging level", "choices": ("debug", "info", "warning", "error")})
 

@@ -23,11 +23,12 @@ from server.security import (AuthMiddleware, HostCheckMiddleware, OriginCheckMid
                              OriginPolicy)
 from server.state import ServerState
 from server.tokenizer import TextTokenizer
+from server.webui import add_web_ui
 
 log = logging.getLogger("moeserve.server")
 
 KNOWN_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
-                "/openapi.json")
+                "/openapi.json", "/ui")
 
 
 class MetricsMiddleware:
@@ -41,8 +42,11 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        norm = path if path.startswith("/v1/") or path in KNOWN_ROUTES else "/v1" + path
-        route = next((r for r in KNOWN_ROUTES if norm == r or norm.startswith(r + "/")), "other")
+        if path == "/":
+            route = "/"   # the chat page
+        else:
+            norm = path if path.startswith(("/v1/", "/ui/")) or path in KNOWN_ROUTES else "/v1" + path
+            route = next((r for r in KNOWN_ROUTES if norm == r or norm.startswith(r + "/")), "other")
         status = [500]
 
         async def send_wrapper(message: Message) -> None:
@@ -116,6 +120,8 @@ def create_app(cfg: ServerConfig, client: EngineClient, tokenizer: TextTokenizer
             return JSONBody(state.model_card())
 
     add_openai_routes(app, state)
+    if cfg.web_ui:
+        add_web_ui(app)
     install_openapi(app)
     # added last = outermost: Host first, then CORS answers preflights before the origin check
     # and auth; metrics see 401s and 403s too

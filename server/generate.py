@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
 
 from engine.client import DeltaStream, EngineClient, EngineFailure
-from engine.protocol import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, GenerateRequest, TokenDelta
+from engine.protocol import (FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, GenerateRequest, TokenDelta,
+                             TokenExperts)
 from server.detokenize import IncrementalDetokenizer, StopMatcher
 from server.metrics import Metrics
 from server.tokenizer import TextTokenizer
@@ -36,6 +37,9 @@ class Piece:
     text: str
     tokens: list[TokenInfo] = field(default_factory=list)
     finish_reason: Optional[str] = None
+    # the expert stream, for watching requests: (the token's index in the choice, what the
+    # pass that produced it did); a piece is one engine delta, so one token at most
+    experts: Optional[tuple[int, TokenExperts]] = None
 
 
 class _End:
@@ -93,6 +97,8 @@ class Generation:
             async for d in stream:
                 if d.finish_reason == FINISH_ERROR:
                     raise EngineFailure(d.error or "the engine failed this request")
+                experts = ((self.completion_tokens[index], d.experts)
+                           if d.experts is not None else None)
                 if d.token_ids:
                     now = time.perf_counter()
                     if last is None:
@@ -106,7 +112,7 @@ class Generation:
                 tokens = self._token_infos(d) if self._want_logprobs else []
                 if stops.stopped:
                     stream.close()   # a stop string matched: the engine request is aborted
-                    self._queue.put_nowait(Piece(index, text, tokens, FINISH_STOP))
+                    self._queue.put_nowait(Piece(index, text, tokens, FINISH_STOP, experts))
                     return
                 if d.finished:
                     if d.finish_reason not in (FINISH_STOP, FINISH_LENGTH):
@@ -114,10 +120,10 @@ class Generation:
                     text += stops.feed(detok.flush())
                     text += stops.flush()
                     reason = FINISH_STOP if stops.stopped else d.finish_reason
-                    self._queue.put_nowait(Piece(index, text, tokens, reason))
+                    self._queue.put_nowait(Piece(index, text, tokens, reason, experts))
                     return
-                if text or tokens:
-                    self._queue.put_nowait(Piece(index, text, tokens))
+                if text or tokens or experts is not None:
+                    self._queue.put_nowait(Piece(index, text, tokens, None, experts))
             raise EngineFailure("the engine stream ended without a final output")
         except asyncio.CancelledError:
             raise

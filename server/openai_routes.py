@@ -11,7 +11,7 @@ from server.errors import bad_request
 from engine.protocol import FINISH_STOP
 from server.generate import Piece, chat_logprobs, completion_logprobs
 from server.openapi import body_schema, error_responses
-from server.responses import Job, respond
+from server.responses import Job, respond, with_experts
 from server.schemas import ChatCompletionRequest, CompletionRequest, message_dicts, parse
 from server.state import ServerState
 from server.structured import check, response_format_constraint
@@ -34,7 +34,12 @@ class ChatJob(Job):
         if self.tools is None:
             return super().chunks(piece, offset)
         st = self._streams.setdefault(piece.index, ToolStream(self.tools))
-        return [self._delta_chunk(piece.index, d) for d in st.feed(piece.text)]
+        out = [self._delta_chunk(piece.index, d) for d in st.feed(piece.text)]
+        if piece.experts is not None:
+            if not out:   # the tool parser holds the token's text back: an empty delta
+                out.append(self._delta_chunk(piece.index, {}))
+            with_experts(out[0], piece)
+        return out
 
     def final_chunks(self, index: int, reason: str) -> list[dict[str, Any]]:
         if self.tools is None:

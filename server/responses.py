@@ -17,6 +17,7 @@ from engine.client import EngineFailure, EngineNotReady, RequestRejected
 from engine.protocol import FINISH_STOP, Constraint, GenerateRequest
 from server.access_log import record_usage
 from server.errors import APIError, JSONBody, bad_request, encode
+from server.expert_stream import token_json, wants_experts
 from server.generate import Generation, Piece
 from server.params import logit_bias, sampling_params
 from server.schemas import _SamplingFields
@@ -72,6 +73,7 @@ class Job(abc.ABC):
                               f"prompt(s) x n={self.n}); the server queues at most "
                               f"{state.cfg.max_queue} (--max-queue)", "n")
         bias = logit_bias(body, info.vocab_size)
+        watch = wants_experts(body.moeserve)
         self.requests: list[GenerateRequest] = []
         for p, ids in enumerate(prompts):
             if not ids:
@@ -83,7 +85,7 @@ class Job(abc.ABC):
                 params = sampling_params(body, ctx - len(ids), j, logprobs, top_logprobs, bias,
                                          state.defaults, state.cfg.default_max_tokens, constraint)
                 self.requests.append(GenerateRequest(f"{self.id}-{p * self.n + j}", tuple(ids),
-                                                     params))
+                                                     params, watch_experts=watch))
         client = state.client
         if client.queue_depth + len(self.requests) > state.cfg.max_queue:
             raise APIError(429, f"the server is busy: {client.queue_depth} requests are waiting "
@@ -129,9 +131,10 @@ class Job(abc.ABC):
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def chunk(self, piece: Piece, offset: int) -> dict[str, Any]:
-        return self.envelope([{"index": piece.index, **self.delta(piece.text),
-                               "logprobs": self.logprobs_of(piece, offset),
-                               "finish_reason": None}], chunk=True)
+        out = self.envelope([{"index": piece.index, **self.delta(piece.text),
+                              "logprobs": self.logprobs_of(piece, offset),
+                              "finish_reason": None}], chunk=True)
+        return with_experts(out, piece)
 
     def final_chunk(self, index: int, reason: str) -> dict[str, Any]:
         return self.envelope([{"index": index, **self.delta(None), "logprobs": None,
@@ -139,7 +142,7 @@ class Job(abc.ABC):
 
     def chunks(self, piece: Piece, offset: int) -> list[dict[str, Any]]:
         """The SSE chunks for one piece (chat with tools may hold text back, or split it)."""
-        return [self.chunk(piece, offset)] if piece.text or piece.tokens else []
+        return [self.chunk(piece, offset)] if piece.text or piece.tokens or piece.experts is not None else []
 
     def final_chunks(self, index: int, reason: str) -> list[dict[str, Any]]:
         return [self.final_chunk(index, reason)]
@@ -152,9 +155,19 @@ class Job(abc.ABC):
             merged = Piece(i, text, [t for p in pieces for t in p.tokens], reason)
             choices.append({"index": i, **self.message(text),
                             "logprobs": self.logprobs_of(merged, 0), "finish_reason": reason})
+            entries = [token_json(p.experts[1], p.experts[0]) for p in pieces if p.experts]
+            if entries:   # not streamed: every token's entry at once
+                choices[-1]["moeserve"] = {"tokens": entries}
         out = self.envelope(choices)
         out["usage"] = self.usage(gen)
         return out
+
+
+def with_experts(chunk: dict[str, Any], piece: Piece) -> dict[str, Any]:
+    """The expert stream's entry of the piece's token, on its chunk."""
+    if piece.experts is not None:
+        chunk["moeserve"] = token_json(piece.experts[1], piece.experts[0])
+    return chunk
 
 
 def sse(obj: Any) -> bytes:

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from server.errors import APIError, bad_request
+from server.expert_stream import MoeserveOptions
 
 
 LOGIT_BIAS_MAX_ENTRIES = 1024   # documented in the README; each entry is applied every step
@@ -54,6 +55,7 @@ class _SamplingFields(_Liberal):
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     ignore_eos: Optional[bool] = False
+    moeserve: Optional[MoeserveOptions] = None      # our extension (server/expert_stream.py)
 
     @field_validator("logit_bias")
     @classmethod

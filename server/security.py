@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import APIError
+from server.webui import is_page_path
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 # http(s)://localhost, 127.x.y.z or [::1], any port: pages served from this machine
@@ -87,6 +88,14 @@ class OriginPolicy:
         return self.regex is not None and re.fullmatch(self.regex, origin) is not None
 
 
+def same_origin(scope: Scope, origin: bytes) -> bool:
+    """The page this server itself served (the chat page opened at a LAN address): its Origin
+    names the Host it was loaded from, which HostCheckMiddleware has already accepted."""
+    host = _header(scope, b"host")
+    scheme = scope.get("scheme", "http").encode()
+    return host is not None and origin == scheme + b"://" + host
+
+
 class OriginCheckMiddleware:
     """403 for requests a web page of a foreign origin sends (CORS only stops it reading the
     answer; a 'simple' POST would still start a generation)."""
@@ -97,7 +106,8 @@ class OriginCheckMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] != "OPTIONS":
             origin = _header(scope, b"origin")
-            if origin is not None and not self.policy.allows(origin.decode("latin-1")):
+            if origin is not None and not self.policy.allows(origin.decode("latin-1")) \
+                    and not same_origin(scope, origin):
                 err = APIError(403, "requests from this web origin are not allowed; start the "
                                     "server with --cors-origins ORIGIN to allow it",
                                code="origin_not_allowed")
@@ -107,8 +117,8 @@ class OriginCheckMiddleware:
 
 
 class AuthMiddleware:
-    """Bearer key on every route but /health and CORS preflights (OPTIONS); compared as UTF-8
-    bytes, so a non-ASCII key works."""
+    """Bearer key on every route but /health, the chat page's files and CORS preflights
+    (OPTIONS); compared as UTF-8 bytes, so a non-ASCII key works."""
 
     def __init__(self, app: ASGIApp, api_key: Optional[str]) -> None:
         self.app = app
@@ -116,7 +126,7 @@ class AuthMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] == "http" and self.key and scope["method"] != "OPTIONS"
-                and scope["path"] != "/health"):
+                and scope["path"] != "/health" and not is_page_path(scope["method"], scope["path"])):
             scheme, _, token = (_header(scope, b"authorization") or b"").partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
                 err = APIError(401, "Invalid or missing API key: send 'Authorization: Bearer KEY'",

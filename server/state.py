@@ -36,8 +36,14 @@ class ServerState:
             gen.fail(error)
 
     def model_card(self) -> dict[str, Any]:
-        return {"id": self.model_name, "object": "model", "created": self.created,
-                "owned_by": "moeserve"}
+        card: dict[str, Any] = {"id": self.model_name, "object": "model", "created": self.created,
+                                "owned_by": "moeserve"}
+        if self.client.ready:   # the shape the expert stream's entries have (the chat page's grid)
+            info = self.client.model_info
+            card["moeserve"] = {"model_type": info.model_type, "context_length": info.context_length,
+                                "moe_layers": info.num_moe_layers, "experts": info.num_experts,
+                                "top_k": info.top_k}
+        return card
 
     def check_model(self, requested: str | None) -> None:
         if requested and requested != self.model_name:
