@@ -116,3 +116,15 @@ def server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def auth_server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Tiny model with an API key, every expert resident (the default budget)."""
+    srv = ServerProcess(tiny_model_dir, str(tmp_path_factory.mktemp("auth") / "server.log"),
+                        api_key=API_KEY)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -78,39 +78,27 @@ def test_completions_route_streams_experts_too(server: ServerProcess) -> None:
     assert [c["moeserve"]["token"] for c in chunks if "moeserve" in c] == [0, 1, 2]
 
 
-@pytest.fixture(scope="module")
-def keyed(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """An API key, every expert resident (the default budget), the page on."""
-    srv = ServerProcess(tiny_model_dir, str(tmp_path_factory.mktemp("keyed") / "server.log"),
-                        api_key=API_KEY)
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
-
-
-def test_page_is_served_without_the_key_and_the_api_still_needs_it(keyed: ServerProcess) -> None:
-    page = httpx.get(keyed.base + "/")
+def test_page_is_served_without_the_key_and_the_api_still_needs_it(auth_server: ServerProcess) -> None:
+    page = httpx.get(auth_server.base + "/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "default-src 'self'" in page.headers["content-security-policy"]
     refs = re.findall(r'(?:src|href)="([^"]*)"', page.text)
     assert refs and all(r.startswith("/ui/") or r.startswith("data:") for r in refs), refs
     for path in ("/ui/app.js", "/ui/experts.js", "/ui/vendor/marked.min.js", "/ui/style.css"):
-        r = httpx.get(keyed.base + path)
+        r = httpx.get(auth_server.base + path)
         assert r.status_code == 200 and r.content, path
         assert r.headers["content-security-policy"] == page.headers["content-security-policy"]
     # no way out of the page's folder, even with the key
     for sneaky in ("/ui/%2e%2e/webui.py", "/ui/%2e%2e/%2e%2e/configs/server.py", "/ui/vendor/"):
-        assert httpx.get(keyed.base + sneaky, headers=keyed.headers).status_code == 404, sneaky
-    assert httpx.get(keyed.base + "/v1/models").status_code == 401
-    assert httpx.post(keyed.base + "/ui/app.js").status_code in (401, 405)
-    assert httpx.get(keyed.base + "/metrics").status_code == 401
+        assert httpx.get(auth_server.base + sneaky, headers=auth_server.headers).status_code == 404, sneaky
+    assert httpx.get(auth_server.base + "/v1/models").status_code == 401
+    assert httpx.post(auth_server.base + "/ui/app.js").status_code in (401, 405)
+    assert httpx.get(auth_server.base + "/metrics").status_code == 401
 
 
-def test_all_resident_stream_is_all_hits(keyed: ServerProcess) -> None:
-    shape = httpx.get(keyed.base + "/v1/models", headers=keyed.headers).json()["data"][0]["moeserve"]
-    entries = [e["moeserve"] for e in _events(keyed, {**CHAT, "moeserve": {"experts": True}})
+def test_all_resident_stream_is_all_hits(auth_server: ServerProcess) -> None:
+    shape = httpx.get(auth_server.base + "/v1/models", headers=auth_server.headers).json()["data"][0]["moeserve"]
+    entries = [e["moeserve"] for e in _events(auth_server, {**CHAT, "moeserve": {"experts": True}})
                if "moeserve" in e]
     full = format(2 ** shape["experts"] - 1, "x")
     assert entries and all(x["resident"] == [full] * shape["moe_layers"] for x in entries)
@@ -118,13 +106,13 @@ def test_all_resident_stream_is_all_hits(keyed: ServerProcess) -> None:
     assert all(x["misses"] == 0 and x["bytes_read"] == 0 and not x["evicted"] for x in entries)
 
 
-def test_same_origin_page_may_post_from_a_lan_address(keyed: ServerProcess) -> None:
+def test_same_origin_page_may_post_from_a_lan_address(auth_server: ServerProcess) -> None:
     """The page opened at the server's own address (any Host the server accepts) may call the API;
     a foreign origin still may not."""
-    base = {"Authorization": f"Bearer {API_KEY}", "Host": f"10.1.2.3:{keyed.port}"}
-    ok = httpx.get(keyed.base + "/v1/models", headers={**base, "Origin": f"http://10.1.2.3:{keyed.port}"})
+    base = {"Authorization": f"Bearer {API_KEY}", "Host": f"10.1.2.3:{auth_server.port}"}
+    ok = httpx.get(auth_server.base + "/v1/models", headers={**base, "Origin": f"http://10.1.2.3:{auth_server.port}"})
     assert ok.status_code == 200
-    bad = httpx.get(keyed.base + "/v1/models", headers={**base, "Origin": "http://evil.example"})
+    bad = httpx.get(auth_server.base + "/v1/models", headers={**base, "Origin": "http://evil.example"})
     assert bad.status_code == 403
 
 

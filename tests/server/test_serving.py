@@ -79,17 +79,6 @@ def test_metrics_export_the_expert_cache(server: ServerProcess) -> None:
     assert "# TYPE moeserve_expert_cache_layer_hits_total counter" in text
 
 
-@pytest.fixture(scope="module")
-def auth_server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = ServerProcess(tiny_model_dir, str(tmp_path_factory.mktemp("auth") / "server.log"),
-                        api_key=API_KEY)
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
-
-
 def test_api_key_required_except_health_and_preflight(auth_server: ServerProcess) -> None:
     url = auth_server.base + "/v1/models"
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic " + API_KEY}):

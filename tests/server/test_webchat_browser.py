@@ -148,21 +148,9 @@ def test_stop_aborts_the_request_on_the_server(browser: Any, server: ServerProce
         p.close()
 
 
-@pytest.fixture(scope="module")
-def keyed(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """An API key and every expert resident (the default budget)."""
-    srv = ServerProcess(tiny_model_dir, str(tmp_path_factory.mktemp("keyed-ui") / "server.log"),
-                        api_key=API_KEY)
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
-
-
 def test_wrong_api_key_gets_a_clear_message_then_the_right_one_works(
-        browser: Any, keyed: ServerProcess) -> None:
-    p = Page(browser, keyed, {"moeserve.apiKey": "not-the-key", **_settings(6)})
+        browser: Any, auth_server: ServerProcess) -> None:
+    p = Page(browser, auth_server, {"moeserve.apiKey": "not-the-key", **_settings(6)})
     try:
         page = p.page
         expect(page.locator("#keydlg")).to_be_visible()
