@@ -25,6 +25,10 @@ from server.state import ServerState
 
 T = TypeVar("T")
 FINGERPRINT = "moeserve-0.1"
+# sse-starlette cancels open streams this long after shutdown begins at the earliest: with
+# --shutdown-grace 0 our error event (state.begin_shutdown, scheduled at once) still gets out,
+# and it stays under uvicorn's graceful-shutdown timeout (at least 1 s, server/main.py)
+SSE_MIN_GRACE_S = 0.5
 
 
 class ClientGone(Exception):
@@ -231,7 +235,7 @@ async def respond(request: Request, job: Job) -> Response:
     return EventSourceResponse(_stream(job, gen, first, it, request), ping=cfg.sse_ping_s,
                                sep="\n", headers={"Cache-Control": "no-cache"},
                                ping_message_factory=lambda: ServerSentEvent(comment="ping"),
-                               shutdown_grace_period=cfg.shutdown_grace_s)
+                               shutdown_grace_period=max(cfg.shutdown_grace_s, SSE_MIN_GRACE_S))
 
 
 async def _stream(job: Job, gen: Generation, first: Piece, rest: AsyncIterator[Piece],
