@@ -9,7 +9,7 @@ event orders compute after the copy.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -56,10 +56,11 @@ class HostLRU:
 
 
 class HostTier:
-    def __init__(self, num_slots: int, fmt: ExpertFormat, device: torch.device,
-                 device_slots: int) -> None:
+    def __init__(self, chunks: Sequence[tuple[int, int]], fmt: ExpertFormat,
+                 device: torch.device, device_slots: int) -> None:
+        """chunks: the pinned allocations, (bytes, slots) each (cache.slots.pinned_plan)."""
         self.device = device
-        self.pool = SlotPool(num_slots, fmt, torch.device("cpu"), pin=True)
+        self.pool = SlotPool(0, fmt, torch.device("cpu"), pin=True, chunks=chunks)
         self.lru = HostLRU(self.pool)
         self._stream = torch.cuda.Stream(device)
         # one pair per device slot: a slot has at most one load in flight

@@ -25,10 +25,19 @@ from cache.policy import CachePolicy, ExpertKey
 from cache.provider import ExpertProvider, ExpertSource, StepRows, Tracer, expert_format, lookahead
 from cache.quant import ExpertFormat, ExpertWeights
 from cache.routing import Routed, split_routing
-from cache.slots import SlotPool, slot_count
+from cache.slots import SlotPool, auto_host_budget, pinned_plan, slot_count
 from cache.step_events import MISS, PREFETCHED, StepEvents
 from cache.store import CollectionStore
 from configs.cache import CacheConfig, parse_budget
+
+
+def resolve_host_budget(text: str, total: int) -> int:
+    """--host-budget in bytes; 'auto' from the RAM available now (cache.slots.auto_host_budget)."""
+    if str(text).strip().lower() != "auto":
+        return parse_budget(text, total, "host_budget")
+    import psutil
+    vm = psutil.virtual_memory()
+    return auto_host_budget(total, vm.available, vm.total)
 
 
 def _check_shapes(sources: Sequence[ExpertSource], fmt: ExpertFormat) -> None:
@@ -85,10 +94,11 @@ class OffloadedExpertProvider(ExpertProvider):
         self._dev = SlotPool(n_dev, self.fmt, self.device)
         self._host: Optional[HostTier] = None
         if self.device.type == "cuda":
-            host_budget = parse_budget(cache_cfg.host_budget, total, "host_budget")
-            n_host = min(slot_count(host_budget, self.expert_bytes, policy.top_k, "host_budget"),
-                         len(self._sources))
-            self._host = HostTier(n_host, self.fmt, self.device, n_dev)
+            host_budget = resolve_host_budget(cache_cfg.host_budget, total)
+            chunks = pinned_plan(host_budget, self.expert_bytes, len(self._sources))
+            slot_count(sum(n for _, n in chunks) * self.expert_bytes, self.expert_bytes,
+                       policy.top_k, "host_budget")          # a budget too small says so
+            self._host = HostTier(chunks, self.fmt, self.device, n_dev)
 
         # engine-thread state
         self._resident: dict[ExpertKey, int] = {}            # key -> device slot, ready

@@ -1,12 +1,13 @@
 """Fixed pools of expert slots, allocated once at start-up: one contiguous buffer per expert.
 
 A tier's byte budget becomes ``budget // slot_bytes`` slots in a single [slots, slot_bytes]
-allocation, so a tier move is one read or one copy into a row, nothing is allocated per token,
-and the bytes held can never exceed the budget.
+allocation (pinned host slots: a few power-of-two chunks, see ``pinned_plan``), so a tier move is
+one read or one copy into a row, nothing is allocated per token, and the bytes held can never
+exceed the budget.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -36,6 +37,35 @@ def slot_count(budget: int, expert_bytes: int, minimum: int, field: str) -> int:
     return n
 
 
+def pinned_plan(budget: int, slot_bytes: int, need: int) -> list[tuple[int, int]]:
+    """Pinned host chunks for ``need`` slots within ``budget`` bytes: (chunk bytes, slots) each.
+    PyTorch's pinned (caching host) allocator rounds every allocation up to a power of two, so
+    one allocation of the budget could pin up to twice it; every chunk here is a power of two,
+    the largest that both the rest of the budget and the slots still needed allow, so the memory
+    really pinned never exceeds the budget and each chunk wastes less than one slot."""
+    out: list[tuple[int, int]] = []
+    left, want = budget, need
+    one = 1 << (slot_bytes - 1).bit_length()          # the smallest power of two holding a slot
+    while want > 0 and left >= slot_bytes:
+        p = 1 << (min(left, want * slot_bytes).bit_length() - 1)   # <= the rest of both
+        if p < slot_bytes:          # the last slot needs a chunk of its own, if it is paid for
+            if one > left:
+                break
+            p = one
+        n = min(p // slot_bytes, want)
+        out.append((p, n))
+        left, want = left - p, want - n
+    return out
+
+
+def auto_host_budget(total: int, available: int, ram: int) -> int:
+    """--host-budget auto: every expert if they fit in the RAM available now less a reserve for
+    the OS and the rest of the process (10% of RAM, at least 4 GiB), else that much (the disk
+    tier lies beneath it)."""
+    reserve = max(4 << 30, ram // 10)
+    return max(0, min(total, available - reserve))
+
+
 class SlotPool:
     """``num_slots`` expert buffers of ``fmt.slot_bytes`` bytes on ``device``, in one allocation.
 
@@ -46,30 +76,44 @@ class SlotPool:
     """
 
     def __init__(self, num_slots: int, fmt: ExpertFormat, device: torch.device,
-                 pin: bool = False) -> None:
+                 pin: bool = False, chunks: Optional[Sequence[tuple[int, int]]] = None) -> None:
+        """chunks: allocate the slots in these (bytes, slots) pieces (pinned_plan) instead of
+        one [num_slots, slot_bytes] allocation; num_slots is then their total."""
+        if chunks is not None:
+            num_slots = sum(n for _, n in chunks)
         if num_slots < 1:
             raise BudgetError(f"a slot pool needs at least one slot, got {num_slots}")
         self.fmt = fmt
         self.slot_bytes = fmt.slot_bytes
-        # [num_slots, slot_bytes] uint8: row s is slot s, contiguous
-        if device.type == "cpu" and not pin:
-            flat = aligned_empty(num_slots * self.slot_bytes)
-        else:
-            flat = torch.empty(num_slots * self.slot_bytes, dtype=torch.uint8, device=device,
-                               pin_memory=pin and device.type == "cpu")
-        self.storage = flat.view(num_slots, self.slot_bytes)
-        self._views = [fmt.views(self.storage[s]) for s in range(num_slots)]
+        sb = self.slot_bytes
+        pieces = chunks if chunks is not None else [(num_slots * sb, num_slots)]
+        self._chunks: list[torch.Tensor] = []
+        self._rows: list[torch.Tensor] = []       # row s: slot s's flat uint8 [slot_bytes]
+        for nbytes, n in pieces:
+            if n * sb > nbytes:
+                raise ValueError(f"a chunk of {nbytes} bytes cannot hold {n} slots of {sb}")
+            if device.type == "cpu" and not pin:
+                flat = aligned_empty(nbytes)
+            else:
+                flat = torch.empty(nbytes, dtype=torch.uint8, device=device,
+                                   pin_memory=pin and device.type == "cpu")
+            self._chunks.append(flat)
+            self._rows += list(flat[:n * sb].view(n, sb))
+        self._views = [fmt.views(row) for row in self._rows]
         self._free = list(range(num_slots - 1, -1, -1))   # pop() hands out slot 0 first
         self._taken = [False] * num_slots
 
     @property
     def num_slots(self) -> int:
-        return self.storage.shape[0]
+        return len(self._rows)
 
     @property
     def allocated_bytes(self) -> int:
         """Bytes of slot storage this pool holds (besides < 4 KiB of alignment slack on CPU)."""
-        return self.storage.numel()
+        return sum(c.numel() for c in self._chunks)
+
+    def is_pinned(self) -> bool:
+        return all(c.is_pinned() for c in self._chunks)
 
     @property
     def free_count(self) -> int:
@@ -91,7 +135,7 @@ class SlotPool:
 
     def buffer(self, slot: int) -> torch.Tensor:
         """The flat uint8 [slot_bytes] buffer of ``slot``."""
-        return self.storage[slot]
+        return self._rows[slot]
 
     def views(self, slot: int) -> ExpertWeights:
         """gate / up / down views of ``slot`` in the pool's format (made once at start-up)."""

@@ -43,8 +43,11 @@ class CacheConfig:
     expert_budget: str = field(default="all", metadata={
         "help": "bytes of routed experts kept on the compute device: 'all', a size such as "
                 "2GiB, or a fraction of all experts such as 25%"})
-    host_budget: str = field(default="all", metadata={
-        "help": "bytes of experts kept in (pinned) host RAM on a CUDA machine; ignored on CPU"})
+    host_budget: str = field(default="auto", metadata={
+        "help": "bytes of experts kept in pinned host RAM on a CUDA machine (ignored on CPU): "
+                "'auto' holds every expert if they fit in the RAM available at start-up less "
+                "10% of RAM (at least 4 GiB) for the rest, else that much, the disk beneath; "
+                "'all', a size such as 32GiB, or a percentage of all experts"})
     policy: str = field(default="auto", metadata={
         "help": "eviction and prefetch policy", "choices": POLICIES})
     trace_store: Optional[str] = field(default=None, metadata={
@@ -82,7 +85,8 @@ class CacheConfig:
         if self.policy not in POLICIES:
             raise ConfigError("policy", self.policy, f"choose one of {', '.join(POLICIES)}")
         _check_budget("expert_budget", self.expert_budget)
-        _check_budget("host_budget", self.host_budget)
+        if str(self.host_budget).strip().lower() != "auto":
+            _check_budget("host_budget", self.host_budget)
         if not 1 <= self.collection_capacity <= 100_000:
             raise ConfigError("collection_capacity", self.collection_capacity, "must be in 1..100000")
         if not 1 <= self.io_threads <= 64:

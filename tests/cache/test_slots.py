@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cache.quant import ExpertFormat
-from cache.slots import ALIGN, BudgetError, SlotPool, slot_count
+from cache.slots import ALIGN, BudgetError, SlotPool, auto_host_budget, pinned_plan, slot_count
 
 
 @pytest.mark.parametrize("budget", [3 * 4096, 3 * 4096 + 4095, 10 * 4096 + 1])
@@ -17,7 +17,7 @@ def test_pool_never_exceeds_budget(budget: int) -> None:
     assert pool.allocated_bytes <= budget
     assert pool.allocated_bytes == n * expert_bytes
     assert budget - pool.allocated_bytes < expert_bytes       # no slot left unpaid for
-    storage = pool.storage.untyped_storage()
+    storage = pool.buffer(0).untyped_storage()
     taken = [pool.acquire() for _ in range(n)]
     assert sorted(taken) == list(range(n)) and pool.acquire() is None
     for s in taken:                                           # every slot lives in that one block
@@ -60,8 +60,11 @@ def test_budget_below_top_k_names_field_value_and_minimum() -> None:
 def test_host_pool_is_pinned() -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    pool = SlotPool(2, ExpertFormat("int4", 64, 64, group_size=64), torch.device("cpu"), pin=True)
-    assert pool.storage.is_pinned()
+    fmt = ExpertFormat("int4", 64, 64, group_size=64)
+    pool = SlotPool(2, fmt, torch.device("cpu"), pin=True,
+                    chunks=pinned_plan(10 * fmt.slot_bytes, fmt.slot_bytes, 5))
+    assert pool.is_pinned() and pool.num_slots == 5
+    assert pool.allocated_bytes <= 10 * fmt.slot_bytes
 
 
 @pytest.mark.parametrize("kind,group", [("int8", 0), ("int4", 32), ("int4", 64)])
@@ -98,3 +101,47 @@ def test_host_lru_reuses_copies_and_never_hands_out_a_busy_slot():
     assert lru.reserve((0, 2)) == (sa, True)           # evicts the least recently used copy
     lru.release((0, 2), keep=False)                    # its read failed: the copy is dropped
     assert len(lru) == 1 and lru.reserve((0, 2))[1]
+
+
+@pytest.mark.parametrize("budget,slot,need", [
+    (10 * 2**30, 352_321_536, 256),          # Mixtral-8x7B bf16 experts, a 10 GiB host budget
+    (90 * 2**30, 352_321_536, 256),          # more than all 256 experts: only what they need
+    (2**20, 3000, 1000), (12_345_678, 4096, 10_000), (4096, 4096, 1), (8191, 4096, 7)])
+def test_pinned_plan_never_pins_more_than_the_budget(budget: int, slot: int, need: int) -> None:
+    plan = pinned_plan(budget, slot, need)
+    assert all(b & (b - 1) == 0 for b, _ in plan)     # powers of two: nothing rounded up
+    assert sum(b for b, _ in plan) <= budget
+    assert all(0 <= b - n * slot < slot for b, n in plan)   # each chunk wastes under one slot
+    slots = sum(n for _, n in plan)
+    assert slots <= need and slots == min(need, slots)
+    one = 1 << (slot - 1).bit_length()
+    if slots < need:   # it stopped for the budget: what is left cannot pay for another slot
+        assert budget - sum(b for b, _ in plan) < one
+
+
+def test_pinned_plan_uses_most_of_a_large_budget() -> None:
+    slot = 352_321_536                                   # Mixtral expert, bf16
+    plan = pinned_plan(60 * 2**30, slot, 256)
+    slots = sum(n for _, n in plan)
+    assert slots * slot >= 0.95 * 60 * 2**30 - slot     # a single 60 GiB request would pin 64
+
+
+def test_chunked_pool_slots_are_disjoint_and_in_their_chunks() -> None:
+    fmt = ExpertFormat("none", 16, 32, torch.bfloat16)
+    plan = pinned_plan(7 * fmt.slot_bytes, fmt.slot_bytes, 7)
+    pool = SlotPool(0, fmt, torch.device("cpu"), chunks=plan)
+    assert pool.num_slots == sum(n for _, n in plan) and len(plan) > 1
+    assert pool.allocated_bytes == sum(b for b, _ in plan) <= 7 * fmt.slot_bytes
+    spans = sorted((pool.buffer(s).data_ptr(), pool.buffer(s).numel()) for s in range(pool.num_slots))
+    assert all(a + n <= b for (a, n), (b, _) in zip(spans, spans[1:]))   # no two overlap
+    for s in range(pool.num_slots):
+        pool.buffer(s).fill_(s)
+    assert all(int(pool.buffer(s).float().mean()) == s for s in range(pool.num_slots))
+
+
+def test_auto_host_budget_leaves_the_os_its_share() -> None:
+    GiB = 2**30
+    assert auto_host_budget(90 * GiB, 120 * GiB, 128 * GiB) == 90 * GiB   # everything fits
+    assert auto_host_budget(90 * GiB, 60 * GiB, 64 * GiB) == 60 * GiB - int(6.4 * GiB)
+    assert auto_host_budget(90 * GiB, 8 * GiB, 16 * GiB) == 4 * GiB      # at least 4 GiB kept
+    assert auto_host_budget(90 * GiB, 3 * GiB, 8 * GiB) == 0
