@@ -22,6 +22,7 @@ from configs import presets
 from configs.presets import DEFAULT_PRESET, add_build_arguments
 from convert.gguf_import import find_packaged_gguf, import_gguf, write_json
 from convert.model_store import BuildError, build_atomically, moeserve_home
+from convert.progress import quiet_library_bars
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,11 @@ def ensure_dense_model(home: str | None = None) -> str:
     params = {"builder_version": BUILDER_VERSION, "source": os.path.basename(gguf),
               "source_bytes": os.path.getsize(gguf)}
     target = os.path.join(moeserve_home(home), "models", DENSE_NAME)
-    return build_atomically(target, params, lambda tmp: import_gguf(gguf, tmp), need_bytes=400_000_000)
+
+    def build(tmp: str) -> None:
+        quiet_library_bars()
+        import_gguf(gguf, tmp)
+    return build_atomically(target, params, build, need_bytes=400_000_000)
 
 
 def _expected_bytes(dense_dir: str, experts: int) -> int:
@@ -73,6 +78,8 @@ def _build_moe(dense_dir: str, out: str, params: dict[str, Any], progress: bool,
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, LlamaForCausalLM
 
+    from convert.calibration import ANSWERS_FILE, answers_key, load_answers
+    from convert.calibration import BATCH_SIZE as CALIBRATION_BATCH
     from convert.model_card import render_model_card
     from convert.moe_writer import mixtral_config_dict, plan_tensors, write_checkpoint
     from convert.mtbench import calibration_questions, heldout_texts
@@ -81,16 +88,29 @@ def _build_moe(dense_dir: str, out: str, params: dict[str, Any], progress: bool,
                                 spherical_kmeans)
 
     e, k = params["experts"], params["top_k"]
+    quiet_library_bars()
     threads = torch.get_num_threads()
     torch.set_num_threads(CALIBRATION_THREADS)
     try:
         tok = AutoTokenizer.from_pretrained(dense_dir)
         model = LlamaForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
         t0 = time.monotonic()
-        chats = generate_calibration_chats(model, tok, calibration_questions(),
-                                           params["calibration_max_new_tokens"],
-                                           turns=params["calibration_turns"], batch_size=40,
-                                           progress=progress)
+        questions = calibration_questions()
+        gguf = find_packaged_gguf()
+        key = answers_key(os.path.basename(gguf), os.path.getsize(gguf), questions,
+                          params["calibration_max_new_tokens"], params["calibration_turns"],
+                          CALIBRATION_THREADS)
+        # the shipped answers are what generation gives for this key (same weights, ~100 s saved)
+        chats = load_answers(key, questions)
+        if chats is None:
+            log.info("no shipped calibration answers for these settings: generating them")
+            chats = generate_calibration_chats(model, tok, questions,
+                                               params["calibration_max_new_tokens"],
+                                               turns=params["calibration_turns"],
+                                               batch_size=CALIBRATION_BATCH, progress=progress)
+        else:
+            log.info("calibration answers: shipped with moeserve (convert/data/%s)",
+                     os.path.basename(ANSWERS_FILE))
         seqs = [list(tok.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]) for c in chats]
         states = collect_ffn_inputs(model, seqs, progress=progress)  # per layer [N, H]
         log.info("calibration: %d conversations, %d tokens (%.0fs)", len(seqs), states[0].shape[0],
@@ -114,7 +134,7 @@ def _build_moe(dense_dir: str, out: str, params: dict[str, Any], progress: bool,
                                     generation)
         log.info("measuring routing and perplexity on held-out text")
         tok.padding_side = "right"
-        stats = measure(model, tok, out, heldout_texts())
+        stats = measure(model, tok, out, heldout_texts(), progress=progress)
     finally:
         torch.set_num_threads(threads)
     write_json(os.path.join(out, "moeserve-stats.json"), stats)

@@ -52,7 +52,8 @@ class PlainProgress:
 
     def update(self, n: float = 1) -> None:
         self.n += n
-        if not self.disable and time.monotonic() - self._last >= self.every_s:
+        finished = self.total is not None and self.n >= self.total  # close() says it, once
+        if not self.disable and not finished and time.monotonic() - self._last >= self.every_s:
             self._last = time.monotonic()
             log.info("%s", self._line())
 
@@ -67,3 +68,16 @@ def progress(iterable: Optional[Iterable[T]] = None, **kwargs: Any) -> Any:
     if sys.stderr.isatty():
         return tqdm(iterable, **kwargs)
     return PlainProgress(iterable, **kwargs)
+
+
+def quiet_library_bars() -> None:
+    """transformers' own bars (GGUF de-quantizing, weight loading) off unless on a terminal:
+    in a log file they are carriage-return garbage."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        try:  # its GGUF de-quantizing bar is a bare tqdm.auto: plain lines instead
+            import transformers.modeling_gguf_pytorch_utils as gguf_utils
+            gguf_utils.tqdm = progress  # type: ignore[attr-defined]
+        except (ImportError, AttributeError):
+            pass

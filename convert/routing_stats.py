@@ -83,7 +83,8 @@ def routing_summary(routes: list[torch.Tensor], lengths: list[int], experts: int
     return {"max_entropy": round(math.log(experts), 6), "layers": layers}
 
 
-def _layerwise_nll(model: Any, seqs: list[list[int]], mlps: list[Any], chunk: int = 8) -> float:
+def _layerwise_nll(model: Any, seqs: list[list[int]], mlps: list[Any], chunk: int = 8,
+                   bar: Any = None) -> float:
     """Summed next-token NLL over ``seqs``, running the model one layer at a time.
 
     Sequences are sorted by length and right-padded per chunk, so plain causal attention (no mask)
@@ -115,6 +116,8 @@ def _layerwise_nll(model: Any, seqs: list[list[int]], mlps: list[Any], chunk: in
         x_seq = torch.empty_like(x)
         x_seq[gather] = layer.post_attention_layernorm(x)  # -> order of ``seqs``
         y = mlp(x_seq)[gather]  # [N, H] back in chunk order
+        if bar is not None:
+            bar.update(1)
         off = 0
         for k, mk in enumerate(masks):
             n = int(mk.sum())
@@ -129,18 +132,24 @@ def _layerwise_nll(model: Any, seqs: list[list[int]], mlps: list[Any], chunk: in
 
 
 @torch.inference_mode()
-def measure(dense_model: Any, tok: Any, moe_dir: str, texts: list[str]) -> dict[str, Any]:
+def measure(dense_model: Any, tok: Any, moe_dir: str, texts: list[str],
+            progress: bool = False) -> dict[str, Any]:
     """Dense and MoE perplexity plus routing statistics of ``moe_dir`` over ``texts``."""
+    from convert.progress import progress as tqdm
     with open(os.path.join(moe_dir, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
     experts, top_k = int(cfg["num_local_experts"]), int(cfg["num_experts_per_tok"])
     seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     lengths = [len(x) for x in seqs]
     n = sum(lengths) - len(seqs)  # predicted tokens
-    d_nll = _layerwise_nll(dense_model, seqs, [layer.mlp for layer in dense_model.model.layers])
-    files = checkpoint_files(moe_dir)
-    blocks = [CheckpointMoE(files, i, experts, top_k) for i in range(len(dense_model.model.layers))]
-    m_nll = _layerwise_nll(dense_model, seqs, blocks)
+    layers = dense_model.model.layers
+    # ~40 s on 2 cores: one step per layer, dense pass then MoE pass
+    with tqdm(total=2 * len(layers), desc="held-out measurement", unit="layer",
+              disable=not progress) as bar:
+        d_nll = _layerwise_nll(dense_model, seqs, [layer.mlp for layer in layers], bar=bar)
+        files = checkpoint_files(moe_dir)
+        blocks = [CheckpointMoE(files, i, experts, top_k) for i in range(len(layers))]
+        m_nll = _layerwise_nll(dense_model, seqs, blocks, bar=bar)
     summary = routing_summary([b.routes for b in blocks], lengths, experts)
     summary.update({"tokens": sum(lengths), "dense_perplexity": round(math.exp(d_nll / n), 4),
                     "moe_perplexity": round(math.exp(m_nll / n), 4)})

@@ -240,14 +240,37 @@ def parse_json(text: str) -> tuple[str, list[ToolCall]]:
     return ("", calls) if calls else (text, [])
 
 
+_CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]*)"\s*,\s*"arguments"\s*:\s*')
+
+
+def _truncated_call(text: str, style: str) -> Optional[tuple[str, ToolCall]]:
+    """A forced call cut short (max_tokens): (text before it, the call with the arguments written
+    so far). OpenAI too answers such a cut with the partial call and finish_reason 'length';
+    returning it as content would hand a client that forced a call our call markup as text."""
+    start = text.rfind(OPEN) if style == "hermes" else -1
+    if start >= 0 and text.find(CLOSE, start) >= 0:
+        return None   # the last call is complete
+    body = text[start + len(OPEN):] if start >= 0 else text.lstrip().removeprefix("[")
+    m = _CALL_HEAD.match(body)
+    if m is None:
+        return None
+    return text[:max(start, 0)], ToolCall(m.group(1), body[m.end():].rstrip(), new_id())
+
+
 def parse(text: str, setup: ToolSetup) -> tuple[str, list[ToolCall]]:
     """(content, calls) of one finished reply; known function names only; one call without
-    parallel_tool_calls."""
+    parallel_tool_calls. With tool_choice required/named the reply is only calls (the grammar
+    allows nothing else), so a last one cut short comes back with its partial arguments."""
     content, calls = parse_hermes(text) if setup.style == "hermes" else ("", [])
     if not calls:
         content, calls = parse_json(text.strip())
         if not calls:
             content = text
+    cut = _truncated_call(text, setup.style) if setup.forced else None
+    if cut is not None and (setup.style == "hermes" or not calls):
+        before, call = cut
+        calls = (parse_hermes(before)[1] if setup.style == "hermes" else []) + [call]
+        content = ""
     known = {f["name"] for f in setup.tools}
     calls = [c for c in calls if c.name in known]
     if not calls:

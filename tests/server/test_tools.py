@@ -91,6 +91,32 @@ def test_streamed_tool_call_deltas(client: openai.OpenAI) -> None:
     jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER)
 
 
+def test_forced_call_cut_by_max_tokens_is_a_partial_call(client: openai.OpenAI) -> None:
+    """As OpenAI answers it (LangChain's bind_tools(tool_choice=...) on a weak model rambling in
+    an open schema hit this): tool_calls with the arguments so far, finish_reason 'length',
+    never the call markup as content."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    full = client.chat.completions.create(model=model(client), messages=ASK, tools=TOOLS, seed=9,
+                                          max_tokens=150, tool_choice=named)
+    assert full.choices[0].finish_reason == "tool_calls"
+    cut = full.usage.completion_tokens - 5   # inside the arguments: the same tokens, fewer
+    r = client.chat.completions.create(model=model(client), messages=ASK, tools=TOOLS, seed=9,
+                                       max_tokens=cut, tool_choice=named)
+    choice = r.choices[0]
+    assert choice.finish_reason == "length" and not choice.message.content
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and call.function.arguments.startswith("{")
+    stream = client.chat.completions.create(model=model(client), messages=ASK, tools=TOOLS,
+                                            seed=9, max_tokens=cut, tool_choice=named, stream=True)
+    names, args, finish = [], "", None
+    for chunk in stream:
+        for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            names += [tc.function.name] if tc.function.name else []
+            args += tc.function.arguments or ""
+        finish = (chunk.choices[0].finish_reason if chunk.choices else None) or finish
+    assert finish == "length" and names == ["get_weather"] and args == call.function.arguments
+
+
 def test_none_and_auto_answer_with_text(client: openai.OpenAI) -> None:
     for choice in ("none", "auto"):
         r = client.chat.completions.create(model=model(client), messages=ASK, tools=TOOLS,
@@ -146,6 +172,22 @@ def test_parsers_read_hermes_and_plain_json() -> None:
     for text in ('{"name": "unknown", "arguments": {}}', "<tool_call>{not json</tool_call>",
                  "plain words"):
         assert parse(text, SETUP) == (text, [])
+
+
+def test_a_cut_forced_call_parses_as_partial_and_an_auto_one_as_text() -> None:
+    cut = '<tool_call>\n{"name":"get_weather","arguments":{"city":"Pa'
+    for choice, named in (("named", "get_weather"), ("required", None)):
+        forced = ToolSetup(SETUP.tools, choice, named, True, "hermes")
+        content, calls = parse(cut, forced)
+        assert content == "" and [(c.name, c.arguments) for c in calls] == [
+            ("get_weather", '{"city":"Pa')]
+    done = '<tool_call>\n{"name":"get_time","arguments":{"zone":"UTC"}}\n</tool_call>\n'
+    assert [c.name for c in parse(done + cut, forced)[1]] == ["get_time", "get_weather"]
+    assert parse(cut, SETUP) == (cut, [])   # auto: the model chose to write this, keep it
+    head_only = '<tool_call>\n{"name":"get_wea'
+    assert parse(head_only, forced) == (head_only, [])
+    plain = ToolSetup(SETUP.tools, "required", None, True, "json")
+    assert [c.arguments for c in parse('{"name":"get_time","arguments":{"zo', plain)[1]] == ['{"zo']
 
 
 def test_tool_stream_holds_back_only_what_may_be_a_call() -> None:
