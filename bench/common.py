@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import statistics
 from typing import Any, Optional, Sequence
 
@@ -38,6 +39,13 @@ def start_server(serve_args: Sequence[str], port: int, log_path: Optional[str] =
         time.sleep(0.5)   # readiness poll, bounded by the deadline
     proc.kill()
     raise SystemExit("the server did not become ready")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def machine() -> str:

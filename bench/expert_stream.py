@@ -19,19 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import time
 from typing import Any, Optional
 
 import httpx
 
-from bench.common import RESULTS, heldout_prompts, machine, median, start_server, table, write_json
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.common import RESULTS, free_port, heldout_prompts, machine, median, start_server, table, write_json
 
 
 def decode_ms(base: str, prompt: str, max_tokens: int, watch: bool) -> tuple[float, int]:
@@ -86,7 +79,7 @@ def server_cost_us(entry: dict[str, Any], n: int = 2000) -> float:
 
 def run_budget(model: Optional[str], budget: str, prompts: list[str], max_tokens: int,
                repeats: int, log_dir: str) -> dict[str, Any]:
-    port = _port()
+    port = free_port()
     args = ["--expert-budget", budget] + (["--model", model] if model else [])
     proc = start_server(args, port, os.path.join(log_dir, f"expert_stream-{budget.strip('%')}.log"))
     base = f"http://127.0.0.1:{port}"

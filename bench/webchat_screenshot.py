@@ -12,20 +12,13 @@ import argparse
 import os
 import re
 import shutil
-import socket
 import time
 from typing import Optional
 
-from bench.common import start_server
+from bench.common import free_port, start_server
 
 QUESTION = ("Write a Python function that checks whether a word is a palindrome, in a code "
             "block, then explain it in two bullet points.")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _decoded(summary: str) -> int:
@@ -71,7 +64,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--size", default="1500x1050", help="viewport WIDTHxHEIGHT")
     a = ap.parse_args(argv)
     width, height = (int(x) for x in a.size.split("x"))
-    port = _port()
+    port = free_port()
     args = ["--expert-budget", a.expert_budget] + (["--model", a.model] if a.model else [])
     log = os.path.splitext(a.out)[0] + ".server.log"
     proc = start_server(args, port, log)

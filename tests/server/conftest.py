@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from typing import Iterator, Optional
 import httpx
 import pytest
 
+from bench.common import free_port
 from tests.tiny import make_tiny_mixtral
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,12 +35,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     make_tiny_mixtral(path, vocab=49152)   # SmolLM2's vocabulary; eos id 2 = <|im_end|>
     _extract_tokenizer(path)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:
