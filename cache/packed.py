@@ -3,8 +3,9 @@
 On a CPU without AMX, oneDNN's bf16 matmul on a plain [O, In] weight reads it at 5-8 GB/s for
 2-16 rows, against 12-16 GB/s once the weight is reordered into oneDNN's blocked layout ahead of
 time (one thread, [1536 x 576] weights, 240 of them in turn so none stays in cache). The packed
-and the plain oneDNN products are bit-identical at every row count, so resident experts (packed)
-and cache slots (plain) give the same outputs. fp32 is left plain: there the plain matmul may go
+and the plain oneDNN products are bit-identical up to 32 rows (on CPUs with AMX oneDNN switches
+kernels past that; engine/kernels.py then packs a slot's weights on the fly), so resident
+experts (packed) and cache slots (plain) give the same outputs. fp32 is left plain: there the plain matmul may go
 to MKL, whose rounding differs, and packing gained under 10%.
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cache.packed import PackedExpert, pack_weight, packed_linear, packs
+from cache.packed import PackedExpert, pack_expert, pack_weight, packed_linear, packs
 from cache.provider import ProvidedExpert
 from cache.quant import SCALE_DTYPE, Weight, dequantize_int4, unpack_int4_cpu
 
@@ -39,8 +39,18 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     return out.to(x.dtype)
 
 
+# On CPUs with AMX, oneDNN takes another kernel for a plain weight than for a packed one past
+# 32 rows, and the bits differ: a cache slot (plain) given more rows than this is packed on the
+# fly, so that offloaded output stays identical to resident (packed) at every row count. The
+# reorder costs about as much as reading the expert once, paid only by prompt chunks.
+PLAIN_MAX_ROWS = 32
+
+
 def expert_forward(x: torch.Tensor, w: ProvidedExpert) -> torch.Tensor:
     """x [N, H] through one SwiGLU expert -> [N, H]."""
+    if not isinstance(w, PackedExpert) and x.shape[0] > PLAIN_MAX_ROWS \
+            and isinstance(w.gate, torch.Tensor) and packs(w.gate.device, w.gate.dtype):
+        w = pack_expert(w)
     if isinstance(w, PackedExpert):
         gate, up = packed_linear(x, w.gate_up).split(w.inter, dim=-1)     # [N, I] each
         return packed_linear(F.silu(gate) * up, w.down)
