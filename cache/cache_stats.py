@@ -15,6 +15,7 @@ class Counters:
     prefetch_issued: int = 0
     prefetch_used: int = 0       # prefetched experts used before being evicted
     prefetch_wasted: int = 0     # prefetched experts evicted without being used
+    prefetch_dropped: int = 0    # prefetches withdrawn before their read started (not needed)
     evictions: int = 0
     bytes_disk: int = 0          # bytes read from the checkpoint files
     bytes_h2d: int = 0           # bytes copied host -> device (CUDA)

@@ -16,7 +16,17 @@ import torch
 from cache.io_pool import LoadJob
 from cache.policy import ExpertKey
 from cache.quant import ExpertFormat
-from cache.slots import SlotPool
+from cache.slots import SlotPool, auto_host_budget
+from configs.cache import parse_budget
+
+
+def resolve_host_budget(text: str, total: int) -> int:
+    """--host-budget in bytes; 'auto' from the RAM available now (cache.slots.auto_host_budget)."""
+    if str(text).strip().lower() != "auto":
+        return parse_budget(text, total, "host_budget")
+    import psutil
+    vm = psutil.virtual_memory()
+    return auto_host_budget(total, vm.available, vm.total)
 
 
 class HostLRU:
@@ -82,6 +92,11 @@ class HostTier:
     def finished(self, job: LoadJob) -> None:
         """``job`` was reported back: its host copy is free to reuse (dropped if the read failed)."""
         self.lru.release(job.key, keep=job.error is None or not job.from_disk)
+
+    def withdrawn(self, job: LoadJob) -> None:
+        """``job`` was cancelled before it ran: its host slot holds the expert only if it did
+        before (a disk read that never happened filled nothing)."""
+        self.lru.release(job.key, keep=not job.from_disk)
 
     def wait_ready(self, device_slot: int) -> None:
         """Compute queued from now on waits for the copy into ``device_slot``."""

@@ -8,6 +8,12 @@ Threading: every policy call and every piece of bookkeeping runs on the engine t
 calling ``experts``). I/O threads only fill the slot buffers a ``LoadJob`` names and report back.
 An expert is pinned (never evicted) while a load into it is in flight and, for the layer being
 computed, until the layer has consumed it.
+
+Prefetch (disk tier included): at each layer the demand loads go first, then the policy's
+guesses for the next layers (the next router's look-ahead among them), as many as the link can
+deliver in two layer steps (cache/prefetch_pacer.py, rates measured online). A guess never
+evicts the current layer's experts or the next layer's look-ahead; one that has not started
+when its layer routes elsewhere is withdrawn.
 """
 from __future__ import annotations
 
@@ -19,37 +25,23 @@ import torch
 
 from cache.cache_stats import CacheStats
 from cache.disk import ExpertReader, ExpertReadError
-from cache.host_tier import HostTier
+from cache.host_tier import HostTier, resolve_host_budget
 from cache.io_pool import IOPool, LoadJob
-from cache.policy import CachePolicy, ExpertKey
-from cache.provider import ExpertProvider, ExpertSource, StepRows, Tracer, expert_format, lookahead
+from cache.policy import CachePolicy, ExpertKey, UnionKeys
+from cache.prefetch_pacer import PrefetchPacer
+from cache.provider import (ExpertProvider, ExpertSource, StepRows, Tracer, check_shapes, expert_format,
+                            lookahead)
 from cache.quant import ExpertFormat, ExpertWeights
 from cache.routing import Routed, split_routing
-from cache.slots import SlotPool, auto_host_budget, pinned_plan, slot_count
+from cache.slots import SlotPool, pinned_plan, slot_count
 from cache.step_events import MISS, PREFETCHED, StepEvents
 from cache.store import CollectionStore
-from configs.cache import CacheConfig, parse_budget
+from configs.cache import CacheConfig
 
 
-def resolve_host_budget(text: str, total: int) -> int:
-    """--host-budget in bytes; 'auto' from the RAM available now (cache.slots.auto_host_budget)."""
-    if str(text).strip().lower() != "auto":
-        return parse_budget(text, total, "host_budget")
-    import psutil
-    vm = psutil.virtual_memory()
-    return auto_host_budget(total, vm.available, vm.total)
-
-
-def _check_shapes(sources: Sequence[ExpertSource], fmt: ExpertFormat) -> None:
-    """Every expert must have the format's shapes: gate [I, H], up [I, H], down [H, I]."""
-    want = fmt.shapes()
-    for s in sources:
-        if s.packed is not None:
-            continue          # a store's experts are checked against the format on construction
-        for name, ref in (("gate", s.gate), ("up", s.up), ("down", s.down)):
-            if tuple(ref.shape) != want[name]:
-                raise ValueError(f"{ref.path}: expert {s.layer}.{s.expert} {name} tensor "
-                                 f"{ref.name} has shape {list(ref.shape)}, expected {list(want[name])}")
+# the least likely guess worth a disk read: on this repository's 64x model at 25%, 0.7 gave the
+# fewest ms per token of 0.3-0.85 (0.3: 1.45x the disk bytes of no prefetch; 0.7: 1.15x)
+DISK_MIN_Q = 0.7
 
 
 class OffloadedExpertProvider(ExpertProvider):
@@ -70,11 +62,14 @@ class OffloadedExpertProvider(ExpertProvider):
         self.dtype = dtype
         self.cfg = cache_cfg
         self.prefetch_on = cache_cfg.prefetch_enabled(self.device.type)
+        if self.device.type == "cpu" and hasattr(policy, "min_q"):
+            # experts come from disk: a wrong guess costs a read the demand loads wait behind
+            policy.min_q = max(policy.min_q, DISK_MIN_Q)
         self._sources: dict[ExpertKey, ExpertSource] = {(s.layer, s.expert): s for s in sources}
         if not sources:
             raise ValueError("OffloadedExpertProvider needs at least one ExpertSource")
         self.fmt = expert_format(sources, dtype)
-        _check_shapes(sources, self.fmt)
+        check_shapes(sources, self.fmt)
         self.num_layers = max(s.layer for s in sources) + 1
         self.expert_bytes = self.fmt.slot_bytes     # budgets count bytes of the stored format
         total = self.expert_bytes * len(self._sources)
@@ -106,9 +101,11 @@ class OffloadedExpertProvider(ExpertProvider):
         self._layer_pins: set[ExpertKey] = set()             # this layer's experts not yet consumed
         self._pending: list[ExpertKey] = []                  # demand loads waiting for a slot
         self._prefetched: set[ExpertKey] = set()             # prefetched, not used yet
+        self._protect: set[ExpertKey] = set()             # next layer's look-ahead: no guess evicts it
         self._layer = 0
         self._closed = False
         self._pool = IOPool(cache_cfg.io_threads, self._load, self.reader.new_staging, self.device)
+        self._pacer = PrefetchPacer(self.expert_bytes, cache_cfg.io_threads)
 
     # ---- I/O threads ------------------------------------------------------------------------
     def _load(self, job: LoadJob, staging: torch.Tensor) -> None:
@@ -142,6 +139,7 @@ class OffloadedExpertProvider(ExpertProvider):
         if self._closed:
             raise RuntimeError("OffloadedExpertProvider is closed")
         self._layer = layer
+        self._pacer.layer_started(layer, self.stats_.total.stall_seconds)
         ids = topk_ids.tolist() if host_ids is None else host_ids      # [T][k]
         routed = self._routed(layer, ids)
         events = self.events
@@ -154,10 +152,14 @@ class OffloadedExpertProvider(ExpertProvider):
             if ahead is not None:
                 self.tracer.record_lookahead(layer, ahead)
             self.policy.hint(layer + 1, scores)
+            if self.prefetch_on:
+                top = sorted(range(len(scores)), key=scores.__getitem__)[-self.policy.top_k:]
+                self._protect = {(layer + 1, e) for e in top}
         self.policy.observe(layer, routed)
         self._drain(block=False)
 
         keys = [(layer, e) for e in sorted({e for row in ids for e in row})]
+        self._drop_stale_prefetches(layer, keys)
         self._layer_pins = set(keys)
         try:
             ready: list[ExpertKey] = []
@@ -224,24 +226,26 @@ class OffloadedExpertProvider(ExpertProvider):
     def _pinned(self) -> set[ExpertKey]:
         return self._layer_pins | self._inflight.keys()
 
-    def _known(self) -> "_Known":
+    def _known(self) -> UnionKeys:
         """Resident or in flight, as a view (no set built per decision)."""
-        return _Known(self._resident, self._inflight)
+        return UnionKeys(self._resident, self._inflight)
 
-    def _make_room(self, n: int) -> None:
-        """Evict up to ``n`` experts in one ``victims`` call (a batch's misses at once)."""
-        pinned = self._pinned()
+    def _make_room(self, n: int, protect: Collection[ExpertKey] = ()) -> None:
+        """Evict up to ``n`` experts in one ``victims`` call (a batch's misses at once), never
+        one in ``protect`` (with the pinned ones)."""
+        pinned = self._pinned() | set(protect)
         for victim in self.policy.victims(self._known(), pinned, self._layer, n):
             if victim in pinned or victim not in self._resident:
                 raise RuntimeError(f"policy {self.policy.name!r} chose {victim} to evict, which "
                                    f"is {'pinned' if victim in pinned else 'not resident'}")
             self._evict(victim)
 
-    def _take_slot(self) -> Optional[int]:
-        """A free device slot, evicting the policy's victim if needed; None if all are pinned."""
+    def _take_slot(self, protect: Collection[ExpertKey] = ()) -> Optional[int]:
+        """A free device slot, evicting the policy's victim (not one in ``protect``) if needed;
+        None if all are pinned."""
         slot = self._dev.acquire()
         if slot is None:
-            self._make_room(1)
+            self._make_room(1, protect)
             slot = self._dev.acquire()
         return slot
 
@@ -257,7 +261,8 @@ class OffloadedExpertProvider(ExpertProvider):
 
     def _issue(self, key: ExpertKey, demand: bool) -> bool:
         """Start loading ``key`` into a device slot; False when no slot can be had right now."""
-        slot = self._take_slot()
+        # a guess never evicts what this or the next layer is expected to use
+        slot = self._take_slot(() if demand else self._protect)
         if slot is None:
             return False
         job = LoadJob(key, self._sources[key], slot, demand)
@@ -284,7 +289,8 @@ class OffloadedExpertProvider(ExpertProvider):
             self.stats_.add(key[0], "loads")
 
     def _issue_prefetches(self, layer: int) -> None:
-        limit = self.cfg.io_threads - len(self._inflight)
+        self._pacer.io_sample(*self._pool.io_counters())
+        limit = self._pacer.allowed(len(self._inflight))
         if limit <= 0:
             return
         known = self._known()
@@ -298,6 +304,20 @@ class OffloadedExpertProvider(ExpertProvider):
             self.stats_.add(key[0], "prefetch_issued")
             if self.events is not None:
                 self.events.prefetched.append(key)
+
+    def _drop_stale_prefetches(self, layer: int, keys: list[ExpertKey]) -> None:
+        """Prefetches for ``layer`` that it did not route and no thread has started are
+        withdrawn: their read would only delay the demand reads behind it."""
+        wanted = set(keys)
+        for key, job in list(self._inflight.items()):
+            if key[0] != layer or job.demand or key in wanted or not self._pool.cancel(job):
+                continue
+            del self._inflight[key]
+            if self._host is not None:
+                self._host.withdrawn(job)
+            self._dev.release(job.slot)
+            self._prefetched.discard(key)
+            self.stats_.add(layer, "prefetch_dropped")
 
     def _drain(self, block: bool) -> None:
         """Process finished loads (blocking for the first one if ``block``)."""
@@ -349,10 +369,7 @@ class OffloadedExpertProvider(ExpertProvider):
 
     def layer_stats(self) -> dict[str, list[float]]:
         out = self.stats_.per_layer()
-        per = [0.0] * self.num_layers
-        for layer, _ in self._resident:
-            per[layer] += 1
-        out["resident_experts"] = per
+        out["resident_experts"] = self.resident_per_layer(self.num_layers)
         return out
 
     def stats(self) -> dict[str, float]:
@@ -377,20 +394,3 @@ class OffloadedExpertProvider(ExpertProvider):
         self.reader.close()
         if self.store is not None:
             self.store.flush()
-
-
-class _Known(Collection[ExpertKey]):
-    """The keys of two disjoint dicts (resident, in flight) as one collection."""
-
-    def __init__(self, a: dict, b: dict) -> None:
-        self._a, self._b = a, b
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._a or key in self._b
-
-    def __len__(self) -> int:
-        return len(self._a) + len(self._b)
-
-    def __iter__(self) -> Iterator[ExpertKey]:
-        yield from self._a
-        yield from self._b

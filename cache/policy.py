@@ -21,7 +21,7 @@ scanning ``resident`` on every decision.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Collection, Mapping, Optional, Sequence
+from typing import ClassVar, Collection, Iterator, Mapping, Optional, Sequence
 
 ExpertKey = tuple[int, int]
 
@@ -83,3 +83,21 @@ class CachePolicy(ABC):
 
     def end_request(self, seq_id: str) -> None:
         """A request finished; its activation matrix may enter the collection."""
+
+
+class UnionKeys(Collection[ExpertKey]):
+    """The keys of two disjoint dicts (resident, in flight) as one ``resident`` collection,
+    without building a set per decision."""
+
+    def __init__(self, a: dict, b: dict) -> None:
+        self._a, self._b = a, b
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._a or key in self._b
+
+    def __len__(self) -> int:
+        return len(self._a) + len(self._b)
+
+    def __iter__(self) -> Iterator[ExpertKey]:
+        yield from self._a
+        yield from self._b

@@ -184,6 +184,13 @@ class ExpertProvider(ABC):
         """Cache counters per MoE layer: name -> one value per layer (empty without a cache)."""
         return {}
 
+    def resident_per_layer(self, num_layers: int) -> list[float]:
+        """How many experts of each MoE layer are resident now (from ``resident_keys``)."""
+        per = [0.0] * num_layers
+        for layer, _ in self.resident_keys():
+            per[layer] += 1
+        return per
+
     def close(self) -> None:
         """Stop background work and release buffers."""
 
@@ -235,13 +242,23 @@ class ResidentExpertProvider(ExpertProvider):
         return self._weights.keys()
 
     def layer_stats(self) -> dict[str, list[float]]:
-        per = [0.0] * (max((k[0] for k in self._weights), default=-1) + 1)
-        for layer, _ in self._weights:
-            per[layer] += 1
-        return {"resident_experts": per} if per else {}
+        layers = max((k[0] for k in self._weights), default=-1) + 1
+        return {"resident_experts": self.resident_per_layer(layers)} if layers else {}
 
     def stats(self) -> dict[str, float]:
         out = {"resident_bytes": float(self.resident_bytes)}
         if self.fmt is not None:
             out["expert_bits_per_weight"] = self.fmt.bits_per_weight
         return out
+
+
+def check_shapes(sources: Sequence[ExpertSource], fmt: ExpertFormat) -> None:
+    """Every expert must have the format's shapes: gate [I, H], up [I, H], down [H, I]."""
+    want = fmt.shapes()
+    for s in sources:
+        if s.packed is not None:
+            continue          # a store's experts are checked against the format on construction
+        for name, ref in (("gate", s.gate), ("up", s.up), ("down", s.down)):
+            if tuple(ref.shape) != want[name]:
+                raise ValueError(f"{ref.path}: expert {s.layer}.{s.expert} {name} tensor "
+                                 f"{ref.name} has shape {list(ref.shape)}, expected {list(want[name])}")

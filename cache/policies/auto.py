@@ -39,7 +39,8 @@ class AutoPolicy(CachePolicy):
     (direct statistics: chaining through q_{l+1} would cost O(E^2) per layer). All three in one
     vectorised pass over the batch's decode requests.
     Rows not predicted yet (and prompt passes) use q = p. An engine ``hint`` (next router on
-    the current hidden state) sets q = 1 on its top-k. Batches combine requests as
+    the current hidden state) raises q of its r-th expert to the precision that rank has had so
+    far (learned online, separately for one and several decode requests; p at least that q). Batches combine requests as
     q = 1 - prod_s (1 - q_s), p likewise.
     The expected time, in layer steps, until (i, j) is next used is
         t[i][j] = d(i) + (1 - q[i][j]) x L / max(p[i][j], eps),  d(i) = (i - l - 1) mod L + 1
@@ -83,6 +84,12 @@ class AutoPolicy(CachePolicy):
         self._stat = np.zeros((L, 3 * E, E), dtype=np.float32)
         self._stat_n = np.zeros((L, 3 * E), dtype=np.float32)
         self._hint: Optional[tuple[int, np.ndarray]] = None
+        # hints to verify: the one given before this layer's observe (for the next layer)
+        # becomes the one checked when that layer routes
+        self._check: Optional[tuple[int, np.ndarray, int]] = None
+        self._incoming: Optional[tuple[int, np.ndarray, int]] = None
+        self._hint_hits = np.zeros((2, top_k))       # [batch 1 | several, rank]: hint then used
+        self._hint_n = np.zeros(2)
         # the estimate without the distance term: t[i][j] = d(i) + rows.vals[i][j]
         self._rows = MaskedRows(L, E)
         self._q_all = np.zeros((L, E))
@@ -115,7 +122,27 @@ class AutoPolicy(CachePolicy):
     def hint(self, layer: int, scores: Sequence[float]) -> None:
         if 0 <= layer < self.num_layers and len(scores) == self.num_experts:
             s = np.asarray(scores, dtype=np.float64)
-            self._hint = (layer, np.argpartition(-s, self.top_k - 1)[:self.top_k])
+            top = np.argsort(-s, kind="stable")[:self.top_k]           # most likely first
+            self._hint = (layer, top)
+            self._incoming = (layer, top, min(len(self._active), 2) - 1)  # checked when it routes
+
+    def hint_precision(self, batch: int = 1) -> np.ndarray:
+        """[k] how often the look-ahead's r-th expert was then used, for passes of one decode
+        request (batch 1) or several: the hint's q, learned online (smoothed towards 0.8)."""
+        b = min(max(batch, 1), 2) - 1
+        return (self._hint_hits[b] + 4 * 0.8) / (self._hint_n[b] + 4)
+
+    def _verify_hint(self, layer: int, ids: np.ndarray) -> None:
+        """Count which ranks of the look-ahead for ``layer`` this decode pass used."""
+        if self._check is None or self._check[0] != layer:
+            return
+        _, top, b = self._check
+        if b < 0 or not ids.size:
+            return
+        used = np.zeros(self.num_experts, dtype=bool)
+        used[ids.reshape(-1)] = True
+        self._hint_hits[b] += used[top]
+        self._hint_n[b] += 1
 
     def observe(self, layer: int, routed: Mapping[str, Sequence[int]]) -> None:
         b = self._req.observe(layer, routed)
@@ -135,6 +162,9 @@ class AutoPolicy(CachePolicy):
             self._last_w[s] = 0.0
             self._dec_at[s] = -1
         ds, ids, w = b.dec_slots, b.dec_ids, b.dec_w
+        if not b.pro:
+            self._verify_hint(layer, ids[w > 0] if len(ds) else ids)
+        self._check, self._incoming = self._incoming, None
         if len(ds):
             # decode pass: one token, so its routing pairs layer to layer and token to token
             self._num[ds, layer] *= g
@@ -248,8 +278,12 @@ class AutoPolicy(CachePolicy):
         if self._hint is not None:
             hl, top = self._hint
             if hl == layer + 1:
-                self._q_all[hl, top] = 1.0
-                self._rows.vals[hl, top] = 0.0
+                # the look-ahead's r-th expert is used with the learned precision of rank r
+                q_h = np.maximum(self._q_all[hl, top], self.hint_precision(len(act))[:len(top)])
+                self._q_all[hl, top] = q_h
+                at = hl if isinstance(rows, slice) else hl - layer    # hl's row in p_all
+                # used in the next pass with q_h: its per-pass rate is at least that
+                self._rows.vals[hl, top] = (1.0 - q_h) * L / np.maximum(p_all[at, top], q_h)
             self._hint = None
         if isinstance(rows, slice):
             self._rows.touch_all()

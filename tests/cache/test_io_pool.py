@@ -91,3 +91,70 @@ def test_close_joins_threads() -> None:
     assert all(t.is_alive() for t in threads)
     pool.close()
     assert not any(t.is_alive() for t in threads)
+
+
+def test_cancelled_job_never_runs_and_a_started_one_cannot_be_cancelled() -> None:
+    pool, started, release, ran = _pool()
+    try:
+        first = _job((9, 9), True)
+        pool.submit(first)
+        started.wait(timeout=30)
+        queued = [_job((1, e), False) for e in range(2)]
+        for j in queued:
+            pool.submit(j)
+        assert not pool.cancel(first)          # running: it completes normally
+        assert pool.cancel(queued[0])
+        release.set()
+        done = _collect(pool, 2)
+        assert ran == [(9, 9), (1, 1)] and {j.key for j in done} == {(9, 9), (1, 1)}
+        assert pool.completions.empty()
+    finally:
+        release.set()
+        pool.close()
+
+
+def test_io_counters_count_busy_time_and_bytes() -> None:
+    def work(job: LoadJob, staging: torch.Tensor) -> None:
+        job.bytes_disk = 1000
+    pool = IOPool(2, work, lambda: torch.empty(1, dtype=torch.uint8))
+    try:
+        assert pool.io_counters() == (0.0, 0)
+        for e in range(4):
+            pool.submit(_job((0, e), True))
+        _collect(pool, 4)
+        busy, nbytes = pool.io_counters()
+        assert nbytes == 4000 and busy > 0
+    finally:
+        pool.close()
+
+
+def test_prefetches_run_one_at_a_time_and_demand_passes_them() -> None:
+    release = threading.Event()
+    lock = threading.Lock()
+    running, peak, started = [0], [0], threading.Event()
+
+    def work(job: LoadJob, staging: torch.Tensor) -> None:
+        if job.demand:
+            return
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        started.set()
+        release.wait(timeout=30)
+        with lock:
+            running[0] -= 1
+
+    pool = IOPool(3, work, lambda: torch.empty(1, dtype=torch.uint8))
+    try:
+        for e in range(3):
+            pool.submit(_job((1, e), False))
+        started.wait(timeout=30)
+        pool.submit(_job((0, 0), True))
+        first = pool.completions.get(timeout=30)   # while a guess holds the disk
+        assert first.key == (0, 0)
+        release.set()
+        assert {j.key for j in _collect(pool, 3)} == {(1, 0), (1, 1), (1, 2)}
+        assert peak[0] == 1
+    finally:
+        release.set()
+        pool.close()

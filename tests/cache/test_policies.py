@@ -228,3 +228,15 @@ def test_victims_at_once_equal_victims_one_by_one(name):
         held.add(one_by_one[-1])
     assert len(batch) == 4 and not set(batch) & pinned and set(batch) <= resident
     assert batch == one_by_one
+
+
+def test_auto_learns_the_precision_of_each_lookahead_rank() -> None:
+    p = AutoPolicy(2, 4, 2)
+    for _ in range(20):
+        p.begin_step(["r"])
+        p.hint(1, [0.1, 0.4, 0.2, 0.3])           # ranks: expert 1, then expert 3
+        p.observe(0, {"r": [0, 2]})
+        p.observe(1, {"r": [1, 2]})               # the first-ranked is used, the second never
+    prec = p.hint_precision(1)
+    assert prec[0] > 0.9 and prec[1] < 0.3
+    assert list(p.hint_precision(4)) == pytest.approx([0.8, 0.8])   # batches: nothing seen yet

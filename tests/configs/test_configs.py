@@ -36,7 +36,8 @@ def test_precedence_flag_over_env_over_default() -> None:
 def test_env_values_are_typed_and_checked() -> None:
     assert from_args(CacheConfig, env={"MOESERVE_PREFETCH": "false"}).prefetch == "off"
     assert CacheConfig(prefetch=True).prefetch == "on"
-    assert CacheConfig().prefetch_enabled("cpu") is False and CacheConfig().prefetch_enabled("cuda")
+    assert CacheConfig().prefetch_enabled("cpu") and CacheConfig().prefetch_enabled("cuda")
+    assert not CacheConfig(prefetch="off").prefetch_enabled("cpu")
     with pytest.raises(ConfigError, match="prefetch"):
         CacheConfig(prefetch="sometimes")
     with pytest.raises(ConfigError, match="max_batch"):
