@@ -2,9 +2,9 @@
 
 An LRU of its own below the policy-managed device tier: a device load takes the expert's host
 copy when there is one (no disk read), else a host slot (the least recently used copy no load
-is using) that the disk fills first. Copies to the device run on a dedicated stream; a device
-slot's ``free`` event orders the copy after the compute on its old occupant, its ``ready``
-event orders compute after the copy.
+is using) that the disk fills first. Copies to the device run on two dedicated streams, demand
+loads on a high-priority one; a device slot's ``free`` event orders the copy after the compute
+on its old occupant, its ``ready`` event orders compute after the copy.
 """
 from __future__ import annotations
 
@@ -72,10 +72,13 @@ class HostTier:
         self.device = device
         self.pool = SlotPool(0, fmt, torch.device("cpu"), pin=True, chunks=chunks)
         self.lru = HostLRU(self.pool)
+        # demand copies on a high-priority stream, so they do not queue behind a prefetch copy
         self._stream = torch.cuda.Stream(device)
-        # one pair per device slot: a slot has at most one load in flight
+        self._demand_stream = torch.cuda.Stream(device, priority=-1)
+        # one pair per device slot: a slot has at most one load in flight; blocking events, so
+        # an I/O thread waiting for its copy sleeps instead of spinning on a CPU core
         self._free = [torch.cuda.Event() for _ in range(device_slots)]
-        self._ready = [torch.cuda.Event() for _ in range(device_slots)]
+        self._ready = [torch.cuda.Event(blocking=True) for _ in range(device_slots)]
 
     # ---- engine thread ----------------------------------------------------------------------
     def prepare(self, job: LoadJob) -> bool:
@@ -116,8 +119,9 @@ class HostTier:
         host_buf = self.pool.buffer(job.host_slot)
         if job.from_disk:
             job.bytes_disk = read(host_buf)
-        with torch.cuda.stream(self._stream):
-            self._stream.wait_event(job.free_event)       # old occupant's compute is done
+        stream = self._demand_stream if job.demand else self._stream
+        with torch.cuda.stream(stream):
+            stream.wait_event(job.free_event)             # old occupant's compute is done
             device_buf.copy_(host_buf, non_blocking=True)
-            job.ready_event.record(self._stream)
+            job.ready_event.record(stream)
         job.ready_event.synchronize()
