@@ -515,7 +515,12 @@ def llm_checks(run: Run) -> None:
              "    return f'21 degrees in {city}'\n"
         out = llm("-m", "moeserve", "-o", "max_tokens", str(TOOL_MAX_TOKENS), "--functions", fn,
                   "--td", ASK_WEATHER)
-        return out
+        # llm has no tool_choice: the model may answer in text; the log says what was sent
+        first = json.loads(llm("logs", "-n", "2", "--json"))
+        sent = any(t.get("name") == "get_weather" for e in first for t in e.get("tools") or [])
+        expect(sent, "the tool was not sent")
+        called = any(e.get("tool_calls") for e in first)
+        return ("called get_weather: " if called else "tool sent, answered in text: ") + out
 
     run.record("llm", "models list", models)
     run.record("llm", "prompt", prompt)
@@ -523,6 +528,7 @@ def llm_checks(run: Run) -> None:
     run.record("llm", "chat (stdin)", chat)
     run.record("llm", "--schema", schema)
     run.record("llm", "--functions (tool)", tool)
+    shutil.rmtree(home, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- OpenAI Node SDK
