@@ -159,6 +159,32 @@ def test_tool_result_round_trip(client: openai.OpenAI) -> None:
     assert final.usage.prompt_tokens > first.usage.prompt_tokens + 20
 
 
+# like Open WebUI's built-in tools (36 of them, ~7,000 tokens), sent with every chat
+MANY_TOOLS = [{"type": "function", "function": {
+    "name": f"builtin_tool_{i}", "description": "Looks things up in the user's notes, memories, "
+    "knowledge bases, calendars and chats, and returns what it found, with dates. " * 3,
+    "parameters": {"type": "object", "properties": {"query": {"type": "string"}}}}}
+    for i in range(30)]
+
+
+def test_auto_tools_the_context_cannot_hold_are_left_out(client: openai.OpenAI) -> None:
+    """Open WebUI 0.12.4 sends its built-in tools with every chat; a listing longer than the
+    context was a 400 ('the prompt has 7015 tokens ...') on its first message. With
+    tool_choice auto the request is served without them; forced, it stays a 400 naming tools."""
+    r = client.chat.completions.create(model=model(client), messages=ASK, tools=MANY_TOOLS,
+                                       seed=3, max_tokens=8)
+    assert r.choices[0].message.tool_calls is None
+    assert isinstance(r.choices[0].message.content, str)
+    assert r.usage.prompt_tokens < 100   # the question alone
+    chunks = list(client.chat.completions.create(model=model(client), messages=ASK, stream=True,
+                                                 tools=MANY_TOOLS, seed=3, max_tokens=8))
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model(client), messages=ASK, tools=MANY_TOOLS,
+                                       tool_choice="required", max_tokens=8)
+    assert e.value.body["param"] == "tools" and "30 tools" in e.value.body["message"]
+
+
 @pytest.mark.parametrize("body,param", [
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tool_choice": "sometimes"}, "tool_choice"),
