@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 QUICK ?=
 
-.PHONY: install bench-install serve test fuzz soak bench quality replay default-model gpu-check gpu-wheels clients-check clean
+.PHONY: install bench-install serve test fuzz soak bench quality replay default-model gpu-check gpu-wheels clients-check e2e-webui clean
 # llama-cpp-python (the llama.cpp peer of the benchmarks), built from source: the native build
 # segfaults on Q8_0/Q4 GGUFs on some AVX-512 machines, so the ISA is named explicitly
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
@@ -81,6 +81,22 @@ clients-check: install $(CLIENTS_VENV)/.installed $(CLIENTS_NODE)/.installed
 	$(CLIENTS_VENV)/bin/python e2e/clients_check.py $(if $(filter --base-url%,$(ARGS)),,--start) \
 	  --server-python $(PY) --node-modules $(CLIENTS_NODE)/node_modules $(ARGS)
 
+# Open WebUI (its own venv, ~3 GB, with the CPU build of torch) pointed at moeserve, one chat sent
+# through its page in headless Chromium (Debian's chromium; MOESERVE_CHROMIUM names another);
+# screenshot docs/open-webui.png, results bench/results/webui_check.json. Not in CI.
+WEBUI_VENV ?= .venv-webui
+OPEN_WEBUI_SPEC ?= open-webui==0.12.4
+
+$(WEBUI_VENV)/.installed:
+	$(PYTHON) -m venv $(WEBUI_VENV)
+	$(WEBUI_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(WEBUI_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(WEBUI_VENV)/bin/python -m pip install --quiet "$(OPEN_WEBUI_SPEC)"
+	touch $@
+
+e2e-webui: install $(WEBUI_VENV)/.installed
+	$(PY) e2e/webui_check.py --webui $(WEBUI_VENV)/bin/open-webui --server-python $(PY) $(ARGS)
+
 # The GPU check runs on a CUDA machine without network, with its own python3 (CUDA torch,
 # transformers, safetensors, numpy, tqdm, pytest): the repository is used in place, and any of
 # the wheels `make gpu-wheels` fetched beforehand (on a machine with the registries) that its
@@ -100,4 +116,4 @@ gpu-check:
 	PYTHONPATH=.:$(GPU_WHEELS)/site $(GPU_PYTHON) -m bench.gpu_check $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(CLIENTS_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(CLIENTS_VENV) $(WEBUI_VENV) build *.egg-info .pytest_cache
