@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 QUICK ?=
 
-.PHONY: install bench-install serve test fuzz soak bench quality replay default-model gpu-check gpu-wheels clean
+.PHONY: install bench-install serve test fuzz soak bench quality replay default-model gpu-check gpu-wheels clients-check e2e-webui clean
 # llama-cpp-python (the llama.cpp peer of the benchmarks), built from source: the native build
 # segfaults on Q8_0/Q4 GGUFs on some AVX-512 machines, so the ISA is named explicitly
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
@@ -56,6 +56,47 @@ quality: bench-install
 replay: install
 	$(PY) -m bench.replay ../shared/traces/mixtral-8x7b-instruct.jsonl $(ARGS)
 
+# Third-party clients against a real server (e2e/clients_check.py; not in CI, not in the test
+# extras): the OpenAI Python SDK, LangChain, LiteLLM and the `llm` CLI in their own venv, the
+# OpenAI Node SDK in a folder outside the repository (when node and npm are there). Starts
+# `moeserve serve` on a free port with the default model; ARGS="--base-url URL" uses a running one
+# instead. Writes bench/results/clients_check.json.
+CLIENTS_VENV ?= .venv-clients
+CLIENTS_NODE ?= $(or $(TMPDIR),/tmp)/moeserve-clients-node
+
+$(CLIENTS_VENV)/.installed: e2e/requirements-clients.txt
+	$(PYTHON) -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CLIENTS_VENV)/bin/python -m pip install --quiet -r e2e/requirements-clients.txt
+	touch $@
+
+$(CLIENTS_NODE)/.installed: e2e/package.json
+	mkdir -p $(CLIENTS_NODE)
+	cp e2e/package.json $(CLIENTS_NODE)/package.json
+	if command -v npm >/dev/null; then npm install --prefix $(CLIENTS_NODE) --no-audit --no-fund --silent; \
+	else echo "clients-check: no npm here; the Node SDK checks will fail as not installed"; fi
+	touch $@
+
+clients-check: install $(CLIENTS_VENV)/.installed $(CLIENTS_NODE)/.installed
+	$(CLIENTS_VENV)/bin/python e2e/clients_check.py $(if $(filter --base-url%,$(ARGS)),,--start) \
+	  --server-python $(PY) --node-modules $(CLIENTS_NODE)/node_modules $(ARGS)
+
+# Open WebUI (its own venv, ~3 GB, with the CPU build of torch) pointed at moeserve, one chat sent
+# through its page in headless Chromium (Debian's chromium; MOESERVE_CHROMIUM names another);
+# screenshot docs/open-webui.png, results bench/results/webui_check.json. Not in CI.
+WEBUI_VENV ?= .venv-webui
+OPEN_WEBUI_SPEC ?= open-webui==0.12.4
+
+$(WEBUI_VENV)/.installed:
+	$(PYTHON) -m venv $(WEBUI_VENV)
+	$(WEBUI_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(WEBUI_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(WEBUI_VENV)/bin/python -m pip install --quiet "$(OPEN_WEBUI_SPEC)"
+	touch $@
+
+e2e-webui: install $(WEBUI_VENV)/.installed
+	$(PY) e2e/webui_check.py --webui $(WEBUI_VENV)/bin/open-webui --server-python $(PY) $(ARGS)
+
 # The GPU check runs on a CUDA machine without network, with its own python3 (CUDA torch,
 # transformers, safetensors, numpy, tqdm, pytest): the repository is used in place, and any of
 # the wheels `make gpu-wheels` fetched beforehand (on a machine with the registries) that its
@@ -75,4 +116,4 @@ gpu-check:
 	PYTHONPATH=.:$(GPU_WHEELS)/site $(GPU_PYTHON) -m bench.gpu_check $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(CLIENTS_VENV) $(WEBUI_VENV) build *.egg-info .pytest_cache

@@ -1,6 +1,8 @@
 """POST /v1/chat/completions and /v1/completions: each a small handler over server/responses.py."""
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -17,6 +19,8 @@ from server.state import ServerState
 from server.structured import check, response_format_constraint
 from server.tools import (ToolSetup, ToolStream, forcing_grammar, parse_setup, prompt_messages)
 from server.tools import parse as parse_tool_calls
+
+log = logging.getLogger("moeserve.server")
 
 
 class ChatJob(Job):
@@ -109,9 +113,25 @@ async def chat(state: ServerState, request: Request) -> Response:
             raise bad_request("response_format json cannot be combined with tool_choice "
                               "'required' or a named function", "response_format")
         constraint = check(forcing_grammar(setup), "tools")
-    messages, extra = prompt_messages(message_dicts(body.messages), setup,
-                                      state.tokenizer.template_takes_tools)
+    history = message_dicts(body.messages)
+    messages, extra = prompt_messages(history, setup, state.tokenizer.template_takes_tools)
     ids = await state.encode_chat(messages, **extra)
+    if setup.active and not setup.forced and len(ids) >= state.context:
+        # tool_choice auto with a tool listing the context cannot hold (Open WebUI sends its 36
+        # built-in tools, ~7,000 tokens, with every chat): a 400 would fail every message of such
+        # a front end, so the request is served as with tool_choice none, saying so in the log
+        without = dataclasses.replace(setup, choice="none")
+        messages, extra = prompt_messages(history, without, state.tokenizer.template_takes_tools)
+        plain = await state.encode_chat(messages, **extra)
+        if len(plain) < state.context:
+            log.warning("a prompt with its %d tools is %d tokens, more than the context of %d: "
+                        "served without the tools (as tool_choice 'none'; %d tokens)",
+                        len(setup.tools), len(ids), state.context, len(plain))
+            setup, ids = without, plain
+    elif setup.forced and len(ids) >= state.context:
+        raise bad_request(f"the prompt with its {len(setup.tools)} tools is {len(ids)} tokens, but "
+                          f"the model's context holds {state.context} tokens; tool_choice "
+                          f"{setup.choice!r} needs the tools in the prompt", "tools")
     job = ChatJob(state, body, [ids], bool(body.logprobs), body.top_logprobs or 0, constraint)
     return await respond(request, job.with_tools(setup))
 

@@ -241,20 +241,38 @@ def parse_json(text: str) -> tuple[str, list[ToolCall]]:
 
 
 _CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]*)"\s*,\s*"arguments"\s*:\s*')
+_DECODER = json.JSONDecoder()
 
 
-def _truncated_call(text: str, style: str) -> Optional[tuple[str, ToolCall]]:
-    """A forced call cut short (max_tokens): (text before it, the call with the arguments written
-    so far). OpenAI too answers such a cut with the partial call and finish_reason 'length';
-    returning it as content would hand a client that forced a call our call markup as text."""
+def _truncated_call(text: str, style: str) -> Optional[tuple[str, list[ToolCall]]]:
+    """A forced reply cut short (max_tokens): (text before the cut call, the calls in it). OpenAI
+    too answers such a cut with the partial call and finish_reason 'length'; returning it as
+    content would hand a client that forced a call our call markup as text.
+
+    The calls whose JSON is complete come back whole (a cut that took only ``</tool_call>``, or
+    the rest of a JSON list, leaves them intact), the last incomplete one with the arguments
+    written so far."""
     start = text.rfind(OPEN) if style == "hermes" else -1
     if start >= 0 and text.find(CLOSE, start) >= 0:
         return None   # the last call is complete
     body = text[start + len(OPEN):] if start >= 0 else text.lstrip().removeprefix("[")
-    m = _CALL_HEAD.match(body)
-    if m is None:
-        return None
-    return text[:max(start, 0)], ToolCall(m.group(1), body[m.end():].rstrip(), new_id())
+    calls: list[ToolCall] = []
+    pos = 0
+    while True:   # complete call objects first (separated by whitespace or commas)
+        while pos < len(body) and body[pos] in " \t\r\n,":
+            pos += 1
+        try:
+            value, end = _DECODER.raw_decode(body, pos)
+        except json.JSONDecodeError:
+            break
+        done = _calls_from_json(value)
+        if done is None:
+            return None
+        calls, pos = calls + done, end
+    m = _CALL_HEAD.match(body, pos)
+    if m is not None:
+        calls.append(ToolCall(m.group(1), body[m.end():].rstrip(), new_id()))
+    return (text[:max(start, 0)], calls) if calls else None
 
 
 def parse(text: str, setup: ToolSetup) -> tuple[str, list[ToolCall]]:
@@ -268,8 +286,8 @@ def parse(text: str, setup: ToolSetup) -> tuple[str, list[ToolCall]]:
             content = text
     cut = _truncated_call(text, setup.style) if setup.forced else None
     if cut is not None and (setup.style == "hermes" or not calls):
-        before, call = cut
-        calls = (parse_hermes(before)[1] if setup.style == "hermes" else []) + [call]
+        before, tail = cut
+        calls = (parse_hermes(before)[1] if setup.style == "hermes" else []) + tail
         content = ""
     known = {f["name"] for f in setup.tools}
     calls = [c for c in calls if c.name in known]

@@ -117,6 +117,25 @@ def test_forced_call_cut_by_max_tokens_is_a_partial_call(client: openai.OpenAI) 
     assert finish == "length" and names == ["get_weather"] and args == call.function.arguments
 
 
+def test_forced_call_cut_in_its_closing_tag_keeps_whole_arguments(client: openai.OpenAI) -> None:
+    """A cut that took only (part of) the closing </tool_call> leaves a complete call: its
+    arguments are the whole JSON object, not the text after '"arguments":' up to the cut, which
+    carried the call object's own closing brace ('{"city": ...}}', not JSON; the default model
+    writing parallel calls until max_tokens hit it, in the OpenAI SDK, LiteLLM and LangChain)."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    full = client.chat.completions.create(model=model(client), messages=ASK, tools=TOOLS, seed=9,
+                                          max_tokens=150, tool_choice=named)
+    assert full.choices[0].finish_reason == "tool_calls"
+    whole = json.loads(full.choices[0].message.tool_calls[0].function.arguments)
+    for back in (2, 3, 4):   # "\n</tool_call>" is 6 tokens: each of these cuts lands inside it
+        r = client.chat.completions.create(model=model(client), messages=ASK, tools=TOOLS,
+                                           seed=9, tool_choice=named,
+                                           max_tokens=full.usage.completion_tokens - back)
+        (call,) = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "length"
+        assert json.loads(call.function.arguments) == whole, (back, call.function.arguments)
+
+
 def test_none_and_auto_answer_with_text(client: openai.OpenAI) -> None:
     for choice in ("none", "auto"):
         r = client.chat.completions.create(model=model(client), messages=ASK, tools=TOOLS,
@@ -138,6 +157,32 @@ def test_tool_result_round_trip(client: openai.OpenAI) -> None:
     assert final.choices[0].finish_reason in ("stop", "length")
     # the call and its result were rendered into the prompt after the tool listing
     assert final.usage.prompt_tokens > first.usage.prompt_tokens + 20
+
+
+# like Open WebUI's built-in tools (36 of them, ~7,000 tokens), sent with every chat
+MANY_TOOLS = [{"type": "function", "function": {
+    "name": f"builtin_tool_{i}", "description": "Looks things up in the user's notes, memories, "
+    "knowledge bases, calendars and chats, and returns what it found, with dates. " * 3,
+    "parameters": {"type": "object", "properties": {"query": {"type": "string"}}}}}
+    for i in range(30)]
+
+
+def test_auto_tools_the_context_cannot_hold_are_left_out(client: openai.OpenAI) -> None:
+    """Open WebUI 0.12.4 sends its built-in tools with every chat; a listing longer than the
+    context was a 400 ('the prompt has 7015 tokens ...') on its first message. With
+    tool_choice auto the request is served without them; forced, it stays a 400 naming tools."""
+    r = client.chat.completions.create(model=model(client), messages=ASK, tools=MANY_TOOLS,
+                                       seed=3, max_tokens=8)
+    assert r.choices[0].message.tool_calls is None
+    assert isinstance(r.choices[0].message.content, str)
+    assert r.usage.prompt_tokens < 100   # the question alone
+    chunks = list(client.chat.completions.create(model=model(client), messages=ASK, stream=True,
+                                                 tools=MANY_TOOLS, seed=3, max_tokens=8))
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model(client), messages=ASK, tools=MANY_TOOLS,
+                                       tool_choice="required", max_tokens=8)
+    assert e.value.body["param"] == "tools" and "30 tools" in e.value.body["message"]
 
 
 @pytest.mark.parametrize("body,param", [
@@ -188,6 +233,13 @@ def test_a_cut_forced_call_parses_as_partial_and_an_auto_one_as_text() -> None:
     assert parse(head_only, forced) == (head_only, [])
     plain = ToolSetup(SETUP.tools, "required", None, True, "json")
     assert [c.arguments for c in parse('{"name":"get_time","arguments":{"zo', plain)[1]] == ['{"zo']
+    # complete calls before the cut come back whole, in either style
+    for text in ('<tool_call>\n{"name":"get_time","arguments":{"zone":"UTC"}}',
+                 '<tool_call>\n{"name":"get_time","arguments":{"zone":"UTC"}}\n</tool_'):
+        assert [(c.name, c.arguments) for c in parse(text, forced)[1]] == [
+            ("get_time", '{"zone": "UTC"}')]
+    cut_list = '[{"name":"get_time","arguments":{"zone":"UTC"}},{"name":"get_time","arguments":{"zo'
+    assert [c.arguments for c in parse(cut_list, plain)[1]] == ['{"zone": "UTC"}', '{"zo']
 
 
 def test_tool_stream_holds_back_only_what_may_be_a_call() -> None:
