@@ -13,65 +13,20 @@ bench/results/webui_check.json; exit status 1 when no answer appeared.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
+
+from launch import free_port, launched
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOGS = os.path.join(REPO, "bench", "results", "webui-logs")
 QUESTION = "What is the capital of France?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def process(name: str, cmd: list[str], env: dict[str, str], health: str, cwd: str,
-            deadline_s: float = 900) -> Iterator[str]:
-    os.makedirs(LOGS, exist_ok=True)
-    log_path = os.path.join(LOGS, f"{name}.log")
-    log = open(log_path, "w")
-    proc = subprocess.Popen(["nice", "-n", "10", *cmd], cwd=cwd, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    try:
-        end = time.monotonic() + deadline_s
-        while not ready(health):
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}; see {log_path}")
-            if time.monotonic() > end:
-                raise RuntimeError(f"{name} not ready in {deadline_s:.0f}s; see {log_path}")
-            time.sleep(1)
-        print(f"{name} ready ({health})", flush=True)
-        yield log_path
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
 
 
 def chat_through_page(url: str, chromium: str, shot: str, timeout_s: float) -> dict[str, Any]:
@@ -144,10 +99,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             "OPENAI_API_BASE_URL": f"http://127.0.0.1:{mport}/v1", "OPENAI_API_KEY": "unused",
             "ANONYMIZED_TELEMETRY": "False", "DO_NOT_TRACK": "True", "SCARF_NO_ANALYTICS": "True"}
     result: dict[str, Any] = {"question": QUESTION}
-    with process("moeserve", [args.server_python, "-m", "moeserve.cli", "serve", "--port",
-                              str(mport)], menv, f"http://127.0.0.1:{mport}/health", REPO) as mlog, \
-         process("open-webui", [args.webui, "serve", "--host", "127.0.0.1", "--port", str(wport)],
-                 wenv, f"http://127.0.0.1:{wport}/health", data):
+    with launched("moeserve", [args.server_python, "-m", "moeserve.cli", "serve", "--port",
+                              str(mport)], menv, f"http://127.0.0.1:{mport}/health", REPO, LOGS) as mlog, \
+         launched("open-webui", [args.webui, "serve", "--host", "127.0.0.1", "--port", str(wport)],
+                 wenv, f"http://127.0.0.1:{wport}/health", data, LOGS):
         result["open_webui"] = subprocess.run(
             [os.path.join(os.path.dirname(args.webui), "python"), "-c",
              "import importlib.metadata as m; print(m.version('open-webui'))"],
