@@ -39,8 +39,9 @@ from cache.store import CollectionStore
 from configs.cache import CacheConfig
 
 
-# the least likely guess worth a disk read: on this repository's 64x model at 25%, 0.7 gave the
-# fewest ms per token of 0.3-0.85 (0.3: 1.45x the disk bytes of no prefetch; 0.7: 1.15x)
+# the least likely guess worth a disk read. Development runs on the 64x model at 25% (2-core VM,
+# busy): 0.3 read 1.45x the disk bytes of no prefetch, 0.6 1.17-1.30x, 0.7 1.20x, 0.75 1.10-1.13x, 0.8 1.10x, and
+# 0.6-0.75 gave the fewest ms per token; bench/results/prefetch.json is the run at 0.7 (1.09x)
 DISK_MIN_Q = 0.7
 
 
