@@ -55,6 +55,22 @@ class Read:
     pieces: tuple[Piece, ...]
     names: str                # tensor names, for error messages
     into_slot: bool = False   # a packed expert: read straight into the slot, no staging
+    slot_byte: int = -1       # >= 0: these bytes are the slot's own from this byte on (the
+                              # checkpoint stores them as the slot does, see ``verbatim``):
+                              # read straight into the slot when its dtype is the checkpoint's
+
+
+def verbatim(span: list[tuple[TensorRef, int]], direct: bool) -> bool:
+    """Whether a merged span's tensors lie in the file as in the slot (gate | up | down, or a
+    run of them: a fused gate_up), contiguous, of one dtype, from an aligned offset for O_DIRECT:
+    then the file's bytes are the slot's bytes (in that dtype)."""
+    if len({ref.dtype for ref, _ in span}) != 1:
+        return False
+    if span[0][0].offset % (ALIGN if direct else 8):      # _span_reads starts reads there
+        return False
+    size = ST_DTYPES[span[0][0].dtype].itemsize
+    return all(a.offset + a.nbytes == b.offset and (da * size + a.nbytes == db * size)
+               for (a, da), (b, db) in zip(span, span[1:]))
 
 
 class ExpertReader:
@@ -168,11 +184,14 @@ class ExpertReader:
                 else:
                     spans.append([(ref, dst)])
             for span in spans:
-                reads.extend(self._span_reads(path, span, direct))
+                reads.extend(self._span_reads(path, span, direct, verbatim(span, direct)))
         return tuple(reads)
 
-    def _span_reads(self, path: str, span: list[tuple[TensorRef, int]], direct: bool) -> list[Read]:
-        """Split one merged byte span into reads of at most chunk_bytes (aligned for O_DIRECT)."""
+    def _span_reads(self, path: str, span: list[tuple[TensorRef, int]], direct: bool,
+                    slot_order: bool = False) -> list[Read]:
+        """Split one merged byte span into reads of at most chunk_bytes (aligned for O_DIRECT).
+        slot_order: the span's bytes are the slot's (``verbatim``); each read records where in
+        the slot they go."""
         start = span[0][0].offset
         end = max(r.offset + r.nbytes for r, _ in span)
         # aligned start: O_DIRECT needs it; 8 keeps every dtype's view element-aligned in staging
@@ -195,7 +214,9 @@ class ExpertReader:
                 pieces.append(Piece(lo - pos, hi - lo, dst + (lo - ref.offset) // size,
                                     ST_DTYPES[ref.dtype]))
             names = ", ".join(r.name or "?" for r, _ in span)
-            reads.append(Read(path, pos, length, stop - pos, tuple(pieces), names))
+            reads.append(Read(path, pos, length, stop - pos, tuple(pieces), names,
+                              slot_byte=span[0][1] * ST_DTYPES[span[0][0].dtype].itemsize
+                              + pos - start if slot_order else -1))
             pos = stop
         return reads
 
@@ -221,6 +242,9 @@ class ExpertReader:
                 total += self._pread(rd, staging)
                 out[:rd.length].copy_(staging[:rd.length])
                 continue
+            if rd.slot_byte >= 0 and self._straight(rd, out):
+                total += self._pread(rd, out.view(torch.uint8)[rd.slot_byte:])
+                continue
             if rd.length > staging.numel():
                 raise ValueError(f"staging buffer of {staging.numel()} bytes is smaller than a "
                                  f"{rd.length}-byte read of {rd.path}; call new_staging() after plan()")
@@ -230,6 +254,15 @@ class ExpertReader:
                 data = staging[p.src:p.src + p.nbytes].view(p.dtype)
                 out[p.dst:p.dst + data.numel()].copy_(data)
         return total
+
+    def _straight(self, rd: Read, out: torch.Tensor) -> bool:
+        """Whether ``rd`` can land in ``out`` as read: same dtype, inside the slot (an O_DIRECT
+        read's length is rounded up), on an aligned address for O_DIRECT."""
+        if out.dtype != rd.pieces[0].dtype or not out.is_contiguous():
+            return False
+        if rd.slot_byte + rd.length > out.numel() * out.element_size():
+            return False
+        return not self._direct_ok[rd.path] or (out.data_ptr() + rd.slot_byte) % ALIGN == 0
 
     def _pread(self, rd: Read, staging: torch.Tensor) -> int:
         direct = self._direct_ok[rd.path]

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 DENSE_NAME = "smollm2-135m-instruct"
 # bump when the build recipe changes, so cached builds made by older code are rebuilt
 BUILDER_VERSION = 1
+# the MoE checkpoint's byte layout (convert/moe_writer.py); 2: experts first, 4 KiB-aligned, so
+# offloaded experts are read straight into their slots. Bumping it rebuilds the MoE only
+CHECKPOINT_LAYOUT = 2
 # calibration runs with a fixed thread count: CPU matmul reductions depend on it, and the greedy
 # answers (hence the routers) must not change with the machine's core count
 CALIBRATION_THREADS = 2
@@ -164,6 +167,7 @@ def build_default(preset: str = DEFAULT_PRESET, experts: int | None = None, top_
     if params["experts"] < 2:
         raise BuildError(f"invalid experts={params['experts']}: an MoE needs at least 2 experts")
     params["builder_version"] = BUILDER_VERSION
+    params["checkpoint_layout"] = CHECKPOINT_LAYOUT
     dense_dir = ensure_dense_model(home)
     target = out or os.path.join(moeserve_home(home), "models", params["name"])
     need = int(_expected_bytes(dense_dir, params["experts"]) * 1.02) + 50_000_000

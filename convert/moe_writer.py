@@ -1,25 +1,31 @@
 """Writing the upcycled model as a standard Mixtral checkpoint (bf16, sharded safetensors).
 
 Tensors are produced lazily, shard by shard, so a 10 GB model never has to sit in RAM at once.
+Each shard lays its experts out first, gate | up | down per expert (the slot order of
+cache/quant.py), after a header padded to 4 KiB: when the tensor sizes are 4 KiB multiples (they
+are for SmolLM2's shapes) every expert is one aligned byte range, which the expert cache reads
+with one O_DIRECT read straight into a slot (cache/disk.py). Any safetensors reader loads it.
 Key names follow Mixtral: model.layers.{i}.block_sparse_moe.gate.weight [E, H] and
 model.layers.{i}.block_sparse_moe.experts.{j}.w1/w3.weight [I, H] (gate/up), w2.weight [H, I] (down).
 """
 from __future__ import annotations
 
+import json
 import os
+import struct
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import save_file
 from convert.progress import progress as tqdm  # a bar on a terminal, log lines otherwise
 
 from convert.gguf_import import write_json
 from convert.upcycle import perturbed_expert
 
 DTYPE = torch.bfloat16
-# Mixtral expert names -> the dense Llama MLP projection each one copies
-EXPERT_SOURCES = (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))
+# Mixtral expert names -> the dense Llama MLP projection each one copies, in slot order
+EXPERT_SOURCES = (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))
+ALIGN = 4096                  # the data section and (given 4 KiB-multiple tensors) each expert
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,8 @@ def mixtral_config_dict(dense_cfg: dict[str, Any], experts: int, top_k: int) -> 
 
 def plan_tensors(dense: dict[str, torch.Tensor], routers: list[torch.Tensor], experts: int,
                  noise: float, seed: int) -> list[PlannedTensor]:
-    """Every tensor of the MoE checkpoint, in a fixed order (non-FFN dense tensors, then per layer)."""
+    """Every tensor of the MoE checkpoint, in a fixed order (non-FFN dense tensors, then per layer;
+    each expert's tensors in slot order)."""
     n_layers = len(routers)
     plan: list[PlannedTensor] = []
     mlp_prefix = tuple(f"model.layers.{i}.mlp." for i in range(n_layers))
@@ -76,12 +83,18 @@ def plan_tensors(dense: dict[str, torch.Tensor], routers: list[torch.Tensor], ex
     return plan
 
 
+def _unit(name: str) -> str:
+    """Tensors of one expert share a unit (a shard never splits an expert); others stand alone."""
+    return name.rsplit(".", 2)[0] if is_expert(name) else name
+
+
 def shard_plan(plan: list[PlannedTensor], shard_bytes: int) -> list[list[PlannedTensor]]:
-    """Consecutive tensors grouped into shards of at most ``shard_bytes`` (a bigger tensor stands alone)."""
+    """Consecutive tensors grouped into shards of at most ``shard_bytes`` (a bigger tensor or
+    expert stands alone), never splitting an expert's gate | up | down."""
     shards: list[list[PlannedTensor]] = [[]]
     size = 0
     for t in plan:
-        if shards[-1] and size + t.nbytes > shard_bytes:
+        if shards[-1] and size + t.nbytes > shard_bytes and _unit(shards[-1][-1].name) != _unit(t.name):
             shards.append([])
             size = 0
         shards[-1].append(t)
@@ -95,17 +108,42 @@ def shard_names(n: int) -> list[str]:
     return [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
 
 
+def is_expert(name: str) -> bool:
+    return ".block_sparse_moe.experts." in name
+
+
+def write_shard(path: str, tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> None:
+    """One safetensors file with the tensors' bytes in the given order after a header padded with
+    spaces (as the format allows) so that the data starts on an ALIGN boundary. safetensors'
+    save_file cannot do this: it orders tensors by dtype and name and does not pad."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    pos = 0
+    for name, t in tensors:
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [pos, pos + n]}
+        if t.dtype != DTYPE:
+            raise ValueError(f"{name}: expected {DTYPE}, got {t.dtype}")
+        pos += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((-(8 + len(raw))) % ALIGN)
+    with open(path, "wb") as f:   # ENOSPC: see model_store.is_disk_full
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for _, t in tensors:
+            f.write(memoryview(t.contiguous().view(torch.int16).numpy()).cast("B"))
+
+
 def write_checkpoint(plan: list[PlannedTensor], out_dir: str, shard_bytes: int, progress: bool = True) -> None:
-    """Write the tensors as safetensors shards (+ model.safetensors.index.json when more than one)."""
+    """Write the tensors as safetensors shards (+ model.safetensors.index.json when more than one),
+    each shard's experts first (see the module docstring)."""
     shards = shard_plan(plan, shard_bytes)
     names = shard_names(len(shards))
     total = sum(t.nbytes for t in plan)
     bar = tqdm(total=total, desc="writing experts", unit="B", unit_scale=True, disable=not progress)
     try:
         for fname, shard in zip(names, shards):
-            tensors = {t.name: t.make() for t in shard}
-            path = os.path.join(out_dir, fname)
-            save_file(tensors, path, metadata={"format": "pt"})  # ENOSPC: see model_store.is_disk_full
+            ordered = [t for t in shard if is_expert(t.name)] + [t for t in shard if not is_expert(t.name)]
+            tensors = [(t.name, t.make()) for t in ordered]
+            write_shard(os.path.join(out_dir, fname), tensors, {"format": "pt"})
             bar.update(sum(t.nbytes for t in shard))
             del tensors
     finally:

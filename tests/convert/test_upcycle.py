@@ -4,9 +4,14 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 from safetensors import safe_open
 
+from cache.disk import ExpertReader
+from cache.provider import ExpertSource, read_tensor
+from cache.safetensors_file import read_checkpoint_index
+from cache.slots import aligned_empty
 from convert.moe_writer import plan_tensors, shard_plan, write_checkpoint
 from convert.upcycle import perturbed_expert, router_scale, spherical_kmeans
 
@@ -68,3 +73,41 @@ def test_sharded_checkpoint_has_index_and_all_tensors(tmp_path) -> None:
         t = f.get_tensor(name)
     assert t.dtype == torch.bfloat16 and t.shape == (6, 4)
     assert torch.allclose(t.float(), dense["model.layers.0.mlp.up_proj.weight"], atol=0.1)
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_checkpoint_experts_are_read_straight_into_slots(tmp_path, direct: bool) -> None:
+    # 32x64 bf16 = 4 KiB per tensor: every expert is one aligned gate|up|down range of its shard
+    inter, hidden = 32, 64
+    dense = {"model.embed_tokens.weight": torch.randn(10, hidden),
+             "model.layers.0.input_layernorm.weight": torch.randn(hidden),   # 128 B: not aligned
+             "model.layers.0.mlp.gate_proj.weight": torch.randn(inter, hidden),
+             "model.layers.0.mlp.up_proj.weight": torch.randn(inter, hidden),
+             "model.layers.0.mlp.down_proj.weight": torch.randn(hidden, inter)}
+    plan = plan_tensors(dense, [torch.randn(3, hidden)], experts=3, noise=0.02, seed=0)
+    write_checkpoint(plan, str(tmp_path), 5 * 4096, progress=False)   # shards of 1-2 experts
+    index = read_checkpoint_index(str(tmp_path))
+    reader = ExpertReader(direct=direct)
+    if direct and not reader.uses_direct(index["model.embed_tokens.weight"].path):
+        pytest.skip(f"{tmp_path}: file system refuses O_DIRECT")
+    pre = "model.layers.0.block_sparse_moe.experts"
+    sources = [ExpertSource(0, e, gate=index[f"{pre}.{e}.w1.weight"], up=index[f"{pre}.{e}.w3.weight"],
+                            down=index[f"{pre}.{e}.w2.weight"]) for e in range(3)]
+    for s in sources:
+        reads = reader.plan(s)
+        assert [(r.slot_byte, r.length) for r in reads] == [(0, 3 * 4096)]
+    staging = reader.new_staging()
+    slot = aligned_empty(3 * 4096)
+    for s in sources:
+        staging.fill_(7)
+        want = torch.cat([read_tensor(r).reshape(-1) for r in (s.gate, s.up, s.down)])
+        reader.read_into(s, slot.view(torch.bfloat16), staging)
+        assert torch.equal(slot.view(torch.bfloat16), want)
+        assert bool((staging == 7).all())          # the bytes never went through staging
+        as_fp32 = torch.empty(3 * inter * hidden)
+        reader.read_into(s, as_fp32, staging)       # another slot dtype: staged and converted
+        assert torch.equal(as_fp32, want.float())
+    # transformers' own loader reads the reordered, padded shards (safetensors' reader, too)
+    with safe_open(index[f"{pre}.1.w2.weight"].path, framework="pt") as f:
+        assert torch.equal(f.get_tensor(f"{pre}.1.w2.weight"), read_tensor(index[f"{pre}.1.w2.weight"]))
+    reader.close()
