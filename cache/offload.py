@@ -27,7 +27,7 @@ from cache.cache_stats import CacheStats
 from cache.disk import ExpertReader, ExpertReadError
 from cache.host_tier import HostTier, resolve_host_budget
 from cache.io_pool import IOPool, LoadJob
-from cache.policy import CachePolicy, ExpertKey, UnionKeys
+from cache.policy import CachePolicy, ExpertKey, UnionKeys, ranked_hint
 from cache.prefetch_pacer import PrefetchPacer
 from cache.provider import (ExpertProvider, ExpertSource, StepRows, Tracer, check_shapes, expert_format,
                             lookahead)
@@ -154,8 +154,7 @@ class OffloadedExpertProvider(ExpertProvider):
                 self.tracer.record_lookahead(layer, ahead)
             self.policy.hint(layer + 1, scores)
             if self.prefetch_on:
-                top = sorted(range(len(scores)), key=scores.__getitem__)[-self.policy.top_k:]
-                self._protect = {(layer + 1, e) for e in top}
+                self._protect = {(layer + 1, e) for e in ranked_hint(scores, self.policy.top_k)}
         self.policy.observe(layer, routed)
         self._drain(block=False)
 

@@ -26,6 +26,12 @@ from typing import ClassVar, Collection, Iterator, Mapping, Optional, Sequence
 ExpertKey = tuple[int, int]
 
 
+def ranked_hint(scores: Sequence[float], k: int) -> list[int]:
+    """The look-ahead's k most likely experts, most likely first (ties: lower id first). The one
+    ranking both the policies' hint and the cache's protection of the next layer use."""
+    return sorted(range(len(scores)), key=lambda e: (-scores[e], e))[:k]
+
+
 class CachePolicy(ABC):
     name: ClassVar[str]
 

@@ -8,7 +8,7 @@ import numpy as np
 from cache.eam import EAMCollection
 from cache.policies._rows import MaskedRows
 from cache.policies._tracking import RequestTracker, add_at, grow
-from cache.policy import CachePolicy, ExpertKey
+from cache.policy import CachePolicy, ExpertKey, ranked_hint
 
 P_FLOOR = 1e-3
 
@@ -121,8 +121,7 @@ class AutoPolicy(CachePolicy):
 
     def hint(self, layer: int, scores: Sequence[float]) -> None:
         if 0 <= layer < self.num_layers and len(scores) == self.num_experts:
-            s = np.asarray(scores, dtype=np.float64)
-            top = np.argsort(-s, kind="stable")[:self.top_k]           # most likely first
+            top = np.asarray(ranked_hint(scores, self.top_k), dtype=np.int64)   # most likely first
             self._hint = (layer, top)
             self._incoming = (layer, top, min(len(self._active), 2) - 1)  # checked when it routes
 
