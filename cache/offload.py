@@ -39,10 +39,10 @@ from cache.store import CollectionStore
 from configs.cache import CacheConfig
 
 
-# the least likely guess worth a disk read. Development runs on the 64x model at 25% (2-core VM,
-# busy): 0.3 read 1.45x the disk bytes of no prefetch, 0.6 1.17-1.30x, 0.7 1.20x, 0.75 1.10-1.13x, 0.8 1.10x, and
-# 0.6-0.75 gave the fewest ms per token; bench/results/prefetch.json is the run at 0.7 (1.09x)
-DISK_MIN_Q = 0.7
+# the least likely guess worth a disk read. On the 64x model at 25% (2-core VM, busy), with the
+# aligned checkpoint (experts read straight into slots): 0.7 read 1.17x the disk bytes of no
+# prefetch for a 1.08x speedup, 0.8 read 1.09x for 1.24x (bench/results/prefetch.json: the run at 0.8)
+DISK_MIN_Q = 0.8
 
 
 class OffloadedExpertProvider(ExpertProvider):

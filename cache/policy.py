@@ -23,13 +23,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar, Collection, Iterator, Mapping, Optional, Sequence
 
+import numpy as np
+
 ExpertKey = tuple[int, int]
 
 
 def ranked_hint(scores: Sequence[float], k: int) -> list[int]:
     """The look-ahead's k most likely experts, most likely first (ties: lower id first). The one
     ranking both the policies' hint and the cache's protection of the next layer use."""
-    return sorted(range(len(scores)), key=lambda e: (-scores[e], e))[:k]
+    return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:k].tolist()
 
 
 class CachePolicy(ABC):
