@@ -114,8 +114,8 @@ def tool_chat(page: Any, url: str, token: str, proxy: RecordingProxy, shot: str,
     setup = set_up_tool_call(base, token, MODEL)
     first_record = len(proxy.records)
     # the page reloaded (its model and tool lists predate the setup), then the sidebar's "New
-    # Chat": that applies the model's default tools. A page load alone leaves them unselected in
-    # Open WebUI 0.12.4 (its defaults race with the page's own loading of tools and skills).
+    # Chat": that selects the model's default tools. A page load alone (a new tab too) left them
+    # unselected in Open WebUI 0.12.4, and the chat went without the tool.
     posted: list[Any] = []
     page.on("request", lambda r: posted.append(r.post_data_json)
             if r.method == "POST" and r.url.endswith("/api/chat/completions") else None)
