@@ -2,8 +2,9 @@
 llguidance (it needs no torch) so that a schema it cannot compile is a 400 naming the problem
 before the engine sees the request.
 
-json_schema with ``strict: true`` compiles the schema as given and refuses keywords llguidance
-does not enforce; without strict, such keywords are ignored (``lenient``), as OpenAI treats a
+json_schema with ``strict: true`` compiles the schema closed (objects without
+``additionalProperties`` get ``false``, as OpenAI's strict mode demands) and refuses keywords
+llguidance does not enforce; without strict, such keywords are ignored (``lenient``), as OpenAI treats a
 non-strict schema as guidance. Whitespace between JSON tokens is fixed (no free whitespace): a
 small model left free to emit whitespace can pad until max_tokens.
 """
@@ -18,10 +19,31 @@ from engine.protocol import Constraint
 from server.errors import bad_request
 
 
+def closed(node: Any) -> Any:
+    """``node`` with ``additionalProperties: false`` on every object schema that does not say
+    (strict mode's rule: OpenAI refuses a strict schema with open objects; JSON Schema's default
+    would let a small model invent properties until max_tokens)."""
+    if isinstance(node, list):
+        return [closed(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: (closed(v) if k not in ("enum", "const", "default", "examples", "required") else v)
+           for k, v in node.items()}
+    if "properties" in node:           # property names map to schemas, not keywords
+        out["properties"] = {k: closed(v) for k, v in node["properties"].items()}
+    kinds = node.get("type")
+    is_object = kinds == "object" or (isinstance(kinds, list) and "object" in kinds) or "properties" in node
+    if is_object and "additionalProperties" not in node and "patternProperties" not in node:
+        out["additionalProperties"] = False
+    return out
+
+
 def schema_options(schema: dict[str, Any], strict: bool) -> dict[str, Any]:
-    """The schema with llguidance's options (x-guidance) for how moeserve enforces it."""
+    """The schema (closed when strict) with llguidance's options (x-guidance) for how moeserve
+    enforces it."""
     opts = {"whitespace_flexible": False, "lenient": not strict}
-    return {**schema, "x-guidance": {**opts, **(schema.get("x-guidance") or {})}}
+    base = closed(schema) if strict else schema
+    return {**base, "x-guidance": {**opts, **(schema.get("x-guidance") or {})}}
 
 
 def json_rule(schema: dict[str, Any], strict: bool) -> str:

@@ -131,3 +131,35 @@ def test_access_and_error_lines(server: ServerProcess) -> None:
                json={"messages": ASK, "response_format": {"type": "toml"}})
     _log_line(server, r"WARNING moeserve\.access: 400 on POST /v1/chat/completions: "
                       r"response_format type 'toml' is not supported.*\(param response_format\.type\)$")
+
+
+def test_strict_schema_is_closed_and_only_strict() -> None:
+    from server.structured import closed, json_rule
+    open_schema = {"type": "object", "properties": {
+        "city": {"type": "string"}, "where": {"type": "object", "properties": {"x": {"type": "integer"}}},
+        "properties": {"type": "array", "items": {"type": "object"}}},     # a property named like the keyword
+        "$defs": {"d": {"properties": {"y": {"type": "string"}}}}}
+    shut = closed(open_schema)
+    assert shut["additionalProperties"] is False
+    assert shut["properties"]["where"]["additionalProperties"] is False
+    assert shut["properties"]["properties"]["items"]["additionalProperties"] is False
+    assert shut["$defs"]["d"]["additionalProperties"] is False
+    assert "additionalProperties" not in shut["properties"]["city"]
+    assert closed({"type": "object", "additionalProperties": True}) == {"type": "object", "additionalProperties": True}
+
+    # the grammar: closed under strict, as given without
+    strict_rule, lenient_rule = json_rule(open_schema, strict=True), json_rule(open_schema, strict=False)
+    assert '"additionalProperties":false' in strict_rule.replace(" ", "")
+    assert '"additionalProperties":false' not in lenient_rule.replace(" ", "")
+
+
+def test_strict_open_schema_output_has_only_its_properties(server: ServerProcess) -> None:
+    # an open object: the random model would add properties of its own without strict's closing
+    schema = {"type": "object", "properties": {"d": {"enum": ["x", "y"]}}, "required": ["d"]}
+    for seed in range(4):
+        r = httpx.post(server.base + "/v1/chat/completions", timeout=60, json={
+            "messages": ASK, "max_tokens": 40, "seed": seed, "temperature": 1.0,
+            "response_format": schema_format(schema, strict=True)})
+        assert r.status_code == 200, r.text
+        got = json.loads(r.json()["choices"][0]["message"]["content"])
+        assert list(got) == ["d"] and got["d"] in ("x", "y")
