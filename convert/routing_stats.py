@@ -125,9 +125,11 @@ def _layerwise_nll(model: Any, seqs: list[list[int]], mlps: list[Any], chunk: in
             off += n
     total = 0.0
     for h, i, mk in zip(hs, ids, masks):
-        lp = torch.log_softmax(model.lm_head(m.norm(h))[:, :-1].float(), dim=-1)  # [b, t-1, V]
-        tgt = lp.gather(-1, i[:, 1:, None]).squeeze(-1)  # [b, t-1]
-        total -= float(tgt[mk[:, 1:]].sum())
+        # one sequence at a time: a chunk's [b, t, V] fp32 logits were ~1 GB (the build's peak)
+        for b in range(h.shape[0]):
+            n = int(mk[b].sum())
+            logits = model.lm_head(m.norm(h[b, :n - 1])).float()  # [n-1, V]
+            total += float(torch.nn.functional.cross_entropy(logits, i[b, 1:n], reduction="sum"))
     return total
 
 
