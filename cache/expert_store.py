@@ -8,16 +8,14 @@ reads each expert's range with one O_DIRECT read straight into a slot.
 """
 from __future__ import annotations
 
-import json
 import os
-import struct
 from typing import Iterator
 
 import torch
 
 from cache.provider import ExpertSource, TensorRef
 from cache.quant import STORE_ALIGN, ExpertFormat
-from cache.safetensors_file import CheckpointError, read_header
+from cache.safetensors_file import CheckpointError, padded_header, read_header
 
 STORE_FILE = "experts.safetensors"
 TORCH_TO_ST = {torch.uint8: "U8", torch.int8: "I8", torch.int32: "I32", torch.bfloat16: "BF16",
@@ -51,9 +49,7 @@ def store_header(fmt: ExpertFormat, keys: list[tuple[int, int]], metadata: dict[
         base = i * fmt.slot_bytes
         for name, dtype, shape, start, end in expert_entries(fmt, layer, expert):
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [base + start, base + end]}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * ((-(8 + len(raw))) % STORE_ALIGN)
-    return struct.pack("<Q", len(raw)) + raw
+    return padded_header(header, STORE_ALIGN)
 
 
 def locate_experts(path: str, fmt: ExpertFormat, num_layers: int,

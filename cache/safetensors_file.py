@@ -14,6 +14,14 @@ from cache.provider import ST_DTYPES, TensorRef
 MAX_HEADER = 100 * 1024 * 1024
 
 
+def padded_header(header: dict[str, object], align: int) -> bytes:
+    """The 8-byte length + JSON header, padded with spaces (as the format allows) so that the
+    data section starts on an ``align`` boundary."""
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((-(8 + len(raw))) % align)
+    return struct.pack("<Q", len(raw)) + raw
+
+
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt or inconsistent; the message names it."""
 

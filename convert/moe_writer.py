@@ -10,13 +10,13 @@ model.layers.{i}.block_sparse_moe.experts.{j}.w1/w3.weight [I, H] (gate/up), w2.
 """
 from __future__ import annotations
 
-import json
 import os
-import struct
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from cache.safetensors_file import padded_header
+from cache.slots import ALIGN   # the data section and (given 4 KiB-multiple tensors) each expert
 from convert.progress import progress as tqdm  # a bar on a terminal, log lines otherwise
 
 from convert.gguf_import import write_json
@@ -25,7 +25,6 @@ from convert.upcycle import perturbed_expert
 DTYPE = torch.bfloat16
 # Mixtral expert names -> the dense Llama MLP projection each one copies, in slot order
 EXPERT_SOURCES = (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))
-ALIGN = 4096                  # the data section and (given 4 KiB-multiple tensors) each expert
 
 
 @dataclass(frozen=True)
@@ -113,8 +112,8 @@ def is_expert(name: str) -> bool:
 
 
 def write_shard(path: str, tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> None:
-    """One safetensors file with the tensors' bytes in the given order after a header padded with
-    spaces (as the format allows) so that the data starts on an ALIGN boundary. safetensors'
+    """One safetensors file with the tensors' bytes in the given order after a header padded so
+    that the data starts on an ALIGN boundary (the O_DIRECT reads' alignment). safetensors'
     save_file cannot do this: it orders tensors by dtype and name and does not pad."""
     header: dict[str, Any] = {"__metadata__": metadata}
     pos = 0
@@ -124,10 +123,8 @@ def write_shard(path: str, tensors: list[tuple[str, torch.Tensor]], metadata: di
         if t.dtype != DTYPE:
             raise ValueError(f"{name}: expected {DTYPE}, got {t.dtype}")
         pos += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * ((-(8 + len(raw))) % ALIGN)
     with open(path, "wb") as f:   # ENOSPC: see model_store.is_disk_full
-        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.write(padded_header(header, ALIGN))
         for _, t in tensors:
             f.write(memoryview(t.contiguous().view(torch.int16).numpy()).cast("B"))
 
