@@ -104,8 +104,13 @@ e2e-webui: install $(WEBUI_VENV)/.installed
 GPU_WHEELS ?= .gpu-wheels
 GPU_PYTHON ?= python3
 
+# numba and llvmlite are compiled per Python version: fetched for each the CUDA machine may have
+# (gpu-check installs the one that fits)
 gpu-wheels: install
 	$(PY) -m pip download --quiet --no-deps --only-binary=:all: -d $(GPU_WHEELS) tqdm safetensors psutil
+	for v in 3.10 3.11 3.12 3.13; do $(PY) -m pip download --quiet --no-deps --only-binary=:all: \
+	  --python-version $$v --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+	  -d $(GPU_WHEELS) numba llvmlite || exit 1; done
 
 gpu-check:
 	@$(GPU_PYTHON) -c "import torch" 2>/dev/null || { echo "gpu-check: $(GPU_PYTHON) has no torch here; nothing to check"; exit 0; }; \

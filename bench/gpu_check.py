@@ -25,6 +25,10 @@ import tempfile
 import time
 from typing import Any, Optional
 
+from moeserve import runtime_env
+
+runtime_env.apply()     # the engine's thread settings, before torch and numpy load
+
 import torch
 
 from bench.common import RESULTS, table
@@ -168,7 +172,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error(f"unknown shape(s) {bad}; choose from {', '.join(SHAPES)}")
     work = args.workdir or tempfile.mkdtemp(prefix="moeserve-gpu-check-")
     os.environ.setdefault("MOESERVE_HOME", os.path.join(work, "home"))    # conversions land here
-    out: dict[str, Any] = {"device": args.device, "torch": torch.__version__, "runs": []}
+    out: dict[str, Any] = {"device": args.device, "torch": torch.__version__, "runs": [],
+                           "numba": _numba_version()}
+    if out["numba"] is None:
+        print("gpu-check: numba is missing: the auto policy runs interpreted and its per-token "
+              "figures are not the product's (run `make gpu-wheels` on a machine with the registries)")
     if args.device == "cuda":
         dev = torch.device("cuda")
         out["gpu"] = torch.cuda.get_device_name(dev)
@@ -206,6 +214,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.replace(args.json + ".tmp", args.json)
     print("wrote", args.json)
     return 0 if all(r.get("exact", False) for r in out["runs"]) else 1
+
+
+
+
+def _numba_version() -> Optional[str]:
+    """numba's version, or None without it (the auto policy's loops then run interpreted)."""
+    try:
+        import numba
+    except ImportError:
+        return None
+    return str(numba.__version__)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ across requests, as in the traces of ../shared/traces.
 """
 from __future__ import annotations
 
+from moeserve import runtime_env
+
+runtime_env.apply()     # the engine's thread settings (one BLAS thread), before numpy loads
+
 import argparse
 import json
 import os

@@ -19,6 +19,10 @@ the policies as the engine does (``hint``), so the replayed ``auto`` is the engi
 """
 from __future__ import annotations
 
+from moeserve import runtime_env
+
+runtime_env.apply()     # the engine's thread settings (one BLAS thread), before numpy loads
+
 import argparse
 import json
 import math

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 from configs import CacheConfig, ConfigError, EngineConfig, ServerConfig, add_arguments, from_args
 from configs.presets import add_build_arguments
+from moeserve import runtime_env
 
 log = logging.getLogger("moeserve")
 
@@ -162,10 +163,8 @@ def _default_model_dir(preset: str) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    # before torch (and its OpenMP runtime) loads here or in the engine process: compute threads
-    # that spin while they wait measured 3-5x slower per token than 1 thread on a busy 2-core
-    # machine (8x model, batch 1); waiting passively, all cores did as well as 1 thread there
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # before torch and numpy (and their thread pools) load here or in the engine process
+    runtime_env.apply()
     args = build_parser().parse_args(argv)
     level = getattr(args, "log_level", "info").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -6,11 +6,12 @@ from typing import Any, Collection, Mapping, Optional, Sequence
 import numpy as np
 
 from cache.eam import EAMCollection
-from cache.policies._rows import MaskedRows
-from cache.policies._tracking import RequestTracker, add_at, grow
+from cache.policies import _auto_kernels as K
+from cache.policies._tracking import RequestTracker, grow
 from cache.policy import CachePolicy, ExpertKey, ranked_hint
 
 P_FLOOR = 1e-3
+REFRESH_EVERY = 4      # decode passes between two matches of a request (after its first few)
 
 
 class AutoPolicy(CachePolicy):
@@ -78,11 +79,19 @@ class AutoPolicy(CachePolicy):
         # online routing statistics of decode tokens (one token per pass, so layers pair up):
         self._use = np.zeros((L, E))          # tokens that chose b at layer j
         self._tok = np.zeros(L)               # tokens seen at layer j
-        # [j, block * E + a, b] for b at layer j of a token, evidence a from block 0: a at j-1
-        # (same token), 1: a at j-2 (same token), 2: a at j for the previous token; [j, block*E+a]
-        # counts the evidence. One tensor so that one gather predicts three layers at once.
-        self._stat = np.zeros((L, 3 * E, E), dtype=np.float32)
+        # pair counts c[j, block * E + a, b]: b chosen at layer j of a token, with evidence a
+        # from block 0: a at j-1 (same token), 1: a at j-2 (same token), 2: a at j for the
+        # previous token; kept as their logs lt = log(c + smooth r'_b), r' the rates of the last
+        # rebuild (_auto_kernels). stat_n[j, block * E + a] counts the evidence, ln its log
+        # log(stat_n + smooth), lrs = log r'. One table so that one pass predicts three layers.
+        r0 = np.float32(top_k / E)
+        self._lt = np.full((L, 3 * E, E), np.log(smooth * r0), dtype=np.float32)
         self._stat_n = np.zeros((L, 3 * E), dtype=np.float32)
+        self._ln = np.full((L, 3 * E), np.log(np.float32(smooth)), dtype=np.float32)
+        self._rs = np.full((L, E), r0, dtype=np.float32)
+        self._lrs = np.log(self._rs)
+        self._built_at = np.zeros(L)
+        self._p_all = np.full((L, E), P_FLOOR)
         self._hint: Optional[tuple[int, np.ndarray]] = None
         # hints to verify: the one given before this layer's observe (for the next layer)
         # becomes the one checked when that layer routes
@@ -91,12 +100,20 @@ class AutoPolicy(CachePolicy):
         self._hint_hits = np.zeros((2, top_k))       # [batch 1 | several, rank]: hint then used
         self._hint_n = np.zeros(2)
         # the estimate without the distance term: t[i][j] = d(i) + rows.vals[i][j]
-        self._rows = MaskedRows(L, E)
+        self._vals = np.zeros((L, E))
+        # residency (on_load / on_evict) and the row maxima of vals over resident experts,
+        # recomputed for the rows marked dirty before a decision (_auto_kernels.refresh)
+        self._mask = np.zeros((L, E), dtype=bool)
+        self._held = 0
+        self._rowmax = np.full(L, -np.inf)
+        self._rowarg = np.full(L, -1, dtype=np.int64)
+        self._dirty = np.ones(L, dtype=bool)
         self._q_all = np.zeros((L, E))
         self._d = (np.arange(L)[None, :] - np.arange(L)[:, None] - 1) % L + 1.0   # [l, i] -> d
         self._prior_ok = np.zeros(self._slots, dtype=bool)
-        self._targets = [np.arange(l, min(l + 3, L)) for l in range(L)]    # layers _predict sets
-        self._blocks = np.array([2 * E, 0, E])                              # their evidence block
+        # the layers prefetch looks at after each layer
+        self._ahead = [np.array([(l + 1 + x) % L for x in range(min(lookahead, L))], dtype=np.int64)
+                       for l in range(L)]
 
     def _grow(self) -> None:
         """Per-request state lives in slot arrays shaped like the tracker's."""
@@ -166,11 +183,6 @@ class AutoPolicy(CachePolicy):
         self._check, self._incoming = self._incoming, None
         if len(ds):
             # decode pass: one token, so its routing pairs layer to layer and token to token
-            self._num[ds, layer] *= g
-            add_at(self._num, ((ds * self.num_layers + layer) * self.num_experts)[:, None] + ids, w)
-            self._den[ds, layer] = self._den[ds, layer] * g + 1.0
-            add_at(self._glob_num[layer], ids, w)
-            self._glob_den[layer] += len(ds)
             self._learn(layer, ds, ids, w)
             self._predict(layer, ds, ids, w)
         self._score(layer)
@@ -178,13 +190,18 @@ class AutoPolicy(CachePolicy):
     # --- the estimate ------------------------------------------------------------------------
 
     def _refresh_priors(self, layer: int) -> bool:
-        """Matching costs most of a call: once a request has a full decode pass its matrix
-        moves slowly, so its prior is refreshed once per pass (every layer during its first
-        pass). Returns whether any prior changed."""
+        """Matching costs most of a call (it reads the whole collection): once a request has a
+        full decode pass its matrix moves slowly, so its prior is refreshed at layer 0 of each
+        of its first REFRESH_EVERY passes and of every REFRESH_EVERY-th pass after (every layer
+        during its first pass). Returns whether any prior changed."""
         act = self._active
         if not len(act):
             return False
-        stale = act if layer == 0 else act[~self._prior_ok[act]]
+        if layer == 0:
+            passes = self._req.decode_passes[act]
+            stale = act[(passes <= REFRESH_EVERY) | (passes % REFRESH_EVERY == 0) | ~self._prior_ok[act]]
+        else:
+            stale = act[~self._prior_ok[act]]
         if not len(stale):
             return False
         k, E = self.top_k, self.num_experts
@@ -203,19 +220,14 @@ class AutoPolicy(CachePolicy):
         return True
 
     def _learn(self, layer: int, ds: np.ndarray, ids: np.ndarray, w: np.ndarray) -> None:
-        E = self.num_experts
-        add_at(self._use[layer], ids, w)
-        self._tok[layer] += len(ds)
-        # this token's layers l-1 and l-2 (when this pass routed them as a decode), and the
-        # previous token's layer l: one update of the three evidence blocks
-        same = (self._dec_at[ds] == layer - 1)[:, None]
-        rows = np.concatenate([self._last[ds, max(layer - 1, 0)], self._last[ds, max(layer - 2, 0)] + E,
-                               self._last[ds, layer] + 2 * E], axis=1)              # [B, 3k]
-        wr = np.concatenate([self._last_w[ds, max(layer - 1, 0)] * (same * (layer >= 1)),
-                             self._last_w[ds, max(layer - 2, 0)] * (same * (layer >= 2)),
-                             self._last_w[ds, layer]], axis=1)
-        add_at(self._stat[layer], rows[:, :, None] * E + ids[:, None, :], wr[:, :, None] * w[:, None, :])
-        add_at(self._stat_n[layer], rows, wr)
+        """The pass counts of ``ids``, and this token's layers l-1 and l-2 (when this pass
+        routed them as a decode) and the previous token's layer l as evidence for them (the
+        three blocks of _stat)."""
+        K.learn(self._num, self._den, self._glob_num, self._glob_den, self._lt, self._stat_n,
+                self._ln, self._use, self._tok, self._last, self._last_w, self._dec_at, layer,
+                ds, ids, w, self.decay, self.smooth)
+        K.rebuild_logs(self._lt, self._rs, self._lrs, self._use, self._tok, self._built_at,
+                       layer, self.smooth, self.top_k)
 
     def _predict(self, layer: int, ds: np.ndarray, ids: np.ndarray, w: np.ndarray) -> None:
         """After a decode token routed ``ids`` at ``layer``, per request, P(b chosen) for: the
@@ -225,128 +237,91 @@ class AutoPolicy(CachePolicy):
         log-rate log r(b) plus, per evidence expert a of weight w_a, w_a (log r(b | a) -
         log r(b)) (rates smoothed towards r(b) with ``smooth`` pseudo-tokens), the log-rate
         weighted c^(1/4) and the evidence c (c = ``evidence_scale``), normalised to sum to k
-        (each at most 0.999)."""
-        L, E, k, sm = self.num_layers, self.num_experts, self.top_k, self.smooth
-        tg = self._targets[layer]                                             # [T] <= 3 layers
-        T, B = len(tg), len(ds)
-        # evidence [T, B, 2k]: this token's experts through block 2 (target l, temporal), 0
-        # (l+1, one layer back) or 1 (l+2, two back); then the previous token's at the target
-        R = np.empty((T, B, 2 * k), dtype=np.int64)
-        W = np.empty((T, B, 2 * k), dtype=np.float32)
-        R[:, :, :k] = ids[None] + self._blocks[:T, None, None]
-        R[:, :, k:] = self._last[ds[None, :], tg[:, None]] + 2 * E
-        W[:, :, :k] = w[None]
-        W[:, :, k:] = self._last_w[ds[None, :], tg[:, None]]
-        W[0, :, k:] = 0.0           # target l: the previous token's layer l is not evidence
-        r = ((self._use[tg] + 1.0) / (self._tok[tg][:, None] + E / k)).astype(np.float32)  # [T, E]
-        log_r = np.log(r)[:, None, :]                                         # [T, 1, E]
-        counts = self._stat[tg[:, None, None], R]                             # [T, B, 2k, E]
-        n = self._stat_n[tg[:, None, None], R]                                # [T, B, 2k]
-        # sum_a w_a (log(c_ab + s r_b) - log(n_a + s) - log r_b): one pass over the big array
-        counts += sm * r[:, None, None, :]
-        big = np.einsum("tbm,tbme->tbe", W, np.log(counts, out=counts))
-        small = (W * np.log(n + sm)).sum(axis=-1)[..., None] + W.sum(axis=-1)[..., None] * log_r
-        score = self._base_w * log_r + self.evidence_scale * (big - small)
-        q = np.exp(score - score.max(axis=-1, keepdims=True))
-        q = np.minimum(q * (k / q.sum(axis=-1, keepdims=True)), 0.999)
-        self._q[ds[None, :], tg[:, None]] = q
-        self._last[ds, layer], self._last_w[ds, layer] = ids, w
-        self._dec_at[ds] = layer
+        (each at most 0.999). The evidence terms use the logs cached by _learn."""
+        K.predict(self._q, self._lt, self._ln, self._lrs, self._use, self._tok, self._last,
+                  self._last_w, self._dec_at, layer, ds, ids, w, self._base_w,
+                  self.evidence_scale)
 
     def _score(self, layer: int) -> None:
         """Updates the rows whose estimate changed: all of them when a prior did, else the
         layer just routed and the two predicted ahead."""
         L = self.num_layers
         act = self._active
-        rows: Any = slice(None) if self._refresh_priors(layer) else \
-            np.arange(layer, min(layer + 3, L))
-        a = self.prior_weight
-        idx = (act,) if isinstance(rows, slice) else (act[:, None], rows)
-        num, prior, q = self._num[idx], self._prior[idx], self._q[idx]
-        p = (num + a * prior) / (self._den[idx][..., None] + a)               # [S, R, E]
-        q = np.where(q < 0, p, q)
-        if len(act) == 1:           # one request: no product to form
-            p_all, q_all = np.maximum(p[0], P_FLOOR), q[0]
-        else:
-            p_all = np.maximum(1.0 - np.prod(1.0 - p, axis=0), P_FLOOR)
-            q_all = 1.0 - np.prod(1.0 - q, axis=0)
-        if len(act) == 0:
-            p_all = np.full_like(p_all, P_FLOOR)
-        self._q_all[rows] = q_all
-        self._rows.vals[rows] = (1.0 - q_all) * L / p_all
+        full = self._refresh_priors(layer)
+        lo, hi = (0, L) if full else (layer, min(layer + 3, L))
+        K.score_rows(self._num, self._den, self._prior, self._q, act, lo, hi, self.prior_weight,
+                     P_FLOOR, self._q_all, self._p_all, self._vals, L)
+        self._dirty[lo:hi] = True
         if self._hint is not None:
             hl, top = self._hint
-            if hl == layer + 1:
+            if hl == layer + 1 and hl < hi:
                 # the look-ahead's r-th expert is used with the learned precision of rank r
                 q_h = np.maximum(self._q_all[hl, top], self.hint_precision(len(act))[:len(top)])
                 self._q_all[hl, top] = q_h
-                at = hl if isinstance(rows, slice) else hl - layer    # hl's row in p_all
                 # used in the next pass with q_h: its per-pass rate is at least that
-                self._rows.vals[hl, top] = (1.0 - q_h) * L / np.maximum(p_all[at, top], q_h)
+                self._vals[hl, top] = (1.0 - q_h) * L / np.maximum(self._p_all[hl, top], q_h)
             self._hint = None
-        if isinstance(rows, slice):
-            self._rows.touch_all()
-        else:
-            for i in rows.tolist():
-                self._rows.touch(i)
 
     # --- decisions ---------------------------------------------------------------------------
 
     def on_load(self, key: ExpertKey) -> None:
-        self._rows.load(key)
+        if not self._mask[key]:
+            self._mask[key] = True
+            self._held += 1
+            self._dirty[key[0]] = True
 
     def on_evict(self, key: ExpertKey) -> None:
-        self._rows.evict(key)
+        if self._mask[key]:
+            self._mask[key] = False
+            self._held -= 1
+            self._dirty[key[0]] = True
+
+    def _sync(self, resident: Collection[ExpertKey]) -> None:
+        """Residency rebuilt from the caller's set (on_load / on_evict were missed: a policy
+        attached to a warm cache)."""
+        self._mask[:] = False
+        for key in resident:
+            self._mask[key] = True
+        self._held = int(self._mask.sum())
+        self._dirty[:] = True
 
     def victim(self, resident: Collection[ExpertKey], pinned: Collection[ExpertKey],
                layer: int) -> Optional[ExpertKey]:
-        d = self._d[layer % self.num_layers]
-        if not self._rows.n <= len(resident) <= self._rows.n + len(pinned):
-            self._rows.sync(resident)      # on_load / on_evict missed (a policy attached late)
-        key = self._rows.best(pinned, d)
-        if key is not None and key in resident:
-            return key
-        self._rows.sync(resident)
-        return self._rows.best(pinned, d)
+        out = self.victims(resident, pinned, layer, 1)
+        return out[0] if out else None
 
     def victims(self, resident: Collection[ExpertKey], pinned: Collection[ExpertKey],
                 layer: int, n: int) -> list[ExpertKey]:
-        if not self._rows.n <= len(resident) <= self._rows.n + len(pinned):
-            self._rows.sync(resident)
-        out = self._rows.best_n(pinned, n, self._d[layer % self.num_layers])
-        if all(k in resident for k in out):
-            return out
-        self._rows.sync(resident)
-        return self._rows.best_n(pinned, n, self._d[layer % self.num_layers])
+        if n <= 0:
+            return []
+        if not self._held <= len(resident) <= self._held + len(pinned):
+            self._sync(resident)
+        pi, pj = _split(pinned)
+        for attempt in range(2):
+            K.refresh(self._vals, self._mask, self._rowmax, self._rowarg, self._dirty)
+            flat, _ = K.top(self._vals, self._mask, self._rowmax, self._rowarg,
+                            self._d[layer % self.num_layers], pi, pj, n)
+            out = self._keys(flat)
+            if attempt or all(key in resident for key in out):
+                return out
+            self._sync(resident)
+        return out
 
     def prefetch(self, layer: int, resident: Collection[ExpertKey], limit: int) -> list[ExpertKey]:
         if limit <= 0:
             return []
-        if len(resident) < self._rows.n or (self._rows.n == 0 and len(resident)):
-            self._rows.sync(resident)
-        L, E = self.num_layers, self.num_experts
-        d = self._d[layer % L]
-        held = self._rows.top(limit, d).tolist()
-        if not held:
-            return []
-        rows = [(layer + 1 + x) % L for x in range(min(self.lookahead, L))]
-        t = d[rows][:, None] + self._rows.vals[rows]
-        ok = (self._q_all[rows] >= self.min_q) & ~self._rows.mask[rows]
-        flat = np.flatnonzero(ok)
-        flat = flat[np.argsort(t.reshape(-1)[flat], kind="stable")]
-        out: list[ExpertKey] = []
-        for f in flat.tolist():
-            r, j = divmod(f, E)
-            key = (rows[r], j)
-            if key in resident:
-                continue
-            n = len(out)
-            if n >= len(held) or not t[r, j] < self.margin * held[n]:
-                break
-            out.append(key)
-            if len(out) >= limit:
-                break
-        return out
+        if len(resident) < self._held or (self._held == 0 and len(resident)):
+            self._sync(resident)
+        L = self.num_layers
+        K.refresh(self._vals, self._mask, self._rowmax, self._rowarg, self._dirty)
+        out = self._keys(K.prefetch(self._vals, self._mask, self._rowmax, self._rowarg,
+                                    self._q_all, self._d[layer % L], self._ahead[layer % L],
+                                    self.min_q, self.margin, limit))
+        return [key for key in out if key not in resident]
+
+    def _keys(self, flat: np.ndarray) -> list[ExpertKey]:
+        E = self.num_experts
+        return [(f // E, f % E) for f in flat.tolist()]
 
     def predicted(self, seq_id: str) -> Optional[np.ndarray]:
         """The request's P(used at each layer's next access) [L, E] (-1: not predicted)."""
@@ -367,3 +342,14 @@ class AutoPolicy(CachePolicy):
         self._dec_at[s] = -1
         self._prior_ok[s] = False
         self._active = self._active[self._active != s]
+
+
+_NONE = np.zeros(0, dtype=np.int64)
+
+
+def _split(keys: Collection[ExpertKey]) -> tuple[np.ndarray, np.ndarray]:
+    """(layers, experts) of ``keys`` as two int64 arrays."""
+    if not keys:
+        return _NONE, _NONE
+    a = np.array(list(keys), dtype=np.int64).reshape(-1, 2)
+    return np.ascontiguousarray(a[:, 0]), np.ascontiguousarray(a[:, 1])

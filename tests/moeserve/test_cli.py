@@ -45,9 +45,11 @@ def test_missing_model_dir_is_a_clear_error(command: str, tmp_path, capsys: pyte
 def test_compute_threads_wait_passively_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
     from moeserve.cli import main
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"        # inherited by the engine process
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "1"         # numpy's BLAS beside torch's threads
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     with pytest.raises(SystemExit):
         main(["serve", "--help"])

@@ -1,0 +1,133 @@
+"""The auto policy's compiled loops (cache/policies/_auto_kernels.py): each equals its own
+interpreted code (the fallback without numba), and the selections equal a brute-force sort."""
+import numpy as np
+import pytest
+
+from cache.policies import _auto_kernels as K
+
+numba = pytest.importorskip("numba")
+
+
+def _state(rng: np.random.Generator, S: int = 3, L: int = 5, E: int = 16, k: int = 2) -> dict:
+    sm = 2.0
+    r = np.full((L, E), k / E, dtype=np.float32)
+    return dict(
+        num=rng.random((S, L, E)), den=rng.random((S, L)) * 3, glob_num=rng.random((L, E)),
+        glob_den=rng.random(L) * 4, lt=np.log(rng.integers(0, 4, (L, 3 * E, E)) + sm * r[0]).astype(np.float32),
+        stat_n=rng.integers(0, 9, (L, 3 * E)).astype(np.float32),
+        ln=np.zeros((L, 3 * E), dtype=np.float32), use=rng.random((L, E)) * 10, tok=np.full(L, 10.0),
+        last=rng.integers(0, E, (S, L, k)), last_w=(rng.random((S, L, k)) < 0.8).astype(np.float64),
+        dec_at=np.array([1, -1, 0]), q=np.full((S, L, E), -1.0), lrs=np.log(r))
+
+
+def _same(a: dict, b: dict) -> None:
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("layer", [0, 2, 4])
+def test_learn_and_predict_compiled_equal_interpreted(layer: int) -> None:
+    rng = np.random.default_rng(layer)
+    base = _state(rng)
+    ds = np.array([0, 2])
+    ids = np.array([[3, 7], [1, 1]])
+    w = np.array([[1.0, 1.0], [1.0, 0.0]])
+    runs = []
+    for fn_learn, fn_predict in [(K.learn, K.predict), (K.learn.py_func, K.predict.py_func)]:
+        st = {name: v.copy() for name, v in base.items()}
+        fn_learn(st["num"], st["den"], st["glob_num"], st["glob_den"], st["lt"], st["stat_n"],
+                 st["ln"], st["use"], st["tok"], st["last"], st["last_w"], st["dec_at"], layer,
+                 ds, ids, w, 0.9, 2.0)
+        fn_predict(st["q"], st["lt"], st["ln"], st["lrs"], st["use"], st["tok"], st["last"],
+                   st["last_w"], st["dec_at"], layer, ds, ids, w, 0.8, 0.5)
+        runs.append(st)
+    _same(*runs)
+    q = runs[0]["q"]
+    for t in range(layer, min(layer + 3, 5)):           # predicted: k in all, each below 1
+        np.testing.assert_allclose(q[ds, t].sum(axis=1), 2.0, rtol=1e-6)
+    assert (q[1] == -1.0).all()                           # a request not in the pass is untouched
+
+
+def test_a_count_lives_in_the_log_table_across_a_rebuild() -> None:
+    L, E, k, sm = 2, 8, 2, 2.0
+    r0 = np.float32(k / E)
+    lt = np.full((L, 3 * E, E), np.log(sm * r0), dtype=np.float32)
+    lt[1, 5, 3] = np.log(7 + sm * r0)
+    rs = np.full((L, E), r0, dtype=np.float32)
+    lrs = np.log(rs)
+    use = np.zeros((L, E))
+    use[1, 3] = 40.0
+    tok = np.array([0.0, 40.0])
+    built = np.zeros(L)
+    K.rebuild_logs(lt, rs, lrs, use, tok, built, 1, sm, k)
+    assert built[1] == 40.0 and rs[1, 3] > r0
+    counts = np.exp(lt[1].astype(np.float64)) - sm * rs[1].astype(np.float64)[None, :]
+    assert counts[5, 3] == pytest.approx(7.0, rel=1e-5)
+    np.testing.assert_allclose(np.delete(counts.ravel(), 5 * E + 3), 0.0, atol=1e-5)
+    before = lt.copy()
+    K.rebuild_logs(lt, rs, lrs, use, tok, built, 1, sm, k)     # no growth since: nothing to do
+    np.testing.assert_array_equal(lt, before)
+
+
+def _brute(vals: np.ndarray, mask: np.ndarray, d: np.ndarray, pinned: set, n: int) -> list[int]:
+    E = vals.shape[1]
+    cand = [(-(vals[i, j] + d[i]), i * E + j) for i, j in zip(*np.nonzero(mask)) if (i, j) not in pinned]
+    return [f for _, f in sorted(cand)[:n]]
+
+
+@pytest.mark.parametrize("n", [1, 3, 40])
+def test_top_equals_a_sort_and_leaves_the_mask_as_it_was(n: int) -> None:
+    rng = np.random.default_rng(n)
+    L, E = 6, 12
+    vals = np.round(rng.random((L, E)) * 4) / 4            # many ties: lower index first
+    mask = rng.random((L, E)) < 0.6
+    d = np.arange(L, dtype=np.float64) % 3
+    pinned = {(0, j) for j in range(E) if mask[0, j]} | {(3, int(np.argmax(vals[3] * mask[3])))}
+    pi = np.array([p[0] for p in pinned], dtype=np.int64)
+    pj = np.array([p[1] for p in pinned], dtype=np.int64)
+    rowmax, rowarg = np.zeros(L), np.zeros(L, dtype=np.int64)
+    saved = mask.copy()
+    for fn_refresh, fn_top in [(K.refresh, K.top), (K.refresh.py_func, K.top.py_func)]:
+        K_dirty = np.ones(L, dtype=bool)
+        fn_refresh(vals, mask, rowmax, rowarg, K_dirty)
+        flat, got = fn_top(vals, mask, rowmax, rowarg, d, pi, pj, n)
+        want = _brute(vals, mask, d, pinned, n)
+        assert flat.tolist() == want
+        np.testing.assert_allclose(got, [vals[f // E, f % E] + d[f // E] for f in want])
+        np.testing.assert_array_equal(mask, saved)
+
+
+def test_prefetch_takes_likely_guesses_only_while_they_beat_what_they_displace() -> None:
+    L, E = 4, 4
+    vals = np.array([[9.0, 1, 1, 1], [5, 0.5, 2, 8], [1, 1, 3, 1], [1, 1, 1, 1]])
+    mask = np.array([[1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]], dtype=bool)
+    q_all = np.array([[0, 0, 0, 0], [0.9, 0.9, 0.9, 0], [0.1, 0.1, 0.9, 0.1], [0, 0, 0, 0]])
+    d = np.zeros(L)
+    rowmax, rowarg, dirty = np.zeros(L), np.zeros(L, dtype=np.int64), np.ones(L, dtype=bool)
+    for fn_refresh, fn_prefetch in [(K.refresh, K.prefetch), (K.refresh.py_func, K.prefetch.py_func)]:
+        fn_refresh(vals, mask, rowmax, rowarg, dirty.copy())
+        # candidates by t: (1,1) 0.5, (1,2) 2, (2,2) 3, (1,0) 5; held: 9, 8 -> margin 0.85 x
+        out = fn_prefetch(vals, mask, rowmax, rowarg, q_all, d, np.array([1, 2]), 0.3, 0.85, 4)
+        assert out.tolist() == [1 * E + 1, 1 * E + 2]      # only two resident to displace
+        out = fn_prefetch(vals, mask, rowmax, rowarg, q_all, d, np.array([1, 2]), 0.3, 0.2, 4)
+        assert out.tolist() == [1 * E + 1]                 # 2 is not below 0.2 x 8
+
+
+@pytest.mark.parametrize("active", [[], [1], [0, 2, 1]])
+def test_score_rows_combine_requests_as_one_minus_the_product(active: list) -> None:
+    rng = np.random.default_rng(len(active))
+    S, L, E, a, floor = 3, 4, 5, 4.0, 1e-3
+    num, den, prior = rng.random((S, L, E)), rng.random((S, L)) * 3, rng.random((S, L, E))
+    q = np.where(rng.random((S, L, E)) < 0.5, -1.0, rng.random((S, L, E)))
+    act = np.array(active, dtype=np.int64)
+    p = (num + a * prior) / (den[..., None] + a)
+    qq = np.where(q < 0, p, q)
+    want_p = np.maximum(1 - np.prod(1 - p[act], axis=0), floor)
+    want_q = 1 - np.prod(1 - qq[act], axis=0)
+    for fn in (K.score_rows, K.score_rows.py_func):
+        q_all, p_all, vals = np.zeros((L, E)), np.zeros((L, E)), np.full((L, E), -7.0)
+        fn(num, den, prior, q, act, 1, 3, a, floor, q_all, p_all, vals, L)
+        np.testing.assert_allclose(q_all[1:3], want_q[1:3], rtol=1e-12)
+        np.testing.assert_allclose(p_all[1:3], want_p[1:3], rtol=1e-12)
+        np.testing.assert_allclose(vals[1:3], (1 - want_q[1:3]) * L / want_p[1:3], rtol=1e-12)
+        assert (vals[[0, 3]] == -7.0).all()                 # rows outside lo..hi untouched
