@@ -114,6 +114,7 @@ class AutoPolicy(CachePolicy):
         # the layers prefetch looks at after each layer
         self._ahead = [np.array([(l + 1 + x) % L for x in range(min(lookahead, L))], dtype=np.int64)
                        for l in range(L)]
+        _warm_up()
 
     def _grow(self) -> None:
         """Per-request state lives in slot arrays shaped like the tracker's."""
@@ -345,6 +346,26 @@ class AutoPolicy(CachePolicy):
 
 
 _NONE = np.zeros(0, dtype=np.int64)
+_warm = False
+
+
+def _warm_up() -> None:
+    """Runs every compiled loop once on a tiny policy, so that numba compiles them (or loads
+    them from its cache) while the engine starts, not inside the first request's step (the
+    first compile on a machine takes a few seconds)."""
+    global _warm
+    if _warm:
+        return
+    _warm = True
+    p = AutoPolicy(3, 4, 2)
+    p.begin_step(["warm-up"])
+    for layer in range(3):
+        p.hint(layer + 1, [0.4, 0.3, 0.2, 0.1])
+        p.observe(layer, {"warm-up": [0, 1]})
+        p.on_load((layer, 0))
+        p.victims({(i, 0) for i in range(layer + 1)}, set(), layer, 1)
+        p.prefetch(layer, {(i, 0) for i in range(layer + 1)}, 2)
+    p.victims({(i, 0) for i in range(3)}, {(0, 0)}, 0, 2)
 
 
 def _split(keys: Collection[ExpertKey]) -> tuple[np.ndarray, np.ndarray]:
