@@ -2,7 +2,15 @@
 
 An LRU of its own below the policy-managed device tier: a device load takes the expert's host
 copy when there is one (no disk read), else a host slot (the least recently used copy no load
-is using) that the disk fills first. Copies to the device run on two dedicated streams, demand
+is using) that the disk fills first.
+
+The tiers are inclusive: a host copy stays when its expert moves to the device, so a device
+eviction needs no copy back (PCIe time and a host slot found at the worst moment), and the host
+tier holds what the device holds when it has the room. Its LRU order is the last use on either
+tier: every device access of an expert (a hit or a completed load) and its device eviction make
+its host copy the most recent, so the host keeps the copies of the experts the device is using
+and of the ones it has just let go (the next to come back), and gives up the copies that went
+unused longest. Copies to the device run on two dedicated streams, demand
 loads on a high-priority one; a device slot's ``free`` event orders the copy after the compute
 on its old occupant, its ``ready`` event orders compute after the copy.
 """
@@ -58,6 +66,12 @@ class HostLRU:
         self._busy.add(key)
         return slot, True
 
+    def touch(self, key: ExpertKey) -> None:
+        """``key`` was used on the device, or just left it: its host copy (if any) is the most
+        recent."""
+        if key in self._lru:
+            self._lru.move_to_end(key)
+
     def release(self, key: ExpertKey, keep: bool) -> None:
         """The load using ``key``'s host copy is over; ``keep`` False drops the copy (a failed read)."""
         self._busy.discard(key)
@@ -100,6 +114,10 @@ class HostTier:
         """``job`` was cancelled before it ran: its host slot holds the expert only if it did
         before (a disk read that never happened filled nothing)."""
         self.lru.release(job.key, keep=not job.from_disk)
+
+    def used(self, key: ExpertKey) -> None:
+        """A device access of ``key`` or its device eviction (see the module docstring)."""
+        self.lru.touch(key)
 
     def wait_ready(self, device_slot: int) -> None:
         """Compute queued from now on waits for the copy into ``device_slot``."""

@@ -206,6 +206,7 @@ class OffloadedExpertProvider(ExpertProvider):
             self.stats_.add(key[0], "prefetch_used")
         self.policy.on_access(key)
         if self._host is not None:
+            self._host.used(key)
             self._host.wait_ready(slot)
         # unpinned now: the generator resumes only after the layer used the weights (on CUDA
         # the kernels are queued; a later load into this slot waits on free_event first)
@@ -252,6 +253,8 @@ class OffloadedExpertProvider(ExpertProvider):
     def _evict(self, key: ExpertKey) -> None:
         self._dev.release(self._resident.pop(key))
         self.stats_.add(key[0], "evictions")
+        if self._host is not None:
+            self._host.used(key)            # the next to come back: its host copy stays longest
         if self.events is not None:
             self.events.evicted.append(key)
         if key in self._prefetched:

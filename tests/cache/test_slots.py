@@ -103,6 +103,25 @@ def test_host_lru_reuses_copies_and_never_hands_out_a_busy_slot():
     assert len(lru) == 1 and lru.reserve((0, 2))[1]
 
 
+def test_host_lru_order_follows_device_use_and_eviction():
+    import torch
+    from cache.host_tier import HostLRU
+    from cache.quant import ExpertFormat
+    from cache.slots import SlotPool
+    lru = HostLRU(SlotPool(3, ExpertFormat("none", 2, 2, torch.float32), torch.device("cpu")))
+    slots = {}
+    for key in [(0, 0), (0, 1), (0, 2)]:
+        slots[key], _ = lru.reserve(key)
+        lru.release(key, keep=True)
+    lru.touch((0, 0))                   # a device hit on the oldest copy
+    lru.touch((1, 5))                   # no host copy: nothing to do
+    assert lru.reserve((0, 3)) == (slots[(0, 1)], True)     # (0, 1) is now the least recent
+    lru.release((0, 3), keep=True)
+    lru.touch((0, 2))                   # evicted from the device: the next to come back
+    assert lru.reserve((0, 4)) == (slots[(0, 0)], True)
+    assert lru.reserve((0, 2)) == (slots[(0, 2)], False)     # its copy stayed
+
+
 @pytest.mark.parametrize("budget,slot,need", [
     (10 * 2**30, 352_321_536, 256),          # Mixtral-8x7B bf16 experts, a 10 GiB host budget
     (90 * 2**30, 352_321_536, 256),          # more than all 256 experts: only what they need
