@@ -11,6 +11,13 @@ ms/token (median, with every run), decode disk MB/token, hit rate, stall, prefet
 per repeat the paired ratios, reported as median (min-max), and the stall-free ceiling: the
 slower system's time without its stalls bounds what removing stalls can gain. Writes the JSON
 and a PNG.
+
+Simulator check (``--no-sim`` skips it): the same prompts once more on an all-resident engine that
+records a moe-trace v2 (the routing does not depend on the cache) and times the compute; that
+trace replayed (bench/replay_sim.py) at the same budget with the time model taken from this
+machine (one layer step = the resident ms/token / MoE layers; the link = the disk's O_DIRECT
+bandwidth, measured now; the header's expert bytes) gives simulated ms/token for `lru` and `auto`,
+set against the measured ones (goal: within 20%).
 """
 from __future__ import annotations
 
@@ -26,6 +33,8 @@ SYSTEMS = {"auto": ("auto", "on"), "auto-noprefetch": ("auto", "off"), "lru": ("
 KEYS = ("hits", "misses", "prefetch_issued", "prefetch_used", "prefetch_dropped", "bytes_disk",
         "stall_seconds")
 RATIOS = (("auto-noprefetch", "auto"), ("lru", "auto"))     # (slower expected, faster): > 1 wins
+SIMULATED = ("lru", "auto")     # the measured systems the replay also runs (same policy, prefetch)
+SIM_TOLERANCE = 0.20
 
 
 def decode_one(eng: Any, rid: str, ids: list[int], max_tokens: int) -> dict[str, float]:
@@ -80,6 +89,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=16, help="tokens decoded per prompt")
     ap.add_argument("--threads", type=int, default=1, help="compute threads (as bench.e2e)")
     ap.add_argument("--json", default=os.path.join(RESULTS, "prefetch.json"), help="output JSON")
+    ap.add_argument("--no-sim", dest="sim", action="store_false",
+                    help="skip the simulator check (replay of a trace of these prompts)")
     a = ap.parse_args(argv)
     import torch
     from transformers import AutoTokenizer
@@ -122,6 +133,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                        "min": min(per), "max": max(per), "runs": per,
                        "disk_bytes_ratio_median": statistics.median(byt),
                        "stall_free_ceiling": statistics.median(ceil)})
+    sim = sim_check(model, prompts, a, {r["system"]: r["ms_per_token"] for r in rows}) if a.sim else None
     fmt = lambda v: "n/a" if v is None else (f"{v:.3g}" if isinstance(v, float) else v)   # noqa: E731
     print(table([{k: fmt(v) for k, v in r.items() if k != "runs_ms_per_token"} for r in rows],
                 ["system", "ms_per_token", "disk_mb_per_token", "hit_rate", "stall_ms_per_token",
@@ -131,12 +143,55 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = write_json(a.json, {"machine": machine(), "model": os.path.basename(model.rstrip("/")),
                               "budget": a.budget, "repeats": a.repeats, "prompts": a.prompts,
                               "max_tokens": a.max_tokens, "threads": a.threads, "results": rows,
-                              "ratios": ratios})
+                              "ratios": ratios, "simulator_check": sim})
     bar_plot(os.path.splitext(out)[0] + ".png", [r["system"] for r in rows],
              [r["ms_per_token"] for r in rows], "decode ms/token (median of repeats)",
              f"prefetch on the disk tier, {a.budget} of the experts in RAM")
+    if sim is not None:
+        print(f"simulator check: layer step {sim['compute_ms']:.2f} ms, disk {sim['bandwidth'] / 1e9:.2f} GB/s, "
+              f"{sim['expert_bytes'] / 1e6:.2f} MB/expert (link {sim['link']:.3f} experts/step)")
+        print(table([{k: fmt(v) for k, v in r.items()} for r in sim["systems"]],
+                    ["system", "measured_ms_per_token", "simulated_ms_per_token", "error", "within_20pct"]))
     print(f"wrote {out}")
     return 0
+
+
+def sim_check(model: str, prompts: list[list[int]], a: argparse.Namespace,
+              measured: dict[str, float]) -> dict[str, Any]:
+    """Replays a trace of ``prompts`` with this machine's time model against the measured ms/token."""
+    import tempfile
+
+    from bench.e2e_sys import largest_shard, parallel_read_bandwidth, sequential_read_bandwidth
+    from bench.replay import TimeModel, run_replay
+    from cache.trace import load_trace
+    from configs import CacheConfig, EngineConfig
+    from configs.cache import parse_budget
+    from moeserve.wiring import build_engine
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.jsonl")
+        eng = build_engine(EngineConfig(model=model, max_batch=1, threads=a.threads),
+                           CacheConfig(expert_budget="all", record_trace=path), progress=False)
+        try:
+            runs = [decode_one(eng, f"sim-{i}", ids, a.max_tokens) for i, ids in enumerate(prompts)]
+        finally:
+            eng.close()
+        header, requests = load_trace(path)
+    L, E = header["num_layers"], header["num_experts"]
+    eb = int(header["expert_bytes"])
+    shard = largest_shard(model)
+    bw = max(sequential_read_bandwidth(shard), parallel_read_bandwidth(shard))
+    compute_ms = mean_ms(runs) / L
+    capacity = parse_budget(a.budget, L * E * eb) / (L * E * eb)
+    tm = TimeModel(compute_ms=compute_ms, bandwidth=bw, expert_bytes=eb)
+    systems = []
+    for r in run_replay(header, requests, [capacity], 1.0, list(SIMULATED), tm):
+        got, sim = measured[r["policy"]], r["ms_per_token"]
+        err = sim / got - 1.0
+        systems.append({"system": r["policy"], "measured_ms_per_token": got, "simulated_ms_per_token": sim,
+                        "simulated_hit_rate": r["hit_rate"], "error": err,
+                        "within_20pct": abs(err) <= SIM_TOLERANCE})
+    return {"compute_ms": compute_ms, "bandwidth": bw, "expert_bytes": eb, "capacity": capacity,
+            "link": tm.link(), "resident_ms_per_token": mean_ms(runs), "systems": systems}
 
 
 if __name__ == "__main__":

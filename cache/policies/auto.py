@@ -53,6 +53,9 @@ class AutoPolicy(CachePolicy):
     would displace (the largest remaining): the link's time spent on far guesses is lost;
     and only those with q >= ``min_q`` (a guess below it is not worth the link's time).
     Defaults: decay 0.9, prior_weight 4, margin 0.85, nearest 3, smooth 2, lookahead 3, min_q 0.3.
+    The per-layer loops (counts, predictions, estimates, victims, prefetch) run compiled, one
+    call each (cache/policies/_auto_kernels.py); the smoothed pair rates are kept as logs whose
+    prior r(b) is refreshed as a layer's token count grows (REBUILD_GROWTH).
     """
 
     name = "auto"
