@@ -14,6 +14,10 @@ and <name>.png; prints the report.
 """
 from __future__ import annotations
 
+from moeserve import runtime_env
+
+runtime_env.apply()     # moeserve's thread settings (as `moeserve serve` runs), before numpy and torch load
+
 import argparse
 import json
 import os

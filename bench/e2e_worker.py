@@ -13,6 +13,10 @@ A failure is reported in "error" (the process still exits 0 so the parent can te
 """
 from __future__ import annotations
 
+from moeserve import runtime_env
+
+runtime_env.apply()     # moeserve's thread settings (as `moeserve serve` runs), before numpy and torch load
+
 import json
 import sys
 import time

@@ -11,6 +11,10 @@ batch API. transformers runs the unquantized checkpoint at --dtype in every row.
 """
 from __future__ import annotations
 
+from moeserve import runtime_env
+
+runtime_env.apply()     # moeserve's thread settings (as `moeserve serve` runs), before numpy and torch load
+
 import argparse
 import os
 import time

@@ -21,6 +21,10 @@ set against the measured ones (goal: within 20%).
 """
 from __future__ import annotations
 
+from moeserve import runtime_env
+
+runtime_env.apply()     # moeserve's thread settings (as `moeserve serve` runs), before numpy and torch load
+
 import argparse
 import os
 import statistics
