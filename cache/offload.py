@@ -29,8 +29,7 @@ from cache.host_tier import HostTier, resolve_host_budget
 from cache.io_pool import IOPool, LoadJob
 from cache.policy import CachePolicy, ExpertKey, UnionKeys, ranked_hint
 from cache.prefetch_pacer import PrefetchPacer
-from cache.provider import (ExpertProvider, ExpertSource, StepRows, Tracer, check_shapes, expert_format,
-                            lookahead)
+from cache.provider import ExpertProvider, ExpertSource, StepRows, Tracer, check_shapes, expert_format
 from cache.quant import ExpertFormat, ExpertWeights
 from cache.routing import Routed, split_routing
 from cache.slots import SlotPool, pinned_plan, slot_count
@@ -78,6 +77,7 @@ class OffloadedExpertProvider(ExpertProvider):
         n_dev = min(slot_count(self.budget_bytes, self.expert_bytes, policy.top_k, "expert_budget"),
                     len(self._sources))
         self._routers = list(routers) if routers is not None else None
+        self._top_k = policy.top_k
         self._rows: Optional[StepRows] = None
         self.stats_ = CacheStats.for_layers(self.num_layers)
 
@@ -146,12 +146,11 @@ class OffloadedExpertProvider(ExpertProvider):
         events = self.events
         if events is not None:
             events.route(layer, ids)
-        if self._routers is not None and hidden is not None and layer + 1 < len(self._routers):
-            # record_lookahead is optional in a Tracer (a probe may only count activations)
-            record = self.tracer is not None and hasattr(self.tracer, "record_lookahead")
-            scores, ahead = lookahead(self._routers[layer + 1], hidden, self.policy.top_k, record)
+        got = self._lookahead(layer, hidden)
+        if got is not None:
+            scores, ahead = got
             if ahead is not None:
-                self.tracer.record_lookahead(layer, ahead)
+                self.tracer.record_lookahead(layer, ahead)      # type: ignore[union-attr]
             self.policy.hint(layer + 1, scores)
             if self.prefetch_on:
                 self._protect = {(layer + 1, e) for e in ranked_hint(scores, self.policy.top_k)}

@@ -128,15 +128,31 @@ def lookahead(router: torch.Tensor, hidden: torch.Tensor, top_k: int,
     """The next layer's router [E, H] on the current hidden state [T, H]: its mean probability
     per expert (the policy's hint) and, when ``per_token``, each row's top-k (the trace's v2
     look-ahead). One device-to-host read for both."""
+    _, scores, ahead = read_routing(None, router, hidden, top_k, per_token)
+    return scores, ahead
+
+
+def read_routing(topk_ids: Optional[torch.Tensor], router: torch.Tensor, hidden: torch.Tensor,
+                 top_k: int, per_token: bool
+                 ) -> tuple[list[list[int]], list[float], Optional[list[list[int]]]]:
+    """A layer's routing [T, k] (when given) and the look-ahead of ``router`` (see lookahead) in
+    one device-to-host read: on CUDA each read waits for the queued kernels, so a layer keeps
+    to one. Expert ids travel as float32, exact below 2**24."""
     probs = torch.softmax((hidden.to(router.dtype) @ router.t()).float(), dim=-1)   # [T, E]
-    mean = probs.mean(0)
-    if not per_token:
-        return mean.tolist(), None
-    top = probs.topk(top_k, dim=-1).indices                                       # [T, k]
-    flat = torch.cat([mean, top.reshape(-1).float()]).tolist()
-    E = probs.shape[1]
-    ids = [int(x) for x in flat[E:]]
-    return flat[:E], [ids[i:i + top_k] for i in range(0, len(ids), top_k)]
+    T, E = probs.shape
+    parts = [] if topk_ids is None else [topk_ids.reshape(-1).float()]            # [T*k]
+    parts.append(probs.mean(0))                                                   # [E]
+    if per_token:
+        parts.append(probs.topk(top_k, dim=-1).indices.reshape(-1).float())      # [T*top_k]
+    flat = torch.cat(parts).tolist()
+    n, k = (0, 1) if topk_ids is None else (topk_ids.numel(), topk_ids.shape[-1])
+    rows = [[int(x) for x in flat[i:i + k]] for i in range(0, n, k)]
+    scores = flat[n:n + E]
+    ahead = None
+    if per_token:
+        ids = [int(x) for x in flat[n + E:]]
+        ahead = [ids[i:i + top_k] for i in range(0, len(ids), top_k)]
+    return rows, scores, ahead
 
 
 class ExpertProvider(ABC):
@@ -144,6 +160,44 @@ class ExpertProvider(ABC):
 
     tracer: Optional["Tracer"] = None
     events: Optional[StepEvents] = None    # this pass's cache events, when a request watches
+    _routers: Optional[list[torch.Tensor]] = None   # per MoE layer [E, H]: look-ahead wanted
+    _top_k = 0
+    _read: Optional[tuple[int, torch.Tensor, list[float], Optional[list[list[int]]]]] = None
+
+    def read_routing(self, layer: int, topk_ids: torch.Tensor,
+                     hidden: Optional[torch.Tensor] = None) -> list[list[int]]:
+        """topk_ids [T, k] as host lists, the layer's one device-to-host read: a provider that
+        looks ahead at the next router reads that in the same sync and keeps it for ``experts``
+        (same layer, same ``hidden``)."""
+        router = self._next_router(layer, hidden)
+        if router is None:
+            return topk_ids.tolist()
+        assert hidden is not None
+        rows, scores, ahead = read_routing(topk_ids, router, hidden, self._top_k, self._per_token())
+        self._read = (layer, hidden, scores, ahead)
+        return rows
+
+    def _next_router(self, layer: int, hidden: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if self._routers is None or hidden is None or layer + 1 >= len(self._routers):
+            return None
+        return self._routers[layer + 1]
+
+    def _per_token(self) -> bool:
+        """Whether the tracer records per-token look-ahead (record_lookahead is optional)."""
+        return self.tracer is not None and hasattr(self.tracer, "record_lookahead")
+
+    def _lookahead(self, layer: int, hidden: Optional[torch.Tensor]
+                   ) -> Optional[tuple[list[float], Optional[list[list[int]]]]]:
+        """This layer's look-ahead (mean scores, per-token top-k): the one read_routing read
+        with the routing, else read now; None without a next router."""
+        read, self._read = self._read, None
+        if read is not None and read[0] == layer and read[1] is hidden:
+            return read[2], read[3]
+        router = self._next_router(layer, hidden)
+        if router is None:
+            return None
+        assert hidden is not None
+        return lookahead(router, hidden, self._top_k, self._per_token())
 
     def begin_step(self, rows: StepRows, events: Optional[StepEvents] = None) -> None:
         """Called by the engine before each forward pass; ``events`` (when some row's request
@@ -207,7 +261,8 @@ class ResidentExpertProvider(ExpertProvider):
         the tracer records the next layer's look-ahead (moe-trace v2)."""
         self._weights: dict[tuple[int, int], ProvidedExpert] = {}
         self.tracer = tracer
-        self._routers = list(routers) if routers is not None and top_k > 0 else None
+        # the look-ahead only feeds the tracer's v2 records here
+        self._routers = list(routers) if routers is not None and top_k > 0 and self._per_token() else None
         self._top_k = top_k
         self.fmt = expert_format(sources, dtype) if sources else None
         pack = self.fmt is not None and not self.fmt.quantized and packs(torch.device(device), dtype)
@@ -232,9 +287,9 @@ class ResidentExpertProvider(ExpertProvider):
             self.events.route(layer, ids)     # everything is resident: every status is a hit
         if self.tracer is not None:
             self.tracer.record(layer, ids)
-            if self._routers is not None and hidden is not None and layer + 1 < len(self._routers):
-                _, ahead = lookahead(self._routers[layer + 1], hidden, self._top_k, True)
-                self.tracer.record_lookahead(layer, ahead)
+            got = self._lookahead(layer, hidden)
+            if got is not None and got[1] is not None:
+                self.tracer.record_lookahead(layer, got[1])     # type: ignore[attr-defined]
         for e in sorted({e for row in ids for e in row}):
             yield e, self._weights[(layer, e)]
 

@@ -281,7 +281,7 @@ def combine_experts(provider: ExpertProvider, layer: int, x: torch.Tensor, weigh
     loop does, so the result is bit-identical whatever order the cache delivered them in."""
     n, k = ids.shape
     wdt = weight_dtype or x.dtype
-    rows = ids.tolist()                                          # the routing, read once per layer
+    rows = provider.read_routing(layer, ids, x)                  # the layer's one host read
     ranked = [sorted(r) for r in rows]
     if n == 1:                                                   # one decode token: no indexing
         parts: list[Optional[torch.Tensor]] = [None] * k        # by rank of the expert id

@@ -355,3 +355,38 @@ def test_policies_take_prompt_passes_from_the_split():
     t.begin_step(["a"])
     t.observe(0, {"a": [1, 2]})                              # plain mapping: guessed (decode)
     assert t.decode[t.live["a"]].sum() == 2
+
+
+def test_one_host_read_per_layer_with_lookahead(ckpt, monkeypatch) -> None:
+    """read_routing reads the routing and the next router's look-ahead in one .tolist(); the
+    layer's experts() then reads nothing more, and the policy gets the same hint as when the
+    look-ahead is read on its own."""
+    from cache.provider import lookahead
+    sources, want = ckpt
+    g = torch.Generator().manual_seed(3)
+    routers = [torch.randn(E, H, generator=g) for _ in range(L)]
+    hints: list[tuple[int, list[float]]] = []
+    pol = policies.make_policy("auto", L, E, K, None)
+    real_hint = pol.hint
+    pol.hint = lambda layer, scores: hints.append((layer, list(scores))) or real_hint(layer, scores)
+    p = OffloadedExpertProvider(sources, torch.device("cpu"), torch.float32,
+                                CacheConfig(expert_budget=str(4 * EXPERT_BYTES)), pol, routers=routers)
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or real_tolist(t))
+    p.begin_step(StepRows(("a",), (1,), (False,)))
+    for layer in range(L):
+        hidden = torch.randn(1, H, generator=g)
+        ids = _routing(g, 1)
+        reads.clear()
+        rows = p.read_routing(layer, ids, hidden)
+        for e, w in p.experts(layer, ids, hidden, host_ids=rows):
+            assert torch.equal(_flat(w), want[(layer, e)].float())
+        assert rows == real_tolist(ids)
+        assert len(reads) == 1, reads
+        if layer + 1 < L:
+            monkeypatch.undo()
+            assert hints[-1] == (layer + 1, lookahead(routers[layer + 1], hidden, K, False)[0])
+            monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or real_tolist(t))
+    monkeypatch.undo()
+    p.close()
