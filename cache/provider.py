@@ -139,7 +139,7 @@ def read_routing(topk_ids: Optional[torch.Tensor], router: torch.Tensor, hidden:
     one device-to-host read: on CUDA each read waits for the queued kernels, so a layer keeps
     to one. Expert ids travel as float32, exact below 2**24."""
     probs = torch.softmax((hidden.to(router.dtype) @ router.t()).float(), dim=-1)   # [T, E]
-    T, E = probs.shape
+    E = probs.shape[1]
     parts = [] if topk_ids is None else [topk_ids.reshape(-1).float()]            # [T*k]
     parts.append(probs.mean(0))                                                   # [E]
     if per_token:
