@@ -131,6 +131,10 @@ def test_full_queue_answers_429_then_engine_death_fails_in_flight_and_restarts(
     client, running = _long_stream(srv)            # occupies the only batch slot
     lines = running.iter_lines()
     assert next(lines).startswith("data: ")
+    engine = srv.engine_pid()
+    # frozen, the engine cannot finish the long stream and free the slot while the queue fills (a
+    # fast machine decodes its 240 tokens in well under a second); the queue is the front end's
+    os.kill(engine, signal.SIGSTOP)
     waiting: dict[str, httpx.Response] = {}
     t = threading.Thread(target=lambda: waiting.setdefault("r", httpx.post(
         srv.base + "/v1/completions", timeout=120,
@@ -141,7 +145,7 @@ def test_full_queue_answers_429_then_engine_death_fails_in_flight_and_restarts(
     assert full.status_code == 429 and "retry-after" in full.headers
     assert full.json()["error"]["type"] == "rate_limit_error"
 
-    os.kill(srv.engine_pid(), signal.SIGKILL)      # the engine dies with both requests in flight
+    os.kill(engine, signal.SIGKILL)                # the engine dies with both requests in flight
     t.join(timeout=60)
     assert waiting["r"].status_code == 500 and waiting["r"].json()["error"]["type"] == "server_error"
     rest = [line for line in lines if line.startswith("data: ")]
