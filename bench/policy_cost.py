@@ -124,7 +124,9 @@ class Driver:
         L = p.num_layers
         for layer in range(L):
             if hints is not None and layer + 1 < L:
-                self._call(p.hint, layer + 1, np.mean([h[layer + 1] for h in hints], axis=0).tolist())
+                # an [E] float32 array, as the engine's read_routing hands it over
+                scores = np.mean([h[layer + 1] for h in hints], axis=0).astype(np.float32)
+                self._call(p.hint, layer + 1, scores)
             routed = Routed([(sid, r[layer].tolist()) for sid, r in zip(sids, routing)],
                             sids if hints is None else ())      # hints only on decode steps
             self._call(p.observe, layer, routed)

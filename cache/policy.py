@@ -28,10 +28,16 @@ import numpy as np
 ExpertKey = tuple[int, int]
 
 
+def ranked_hint_ids(scores: Sequence[float], k: int) -> np.ndarray:
+    """The look-ahead's k most likely experts [k] int64, most likely first (ties: lower id
+    first). The one ranking both the policies' hint and the cache's protection of the next
+    layer use."""
+    return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:k]
+
+
 def ranked_hint(scores: Sequence[float], k: int) -> list[int]:
-    """The look-ahead's k most likely experts, most likely first (ties: lower id first). The one
-    ranking both the policies' hint and the cache's protection of the next layer use."""
-    return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:k].tolist()
+    """``ranked_hint_ids`` as a list of ints."""
+    return ranked_hint_ids(scores, k).tolist()
 
 
 class CachePolicy(ABC):

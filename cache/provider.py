@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Collection, Iterator, Optional, Protocol, Sequence, Union
 
+import numpy as np
 import torch
 
 from cache.packed import PackedExpert, pack_expert, packs
@@ -124,7 +125,7 @@ class Tracer(Protocol):
 
 
 def lookahead(router: torch.Tensor, hidden: torch.Tensor, top_k: int,
-              per_token: bool) -> tuple[list[float], Optional[list[list[int]]]]:
+              per_token: bool) -> tuple[np.ndarray, Optional[list[list[int]]]]:
     """The next layer's router [E, H] on the current hidden state [T, H]: its mean probability
     per expert (the policy's hint) and, when ``per_token``, each row's top-k (the trace's v2
     look-ahead). One device-to-host read for both."""
@@ -134,24 +135,22 @@ def lookahead(router: torch.Tensor, hidden: torch.Tensor, top_k: int,
 
 def read_routing(topk_ids: Optional[torch.Tensor], router: torch.Tensor, hidden: torch.Tensor,
                  top_k: int, per_token: bool
-                 ) -> tuple[list[list[int]], list[float], Optional[list[list[int]]]]:
+                 ) -> tuple[list[list[int]], np.ndarray, Optional[list[list[int]]]]:
     """A layer's routing [T, k] (when given) and the look-ahead of ``router`` (see lookahead) in
     one device-to-host read: on CUDA each read waits for the queued kernels, so a layer keeps
-    to one. Expert ids travel as float32, exact below 2**24."""
+    to one. Expert ids travel as float32, exact below 2**24. The scores stay an array [E]
+    (the policies rank them with numpy; a list would be converted back, twice per layer)."""
     probs = torch.softmax((hidden.to(router.dtype) @ router.t()).float(), dim=-1)   # [T, E]
     E = probs.shape[1]
     parts = [] if topk_ids is None else [topk_ids.reshape(-1).float()]            # [T*k]
     parts.append(probs.mean(0))                                                   # [E]
     if per_token:
         parts.append(probs.topk(top_k, dim=-1).indices.reshape(-1).float())      # [T*top_k]
-    flat = torch.cat(parts).tolist()
+    flat = torch.cat(parts).cpu().numpy()
     n, k = (0, 1) if topk_ids is None else (topk_ids.numel(), topk_ids.shape[-1])
-    rows = [[int(x) for x in flat[i:i + k]] for i in range(0, n, k)]
+    rows = flat[:n].astype(np.int64).reshape(-1, k).tolist() if n else []
     scores = flat[n:n + E]
-    ahead = None
-    if per_token:
-        ids = [int(x) for x in flat[n + E:]]
-        ahead = [ids[i:i + top_k] for i in range(0, len(ids), top_k)]
+    ahead = flat[n + E:].astype(np.int64).reshape(-1, top_k).tolist() if per_token else None
     return rows, scores, ahead
 
 
@@ -162,7 +161,7 @@ class ExpertProvider(ABC):
     events: Optional[StepEvents] = None    # this pass's cache events, when a request watches
     _routers: Optional[list[torch.Tensor]] = None   # per MoE layer [E, H]: look-ahead wanted
     _top_k = 0
-    _read: Optional[tuple[int, torch.Tensor, list[float], Optional[list[list[int]]]]] = None
+    _read: Optional[tuple[int, torch.Tensor, np.ndarray, Optional[list[list[int]]]]] = None
 
     def read_routing(self, layer: int, topk_ids: torch.Tensor,
                      hidden: Optional[torch.Tensor] = None) -> list[list[int]]:
@@ -187,7 +186,7 @@ class ExpertProvider(ABC):
         return self.tracer is not None and hasattr(self.tracer, "record_lookahead")
 
     def _lookahead(self, layer: int, hidden: Optional[torch.Tensor]
-                   ) -> Optional[tuple[list[float], Optional[list[list[int]]]]]:
+                   ) -> Optional[tuple[np.ndarray, Optional[list[list[int]]]]]:
         """This layer's look-ahead (mean scores, per-token top-k): the one read_routing read
         with the routing, else read now; None without a next router."""
         read, self._read = self._read, None

@@ -170,6 +170,43 @@ def score_rows(num, den, prior, q, act, lo, hi, a, p_floor, q_all, p_all, vals,
             vals[i, e] = (1.0 - qq) * num_layers / pp
 
 
+@njit(cache=True)
+def count_hint(hits, n, b, top, ids, w):
+    """A decode pass routed ``ids`` [B, k] (padding: w == 0) at the layer the look-ahead ``top``
+    [k'] (most likely first) was for: hits[b, r] += 1 where the pass used top[r], and n[b] += 1
+    (nothing when the pass has no ids)."""
+    valid = 0
+    for i in range(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            if w[i, j] > 0.0:
+                valid += 1
+    if valid == 0:
+        return
+    for r in range(top.shape[0]):
+        for i in range(ids.shape[0]):
+            done = False
+            for j in range(ids.shape[1]):
+                if w[i, j] > 0.0 and ids[i, j] == top[r]:
+                    hits[b, r] += 1.0
+                    done = True
+                    break
+            if done:
+                break
+    n[b] += 1.0
+
+
+@njit(cache=True)
+def apply_hint(q_all, p_all, vals, hl, top, prec, num_layers):
+    """The look-ahead's r-th expert top[r] of layer ``hl`` is used with the precision ``prec[r]``
+    its rank has had: q at least that, and its per-pass rate at least q
+    (vals = (1 - q) L / max(p, q))."""
+    for r in range(top.shape[0]):
+        e = top[r]
+        qh = max(q_all[hl, e], prec[r])
+        q_all[hl, e] = qh
+        vals[hl, e] = (1.0 - qh) * num_layers / max(p_all[hl, e], qh)
+
+
 def rebuild_logs(lt: np.ndarray, rs: np.ndarray, lrs: np.ndarray, use: np.ndarray,
                  tok: np.ndarray, built_at: np.ndarray, layer: int, sm: float, k: int) -> None:
     """Moves layer ``layer``'s smoothing prior to the current rates when its token count has

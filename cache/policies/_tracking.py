@@ -77,9 +77,12 @@ class RequestTracker:
                 dec_slots.append(s)
                 dec_rows.append(experts)
         slots = np.array(dec_slots, dtype=np.int64)
-        ids, w = _pad(dec_rows, k)
+        ids, w, padded = _pad(dec_rows, k)
         if len(slots):
-            add_at(self.decode, ((slots * self.L + layer) * self.E)[:, None] + ids, w)
+            if padded:      # padding may repeat an expert of its row: add_at counts repeats
+                add_at(self.decode, ((slots * self.L + layer) * self.E)[:, None] + ids, w)
+            else:           # distinct slots and ids: one fancy-indexed add
+                self.decode[slots[:, None], layer, ids] += 1.0
             self.layers_seen[slots] = layer + 1
             if layer == self.L - 1:
                 self.decode_passes[slots] += 1
@@ -120,17 +123,18 @@ def add_at(arr: np.ndarray, flat: np.ndarray, w: np.ndarray) -> None:
     np.add.at(arr.reshape(-1), flat.reshape(-1), w.reshape(-1))
 
 
-def _pad(rows: list[Sequence[int]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decode rows as [B, k] distinct ids and weights (a row with repeats or fewer ids is padded)."""
-    if rows and all(len(r) == k and len(set(r)) == k for r in rows):
-        return np.array(rows, dtype=np.int64), np.ones((len(rows), k))
+def _pad(rows: list[Sequence[int]], k: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Decode rows as [B, k] distinct ids and weights, and whether a row needed padding (had
+    repeats or fewer ids)."""
+    if all(len(r) == k and len(set(r)) == k for r in rows):
+        return np.array(rows, dtype=np.int64).reshape(len(rows), k), np.ones((len(rows), k)), False
     ids = np.zeros((len(rows), k), dtype=np.int64)
     w = np.zeros((len(rows), k))
     for b, r in enumerate(rows):
         u = sorted(set(r))[:k]
         ids[b, :len(u)] = u
         w[b, :len(u)] = 1.0
-    return ids, w
+    return ids, w, True
 
 
 def grow(old: Optional[np.ndarray], shape: tuple[int, ...], dtype: type = np.float64,

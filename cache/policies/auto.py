@@ -8,7 +8,7 @@ import numpy as np
 from cache.eam import EAMCollection
 from cache.policies import _auto_kernels as K
 from cache.policies._tracking import RequestTracker, grow
-from cache.policy import CachePolicy, ExpertKey, ranked_hint
+from cache.policy import CachePolicy, ExpertKey, ranked_hint_ids
 
 P_FLOOR = 1e-3
 REFRESH_EVERY = 4      # decode passes between two matches of a request (after its first few)
@@ -142,7 +142,7 @@ class AutoPolicy(CachePolicy):
 
     def hint(self, layer: int, scores: Sequence[float]) -> None:
         if 0 <= layer < self.num_layers and len(scores) == self.num_experts:
-            top = np.asarray(ranked_hint(scores, self.top_k), dtype=np.int64)   # most likely first
+            top = ranked_hint_ids(scores, self.top_k)        # most likely first
             self._hint = (layer, top)
             self._incoming = (layer, top, min(len(self._active), 2) - 1)  # checked when it routes
 
@@ -152,17 +152,13 @@ class AutoPolicy(CachePolicy):
         b = min(max(batch, 1), 2) - 1
         return (self._hint_hits[b] + 4 * 0.8) / (self._hint_n[b] + 4)
 
-    def _verify_hint(self, layer: int, ids: np.ndarray) -> None:
+    def _verify_hint(self, layer: int, ids: np.ndarray, w: np.ndarray) -> None:
         """Count which ranks of the look-ahead for ``layer`` this decode pass used."""
         if self._check is None or self._check[0] != layer:
             return
         _, top, b = self._check
-        if b < 0 or not ids.size:
-            return
-        used = np.zeros(self.num_experts, dtype=bool)
-        used[ids.reshape(-1)] = True
-        self._hint_hits[b] += used[top]
-        self._hint_n[b] += 1
+        if b >= 0 and ids.size:
+            K.count_hint(self._hint_hits, self._hint_n, b, top, ids, w)
 
     def observe(self, layer: int, routed: Mapping[str, Sequence[int]]) -> None:
         b = self._req.observe(layer, routed)
@@ -183,7 +179,7 @@ class AutoPolicy(CachePolicy):
             self._dec_at[s] = -1
         ds, ids, w = b.dec_slots, b.dec_ids, b.dec_w
         if not b.pro:
-            self._verify_hint(layer, ids[w > 0] if len(ds) else ids)
+            self._verify_hint(layer, ids, w)
         self._check, self._incoming = self._incoming, None
         if len(ds):
             # decode pass: one token, so its routing pairs layer to layer and token to token
@@ -258,12 +254,9 @@ class AutoPolicy(CachePolicy):
         self._dirty[lo:hi] = True
         if self._hint is not None:
             hl, top = self._hint
-            if hl == layer + 1 and hl < hi:
-                # the look-ahead's r-th expert is used with the learned precision of rank r
-                q_h = np.maximum(self._q_all[hl, top], self.hint_precision(len(act))[:len(top)])
-                self._q_all[hl, top] = q_h
-                # used in the next pass with q_h: its per-pass rate is at least that
-                self._vals[hl, top] = (1.0 - q_h) * L / np.maximum(self._p_all[hl, top], q_h)
+            if hl == layer + 1 and hl < hi:     # q of rank r: at least the precision r has had
+                K.apply_hint(self._q_all, self._p_all, self._vals, hl, top,
+                             self.hint_precision(len(act)), L)
             self._hint = None
 
     # --- decisions ---------------------------------------------------------------------------
@@ -375,5 +368,5 @@ def _split(keys: Collection[ExpertKey]) -> tuple[np.ndarray, np.ndarray]:
     """(layers, experts) of ``keys`` as two int64 arrays."""
     if not keys:
         return _NONE, _NONE
-    a = np.array(list(keys), dtype=np.int64).reshape(-1, 2)
-    return np.ascontiguousarray(a[:, 0]), np.ascontiguousarray(a[:, 1])
+    a = np.fromiter((x for key in keys for x in key), dtype=np.int64, count=2 * len(keys))
+    return a[0::2].copy(), a[1::2].copy()

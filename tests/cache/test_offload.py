@@ -358,7 +358,7 @@ def test_policies_take_prompt_passes_from_the_split():
 
 
 def test_one_host_read_per_layer_with_lookahead(ckpt, monkeypatch) -> None:
-    """read_routing reads the routing and the next router's look-ahead in one .tolist(); the
+    """read_routing reads the routing and the next router's look-ahead in one host read; the
     layer's experts() then reads nothing more, and the policy gets the same hint as when the
     look-ahead is read on its own."""
     from cache.provider import lookahead
@@ -373,9 +373,13 @@ def test_one_host_read_per_layer_with_lookahead(ckpt, monkeypatch) -> None:
                                 CacheConfig(expert_budget=str(4 * EXPERT_BYTES)), pol, routers=routers)
     reads: list[torch.Size] = []
     counting = [False]
-    real_tolist = torch.Tensor.tolist
-    monkeypatch.setattr(torch.Tensor, "tolist",
-                        lambda t: (reads.append(t.shape) if counting[0] else None) or real_tolist(t))
+    # every way a computed tensor reaches the host (uint8 ones are the cache's own byte
+    # buffers, which the disk tier reads into through numpy views)
+    for read in ("tolist", "numpy", "item"):
+        real = getattr(torch.Tensor, read)
+        monkeypatch.setattr(torch.Tensor, read, lambda t, *a, _real=real, **kw: (
+            reads.append(t.shape) if counting[0] and t.dtype != torch.uint8 else None)
+            or _real(t, *a, **kw))
     p.begin_step(StepRows(("a",), (1,), (False,)))
     for layer in range(L):
         hidden = torch.randn(1, H, generator=g)
@@ -389,5 +393,5 @@ def test_one_host_read_per_layer_with_lookahead(ckpt, monkeypatch) -> None:
         assert rows == ids.tolist()
         assert len(reads) == 1, reads
         if layer + 1 < L:
-            assert hints[-1] == (layer + 1, lookahead(routers[layer + 1], hidden, K, False)[0])
+            assert hints[-1] == (layer + 1, list(lookahead(routers[layer + 1], hidden, K, False)[0]))
     p.close()
