@@ -33,7 +33,7 @@ REBUILD_MIN = 32.0
 
 
 @njit(cache=True)
-def learn(num, den, glob_num, glob_den, lt, stat_n, ln, use, tok, last, last_w,
+def learn(num, den, glob_num, glob_den, lt, stat_n, ln, use, tok, lr, last, last_w,
           dec_at, layer, ds, ids, w, g, sm):
     """A decode pass routed ``ids`` [B, k] (weights ``w``) at ``layer`` for slots ``ds`` [B]:
     the per-request pass counts (num decayed by ``g``, den) and the global ones; the pairs
@@ -41,7 +41,9 @@ def learn(num, den, glob_num, glob_den, lt, stat_n, ln, use, tok, last, last_w,
     smoothed logs lt[layer, a, b] = log(c + sm r'_b) (r', the rates at the table's last
     rebuild), so a count w is added as lt = log(exp(lt) + w): one [L, 3E, E] table instead of
     counts and their logs (45 MB less at DeepSeek-V3's shape).
-    ln[layer, a] = log(stat_n + sm) likewise follows the evidence counts."""
+    ln[layer, a] = log(stat_n + sm) likewise follows the evidence counts, and lr[layer] =
+    log r(b) = log((use + 1) / (tok + E / k)) the layer's rates (predict reads them for the
+    layers ahead, which this pass has not routed yet)."""
     E = use.shape[1]
     k = ids.shape[1]
     for bi in range(ds.shape[0]):
@@ -75,27 +77,27 @@ def learn(num, den, glob_num, glob_den, lt, stat_n, ln, use, tok, last, last_w,
                     lt[layer, a, b] = math.log(math.exp(lt[layer, a, b]) + wa * w[bi, n])
     tok[layer] += ds.shape[0]
     glob_den[layer] += ds.shape[0]
+    for b in range(E):
+        lr[layer, b] = math.log((use[layer, b] + 1.0) / (tok[layer] + E / k))
 
 
 @njit(cache=True)
-def predict(q, lt, ln, lrs, use, tok, last, last_w, dec_at,
+def predict(q, lt, ln, lrs, lr, last, last_w, dec_at,
             layer, ds, ids, w, base_w, c):
     """After a decode token routed ``ids`` at ``layer``: per request, P(b chosen) at the next
     token's ``layer`` (evidence: ids, block 2), this token's layer + 1 (ids through block 0, the
     previous token's layer + 1 through block 2) and layer + 2 (ids through block 1, block 2),
     naive Bayes damped by ``c`` (see auto.py), written into q[s, target]. Then records ids as
     the request's last token at ``layer``."""
-    L, E = use.shape
+    L, E = lr.shape
     k = ids.shape[1]
-    log_r = np.empty(E, dtype=np.float64)
     acc = np.empty(E, dtype=np.float64)
     for t in range(3):
         j = layer + t
         if j >= L:
             break
         off = 2 * E if t == 0 else (t - 1) * E
-        for b in range(E):
-            log_r[b] = math.log((use[j, b] + 1.0) / (tok[j] + E / k))
+        log_r = lr[j]
         for bi in range(ds.shape[0]):
             s = ds[bi]
             acc[:] = 0.0

@@ -82,6 +82,7 @@ class AutoPolicy(CachePolicy):
         # online routing statistics of decode tokens (one token per pass, so layers pair up):
         self._use = np.zeros((L, E))          # tokens that chose b at layer j
         self._tok = np.zeros(L)               # tokens seen at layer j
+        self._lr = np.full((L, E), np.log(top_k / E))   # log r_j(b), kept by _auto_kernels.learn
         # pair counts c[j, block * E + a, b]: b chosen at layer j of a token, with evidence a
         # from block 0: a at j-1 (same token), 1: a at j-2 (same token), 2: a at j for the
         # previous token; kept as their logs lt = log(c + smooth r'_b), r' the rates of the last
@@ -224,7 +225,7 @@ class AutoPolicy(CachePolicy):
         routed them as a decode) and the previous token's layer l as evidence for them (the
         three blocks of _stat)."""
         K.learn(self._num, self._den, self._glob_num, self._glob_den, self._lt, self._stat_n,
-                self._ln, self._use, self._tok, self._last, self._last_w, self._dec_at, layer,
+                self._ln, self._use, self._tok, self._lr, self._last, self._last_w, self._dec_at, layer,
                 ds, ids, w, self.decay, self.smooth)
         K.rebuild_logs(self._lt, self._rs, self._lrs, self._use, self._tok, self._built_at,
                        layer, self.smooth, self.top_k)
@@ -238,7 +239,7 @@ class AutoPolicy(CachePolicy):
         log r(b)) (rates smoothed towards r(b) with ``smooth`` pseudo-tokens), the log-rate
         weighted c^(1/4) and the evidence c (c = ``evidence_scale``), normalised to sum to k
         (each at most 0.999). The evidence terms use the logs cached by _learn."""
-        K.predict(self._q, self._lt, self._ln, self._lrs, self._use, self._tok, self._last,
+        K.predict(self._q, self._lt, self._ln, self._lrs, self._lr, self._last,
                   self._last_w, self._dec_at, layer, ds, ids, w, self._base_w,
                   self.evidence_scale)
 

@@ -17,7 +17,8 @@ def _state(rng: np.random.Generator, S: int = 3, L: int = 5, E: int = 16, k: int
         stat_n=rng.integers(0, 9, (L, 3 * E)).astype(np.float32),
         ln=np.zeros((L, 3 * E), dtype=np.float32), use=rng.random((L, E)) * 10, tok=np.full(L, 10.0),
         last=rng.integers(0, E, (S, L, k)), last_w=(rng.random((S, L, k)) < 0.8).astype(np.float64),
-        dec_at=np.array([1, -1, 0]), q=np.full((S, L, E), -1.0), lrs=np.log(r))
+        dec_at=np.array([1, -1, 0]), q=np.full((S, L, E), -1.0), lrs=np.log(r),
+        lr=np.log(rng.random((L, E)) * 0.2 + 0.01))
 
 
 def _same(a: dict, b: dict) -> None:
@@ -36,12 +37,15 @@ def test_learn_and_predict_compiled_equal_interpreted(layer: int) -> None:
     for fn_learn, fn_predict in [(K.learn, K.predict), (K.learn.py_func, K.predict.py_func)]:
         st = {name: v.copy() for name, v in base.items()}
         fn_learn(st["num"], st["den"], st["glob_num"], st["glob_den"], st["lt"], st["stat_n"],
-                 st["ln"], st["use"], st["tok"], st["last"], st["last_w"], st["dec_at"], layer,
-                 ds, ids, w, 0.9, 2.0)
-        fn_predict(st["q"], st["lt"], st["ln"], st["lrs"], st["use"], st["tok"], st["last"],
+                 st["ln"], st["use"], st["tok"], st["lr"], st["last"], st["last_w"], st["dec_at"],
+                 layer, ds, ids, w, 0.9, 2.0)
+        fn_predict(st["q"], st["lt"], st["ln"], st["lrs"], st["lr"], st["last"],
                    st["last_w"], st["dec_at"], layer, ds, ids, w, 0.8, 0.5)
         runs.append(st)
     _same(*runs)
+    E, k = base["use"].shape[1], ids.shape[1]               # the learned layer's log-rates
+    np.testing.assert_allclose(runs[0]["lr"][layer], np.log((runs[0]["use"][layer] + 1)
+                                                            / (runs[0]["tok"][layer] + E / k)))
     q = runs[0]["q"]
     for t in range(layer, min(layer + 3, 5)):           # predicted: k in all, each below 1
         np.testing.assert_allclose(q[ds, t].sum(axis=1), 2.0, rtol=1e-6)
