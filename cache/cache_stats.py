@@ -21,6 +21,7 @@ class Counters:
     bytes_h2d: int = 0           # bytes copied host -> device (CUDA)
     host_hits: int = 0           # CUDA: device loads served from the host tier
     host_misses: int = 0         # CUDA: device loads that went to disk
+    cpu_computed: int = 0        # CUDA, --cpu-experts auto: misses computed on the CPU instead
     stall_seconds: float = 0.0   # engine thread blocked waiting for a needed expert
 
     def items(self) -> list[tuple[str, float]]:

@@ -66,6 +66,15 @@ class HostLRU:
         self._busy.add(key)
         return slot, True
 
+    def hold(self, key: ExpertKey) -> Optional[int]:
+        """The host slot of ``key``'s copy, held like a load's (never handed out) until
+        ``release``; None when there is no copy or a load is using it (it may be filling)."""
+        if key not in self._lru or key in self._busy:
+            return None
+        self._lru.move_to_end(key)
+        self._busy.add(key)
+        return self._lru[key]
+
     def touch(self, key: ExpertKey) -> None:
         """``key`` was used on the device, or just left it: its host copy (if any) is the most
         recent."""

@@ -19,17 +19,21 @@ from __future__ import annotations
 
 import queue
 import time
-from typing import Collection, Iterator, Optional, Sequence
+from collections import Counter
+from typing import Callable, Collection, Iterator, Optional, Sequence
 
 import torch
 
 from cache.cache_stats import CacheStats
+from cache.cpu_experts import CpuExperts
 from cache.disk import ExpertReader, ExpertReadError
 from cache.host_tier import HostTier, resolve_host_budget
 from cache.io_pool import IOPool, LoadJob
+from cache.offload_report import OffloadReporting
 from cache.policy import CachePolicy, ExpertKey, UnionKeys, ranked_hint
 from cache.prefetch_pacer import PrefetchPacer
-from cache.provider import ExpertProvider, ExpertSource, StepRows, Tracer, check_shapes, expert_format
+from cache.provider import (ExpertProvider, ExpertSource, HostExpert, ProvidedExpert, StepRows, Tracer,
+                            check_shapes, expert_format)
 from cache.quant import ExpertFormat, ExpertWeights
 from cache.routing import Routed, split_routing
 from cache.slots import SlotPool, pinned_plan, slot_count
@@ -44,17 +48,20 @@ from configs.cache import CacheConfig
 DISK_MIN_Q = 0.8
 
 
-class OffloadedExpertProvider(ExpertProvider):
+class OffloadedExpertProvider(OffloadReporting, ExpertProvider):
     """Keeps ``cache_cfg.expert_budget`` bytes of experts resident; loads the rest on demand and
     prefetches what ``policy`` predicts, evicting ``policy.victim``s."""
 
     def __init__(self, sources: Sequence[ExpertSource], device: torch.device, dtype: torch.dtype,
                  cache_cfg: CacheConfig, policy: CachePolicy, tracer: Optional[Tracer] = None,
                  routers: Optional[Sequence[torch.Tensor]] = None,
-                 direct_io: Optional[bool] = None, store: Optional[CollectionStore] = None) -> None:
+                 direct_io: Optional[bool] = None, store: Optional[CollectionStore] = None,
+                 cpu_compute: Optional[Callable[[torch.Tensor, ExpertWeights], torch.Tensor]] = None
+                 ) -> None:
         """routers: per MoE layer its [E, H] router weight, for next-layer look-ahead hints.
         direct_io: None uses O_DIRECT where the file system allows, False never, True always.
-        store: persists the policy's collection of past activation matrices."""
+        store: persists the policy's collection of past activation matrices.
+        cpu_compute: the engine's expert kernel, timed on the CPU for ``--cpu-experts auto``."""
         self.tracer = tracer
         self.store = store
         self.policy = policy
@@ -95,6 +102,8 @@ class OffloadedExpertProvider(ExpertProvider):
             slot_count(sum(n for _, n in chunks) * self.expert_bytes, self.expert_bytes,
                        policy.top_k, "host_budget")          # a budget too small says so
             self._host = HostTier(chunks, self.fmt, self.device, n_dev)
+        self._cpu = None if cpu_compute is None else CpuExperts.create(
+            cache_cfg.cpu_experts, self.fmt, self._host, self._dev, cpu_compute)
 
         # engine-thread state
         self._resident: dict[ExpertKey, int] = {}            # key -> device slot, ready
@@ -136,7 +145,7 @@ class OffloadedExpertProvider(ExpertProvider):
             self.store.request_finished()
 
     def experts(self, layer: int, topk_ids: torch.Tensor, hidden: Optional[torch.Tensor] = None,
-                host_ids: Optional[list[list[int]]] = None) -> Iterator[tuple[int, ExpertWeights]]:
+                host_ids: Optional[list[list[int]]] = None) -> Iterator[tuple[int, ProvidedExpert]]:
         if self._closed:
             raise RuntimeError("OffloadedExpertProvider is closed")
         self._layer = layer
@@ -158,11 +167,13 @@ class OffloadedExpertProvider(ExpertProvider):
         self._drain(block=False)
 
         keys = [(layer, e) for e in sorted({e for row in ids for e in row})]
+        rows_of = None if self._cpu is None else Counter(e for row in ids for e in set(row))
         self._drop_stale_prefetches(layer, keys)
         self._layer_pins = set(keys)
         try:
             ready: list[ExpertKey] = []
             waiting: set[ExpertKey] = set()
+            on_cpu: list[tuple[int, HostExpert]] = []
             for key in keys:
                 if key not in self._sources:
                     raise KeyError(f"layer {layer} routed to expert {key[1]}, which the checkpoint "
@@ -176,6 +187,12 @@ class OffloadedExpertProvider(ExpertProvider):
                 self.stats_.add(layer, "misses")
                 if events is not None:
                     events.status(layer, key[1], MISS)
+                held = None if rows_of is None or key in self._inflight else \
+                    self._cpu.take(key, rows_of[key[1]])      # type: ignore[union-attr]
+                if held is not None:                # computed where it lies: no copy, no slot
+                    self.stats_.add(layer, "cpu_computed")
+                    on_cpu.append((key[1], held))
+                    continue
                 waiting.add(key)
                 if key in self._inflight:
                     self._pool.promote(self._inflight[key])
@@ -184,6 +201,9 @@ class OffloadedExpertProvider(ExpertProvider):
             self._issue_pending()               # demand loads first, then prefetches
             if self.prefetch_on:
                 self._issue_prefetches(layer)
+            for e, held in on_cpu:     # first: reading x to the host waits for nothing queued
+                yield e, held
+                self._cpu.release((layer, e))       # type: ignore[union-attr]
             for key in ready:
                 yield self._use(key)
             while waiting:
@@ -196,6 +216,8 @@ class OffloadedExpertProvider(ExpertProvider):
                     yield self._use(key)
         finally:
             self._layer_pins = set()
+            if self._cpu is not None:
+                self._cpu.release_all()
 
     def _use(self, key: ExpertKey) -> tuple[int, ExpertWeights]:
         """Hand ``key`` to the layer; when the layer comes back for the next one it is done."""
@@ -364,29 +386,7 @@ class OffloadedExpertProvider(ExpertProvider):
             self.events.stall_seconds += stalled
         self._issue_pending()
 
-    # ---- reporting and shutdown -------------------------------------------------------------
-    def resident_keys(self) -> set[ExpertKey]:
-        """Experts whose weights are in device-tier slots now (not counting loads in flight)."""
-        return set(self._resident)
-
-    def layer_stats(self) -> dict[str, list[float]]:
-        out = self.stats_.per_layer()
-        out["resident_experts"] = self.resident_per_layer(self.num_layers)
-        return out
-
-    def stats(self) -> dict[str, float]:
-        out = self.stats_.flat()
-        out["resident_bytes"] = float(len(self._resident) * self.expert_bytes)
-        out["slots"] = float(self._dev.num_slots)
-        out["slot_bytes"] = float(self.expert_bytes)
-        out["expert_bits_per_weight"] = self.fmt.bits_per_weight
-        out["allocated_bytes"] = float(self._dev.allocated_bytes)
-        out["budget_bytes"] = float(self.budget_bytes)
-        out["inflight"] = float(len(self._inflight))
-        if self._host is not None:
-            out.update(self._host.stats(self.expert_bytes))
-        return out
-
+    # ---- shutdown (reporting: cache/offload_report.py) -------------------------------------
     def close(self) -> None:
         """Stop the I/O threads (reads in progress finish) and close the files."""
         if self._closed:

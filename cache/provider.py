@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Collection, Iterator, Optional, Protocol, Sequence, Union
+from typing import Callable, Collection, Iterator, NamedTuple, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import torch
@@ -19,7 +19,15 @@ from cache.routing import StepRows  # noqa: F401  (re-exported: the engine's imp
 from cache.step_events import StepEvents, masks
 
 # what a provider hands a MoE layer: slot views in a stored format, or a packed resident expert
-ProvidedExpert = Union[ExpertWeights, PackedExpert]
+class HostExpert(NamedTuple):
+    """An expert the layer computes on the CPU from its host copy (cache/cpu_experts.py;
+    engine/kernels.expert_forward moves the rows there and back and reports the CPU seconds
+    through ``report(rows, seconds)``)."""
+    weights: ExpertWeights
+    report: Callable[[int, float], None]
+
+
+ProvidedExpert = Union[ExpertWeights, PackedExpert, HostExpert]
 
 # safetensors dtype string -> torch dtype
 ST_DTYPES: dict[str, torch.dtype] = {

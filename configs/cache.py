@@ -9,6 +9,7 @@ from configs.base import ConfigError, parse_bytes
 
 POLICIES = ("lru", "lfu", "moe-infinity", "auto")
 PREFETCH = ("auto", "on", "off")
+CPU_EXPERTS = ("auto", "off")
 _BOOL_WORDS = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
 
 
@@ -68,6 +69,13 @@ class CacheConfig:
                 "25% on 2-core CPUs 1.07-1.11x fewer ms per token (median of 5 repeats on two VMs), "
                 "1.10-1.13x the disk bytes (bench/prefetch.py)",
         "choices": PREFETCH})
+    cpu_experts: str = field(default="off", metadata={
+        "help": "CUDA with experts beyond VRAM: auto computes a missed expert on the CPU from its "
+                "host RAM copy when that measures cheaper than copying it to the GPU (link "
+                "bandwidth and CPU time timed at start-up and while serving; typical for one or "
+                "two rows at batch 1), as Fiddler and llama.cpp's --cpu-moe do; outputs are then "
+                "not bit-identical to all-resident. off: every miss is copied (ignored on CPU)",
+        "choices": CPU_EXPERTS})
 
     def expert_budget_bytes(self, total_bytes: int) -> int:
         """``expert_budget`` in bytes for experts totalling ``total_bytes`` ('all' and '100%'
@@ -84,6 +92,8 @@ class CacheConfig:
         if pf not in PREFETCH:
             raise ConfigError("prefetch", self.prefetch, f"choose one of {', '.join(PREFETCH)}")
         object.__setattr__(self, "prefetch", pf)
+        if self.cpu_experts not in CPU_EXPERTS:
+            raise ConfigError("cpu_experts", self.cpu_experts, f"choose one of {', '.join(CPU_EXPERTS)}")
         if self.policy not in POLICIES:
             raise ConfigError("policy", self.policy, f"choose one of {', '.join(POLICIES)}")
         _check_budget("expert_budget", self.expert_budget)

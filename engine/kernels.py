@@ -8,6 +8,7 @@ int8 as a dequantize-then-matmul (weight-only int8: half the bytes of bf16 on th
 """
 from __future__ import annotations
 
+import time
 from typing import Iterable
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cache.packed import PackedExpert, pack_expert, pack_weight, packed_linear, packs
-from cache.provider import ProvidedExpert
+from cache.provider import HostExpert, ProvidedExpert
 from cache.quant import SCALE_DTYPE, Weight, dequantize_int4, unpack_int4_cpu
 
 
@@ -47,7 +48,13 @@ PLAIN_MAX_ROWS = 32
 
 
 def expert_forward(x: torch.Tensor, w: ProvidedExpert) -> torch.Tensor:
-    """x [N, H] through one SwiGLU expert -> [N, H]."""
+    """x [N, H] through one SwiGLU expert -> [N, H] (on x's device, wherever w lies)."""
+    if isinstance(w, HostExpert):                   # computed on the CPU where it lies
+        xh = x.to("cpu")
+        t0 = time.perf_counter()
+        out = expert_forward(xh, w.weights)
+        w.report(xh.shape[0], time.perf_counter() - t0)
+        return out.to(x.device)
     if not isinstance(w, PackedExpert) and x.shape[0] > PLAIN_MAX_ROWS \
             and isinstance(w.gate, torch.Tensor) and packs(w.gate.device, w.gate.dtype):
         w = pack_expert(w)

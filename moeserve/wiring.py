@@ -18,6 +18,7 @@ from cache.store import CollectionStore
 from cache.trace import ActivationTracer
 from configs import CacheConfig, EngineConfig
 from engine.engine import Engine
+from engine.kernels import expert_forward
 from engine.loader import (DTYPES, LoadedModel, load_config, load_model, quantization, resolve_device,
                            resolve_dtype)
 from moeserve.trace_files import check_trace_store, open_tracer
@@ -113,7 +114,8 @@ def make_provider(loaded: LoadedModel, ccfg: CacheConfig, progress: bool = True)
             store = CollectionStore(collection, ccfg.trace_store)
     policy = make_policy(ccfg.policy, L, E, k, collection)
     provider = OffloadedExpertProvider(loaded.experts, loaded.device, loaded.dtype, ccfg, policy,
-                                       tracer=tracer, routers=loaded.model.routers(), store=store)
+                                       tracer=tracer, routers=loaded.model.routers(), store=store,
+                                       cpu_compute=expert_forward)
     stats = provider.stats()
     log.info("expert cache: %d of %d experts (%s of %s, %s) in %s slots, policy %s, prefetch %s, "
              "%d I/O threads, %s disk reads", int(stats["slots"]), len(loaded.experts),

@@ -25,6 +25,9 @@ def test_gpu_check_dry_run_on_cpu_is_exact_in_every_case(tmp_path, monkeypatch: 
                  "--workdir", str(tmp_path / "w"), "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     runs = data["runs"]
-    assert len(runs) == 10 and all(r["exact"] and r["decode_ms_per_token"] > 0 for r in runs)
+    # 7 cases for bf16 experts; int4 (CUDA pack layout on a GPU) skips the 2 CPU-expert ones
+    assert len(runs) == 12 and all(r["exact"] and r["decode_ms_per_token"] > 0 for r in runs)
+    cpu = [r for r in runs if r["cpu_experts"] == "auto"]
+    assert len(cpu) == 2 and all(r["cache"]["cpu_computed"] == 0 for r in cpu)   # no host tier on a CPU
     offloaded = [r for r in runs if r["expert_budget"] == "25%"]
     assert all(r["cache"]["misses"] > 0 for r in offloaded)      # the cache really was in the way
