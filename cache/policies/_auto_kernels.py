@@ -12,19 +12,11 @@ compiles once per machine (a few seconds, on first use) and loads from the cache
 """
 from __future__ import annotations
 
-import logging
 import math
 
 import numpy as np
 
-try:
-    from numba import njit
-except ImportError:      # e.g. an offline machine without its wheel: the same code, interpreted
-    logging.getLogger(__name__).warning(
-        "numba is not installed: the auto cache policy runs its loops in plain Python (slow)")
-
-    def njit(*args, **kwargs):  # type: ignore[no-redef]
-        return args[0] if args and callable(args[0]) else (lambda f: f)
+from cache.policies._jit import njit
 
 # the log-rate table of a layer is rebuilt when its token count grew by this factor since the
 # last rebuild (and at least REBUILD_MIN tokens): the smoothing prior it holds drifts that little

@@ -13,6 +13,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from cache.eam import EAMCollection
+from cache.policies._jit import njit
 from cache.routing import prompt_pass
 
 
@@ -77,15 +78,9 @@ class RequestTracker:
                 dec_slots.append(s)
                 dec_rows.append(experts)
         slots = np.array(dec_slots, dtype=np.int64)
-        ids, w, padded = _pad(dec_rows, k)
+        ids, w = _pad(dec_rows, k)
         if len(slots):
-            if padded:      # padding may repeat an expert of its row: add_at counts repeats
-                add_at(self.decode, ((slots * self.L + layer) * self.E)[:, None] + ids, w)
-            else:           # distinct slots and ids: one fancy-indexed add
-                self.decode[slots[:, None], layer, ids] += 1.0
-            self.layers_seen[slots] = layer + 1
-            if layer == self.L - 1:
-                self.decode_passes[slots] += 1
+            count_decode(self.decode, self.layers_seen, self.decode_passes, slots, layer, ids, w)
         for _, s, e in pro:
             np.add.at(self.prompt[s, layer], e, 1.0)
             self.layers_seen[s] = layer + 1
@@ -118,23 +113,31 @@ class RequestTracker:
         return s
 
 
-def add_at(arr: np.ndarray, flat: np.ndarray, w: np.ndarray) -> None:
-    """np.add.at on a contiguous array by flat indices: the 1-D form is several times faster."""
-    np.add.at(arr.reshape(-1), flat.reshape(-1), w.reshape(-1))
-
-
-def _pad(rows: list[Sequence[int]], k: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Decode rows as [B, k] distinct ids and weights, and whether a row needed padding (had
-    repeats or fewer ids)."""
+def _pad(rows: list[Sequence[int]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode rows as [B, k] distinct ids and weights (a row with repeats or fewer ids is padded)."""
     if all(len(r) == k and len(set(r)) == k for r in rows):
-        return np.array(rows, dtype=np.int64).reshape(len(rows), k), np.ones((len(rows), k)), False
+        return np.array(rows, dtype=np.int64).reshape(len(rows), k), np.ones((len(rows), k))
     ids = np.zeros((len(rows), k), dtype=np.int64)
     w = np.zeros((len(rows), k))
     for b, r in enumerate(rows):
         u = sorted(set(r))[:k]
         ids[b, :len(u)] = u
         w[b, :len(u)] = 1.0
-    return ids, w, True
+    return ids, w
+
+
+@njit(cache=True)
+def count_decode(decode, layers_seen, decode_passes, slots, layer, ids, w):
+    """A decode pass at ``layer``: decode[s, layer, ids[b]] += w[b] for the request in slot
+    s = slots[b]; its pass has now seen layer + 1 layers (a whole pass after the last)."""
+    last = layer == decode.shape[1] - 1
+    for b in range(slots.shape[0]):
+        s = slots[b]
+        for j in range(ids.shape[1]):
+            decode[s, layer, ids[b, j]] += w[b, j]
+        layers_seen[s] = layer + 1
+        if last:
+            decode_passes[s] += 1
 
 
 def grow(old: Optional[np.ndarray], shape: tuple[int, ...], dtype: type = np.float64,
