@@ -158,7 +158,7 @@ class AutoPolicy(CachePolicy):
         if self._check is None or self._check[0] != layer:
             return
         _, top, b = self._check
-        if b >= 0 and ids.size:
+        if b >= 0:                      # a pass without decode rows counts nothing
             K.count_hint(self._hint_hits, self._hint_n, b, top, ids, w)
 
     def observe(self, layer: int, routed: Mapping[str, Sequence[int]]) -> None:
