@@ -201,24 +201,43 @@ def apply_hint(q_all, p_all, vals, hl, top, prec, num_layers):
         vals[hl, e] = (1.0 - qh) * num_layers / max(p_all[hl, e], qh)
 
 
-def rebuild_logs(lt: np.ndarray, rs: np.ndarray, lrs: np.ndarray, use: np.ndarray,
-                 tok: np.ndarray, built_at: np.ndarray, layer: int, sm: float, k: int) -> None:
+def rebuild_logs(lt: np.ndarray, rs: np.ndarray, lrs: np.ndarray, lms: np.ndarray,
+                 stat_n: np.ndarray, use: np.ndarray, tok: np.ndarray, built_at: np.ndarray,
+                 layer: int, sm: float, k: int) -> None:
     """Moves layer ``layer``'s smoothing prior to the current rates when its token count has
-    grown enough since the last rebuild: lt = log(exp(lt) - sm r'_old + sm r'_new) (one
-    vectorised pass; a few per thousand tokens)."""
+    grown enough since the last rebuild: lt = log(exp(lt) - sm r'_old + sm r'_new) (a few per
+    thousand tokens). ``lms`` [L, E] holds log(sm r'), the value of every entry without a count."""
     t = float(tok[layer])
     if t - built_at[layer] < max(REBUILD_MIN, (REBUILD_GROWTH - 1.0) * built_at[layer]):
         return
     E = use.shape[1]
     r = ((use[layer] + 1.0) / (t + E / k)).astype(np.float32)                 # [E]
-    x = lt[layer]                                                              # [3E, E], in place
-    np.exp(x, out=x)
-    x += sm * (r - rs[layer])
-    np.maximum(x, sm * r, out=x)           # a count never below 0 (float rounding)
-    np.log(x, out=x)
+    _shift_prior(lt[layer], stat_n[layer], lms[layer], rs[layer], r, np.float32(sm))
     rs[layer] = r
     lrs[layer] = np.log(r)
     built_at[layer] = t
+
+
+@njit(cache=True)
+def _shift_prior(lt, stat_n, lms, r_old, r_new, sm):
+    """One layer's table lt [3E, E] moved from the prior sm r_old to sm r_new. Most entries hold
+    no count (a row whose evidence never occurred, or a pair never seen): those equal lms[b]
+    exactly and become the new prior's log without an exp and a log each."""
+    E = lt.shape[1]
+    new = np.empty(E, dtype=np.float32)
+    for b in range(E):
+        new[b] = math.log(sm * r_new[b])
+    for a in range(lt.shape[0]):
+        if stat_n[a] == 0.0:
+            lt[a, :] = new
+            continue
+        for b in range(E):
+            x = lt[a, b]
+            if x == lms[b]:
+                lt[a, b] = new[b]
+            else:       # a count never below 0 (float rounding)
+                lt[a, b] = math.log(max(math.exp(x) + sm * (r_new[b] - r_old[b]), sm * r_new[b]))
+    lms[:] = new
 
 
 @njit(cache=True)

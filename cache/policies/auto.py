@@ -94,6 +94,7 @@ class AutoPolicy(CachePolicy):
         self._ln = np.full((L, 3 * E), np.log(np.float32(smooth)), dtype=np.float32)
         self._rs = np.full((L, E), r0, dtype=np.float32)
         self._lrs = np.log(self._rs)
+        self._lms = self._lt[:, 0, :].copy()      # log(smooth r'): an entry without a count
         self._built_at = np.zeros(L)
         self._p_all = np.full((L, E), P_FLOOR)
         self._hint: Optional[tuple[int, np.ndarray]] = None
@@ -227,8 +228,8 @@ class AutoPolicy(CachePolicy):
         K.learn(self._num, self._den, self._glob_num, self._glob_den, self._lt, self._stat_n,
                 self._ln, self._use, self._tok, self._lr, self._last, self._last_w, self._dec_at, layer,
                 ds, ids, w, self.decay, self.smooth)
-        K.rebuild_logs(self._lt, self._rs, self._lrs, self._use, self._tok, self._built_at,
-                       layer, self.smooth, self.top_k)
+        K.rebuild_logs(self._lt, self._rs, self._lrs, self._lms, self._stat_n, self._use,
+                       self._tok, self._built_at, layer, self.smooth, self.top_k)
 
     def _predict(self, layer: int, ds: np.ndarray, ids: np.ndarray, w: np.ndarray) -> None:
         """After a decode token routed ``ids`` at ``layer``, per request, P(b chosen) for: the

@@ -57,20 +57,47 @@ def test_a_count_lives_in_the_log_table_across_a_rebuild() -> None:
     r0 = np.float32(k / E)
     lt = np.full((L, 3 * E, E), np.log(sm * r0), dtype=np.float32)
     lt[1, 5, 3] = np.log(7 + sm * r0)
+    lt[1, 5, 4] = np.log(0.5 + sm * r0)
+    stat_n = np.zeros((L, 3 * E), dtype=np.float32)
+    stat_n[1, 5] = 7.5
     rs = np.full((L, E), r0, dtype=np.float32)
     lrs = np.log(rs)
+    lms = lt[:, 0, :].copy()
     use = np.zeros((L, E))
     use[1, 3] = 40.0
     tok = np.array([0.0, 40.0])
     built = np.zeros(L)
-    K.rebuild_logs(lt, rs, lrs, use, tok, built, 1, sm, k)
+    K.rebuild_logs(lt, rs, lrs, lms, stat_n, use, tok, built, 1, sm, k)
     assert built[1] == 40.0 and rs[1, 3] > r0
     counts = np.exp(lt[1].astype(np.float64)) - sm * rs[1].astype(np.float64)[None, :]
     assert counts[5, 3] == pytest.approx(7.0, rel=1e-5)
-    np.testing.assert_allclose(np.delete(counts.ravel(), 5 * E + 3), 0.0, atol=1e-5)
+    assert counts[5, 4] == pytest.approx(0.5, rel=1e-4)
+    np.testing.assert_allclose(np.delete(counts.ravel(), [5 * E + 3, 5 * E + 4]), 0.0, atol=1e-5)
+    # entries without a count hold the new prior's log exactly, which lms records
+    assert (lt[1][np.arange(3 * E) != 5] == lms[1]).all() and (lt[1, 5, :3] == lms[1, :3]).all()
+    np.testing.assert_allclose(lms[1], np.log(sm * rs[1]), rtol=1e-6)
+    np.testing.assert_array_equal(lt[0], np.log(sm * r0))       # other layers untouched
     before = lt.copy()
-    K.rebuild_logs(lt, rs, lrs, use, tok, built, 1, sm, k)     # no growth since: nothing to do
+    K.rebuild_logs(lt, rs, lrs, lms, stat_n, use, tok, built, 1, sm, k)   # no growth: no-op
     np.testing.assert_array_equal(lt, before)
+
+
+def test_the_prior_shift_compiled_equals_interpreted() -> None:
+    rng = np.random.default_rng(3)
+    E, sm = 16, np.float32(2.0)
+    r_old = (rng.random(E) * 0.2 + 0.01).astype(np.float32)
+    r_new = (rng.random(E) * 0.2 + 0.01).astype(np.float32)
+    counts = rng.integers(0, 3, (3 * E, E)) * (rng.random((3 * E, 1)) < 0.5)   # whole rows empty
+    lt = np.log(counts + sm * r_old).astype(np.float32)
+    stat_n = counts.sum(axis=1).astype(np.float32)
+    lms = np.log(sm * r_old).astype(np.float32)
+    runs = []
+    for fn in (K._shift_prior, K._shift_prior.py_func):
+        a, m = lt.copy(), lms.copy()
+        fn(a, stat_n, m, r_old, r_new, sm)
+        runs.append(a)
+        np.testing.assert_allclose(a, np.log(counts + sm * r_new), rtol=1e-5)
+    np.testing.assert_allclose(runs[0], runs[1], rtol=1e-6)
 
 
 def _brute(vals: np.ndarray, mask: np.ndarray, d: np.ndarray, pinned: set, n: int) -> list[int]:
