@@ -166,8 +166,9 @@ class OffloadedExpertProvider(OffloadReporting, ExpertProvider):
         self.policy.observe(layer, routed)
         self._drain(block=False)
 
-        keys = [(layer, e) for e in sorted({e for row in ids for e in row})]
         rows_of = None if self._cpu is None else Counter(e for row in ids for e in set(row))
+        keys = [(layer, e) for e in sorted({e for row in ids for e in row} if rows_of is None
+                                          else rows_of)]
         self._drop_stale_prefetches(layer, keys)
         self._layer_pins = set(keys)
         try:
