@@ -12,8 +12,8 @@ QUICK ?=
 # segfaults on Q8_0/Q4 GGUFs on some AVX-512 machines, so the ISA is named explicitly: AVX2 and,
 # where this CPU has them (/proc/cpuinfo), the AVX-512 extensions (on an AVX2-only CPU they would
 # be illegal instructions)
-CPU_FLAGS := $(shell cat /proc/cpuinfo 2>/dev/null | grep -m1 '^flags')
-LLAMA_ISA := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+CPU_FLAGS = $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+LLAMA_ISA = -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
 	$(if $(filter avx512f,$(CPU_FLAGS)),-DGGML_AVX512=ON) \
 	$(if $(filter avx512_vnni,$(CPU_FLAGS)),-DGGML_AVX512_VNNI=ON) \
 	$(if $(filter avx512_bf16,$(CPU_FLAGS)),-DGGML_AVX512_BF16=ON)
