@@ -364,6 +364,10 @@ def _warm_up() -> None:
         p.victims({(i, 0) for i in range(layer + 1)}, set(), layer, 1)
         p.prefetch(layer, {(i, 0) for i in range(layer + 1)}, 2)
     p.victims({(i, 0) for i in range(3)}, {(0, 0)}, 0, 2)
+    # the prior shift runs only once a layer has seen REBUILD_MIN tokens: force one here, or its
+    # first call (about 0.1 s to load, more to compile) lands inside a request's step
+    p._tok[0] = p._built_at[0] + 2 * K.REBUILD_MIN
+    p._learn(0, _NONE, np.zeros((0, p.top_k), dtype=np.int64), np.zeros((0, p.top_k)))
 
 
 def _split(keys: Collection[ExpertKey]) -> tuple[np.ndarray, np.ndarray]:

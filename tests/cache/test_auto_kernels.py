@@ -162,3 +162,50 @@ def test_score_rows_combine_requests_as_one_minus_the_product(active: list) -> N
         np.testing.assert_allclose(p_all[1:3], want_p[1:3], rtol=1e-12)
         np.testing.assert_allclose(vals[1:3], (1 - want_q[1:3]) * L / want_p[1:3], rtol=1e-12)
         assert (vals[[0, 3]] == -7.0).all()                 # rows outside lo..hi untouched
+
+
+def _compiled() -> dict[str, int]:
+    from numba.core.registry import CPUDispatcher
+
+    from cache.policies import _tracking
+    return {f"{mod.__name__}.{name}": len(fn.signatures) for mod in (K, _tracking)
+            for name, fn in vars(mod).items() if isinstance(fn, CPUDispatcher)}
+
+
+def test_no_loop_is_compiled_inside_a_step() -> None:
+    """Constructing the policy compiles (or loads) every loop the steps will call, the prior shift
+    included (it first runs only after REBUILD_MIN tokens at a layer; on a cold numba cache it
+    took 3.3 s inside a request's step)."""
+    from cache.policies.auto import AutoPolicy
+    from cache.routing import Routed
+
+    L, E, k = 6, 16, 2
+    p = AutoPolicy(L, E, k)
+    before = _compiled()
+    assert before[f"{K.__name__}._shift_prior"] > 0     # (_rescan runs only inside other loops)
+    rng = np.random.default_rng(0)
+    sids = ["a", "b", "c"]
+    resident: set = set()
+    rebuilt = p._built_at.copy()
+    for step in range(20):
+        p.begin_step(sids)
+        for layer in range(L):
+            if step and layer + 1 < L:
+                p.hint(layer + 1, rng.random(E).astype(np.float32))
+            n_tok = 8 if step == 0 else 1
+            routed = Routed([(s, rng.choice(E, (n_tok, k), replace=True).ravel().tolist()) for s in sids],
+                            sids if step == 0 else ())         # step 0: prompt passes
+            p.observe(layer, routed)
+            need = {(layer, e) for ids in routed.values() for e in ids}
+            for key in need - resident:
+                if len(resident) >= L * E // 4:
+                    for v in p.victims(resident, need, layer, 1):
+                        resident.discard(v)
+                        p.on_evict(v)
+                resident.add(key)
+                p.on_load(key)
+            for key in p.prefetch(layer, resident, 2):
+                resident.add(key)
+                p.on_load(key)
+    assert (p._built_at > rebuilt).any(), "the run never shifted a prior: too few tokens"
+    assert _compiled() == before
