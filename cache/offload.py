@@ -30,7 +30,7 @@ from cache.disk import ExpertReader, ExpertReadError
 from cache.host_tier import HostTier, resolve_host_budget
 from cache.io_pool import IOPool, LoadJob
 from cache.offload_report import OffloadReporting
-from cache.policy import CachePolicy, ExpertKey, UnionKeys, ranked_hint
+from cache.policy import CachePolicy, ExpertKey, UnionKeys, ranked_hint_ids
 from cache.prefetch_pacer import PrefetchPacer
 from cache.provider import (ExpertProvider, ExpertSource, HostExpert, ProvidedExpert, StepRows, Tracer,
                             check_shapes, expert_format)
@@ -160,9 +160,10 @@ class OffloadedExpertProvider(OffloadReporting, ExpertProvider):
             scores, ahead = got
             if ahead is not None:
                 self.tracer.record_lookahead(layer, ahead)      # type: ignore[union-attr]
-            self.policy.hint(layer + 1, scores)
+            top = ranked_hint_ids(scores, self.policy.top_k)        # ranked once for both
+            self.policy.hint(layer + 1, scores, top)
             if self.prefetch_on:
-                self._protect = {(layer + 1, e) for e in ranked_hint(scores, self.policy.top_k)}
+                self._protect = {(layer + 1, e) for e in top.tolist()}
         self.policy.observe(layer, routed)
         self._drain(block=False)
 

@@ -35,11 +35,6 @@ def ranked_hint_ids(scores: Sequence[float], k: int) -> np.ndarray:
     return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:k]
 
 
-def ranked_hint(scores: Sequence[float], k: int) -> list[int]:
-    """``ranked_hint_ids`` as a list of ints."""
-    return ranked_hint_ids(scores, k).tolist()
-
-
 class CachePolicy(ABC):
     name: ClassVar[str]
 
@@ -57,9 +52,10 @@ class CachePolicy(ABC):
         Engine and replay pass a ``cache.routing.Routed``, whose ``prompt`` names the requests
         in a prompt pass; a plain mapping is accepted (prompt passes are then guessed)."""
 
-    def hint(self, layer: int, scores: Sequence[float]) -> None:
+    def hint(self, layer: int, scores: Sequence[float], ranked: Optional[np.ndarray] = None) -> None:
         """Optional look-ahead: a score per expert of a later ``layer`` (e.g. its router applied
-        to the current hidden state). Policies that cannot use it ignore it."""
+        to the current hidden state); ``ranked``: ``ranked_hint_ids(scores, top_k)`` where the
+        caller has it already (ranked once per layer). Policies that cannot use it ignore it."""
 
     def prefetch(self, layer: int, resident: Collection[ExpertKey], limit: int) -> list[ExpertKey]:
         """After ``layer`` routed: at most ``limit`` non-resident experts of later layers worth

@@ -142,9 +142,9 @@ class AutoPolicy(CachePolicy):
         self._active = self._req.begin_step(seq_ids)
         self._grow()
 
-    def hint(self, layer: int, scores: Sequence[float]) -> None:
+    def hint(self, layer: int, scores: Sequence[float], ranked: Optional[np.ndarray] = None) -> None:
         if 0 <= layer < self.num_layers and len(scores) == self.num_experts:
-            top = ranked_hint_ids(scores, self.top_k)        # most likely first
+            top = ranked_hint_ids(scores, self.top_k) if ranked is None else ranked  # most likely first
             self._hint = (layer, top)
             self._incoming = (layer, top, min(len(self._active), 2) - 1)  # checked when it routes
 

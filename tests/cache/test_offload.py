@@ -184,9 +184,9 @@ class _Spy(CachePolicy):
     def observe(self, layer, routed):
         self.inner.observe(layer, routed)
 
-    def hint(self, layer, scores):
+    def hint(self, layer, scores, ranked=None):
         self.hints.append((layer, list(scores)))
-        self.inner.hint(layer, scores)
+        self.inner.hint(layer, scores, ranked)
 
     def prefetch(self, layer, resident, limit):
         return self.inner.prefetch(layer, resident, limit)
@@ -368,7 +368,7 @@ def test_one_host_read_per_layer_with_lookahead(ckpt, monkeypatch) -> None:
     hints: list[tuple[int, list[float]]] = []
     pol = policies.make_policy("auto", L, E, K, None)
     real_hint = pol.hint
-    pol.hint = lambda layer, scores: hints.append((layer, list(scores))) or real_hint(layer, scores)
+    pol.hint = lambda layer, scores, ranked=None: hints.append((layer, list(scores))) or real_hint(layer, scores, ranked)
     p = OffloadedExpertProvider(sources, torch.device("cpu"), torch.float32,
                                 CacheConfig(expert_budget=str(4 * EXPERT_BYTES)), pol, routers=routers)
     reads: list[torch.Size] = []

@@ -3,6 +3,7 @@ import pytest
 
 from cache.eam import EAMCollection
 from cache.policies import POLICY_NAMES, AutoPolicy, LFUPolicy, LRUPolicy, MoEInfinityPolicy, make_policy
+from cache.policy import ranked_hint_ids
 
 
 def test_registry_builds_every_policy_and_rejects_unknown():
@@ -172,6 +173,18 @@ def test_auto_uses_gate_hint_for_next_layer():
     p.hint(1, [0.1, 0.2, 3.0, 0.0])                   # the next router prefers expert 2
     p.observe(0, {"r": [0]})
     assert p.prefetch(0, {(0, 0), (0, 1)}, 1) == [(1, 2)]
+
+
+def test_auto_hint_ranked_by_the_caller_equals_ranked_by_the_policy():
+    scores = [0.1, 0.4, 0.2, 0.3]
+    own, given = AutoPolicy(3, 4, 2), AutoPolicy(3, 4, 2)
+    for p, ranked in ((own, None), (given, ranked_hint_ids(scores, 2))):
+        run_passes(p, [[[0, 1], [1, 2], [2, 3]], [[0, 2], [1, 3], [0, 3]]] * 2)
+        p.begin_step(["r"])
+        p.hint(1, scores, ranked)
+        p.observe(0, {"r": [0, 1]})
+    np.testing.assert_array_equal(own.predicted("r"), given.predicted("r"))
+    assert own.prefetch(0, {(0, 0), (0, 1)}, 3) == given.prefetch(0, {(0, 0), (0, 1)}, 3)
 
 
 def test_auto_end_request_feeds_collection_and_forgets_request():
