@@ -1,14 +1,15 @@
 """Per-layer cost of each cache policy at the shapes of real MoE models, on synthetic routing.
 
     python -m bench.policy_cost [--policies auto,lru] [--shapes 30x64x8] [--batches 1,8]
-                                [--tokens 12] [--json OUT] [--plot OUT.png]
+                                [--tokens 12] [--repeats 3] [--json OUT] [--plot OUT.png]
 
 For every policy, shape (MoE layers x experts, top-k) and batch size, a small driver plays
 decode steps through the policy exactly as the engine does (begin_step; per layer: hint,
 observe, one ``victims`` call for the misses when full, on_access, prefetch of up to 4 experts, on_load /
 on_evict) with a cache of 25% of the experts, loads completing instantly. Only the time spent
 inside policy calls counts; ms_per_layer = that time / (decode steps x layers), after a prompt
-pass and ``--warmup`` decode steps. The collection of past matrices is filled with 120
+pass and ``--warmup`` decode steps; each case is measured ``--repeats`` times (the policies in
+turn, in alternating order) and reported as the median, with min and max. The collection of past matrices is filled with 120
 synthetic requests first, as on a server that has been running a while.
 
 Routing: per layer a Zipf(1.1) popularity over a random permutation of the experts, a
@@ -32,7 +33,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from bench.common import RESULTS, machine, table
+from bench.common import RESULTS, machine, median, table
+from bench.e2e_plan import run_order
 from cache.eam import EAMCollection
 from cache.policies import POLICY_NAMES, make_policy
 from cache.policy import CachePolicy, ExpertKey
@@ -217,6 +219,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--batches", default="1,8", help="requests decoded together, comma-separated")
     ap.add_argument("--tokens", type=int, default=12, help="decode steps measured per case")
     ap.add_argument("--warmup", type=int, default=4, help="decode steps played before measuring")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="measurements per case (policies alternating); the table gives the median")
     ap.add_argument("--json", dest="json_out", metavar="OUT",
                     default=os.path.join(RESULTS, "policy_cost.json"), help="results JSON")
     ap.add_argument("--plot", metavar="OUT.png", default=None,
@@ -231,23 +235,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         batches = [int(b) for b in args.batches.split(",")]
     except ValueError:
         raise SystemExit(f"--batches: expected comma-separated integers, got {args.batches!r}")
-    if not batches or min(batches) < 1 or args.tokens < 1 or args.warmup < 0:
-        raise SystemExit("--batches must be >= 1, --tokens >= 1, --warmup >= 0")
+    if not batches or min(batches) < 1 or args.tokens < 1 or args.warmup < 0 or args.repeats < 1:
+        raise SystemExit("--batches must be >= 1, --tokens >= 1, --warmup >= 0, --repeats >= 1")
 
     rows = []
     for L, E, k in _parse_shapes(args.shapes):
         for b in batches:
+            runs: dict[str, list[float]] = {name: [] for name in names}
+            for rep in range(args.repeats):
+                for name in run_order(names, rep):
+                    runs[name].append(measure(name, L, E, k, b, args.tokens, args.warmup))
             for name in names:
-                ms = measure(name, L, E, k, b, args.tokens, args.warmup)
+                ms = runs[name]
                 rows.append({"policy": name, "layers": L, "experts": E, "top_k": k, "batch": b,
-                             "ms_per_layer": ms})
-                print(f"  {name:13s} {L}x{E} top-{k} batch {b}: {ms:.3f} ms/layer", flush=True)
+                             "ms_per_layer": median(ms), "ms_min": min(ms), "ms_max": max(ms),
+                             "runs": ms})
+                print(f"  {name:13s} {L}x{E} top-{k} batch {b}: {median(ms):.3f} ms/layer "
+                      f"({min(ms):.3f}-{max(ms):.3f})", flush=True)
     print(f"policy cost per MoE layer; {machine()}")
-    print(table(rows, ["policy", "layers", "experts", "top_k", "batch", "ms_per_layer"]))
-    os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-    with open(args.json_out, "w") as f:
+    print(table(rows, ["policy", "layers", "experts", "top_k", "batch", "ms_per_layer", "ms_min", "ms_max"]))
+    out = os.path.abspath(args.json_out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".tmp", "w") as f:          # replaced whole: never left half-written
         json.dump({"machine": machine(), "capacity": CAPACITY, "prefetch_limit": PREFETCH_LIMIT,
-                   "tokens": args.tokens, "results": rows}, f, indent=1)
+                   "tokens": args.tokens, "repeats": args.repeats, "results": rows}, f, indent=1)
+    os.replace(out + ".tmp", out)
     png = args.plot or os.path.splitext(args.json_out)[0] + ".png"
     plot(rows, png)
     print(f"wrote {args.json_out} and {png}")

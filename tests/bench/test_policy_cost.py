@@ -23,13 +23,16 @@ def test_synthetic_routing_is_top_k_distinct_skewed_and_reused():
 def test_cli_writes_schema_table_and_plot(tmp_path, capsys):
     out = tmp_path / "cost.json"
     assert main(["--shapes", "4x8x2", "--batches", "1,2", "--tokens", "2", "--warmup", "1",
-                 "--json", str(out)]) == 0
+                 "--repeats", "3", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     rows = doc["results"]
     assert len(rows) == 2 * len(POLICY_NAMES)
     for r in rows:
-        assert set(r) == {"policy", "layers", "experts", "top_k", "batch", "ms_per_layer"}
+        assert set(r) == {"policy", "layers", "experts", "top_k", "batch", "ms_per_layer", "ms_min",
+                          "ms_max", "runs"}
         assert (r["layers"], r["experts"], r["top_k"]) == (4, 8, 2) and r["ms_per_layer"] > 0
+        assert len(r["runs"]) == 3 and r["ms_per_layer"] == sorted(r["runs"])[1]
+        assert r["ms_min"] == min(r["runs"]) and r["ms_max"] == max(r["runs"])
     assert {r["policy"] for r in rows} == set(POLICY_NAMES)
     assert (tmp_path / "cost.png").stat().st_size > 1000
     assert "| policy |" in capsys.readouterr().out
