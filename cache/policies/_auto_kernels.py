@@ -189,14 +189,25 @@ def count_hint(hits, n, b, top, ids, w):
     n[b] += 1.0
 
 
+HINT_PRIOR = 0.8      # a rank's precision before any evidence, worth HINT_PRIOR_N passes
+HINT_PRIOR_N = 4.0
+
+
 @njit(cache=True)
-def apply_hint(q_all, p_all, vals, hl, top, prec, num_layers):
-    """The look-ahead's r-th expert top[r] of layer ``hl`` is used with the precision ``prec[r]``
-    its rank has had: q at least that, and its per-pass rate at least q
+def hint_precision(hits, n, b, r):
+    """How often rank r of the look-ahead was then used, in passes of kind b (0: one decode
+    request, 1: several; counted by count_hint), smoothed towards HINT_PRIOR."""
+    return (hits[b, r] + HINT_PRIOR_N * HINT_PRIOR) / (n[b] + HINT_PRIOR_N)
+
+
+@njit(cache=True)
+def apply_hint(q_all, p_all, vals, hl, top, hits, n, b, num_layers):
+    """The look-ahead's r-th expert top[r] of layer ``hl`` is used with the precision its rank
+    has had (hint_precision): q at least that, and its per-pass rate at least q
     (vals = (1 - q) L / max(p, q))."""
     for r in range(top.shape[0]):
         e = top[r]
-        qh = max(q_all[hl, e], prec[r])
+        qh = max(q_all[hl, e], hint_precision(hits, n, b, r))
         q_all[hl, e] = qh
         vals[hl, e] = (1.0 - qh) * num_layers / max(p_all[hl, e], qh)
 

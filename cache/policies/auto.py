@@ -150,9 +150,10 @@ class AutoPolicy(CachePolicy):
 
     def hint_precision(self, batch: int = 1) -> np.ndarray:
         """[k] how often the look-ahead's r-th expert was then used, for passes of one decode
-        request (batch 1) or several: the hint's q, learned online (smoothed towards 0.8)."""
-        b = min(max(batch, 1), 2) - 1
-        return (self._hint_hits[b] + 4 * 0.8) / (self._hint_n[b] + 4)
+        request (batch 1) or several: the hint's q, learned online (smoothed towards K.HINT_PRIOR)."""
+        b = _hint_kind(batch)
+        return np.array([K.hint_precision(self._hint_hits, self._hint_n, b, r)
+                         for r in range(self.top_k)])
 
     def _verify_hint(self, layer: int, ids: np.ndarray, w: np.ndarray) -> None:
         """Count which ranks of the look-ahead for ``layer`` this decode pass used."""
@@ -257,8 +258,8 @@ class AutoPolicy(CachePolicy):
         if self._hint is not None:
             hl, top = self._hint
             if hl == layer + 1 and hl < hi:     # q of rank r: at least the precision r has had
-                K.apply_hint(self._q_all, self._p_all, self._vals, hl, top,
-                             self.hint_precision(len(act)), L)
+                K.apply_hint(self._q_all, self._p_all, self._vals, hl, top, self._hint_hits,
+                             self._hint_n, _hint_kind(len(act)), L)
             self._hint = None
 
     # --- decisions ---------------------------------------------------------------------------
@@ -344,6 +345,11 @@ class AutoPolicy(CachePolicy):
 
 
 _NONE = np.zeros(0, dtype=np.int64)
+
+
+def _hint_kind(batch: int) -> int:
+    """Which precision counts a pass of ``batch`` requests uses: 0 for one, 1 for several."""
+    return min(max(batch, 1), 2) - 1
 _warm = False
 
 
