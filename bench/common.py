@@ -86,8 +86,10 @@ def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
 
 
 def write_json(name: str, data: Any) -> str:
-    os.makedirs(RESULTS, exist_ok=True)
+    """Writes ``data`` to ``name`` under RESULTS (an absolute path stands for itself), replaced
+    whole: never left half-written. Returns the path."""
     path = os.path.join(RESULTS, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2)

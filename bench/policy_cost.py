@@ -24,7 +24,6 @@ from moeserve import runtime_env
 runtime_env.apply()     # the engine's thread settings (one BLAS thread), before numpy loads
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from bench.common import RESULTS, machine, median, table
+from bench.common import RESULTS, machine, median, table, write_json
 from bench.e2e_plan import run_order
 from cache.eam import EAMCollection
 from cache.policies import POLICY_NAMES, make_policy
@@ -247,19 +246,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     runs[name].append(measure(name, L, E, k, b, args.tokens, args.warmup))
             for name in names:
                 ms = runs[name]
+                mid, lo, hi = median(ms), min(ms), max(ms)
                 rows.append({"policy": name, "layers": L, "experts": E, "top_k": k, "batch": b,
-                             "ms_per_layer": median(ms), "ms_min": min(ms), "ms_max": max(ms),
-                             "runs": ms})
-                print(f"  {name:13s} {L}x{E} top-{k} batch {b}: {median(ms):.3f} ms/layer "
-                      f"({min(ms):.3f}-{max(ms):.3f})", flush=True)
+                             "ms_per_layer": mid, "ms_min": lo, "ms_max": hi, "runs": ms})
+                print(f"  {name:13s} {L}x{E} top-{k} batch {b}: {mid:.3f} ms/layer ({lo:.3f}-{hi:.3f})",
+                      flush=True)
     print(f"policy cost per MoE layer; {machine()}")
     print(table(rows, ["policy", "layers", "experts", "top_k", "batch", "ms_per_layer", "ms_min", "ms_max"]))
-    out = os.path.abspath(args.json_out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + ".tmp", "w") as f:          # replaced whole: never left half-written
-        json.dump({"machine": machine(), "capacity": CAPACITY, "prefetch_limit": PREFETCH_LIMIT,
-                   "tokens": args.tokens, "repeats": args.repeats, "results": rows}, f, indent=1)
-    os.replace(out + ".tmp", out)
+    write_json(os.path.abspath(args.json_out),
+               {"machine": machine(), "capacity": CAPACITY, "prefetch_limit": PREFETCH_LIMIT,
+                "tokens": args.tokens, "repeats": args.repeats, "results": rows})
     png = args.plot or os.path.splitext(args.json_out)[0] + ".png"
     plot(rows, png)
     print(f"wrote {args.json_out} and {png}")

@@ -345,12 +345,12 @@ class AutoPolicy(CachePolicy):
 
 
 _NONE = np.zeros(0, dtype=np.int64)
+_warm = False
 
 
 def _hint_kind(batch: int) -> int:
     """Which precision counts a pass of ``batch`` requests uses: 0 for one, 1 for several."""
     return min(max(batch, 1), 2) - 1
-_warm = False
 
 
 def _warm_up() -> None:
