@@ -169,3 +169,21 @@ def test_pack_linears_keeps_outputs_and_routers_plain() -> None:
         assert isinstance(model[0], PackedLinear) and model[0].weight.is_mkldnn
         assert model[1].weight is router                   # still readable as a plain tensor
         assert torch.equal(model(x), want)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dk,dv,keys", [(9, 3, 64, 64, 1), (9, 3, 64, 64, 700),
+                                                       (4, 4, 48, 32, 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_matches_sdpa(heads: int, kv_heads: int, dk: int, dv: int, keys: int,
+                                       dtype: torch.dtype) -> None:
+    from engine.models.common import decode_attention
+    g = torch.Generator().manual_seed(keys)
+    q = torch.randn(1, heads, 1, dk, generator=g)
+    k, v = torch.randn(1, kv_heads, keys, dk, generator=g), torch.randn(1, kv_heads, keys, dv, generator=g)
+    for scale in (None, 0.3):
+        ref = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=heads != kv_heads)
+        out = decode_attention(q.to(dtype), k.to(dtype), v.to(dtype), scale)
+        assert out.shape == (1, heads, 1, dv) and out.dtype == dtype
+        # fp32: the same sums in another order; bf16: inputs and output rounded (8 bits)
+        torch.testing.assert_close(out.float(), ref, atol=1e-5 if dtype == torch.float32 else 2e-2,
+                                   rtol=1e-4 if dtype == torch.float32 else 2e-2)
