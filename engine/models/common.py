@@ -225,9 +225,12 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch,
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      scale: Optional[float] = None) -> torch.Tensor:
     """One query token over its keys: q [1, H, 1, D], k [1, Hkv, L, D], v [1, Hkv, L, Dv] ->
-    [1, H, 1, Dv], in fp32 (as SDPA's math reference). PyTorch's CPU flash kernel is slow for a
-    single query (one thread, 9 heads over 3 kv heads: 68 vs 33 us at 64 keys, 2.3 vs 0.37 ms at
-    2048); grouped heads share their kv head through the view, nothing repeated."""
+    [1, H, 1, Dv]. On a CPU in fp32 through two bmm's (as SDPA's math reference): PyTorch's CPU
+    flash kernel is slow for one query (one thread, 9 heads over 3 kv heads: 68 vs 33 us at 64
+    keys, 2.3 vs 0.37 ms at 2048); grouped heads share their kv head through the view. Elsewhere
+    SDPA, whose GPU kernels read bf16 keys in place."""
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     _, h, _, d = q.shape
     hkv = k.shape[1]
     qg = q.reshape(hkv, h // hkv, d).float() * (d ** -0.5 if scale is None else scale)  # [Hkv, G, D]
