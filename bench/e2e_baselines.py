@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from bench.e2e_worker import Probe, fast_enough, measure_sequential
 
@@ -138,9 +138,10 @@ def run_llama_cpp(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def decode_together(llama_cpp: Any, llm: Any, prompts: list[list[int]], n: int,
-                    threads: int) -> list[list[int]]:
+                    threads: int, decode_start: Optional[list[float]] = None) -> list[list[int]]:
     """Greedy-decode ``n`` tokens for each prompt as parallel sequences of one llama.cpp context
-    (its own multi-sequence batching, as llama-server's parallel slots do); the tokens of each."""
+    (its own multi-sequence batching, as llama-server's parallel slots do); the tokens of each.
+    ``decode_start`` receives the time at which every prompt had its first token."""
     import numpy as np
 
     k = len(prompts)
@@ -174,6 +175,8 @@ def decode_together(llama_cpp: Any, llm: Any, prompts: list[list[int]], n: int,
             nxt.append(argmax(len(ids) - 1))
             pos.append(len(ids))
         made = [[t] for t in nxt]
+        if decode_start is not None:
+            decode_start.append(time.perf_counter())
         for _ in range(n - 1):
             submit([(nxt[s], pos[s], s, True) for s in range(k)])
             nxt = [argmax(s) for s in range(k)]

@@ -34,9 +34,9 @@ GGUF_OF = {"none": "bf16", "int8": "q8_0", "int4": "q4_k_m"}
 Measure = Callable[[list[list[int]], int], tuple[float, float]]     # (decode tok/s, prompt tok/s)
 
 
-def moeserve_system(model_dir: str, fmt: str, dtype: str, max_batch: int) -> Measure:
+def moeserve_system(model_dir: str, fmt: str, dtype: str, max_batch: int, context: Optional[int]) -> Measure:
     q = None if fmt == "none" else fmt
-    eng = build_engine(EngineConfig(model=model_dir, max_batch=max_batch, quantize=q,
+    eng = build_engine(EngineConfig(model=model_dir, max_batch=max_batch, quantize=q, context_length=context,
                                     dtype=dtype if fmt == "none" else "auto"), CacheConfig(), progress=False)
     run_to_completion(eng, [GenerateRequest("warm", (1, 2, 3), SamplingParams(max_tokens=2, temperature=0.0))])
     n = [0]
@@ -77,17 +77,18 @@ def transformers_system(model_dir: str, dtype: str, pad: int) -> Measure:
     return measure
 
 
-def llama_system(gguf: str, threads: int, max_batch: int, ctx: int) -> Measure:
+def llama_system(gguf: str, threads: int, max_batch: int, ctx: int, flash_attn: bool) -> Measure:
     import llama_cpp
 
     from bench.e2e_baselines import decode_together
-    llm = llama_cpp.Llama(gguf, n_ctx=ctx, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
+    llm = llama_cpp.Llama(gguf, n_ctx=ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                          flash_attn=flash_attn, verbose=False)
 
     def measure(prompts: list[list[int]], tokens: int) -> tuple[float, float]:
-        if len(prompts) > 1:
-            start = time.perf_counter()
-            decode_together(llama_cpp, llm, prompts, tokens, threads)
-            return len(prompts) * tokens / (time.perf_counter() - start), float("nan")
+        if len(prompts) > 1:        # as for moeserve: the tokens after each first, from the last first
+            started: list[float] = []
+            decode_together(llama_cpp, llm, prompts, tokens, threads, decode_start=started)
+            return len(prompts) * (tokens - 1) / (time.perf_counter() - started[0]), float("nan")
         stamps: list[float] = []
         llm.reset()         # else generate() reuses the cached prefix and skips the prompt pass
         start = time.perf_counter()
@@ -97,6 +98,25 @@ def llama_system(gguf: str, threads: int, max_batch: int, ctx: int) -> Measure:
                 break
         return (tokens - 1) / (stamps[-1] - stamps[0]), len(prompts[0]) / (stamps[0] - start)
     return measure
+
+
+def long_prompts(tok: TextTokenizer, n: int, context: int) -> list[list[int]]:
+    """n chat prompts: held-out question i alone (context 0), or preceded by the other MT-Bench
+    first turns in a fixed order until the prompt holds about ``context`` tokens."""
+    from convert.mtbench import load_questions
+    questions = heldout_prompts(n)
+    if context <= 0:
+        return [tok.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    others = [q.turns[0] for q in load_questions()]
+    out = []
+    for i, q in enumerate(questions):
+        parts: list[str] = []
+        k = i
+        while len(tok.encode_chat([{"role": "user", "content": "\n\n".join(parts + [q])}])) < context:
+            parts.append(others[k % len(others)])
+            k += 1
+        out.append(tok.encode_chat([{"role": "user", "content": "\n\n".join(parts + [q])}]))
+    return out
 
 
 def spread(xs: list[float]) -> dict[str, Optional[float]]:
@@ -117,36 +137,46 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="compute threads for all (1: OpenMP threads spin-waiting on a shared "
                          "2-core box were several times slower)")
+    ap.add_argument("--context", type=int, default=0,
+                    help="prompt tokens per request: each question follows earlier MT-Bench questions "
+                         "as a long first message, so decode attends over about this many keys "
+                         "(0: the question alone)")
+    ap.add_argument("--llama-flash-attn", choices=("on", "off"), default="on",
+                    help="llama.cpp's flash attention (on: what llama.cpp's CLI and server pick by "
+                         "default on a CPU, -fa auto; llama-cpp-python's own default is off)")
     ap.add_argument("--json", default=os.path.join(RESULTS, "engine_speed.json"), help="output JSON path")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = resolve_model_dir(EngineConfig(model=args.model))
     tok = TextTokenizer(model_dir)
     batches = [int(b) for b in args.batches.split(",")]
-    prompts = [tok.encode_chat([{"role": "user", "content": t}]) for t in heldout_prompts(max(batches))]
+    prompts = long_prompts(tok, max(batches), args.context)
     pad = tok.encode("\n", add_special_tokens=False)[0]
     names = [s.strip() for s in args.systems.split(",") if s.strip()]
     hf = transformers_system(model_dir, args.dtype, pad) if "transformers" in names else None
+    per_request = max(len(p) for p in prompts) + args.tokens + 8      # tokens of context a request needs
     rows: list[dict[str, Any]] = []
     for fmt in [f.strip() for f in args.formats.split(",") if f.strip()]:
         systems: dict[str, Measure] = {}
         if "moeserve" in names:
-            systems["moeserve"] = moeserve_system(model_dir, fmt, args.dtype, max(batches))
+            systems["moeserve"] = moeserve_system(model_dir, fmt, args.dtype, max(batches),
+                                                  per_request if args.context else None)
         if hf is not None:
             systems["transformers"] = hf
         if "llama.cpp" in names:
             from bench.e2e_gguf import ensure_gguf, ensure_llama_quantized
             q = GGUF_OF[fmt]
             gguf = ensure_gguf(model_dir) if q == "bf16" else ensure_llama_quantized(model_dir, q)
-            ctx = max(batches) * (max(len(p) for p in prompts) + args.tokens + 8)
-            systems["llama.cpp"] = llama_system(gguf, args.threads, max(batches), ctx)
+            systems["llama.cpp"] = llama_system(gguf, args.threads, max(batches), max(batches) * per_request,
+                                                args.llama_flash_attn == "on")
         for b in batches:
             got: dict[str, list[tuple[float, float]]] = {k: [] for k in systems}
             for rep in range(args.repeats):
                 for name in run_order(list(systems), rep):
                     got[name].append(systems[name](prompts[:b], args.tokens))
             label = args.dtype if fmt == "none" else fmt
-            row: dict[str, Any] = {"model": os.path.basename(model_dir), "batch": b, "dtype": label}
+            row: dict[str, Any] = {"model": os.path.basename(model_dir), "batch": b, "dtype": label,
+                                   "prompt_tokens": round(median([len(p) for p in prompts[:b]]))}
             for name, key in (("moeserve", "moeserve"), ("transformers", "transformers"), ("llama.cpp", "llama_cpp")):
                 runs = got.get(name, [])
                 row[f"{key}_tok_s"] = spread([r[0] for r in runs])["median"] if runs else None
@@ -159,13 +189,14 @@ def main() -> None:
                   flush=True)
         systems.pop("transformers", None)
         systems.clear()
-    cols = ["model", "batch", "dtype", "moeserve_tok_s", "transformers_tok_s", "llama_cpp_tok_s", "prefill_tok_s",
+    cols = ["model", "batch", "dtype", "prompt_tokens", "moeserve_tok_s", "transformers_tok_s", "llama_cpp_tok_s", "prefill_tok_s",
             "transformers_prefill_tok_s", "llama_cpp_prefill_tok_s"]
     print(table(rows, cols))
     out = os.path.abspath(args.json)          # write_json takes a name under RESULTS or an absolute path
     path = write_json(os.path.relpath(out, RESULTS) if out.startswith(RESULTS) else out,
                       {"machine": machine(), "model": model_dir, "tokens": args.tokens, "threads": args.threads,
-                       "repeats": args.repeats, "results": rows})
+                       "repeats": args.repeats, "context": args.context,
+                       "llama_flash_attn": args.llama_flash_attn, "results": rows})
     plot(os.path.splitext(out)[0] + ".png", rows)
     print(f"wrote {path}")
 
