@@ -114,7 +114,9 @@ def sample(logits: torch.Tensor, states: list[SamplerState]) -> list[Choice]:
     """
     logits = logits.float().cpu()
     if all(st.params.greedy and not st.needs_processing and not st.params.logprobs for st in states):
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        # a row whose sum is finite holds no NaN or inf (torch.isfinite over [8, 49152] cost
+        # ~1 ms a step); the rest get the full check
+        finite = torch.isfinite(logits.sum(dim=-1)).tolist()
         return [Choice(int(t), None, None) if ok else _failed(row)
                 for t, ok, row in zip(torch.argmax(logits, dim=-1).tolist(), finite, logits)]
     out = []

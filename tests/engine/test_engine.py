@@ -198,3 +198,22 @@ def test_logit_bias_ids_outside_the_vocabulary_are_rejected(engine: Engine) -> N
     with pytest.raises(ValueError, match="logit_bias token id"):
         engine.add_request(GenerateRequest("oov", (1, 2), SamplingParams(
             max_tokens=2, logit_bias=((vocab, 5.0),))))
+
+
+def test_greedy_fast_path_flags_exactly_the_unusable_rows() -> None:
+    """Plain greedy rows are checked through their sums: NaN, +inf or nothing finite fails the
+    row alone; a -inf entry or finite logits whose sum overflows are sampled as usual."""
+    from engine.sampling import SamplerState, sample
+    logits = torch.randn(6, 50)
+    logits[0, 3] = float("nan")
+    logits[1, 7] = float("inf")
+    logits[2] = float("-inf")
+    logits[3, 0] = float("-inf")                     # a masked token: still a usable row
+    logits[4] = 3e38                                 # finite, but the row's sum overflows
+    logits[4, 9] = 3.3e38
+    states = [SamplerState(GREEDY, (1,)) for _ in range(6)]
+    got = sample(logits, states)
+    assert [c.error is not None for c in got] == [True, True, True, False, False, False]
+    assert "NaN" in got[0].error and "+inf" in got[1].error and "finite" in got[2].error
+    assert got[3].token == int(torch.argmax(logits[3])) and got[4].token == 9
+    assert got[5].token == int(torch.argmax(logits[5]))
