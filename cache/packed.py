@@ -34,44 +34,12 @@ def pack_weight(w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
 
 
-MIN_ROWS = 4        # fewer rows through a packed weight are padded to this many (packed_linear)
-
-
 def packed_linear(x: torch.Tensor, w: torch.Tensor,
                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [..., In] @ w^T (+ bias) -> [..., O] through oneDNN, for a ``pack_weight`` result or a
     plain bf16 weight (cache slots: F.linear would send small products to ATen's own kernel,
-    whose rounding differs from the packed one). For a packed weight, fewer than MIN_ROWS rows
-    are padded with zero rows: oneDNN's kernel for 4 rows streams a packed weight faster than
-    its kernel for one ([3072 x 576]: 16 vs 12 GB/s), and each row's result is the same either
-    way. A plain weight is not padded: there 4 rows are slower than one (5.7 vs 8.0 GB/s)."""
-    rows = x.numel() // x.shape[-1]
-    if rows >= MIN_ROWS or not w.is_mkldnn or not _padding_exact():
-        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
-    xp = x.new_zeros(MIN_ROWS, x.shape[-1])                          # [MIN_ROWS, In]
-    xp[:rows] = x.reshape(rows, -1)
-    out = torch.ops.mkldnn._linear_pointwise(xp, w, bias, "none", [], "")[:rows]
-    return out.view(*x.shape[:-1], out.shape[-1])
-
-
-@lru_cache(maxsize=1)
-def _padding_exact() -> bool:
-    """Whether padding changes no bits on this CPU (checked once): each of 1..MIN_ROWS-1 rows
-    through a packed weight, padded, equals the same rows through the plain weight unpadded (a
-    cache slot) and inside a larger batch. Else (another oneDNN kernel choice) nothing is padded."""
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(128, 64, generator=g).to(torch.bfloat16)
-    packed = pack_weight(w)
-    big = torch.randn(MIN_ROWS + 9, 64, generator=g).to(torch.bfloat16)
-    whole = torch.ops.mkldnn._linear_pointwise(big, packed, None, "none", [], "")
-    for rows in range(1, MIN_ROWS):
-        xp = torch.zeros(MIN_ROWS, 64, dtype=torch.bfloat16)
-        xp[:rows] = big[:rows]
-        padded = torch.ops.mkldnn._linear_pointwise(xp, packed, None, "none", [], "")[:rows]
-        plain = torch.ops.mkldnn._linear_pointwise(big[:rows], w, None, "none", [], "")
-        if not (torch.equal(padded, plain) and torch.equal(padded, whole[:rows])):
-            return False
-    return True
+    whose rounding differs from the packed one)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 
 class PackedExpert(NamedTuple):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from cache.quant import (ExpertFormat, default_group_size, dequantize_int4, fill_slot, pack_int4,
                          quantize_int4, quantize_int8, unpack_int4_cpu)
-from cache.packed import PackedExpert, pack_expert, pack_weight, packs
+from cache.packed import PackedExpert, pack_expert, packs
 from engine.kernels import PackedLinear, dequantize, expert_forward, linear, pack_linears
 
 
@@ -150,30 +150,16 @@ def test_packed_resident_expert_is_bit_identical_to_a_plain_slot(inter: int, hid
         w.copy_(_weights(*w.shape, seed=n).to(torch.bfloat16))
     packed = pack_expert(plain)
     assert isinstance(packed, PackedExpert) and packed.gate_up.is_mkldnn
+    g = torch.Generator().manual_seed(inter)
     for rows in (1, 2, 3, 8, 33):
-        x = torch.randn(rows, hidden, dtype=torch.bfloat16)
-        assert torch.equal(expert_forward(x, packed), expert_forward(x, plain)), rows
+        # several inputs per row count: a kernel mismatch may show only on some (oneDNN's one-row
+        # plain product against a padded packed one differed for ~1 input in 10 at In = 1536)
+        for _ in range(24 if rows == 1 else 4):
+            x = torch.randn(rows, hidden, generator=g).to(torch.bfloat16)
+            assert torch.equal(expert_forward(x, packed), expert_forward(x, plain)), rows
         ref = F.linear(F.silu(F.linear(x.float(), plain.gate.float())) * F.linear(x.float(), plain.up.float()),
                        plain.down.float())
         assert (expert_forward(x, packed).float() - ref).abs().max() <= 0.05 * ref.abs().max()
-
-
-@needs_onednn_bf16
-@pytest.mark.parametrize("shape", [(1, 64), (3, 64), (1, 1, 64), (2, 1, 64)])
-def test_packed_linear_pads_few_rows_without_changing_them(shape: tuple[int, ...]) -> None:
-    """Fewer than MIN_ROWS rows go through oneDNN padded with zero rows (its kernel for 4 rows
-    streams faster): each row's bits must be those it gets inside any larger batch."""
-    from cache.packed import MIN_ROWS, packed_linear
-    w = _weights(96, 64, seed=4).to(torch.bfloat16)
-    packed = pack_weight(w)
-    x = torch.randn(*shape, dtype=torch.bfloat16)
-    rows = x.reshape(-1, 64)
-    assert rows.shape[0] < MIN_ROWS
-    big = torch.cat([rows, torch.randn(9, 64, dtype=torch.bfloat16)])      # 9+ rows: no padding
-    got = packed_linear(x, packed)
-    assert got.shape == (*shape[:-1], 96) and got.dtype == torch.bfloat16
-    assert torch.equal(got.reshape(-1, 96), packed_linear(big, packed)[:rows.shape[0]])
-    assert torch.equal(got, packed_linear(x, w))               # a plain weight: never padded
 
 
 @needs_onednn_bf16
