@@ -25,14 +25,16 @@ REBUILD_MIN = 32.0
 
 
 @njit(cache=True)
-def learn(num, den, glob_num, glob_den, lt, stat_n, ln, use, tok, lr, last, last_w,
-          dec_at, layer, ds, ids, w, g, sm):
+def learn(num, den, glob_num, glob_den, lt, lms, cols, ncol, stat_n, ln, use, tok, lr, last,
+          last_w, dec_at, layer, ds, ids, w, g, sm):
     """A decode pass routed ``ids`` [B, k] (weights ``w``) at ``layer`` for slots ``ds`` [B]:
     the per-request pass counts (num decayed by ``g``, den) and the global ones; the pairs
     (evidence a -> chosen b) of the three blocks. The pair counts c are kept only as their
     smoothed logs lt[layer, a, b] = log(c + sm r'_b) (r', the rates at the table's last
     rebuild), so a count w is added as lt = log(exp(lt) + w): one [L, 3E, E] table instead of
     counts and their logs (45 MB less at DeepSeek-V3's shape).
+    A pair's first count appends b to row a's list of counted columns (cols[layer, a, :ncol]),
+    which is all the prior shift has to recompute (an entry without a count equals lms[layer, b]).
     ln[layer, a] = log(stat_n + sm) likewise follows the evidence counts, and lr[layer] =
     log r(b) = log((use + 1) / (tok + E / k)) the layer's rates (predict reads them for the
     layers ahead, which this pass has not routed yet)."""
@@ -66,7 +68,13 @@ def learn(num, den, glob_num, glob_den, lt, stat_n, ln, use, tok, lr, last, last
                 ln[layer, a] = math.log(stat_n[layer, a] + sm)
                 for n in range(k):
                     b = ids[bi, n]
-                    lt[layer, a, b] = math.log(math.exp(lt[layer, a, b]) + wa * w[bi, n])
+                    add = wa * w[bi, n]
+                    if add == 0.0:
+                        continue
+                    if lt[layer, a, b] == lms[layer, b]:     # the pair's first count
+                        cols[layer, a, ncol[layer, a]] = b
+                        ncol[layer, a] += 1
+                    lt[layer, a, b] = math.log(math.exp(lt[layer, a, b]) + add)
     tok[layer] += ds.shape[0]
     glob_den[layer] += ds.shape[0]
     for b in range(E):
@@ -132,32 +140,37 @@ def score_rows(num, den, prior, q, act, lo, hi, a, p_floor, q_all, p_all, vals,
                num_layers):
     """Rows lo..hi-1 of the batch estimate: per request p = (num + a prior) / (den + a) and q
     (p where not predicted), combined as 1 - prod_s (1 - x); vals = (1 - q) L / max(p, floor).
-    p_all[i] keeps the combined p of row i (the hint adjusts against it)."""
+    p_all[i] keeps the combined p of row i (the hint adjusts against it). Experts are the
+    inner loop (contiguous, vectorised), one request after another."""
     E = num.shape[2]
     S = act.shape[0]
+    np_ = np.ones(E)            # S == 1: p and q themselves; else prod_s (1 - p), (1 - q)
+    nq = np.ones(E)
     for i in range(lo, hi):
+        for r in range(S):
+            s = act[r]
+            inv = den[s, i] + a
+            for e in range(E):
+                x = (num[s, i, e] + a * prior[s, i, e]) / inv
+                y = q[s, i, e]
+                if y < 0.0:
+                    y = x
+                if S == 1:
+                    np_[e] = x
+                    nq[e] = y
+                elif r == 0:
+                    np_[e] = 1.0 - x
+                    nq[e] = 1.0 - y
+                else:
+                    np_[e] *= 1.0 - x
+                    nq[e] *= 1.0 - y
         for e in range(E):
-            if S == 1:
-                s = act[0]
-                pp = (num[s, i, e] + a * prior[s, i, e]) / (den[s, i] + a)
-                qq = q[s, i, e]
-                if qq < 0.0:
-                    qq = pp
-            else:
-                np_ = 1.0
-                nq = 1.0
-                for r in range(S):
-                    s = act[r]
-                    x = (num[s, i, e] + a * prior[s, i, e]) / (den[s, i] + a)
-                    y = q[s, i, e]
-                    if y < 0.0:
-                        y = x
-                    np_ *= 1.0 - x
-                    nq *= 1.0 - y
-                pp = 1.0 - np_
-                qq = 1.0 - nq
             if S == 0:
                 pp, qq = 0.0, 0.0
+            elif S == 1:
+                pp, qq = np_[e], nq[e]
+            else:
+                pp, qq = 1.0 - np_[e], 1.0 - nq[e]
             pp = max(pp, p_floor)
             q_all[i, e] = qq
             p_all[i, e] = pp
@@ -213,8 +226,8 @@ def apply_hint(q_all, p_all, vals, hl, top, hits, n, b, num_layers):
 
 
 def rebuild_logs(lt: np.ndarray, rs: np.ndarray, lrs: np.ndarray, lms: np.ndarray,
-                 stat_n: np.ndarray, use: np.ndarray, tok: np.ndarray, built_at: np.ndarray,
-                 layer: int, sm: float, k: int) -> None:
+                 cols: np.ndarray, ncol: np.ndarray, use: np.ndarray, tok: np.ndarray,
+                 built_at: np.ndarray, layer: int, sm: float, k: int) -> None:
     """Moves layer ``layer``'s smoothing prior to the current rates when its token count has
     grown enough since the last rebuild: lt = log(exp(lt) - sm r'_old + sm r'_new) (a few per
     thousand tokens). ``lms`` [L, E] holds log(sm r'), the value of every entry without a count."""
@@ -223,31 +236,31 @@ def rebuild_logs(lt: np.ndarray, rs: np.ndarray, lrs: np.ndarray, lms: np.ndarra
         return
     E = use.shape[1]
     r = ((use[layer] + 1.0) / (t + E / k)).astype(np.float32)                 # [E]
-    _shift_prior(lt[layer], stat_n[layer], lms[layer], rs[layer], r, np.float32(sm))
+    _shift_prior(lt[layer], cols[layer], ncol[layer], lms[layer], rs[layer], r, np.float32(sm))
     rs[layer] = r
     lrs[layer] = np.log(r)
     built_at[layer] = t
 
 
 @njit(cache=True)
-def _shift_prior(lt, stat_n, lms, r_old, r_new, sm):
-    """One layer's table lt [3E, E] moved from the prior sm r_old to sm r_new. Most entries hold
-    no count (a row whose evidence never occurred, or a pair never seen): those equal lms[b]
-    exactly and become the new prior's log without an exp and a log each."""
+def _shift_prior(lt, cols, ncol, lms, r_old, r_new, sm):
+    """One layer's table lt [3E, E] moved from the prior sm r_old to sm r_new. Entries without
+    a count hold lms[b] exactly: each row is overwritten with the new prior's log (a contiguous
+    copy), and only its counted columns (cols[a, :ncol[a]], kept by learn) are recomputed as
+    log(exp(lt) + sm (r_new - r_old)), from their values saved before the copy."""
     E = lt.shape[1]
     new = np.empty(E, dtype=np.float32)
     for b in range(E):
         new[b] = math.log(sm * r_new[b])
+    saved = np.empty(E, dtype=np.float32)
     for a in range(lt.shape[0]):
-        if stat_n[a] == 0.0:
-            lt[a, :] = new
-            continue
-        for b in range(E):
-            x = lt[a, b]
-            if x == lms[b]:
-                lt[a, b] = new[b]
-            else:       # a count never below 0 (float rounding)
-                lt[a, b] = math.log(max(math.exp(x) + sm * (r_new[b] - r_old[b]), sm * r_new[b]))
+        n = ncol[a]
+        for t in range(n):
+            saved[t] = lt[a, cols[a, t]]
+        lt[a, :] = new
+        for t in range(n):      # a count never below 0 (float rounding)
+            b = cols[a, t]
+            lt[a, b] = math.log(max(math.exp(saved[t]) + sm * (r_new[b] - r_old[b]), sm * r_new[b]))
     lms[:] = new
 
 

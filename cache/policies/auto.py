@@ -1,6 +1,7 @@
 """``auto``: eviction and prefetch by estimated time to next use (an estimated Belady)."""
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any, Collection, Mapping, Optional, Sequence
 
 import numpy as np
@@ -95,6 +96,10 @@ class AutoPolicy(CachePolicy):
         self._rs = np.full((L, E), r0, dtype=np.float32)
         self._lrs = np.log(self._rs)
         self._lms = self._lt[:, 0, :].copy()      # log(smooth r'): an entry without a count
+        # per layer and evidence row, the columns that hold a count (learn appends, the prior
+        # shift recomputes only those)
+        self._cols = np.zeros((L, 3 * E, E), dtype=np.uint8 if E <= 256 else np.uint16)
+        self._ncol = np.zeros((L, 3 * E), dtype=np.int32)
         self._built_at = np.zeros(L)
         self._p_all = np.full((L, E), P_FLOOR)
         self._hint: Optional[tuple[int, np.ndarray]] = None
@@ -226,10 +231,10 @@ class AutoPolicy(CachePolicy):
         """The pass counts of ``ids``, and this token's layers l-1 and l-2 (when this pass
         routed them as a decode) and the previous token's layer l as evidence for them (the
         three blocks of _stat)."""
-        K.learn(self._num, self._den, self._glob_num, self._glob_den, self._lt, self._stat_n,
-                self._ln, self._use, self._tok, self._lr, self._last, self._last_w, self._dec_at, layer,
-                ds, ids, w, self.decay, self.smooth)
-        K.rebuild_logs(self._lt, self._rs, self._lrs, self._lms, self._stat_n, self._use,
+        K.learn(self._num, self._den, self._glob_num, self._glob_den, self._lt, self._lms,
+                self._cols, self._ncol, self._stat_n, self._ln, self._use, self._tok, self._lr,
+                self._last, self._last_w, self._dec_at, layer, ds, ids, w, self.decay, self.smooth)
+        K.rebuild_logs(self._lt, self._rs, self._lrs, self._lms, self._cols, self._ncol, self._use,
                        self._tok, self._built_at, layer, self.smooth, self.top_k)
 
     def _predict(self, layer: int, ds: np.ndarray, ids: np.ndarray, w: np.ndarray) -> None:
@@ -380,5 +385,5 @@ def _split(keys: Collection[ExpertKey]) -> tuple[np.ndarray, np.ndarray]:
     """(layers, experts) of ``keys`` as two int64 arrays."""
     if not keys:
         return _NONE, _NONE
-    a = np.fromiter((x for key in keys for x in key), dtype=np.int64, count=2 * len(keys))
+    a = np.fromiter(chain.from_iterable(keys), dtype=np.int64, count=2 * len(keys))
     return a[0::2].copy(), a[1::2].copy()
