@@ -98,7 +98,7 @@ class AutoPolicy(CachePolicy):
         self._lms = self._lt[:, 0, :].copy()      # log(smooth r'): an entry without a count
         # per layer and evidence row, the columns that hold a count (learn appends, the prior
         # shift recomputes only those)
-        self._cols = np.zeros((L, 3 * E, E), dtype=np.uint8 if E <= 256 else np.uint16)
+        self._cols = np.zeros((L, 3 * E, E), dtype=_column_dtype(E))
         self._ncol = np.zeros((L, 3 * E), dtype=np.int32)
         self._built_at = np.zeros(L)
         self._p_all = np.full((L, E), P_FLOOR)
@@ -377,8 +377,15 @@ def _warm_up() -> None:
     p.victims({(i, 0) for i in range(3)}, {(0, 0)}, 0, 2)
     # the prior shift runs only once a layer has seen REBUILD_MIN tokens: force one here, or its
     # first call (about 0.1 s to load, more to compile) lands inside a request's step
-    p._tok[0] = p._built_at[0] + 2 * K.REBUILD_MIN
-    p._learn(0, _NONE, np.zeros((0, p.top_k), dtype=np.int64), np.zeros((0, p.top_k)))
+    for dtype in (np.uint8, np.uint16):     # the column lists of up to 256 experts, and more
+        p._cols = p._cols.astype(dtype)
+        p._tok[0] = p._built_at[0] + 2 * K.REBUILD_MIN
+        p._learn(0, _NONE, np.zeros((0, p.top_k), dtype=np.int64), np.zeros((0, p.top_k)))
+
+
+def _column_dtype(num_experts: int) -> type:
+    """The smallest unsigned type that holds an expert id (column lists: one entry per pair)."""
+    return np.uint8 if num_experts <= 256 else np.uint16
 
 
 def _split(keys: Collection[ExpertKey]) -> tuple[np.ndarray, np.ndarray]:
