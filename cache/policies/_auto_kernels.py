@@ -71,7 +71,9 @@ def learn(num, den, glob_num, glob_den, lt, lms, cols, ncol, stat_n, ln, use, to
                     add = wa * w[bi, n]
                     if add == 0.0:
                         continue
-                    if lt[layer, a, b] == lms[layer, b]:     # the pair's first count
+                    # the pair's first count (a list never outgrows its row: counts are >= 1,
+                    # so a counted entry never falls back to the prior's value)
+                    if lt[layer, a, b] == lms[layer, b] and ncol[layer, a] < E:
                         cols[layer, a, ncol[layer, a]] = b
                         ncol[layer, a] += 1
                     lt[layer, a, b] = math.log(math.exp(lt[layer, a, b]) + add)
