@@ -309,17 +309,26 @@ def combine_experts(provider: ExpertProvider, layer: int, x: torch.Tensor, weigh
         for p in parts:
             out += p
         return out
-    # per expert: its tokens, each token's column in ids, and the rank of that id in the token's row
-    where: dict[int, tuple[list[int], list[int], list[int]]] = {}
-    for t, (r, srt) in enumerate(zip(rows, ranked)):
-        for j, e in enumerate(r):
-            toks, cols, ranks = where.setdefault(e, ([], [], []))
-            toks.append(t), cols.append(j), ranks.append(srt.index(e))
-    sorted_parts = x.new_empty(n, k, x.shape[-1])               # [N, k, H] in expert-id order
+    # the (token, column) pairs grouped by expert, tokens ascending within an expert as the
+    # reference's per-expert loop gathers them; each pair's destination is its token's row at
+    # the rank of its expert id. Built on the host from the routing already read, sent as one
+    # index tensor per layer (on CUDA each host -> device copy waits for the queued kernels).
+    flat = [e for r in rows for e in r]                                   # [N*k], token-major
+    order = sorted(range(n * k), key=flat.__getitem__)                   # stable
+    span: dict[int, list[int]] = {}
+    for pos, f in enumerate(order):
+        span.setdefault(flat[f], [pos, pos])[1] = pos + 1
+    dest = [(f // k) * k + ranked[f // k].index(flat[f]) for f in order]
+    src, dst = torch.tensor([order, dest], device=x.device)              # [N*k] each
+    xs = x[src // k]                                                     # [N*k, H] by expert
+    ws = weights.reshape(-1)[src, None].to(wdt)                          # [N*k, 1]
+    outs = x.new_empty(n * k, x.shape[-1])
     for e, w in provider.experts(layer, ids, x, host_ids=rows):
-        toks, cols, ranks = (torch.tensor(v, device=x.device) for v in where[e])
-        sorted_parts[toks, ranks] = (expert_forward(x[toks], w)
-                                     * weights[toks, cols, None].to(wdt)).to(x.dtype)
+        a, b = span[e]
+        outs[a:b] = (expert_forward(xs[a:b], w) * ws[a:b]).to(x.dtype)
+    sorted_parts = x.new_empty(n * k, x.shape[-1])
+    sorted_parts[dst] = outs
+    sorted_parts = sorted_parts.view(n, k, -1)                           # [N, k, H] by expert id
     out = torch.zeros_like(x)
     for j in range(k):
         out += sorted_parts[:, j]
