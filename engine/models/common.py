@@ -312,14 +312,18 @@ def combine_experts(provider: ExpertProvider, layer: int, x: torch.Tensor, weigh
     # the (token, column) pairs grouped by expert, tokens ascending within an expert as the
     # reference's per-expert loop gathers them; each pair's destination is its token's row at
     # the rank of its expert id. Built on the host from the routing already read, sent as one
-    # index tensor per layer (on CUDA each host -> device copy waits for the queued kernels).
+    # index tensor per layer (on CUDA from pinned memory, so the copy does not wait for the
+    # queued kernels as a pageable one does).
     flat = [e for r in rows for e in r]                                   # [N*k], token-major
     order = sorted(range(n * k), key=flat.__getitem__)                   # stable
     span: dict[int, list[int]] = {}
     for pos, f in enumerate(order):
         span.setdefault(flat[f], [pos, pos])[1] = pos + 1
     dest = [(f // k) * k + ranked[f // k].index(flat[f]) for f in order]
-    src, dst = torch.tensor([order, dest], device=x.device)              # [N*k] each
+    idx = torch.tensor([order, dest])
+    if x.device.type == "cuda":
+        idx = idx.pin_memory().to(x.device, non_blocking=True)
+    src, dst = idx.to(x.device)                                          # [N*k] each
     xs = x[src // k]                                                     # [N*k, H] by expert
     ws = weights.reshape(-1)[src, None].to(wdt)                          # [N*k, 1]
     outs = x.new_empty(n * k, x.shape[-1])
