@@ -66,8 +66,8 @@ class CacheConfig:
                 "(on): reads for the next layers' likely experts (the next router's look-ahead, "
                 "the routing statistics) start while the current layer computes, demand reads "
                 "first, paced by the measured disk bandwidth and layer time; on the 64x model at "
-                "25% on 2-core CPUs 1.07-1.11x fewer ms per token (median of 5 repeats on two VMs), "
-                "1.10-1.13x the disk bytes (bench/prefetch.py)",
+                "25% on 2-core CPUs 1.07-1.17x fewer ms per token (medians of 5 repeats, four runs on "
+                "three VMs), 1.10-1.14x the disk bytes (bench/prefetch.py)",
         "choices": PREFETCH})
     cpu_experts: str = field(default="off", metadata={
         "help": "CUDA with experts beyond VRAM: auto computes a missed expert on the CPU from its "
