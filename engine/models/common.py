@@ -322,8 +322,8 @@ def combine_experts(provider: ExpertProvider, layer: int, x: torch.Tensor, weigh
     dest = [(f // k) * k + ranked[f // k].index(flat[f]) for f in order]
     idx = torch.tensor([order, dest])
     if x.device.type == "cuda":
-        idx = idx.pin_memory().to(x.device, non_blocking=True)
-    src, dst = idx.to(x.device)                                          # [N*k] each
+        idx = idx.pin_memory()
+    src, dst = idx.to(x.device, non_blocking=True)                       # [N*k] each
     xs = x[src // k]                                                     # [N*k, H] by expert
     ws = weights.reshape(-1)[src, None].to(wdt)                          # [N*k, 1]
     outs = x.new_empty(n * k, x.shape[-1])
