@@ -55,8 +55,9 @@ class AutoPolicy(CachePolicy):
     and only those with q >= ``min_q`` (a guess below it is not worth the link's time).
     Defaults: decay 0.9, prior_weight 4, margin 0.85, nearest 3, smooth 2, lookahead 3, min_q 0.3.
     The per-layer loops (counts, predictions, estimates, victims, prefetch) run compiled, one
-    call each (cache/policies/_auto_kernels.py); the smoothed pair rates are kept as logs whose
-    prior r(b) is refreshed as a layer's token count grows (REBUILD_GROWTH).
+    call each (cache/policies/_auto_kernels.py); the smoothed pair rates are kept as log-lifts
+    over their prior, log(1 + count / (smooth r(b))), 0 for a pair never seen, with r(b)
+    refreshed (counted entries only) as a layer's token count grows (REBUILD_GROWTH).
     """
 
     name = "auto"
@@ -86,16 +87,14 @@ class AutoPolicy(CachePolicy):
         self._lr = np.full((L, E), np.log(top_k / E))   # log r_j(b), kept by _auto_kernels.learn
         # pair counts c[j, block * E + a, b]: b chosen at layer j of a token, with evidence a
         # from block 0: a at j-1 (same token), 1: a at j-2 (same token), 2: a at j for the
-        # previous token; kept as their logs lt = log(c + smooth r'_b), r' the rates of the last
-        # rebuild (_auto_kernels). stat_n[j, block * E + a] counts the evidence, ln its log
-        # log(stat_n + smooth), lrs = log r'. One table so that one pass predicts three layers.
-        r0 = np.float32(top_k / E)
-        self._lt = np.full((L, 3 * E, E), np.log(smooth * r0), dtype=np.float32)
+        # previous token; kept as log-lifts lt = log(1 + c / (smooth r'_b)), r' (rs) the rates
+        # of the last rebuild (_auto_kernels), 0 without a count. stat_n[j, block * E + a]
+        # counts the evidence, ln = log(1 + stat_n / smooth). One table so that one pass
+        # predicts three layers; zeros, so that pages never counted into stay unmapped.
+        self._lt = np.zeros((L, 3 * E, E), dtype=np.float32)
         self._stat_n = np.zeros((L, 3 * E), dtype=np.float32)
-        self._ln = np.full((L, 3 * E), np.log(np.float32(smooth)), dtype=np.float32)
-        self._rs = np.full((L, E), r0, dtype=np.float32)
-        self._lrs = np.log(self._rs)
-        self._lms = self._lt[:, 0, :].copy()      # log(smooth r'): an entry without a count
+        self._ln = np.zeros((L, 3 * E), dtype=np.float32)
+        self._rs = np.full((L, E), np.float32(top_k / E), dtype=np.float32)
         # per layer and evidence row, the columns that hold a count (learn appends, the prior
         # shift recomputes only those)
         self._cols = np.zeros((L, 3 * E, E), dtype=_column_dtype(E))
@@ -231,11 +230,11 @@ class AutoPolicy(CachePolicy):
         """The pass counts of ``ids``, and this token's layers l-1 and l-2 (when this pass
         routed them as a decode) and the previous token's layer l as evidence for them (the
         three blocks of _stat)."""
-        K.learn(self._num, self._den, self._glob_num, self._glob_den, self._lt, self._lms,
+        K.learn(self._num, self._den, self._glob_num, self._glob_den, self._lt, self._rs,
                 self._cols, self._ncol, self._stat_n, self._ln, self._use, self._tok, self._lr,
                 self._last, self._last_w, self._dec_at, layer, ds, ids, w, self.decay, self.smooth)
-        K.rebuild_logs(self._lt, self._rs, self._lrs, self._lms, self._cols, self._ncol, self._use,
-                       self._tok, self._built_at, layer, self.smooth, self.top_k)
+        K.rebuild_logs(self._lt, self._rs, self._cols, self._ncol, self._use, self._tok,
+                       self._built_at, layer, self.top_k)
 
     def _predict(self, layer: int, ds: np.ndarray, ids: np.ndarray, w: np.ndarray) -> None:
         """After a decode token routed ``ids`` at ``layer``, per request, P(b chosen) for: the
@@ -246,7 +245,7 @@ class AutoPolicy(CachePolicy):
         log r(b)) (rates smoothed towards r(b) with ``smooth`` pseudo-tokens), the log-rate
         weighted c^(1/4) and the evidence c (c = ``evidence_scale``), normalised to sum to k
         (each at most 0.999). The evidence terms use the logs cached by _learn."""
-        K.predict(self._q, self._lt, self._ln, self._lrs, self._lr, self._last,
+        K.predict(self._q, self._lt, self._ln, self._lr, self._last,
                   self._last_w, self._dec_at, layer, ds, ids, w, self._base_w,
                   self.evidence_scale)
 

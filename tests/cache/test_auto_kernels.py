@@ -25,12 +25,12 @@ def _state(rng: np.random.Generator, S: int = 3, L: int = 5, E: int = 16, k: int
     cols, ncol = _columns(counts)
     return dict(
         num=rng.random((S, L, E)), den=rng.random((S, L)) * 3, glob_num=rng.random((L, E)),
-        glob_den=rng.random(L) * 4, lt=np.log(counts + sm * r[0]).astype(np.float32),
-        lms=np.log(sm * r).astype(np.float32), cols=cols, ncol=ncol,
+        glob_den=rng.random(L) * 4, lt=np.log1p(counts / (sm * r[0])).astype(np.float32),
+        rs=r, cols=cols, ncol=ncol,
         stat_n=rng.integers(0, 9, (L, 3 * E)).astype(np.float32),
         ln=np.zeros((L, 3 * E), dtype=np.float32), use=rng.random((L, E)) * 10, tok=np.full(L, 10.0),
         last=rng.integers(0, E, (S, L, k)), last_w=(rng.random((S, L, k)) < 0.8).astype(np.float64),
-        dec_at=np.array([1, -1, 0]), q=np.full((S, L, E), -1.0), lrs=np.log(r),
+        dec_at=np.array([1, -1, 0]), q=np.full((S, L, E), -1.0),
         lr=np.log(rng.random((L, E)) * 0.2 + 0.01))
 
 
@@ -47,18 +47,18 @@ def test_learn_and_predict_compiled_equal_interpreted(layer: int) -> None:
     ids = np.array([[3, 7], [1, 1]])
     w = np.array([[1.0, 1.0], [1.0, 0.0]])
     runs = []
-    for fn_learn, fn_predict in [(K.learn, K.predict), (K.learn.py_func, K.predict.py_func)]:
+    for fn_learn, compiled in [(K.learn, True), (K.learn.py_func, False)]:
         st = {name: v.copy() for name, v in base.items()}
-        fn_learn(st["num"], st["den"], st["glob_num"], st["glob_den"], st["lt"], st["lms"],
+        fn_learn(st["num"], st["den"], st["glob_num"], st["glob_den"], st["lt"], st["rs"],
                  st["cols"], st["ncol"], st["stat_n"], st["ln"], st["use"], st["tok"], st["lr"],
                  st["last"], st["last_w"], st["dec_at"], layer, ds, ids, w, 0.9, 2.0)
-        fn_predict(st["q"], st["lt"], st["ln"], st["lrs"], st["lr"], st["last"],
-                   st["last_w"], st["dec_at"], layer, ds, ids, w, 0.8, 0.5)
+        K.predict(st["q"], st["lt"], st["ln"], st["lr"], st["last"],
+                  st["last_w"], st["dec_at"], layer, ds, ids, w, 0.8, 0.5, compiled=compiled)
         runs.append(st)
     _same(*runs)
     # the column lists still name exactly the entries that hold a count
     st = runs[0]
-    counted = st["lt"] != st["lms"][:, None, :]
+    counted = st["lt"] != 0.0
     for j, a in np.ndindex(*st["ncol"].shape):
         assert sorted(st["cols"][j, a, :st["ncol"][j, a]].tolist()) == np.nonzero(counted[j, a])[0].tolist()
     assert (st["ncol"] > base["ncol"]).any()
@@ -79,49 +79,46 @@ def test_learn_and_predict_compiled_equal_interpreted(layer: int) -> None:
 def test_a_count_lives_in_the_log_table_across_a_rebuild() -> None:
     L, E, k, sm = 2, 8, 2, 2.0
     r0 = np.float32(k / E)
-    lt = np.full((L, 3 * E, E), np.log(sm * r0), dtype=np.float32)
-    lt[1, 5, 3] = np.log(7 + sm * r0)
-    lt[1, 5, 4] = np.log(0.5 + sm * r0)
+    lt = np.zeros((L, 3 * E, E), dtype=np.float32)
+    lt[1, 5, 3] = np.log1p(7 / (sm * r0))
+    lt[1, 5, 4] = np.log1p(0.5 / (sm * r0))
     cols = np.zeros((L, 3 * E, E), dtype=np.uint8)
     ncol = np.zeros((L, 3 * E), dtype=np.int32)
     cols[1, 5, :2], ncol[1, 5] = [4, 3], 2
     rs = np.full((L, E), r0, dtype=np.float32)
-    lrs = np.log(rs)
-    lms = lt[:, 0, :].copy()
     use = np.zeros((L, E))
     use[1, 3] = 40.0
     tok = np.array([0.0, 40.0])
     built = np.zeros(L)
-    K.rebuild_logs(lt, rs, lrs, lms, cols, ncol, use, tok, built, 1, sm, k)
+    K.rebuild_logs(lt, rs, cols, ncol, use, tok, built, 1, k)
     assert built[1] == 40.0 and rs[1, 3] > r0
-    counts = np.exp(lt[1].astype(np.float64)) - sm * rs[1].astype(np.float64)[None, :]
+    np.testing.assert_allclose(rs[1], (use[1] + 1) / (40 + E / k), rtol=1e-6)
+    counts = np.expm1(lt[1].astype(np.float64)) * sm * rs[1].astype(np.float64)[None, :]
     assert counts[5, 3] == pytest.approx(7.0, rel=1e-5)
-    assert counts[5, 4] == pytest.approx(0.5, rel=1e-4)
-    np.testing.assert_allclose(np.delete(counts.ravel(), [5 * E + 3, 5 * E + 4]), 0.0, atol=1e-5)
-    # entries without a count hold the new prior's log exactly, which lms records
-    assert (lt[1][np.arange(3 * E) != 5] == lms[1]).all() and (lt[1, 5, :3] == lms[1, :3]).all()
-    np.testing.assert_allclose(lms[1], np.log(sm * rs[1]), rtol=1e-6)
-    np.testing.assert_array_equal(lt[0], np.log(sm * r0))       # other layers untouched
+    assert counts[5, 4] == pytest.approx(0.5, rel=1e-5)
+    # entries without a count stay exactly 0 (the prior's own value), whatever the prior
+    assert (np.delete(lt[1].ravel(), [5 * E + 3, 5 * E + 4]) == 0.0).all()
+    assert (lt[0] == 0.0).all()                                 # other layers untouched
     before = lt.copy()
-    K.rebuild_logs(lt, rs, lrs, lms, cols, ncol, use, tok, built, 1, sm, k)   # no growth: no-op
+    K.rebuild_logs(lt, rs, cols, ncol, use, tok, built, 1, k)   # no growth: no-op
     np.testing.assert_array_equal(lt, before)
 
 
 def test_the_prior_shift_compiled_equals_interpreted() -> None:
     rng = np.random.default_rng(3)
-    E, sm = 16, np.float32(2.0)
+    E, sm = 16, 2.0
     r_old = (rng.random(E) * 0.2 + 0.01).astype(np.float32)
     r_new = (rng.random(E) * 0.2 + 0.01).astype(np.float32)
     counts = rng.integers(0, 3, (3 * E, E)) * (rng.random((3 * E, 1)) < 0.5)   # whole rows empty
-    lt = np.log(counts + sm * r_old).astype(np.float32)
+    lt = np.log1p(counts / (sm * r_old)).astype(np.float32)
     cols, ncol = _columns(counts)
-    lms = np.log(sm * r_old).astype(np.float32)
     runs = []
     for fn in (K._shift_prior, K._shift_prior.py_func):
-        a, m = lt.copy(), lms.copy()
-        fn(a, cols, ncol, m, r_old, r_new, sm)
+        a = lt.copy()
+        fn(a, cols, ncol, r_old, r_new)
         runs.append(a)
-        np.testing.assert_allclose(a, np.log(counts + sm * r_new), rtol=1e-5)
+        np.testing.assert_allclose(a, np.log1p(counts / (sm * r_new)), rtol=1e-5)
+        assert (a[counts == 0] == 0.0).all()
     np.testing.assert_allclose(runs[0], runs[1], rtol=1e-6)
 
 
