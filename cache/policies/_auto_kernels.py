@@ -327,17 +327,18 @@ def refresh(vals, mask, rowmax, rowarg, dirty):
 
 
 @njit(cache=True)
-def top(vals, mask, rowmax, rowarg, d, pinned_i, pinned_j, n):
-    """Flat indices (i * E + j) of up to ``n`` resident, unpinned experts with the largest
+def top(vals, mask, rowmax, rowarg, d, pinned, n):
+    """Flat indices (i * E + j) of up to ``n`` resident experts not in ``pinned`` (flat
+    indices too) with the largest
     vals[i, j] + d[i], largest first (ties: lower index first), and those values. Row maxima
     (current: ``refresh`` first) choose the row; only the rows an answer or a pin touched are
     rescanned. ``mask`` is restored before returning."""
     L, E = vals.shape
     rmax, rarg = rowmax.copy(), rowarg.copy()
-    cleared = np.empty(pinned_i.shape[0] + n, dtype=np.int64)   # entries taken out meanwhile
+    cleared = np.empty(pinned.shape[0] + n, dtype=np.int64)   # entries taken out meanwhile
     c = 0
-    for p in range(pinned_i.shape[0]):
-        i, j = pinned_i[p], pinned_j[p]
+    for p in range(pinned.shape[0]):
+        i, j = pinned[p] // E, pinned[p] % E
         if mask[i, j]:
             mask[i, j] = False
             cleared[c] = i * E + j
@@ -375,7 +376,7 @@ def prefetch(vals, mask, rowmax, rowarg, q_all, d, rows, min_q, margin,
     the resident expert it would displace (the largest remaining)."""
     E = vals.shape[1]
     none = np.empty(0, dtype=np.int64)
-    _, held = top(vals, mask, rowmax, rowarg, d, none, none, limit)
+    _, held = top(vals, mask, rowmax, rowarg, d, none, limit)
     cand = np.empty(rows.shape[0] * E, dtype=np.int64)
     t = np.empty(rows.shape[0] * E, dtype=np.float64)
     c = 0

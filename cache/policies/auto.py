@@ -1,7 +1,6 @@
 """``auto``: eviction and prefetch by estimated time to next use (an estimated Belady)."""
 from __future__ import annotations
 
-from itertools import chain
 from typing import Any, Collection, Mapping, Optional, Sequence
 
 import numpy as np
@@ -300,11 +299,11 @@ class AutoPolicy(CachePolicy):
             return []
         if not self._held <= len(resident) <= self._held + len(pinned):
             self._sync(resident)
-        pi, pj = _split(pinned)
+        pins = _flat(pinned, self.num_experts)
         for attempt in range(2):
             K.refresh(self._vals, self._mask, self._rowmax, self._rowarg, self._dirty)
             flat, _ = K.top(self._vals, self._mask, self._rowmax, self._rowarg,
-                            self._d[layer % self.num_layers], pi, pj, n)
+                            self._d[layer % self.num_layers], pins, n)
             out = self._keys(flat)
             if attempt or all(key in resident for key in out):
                 return out
@@ -387,9 +386,8 @@ def _column_dtype(num_experts: int) -> type:
     return np.uint8 if num_experts <= 256 else np.uint16
 
 
-def _split(keys: Collection[ExpertKey]) -> tuple[np.ndarray, np.ndarray]:
-    """(layers, experts) of ``keys`` as two int64 arrays."""
+def _flat(keys: Collection[ExpertKey], num_experts: int) -> np.ndarray:
+    """``keys`` as flat indices i * E + j, int64 (half the time of two arrays of i and j)."""
     if not keys:
-        return _NONE, _NONE
-    a = np.fromiter(chain.from_iterable(keys), dtype=np.int64, count=2 * len(keys))
-    return a[0::2].copy(), a[1::2].copy()
+        return _NONE
+    return np.array([i * num_experts + j for i, j in keys], dtype=np.int64)

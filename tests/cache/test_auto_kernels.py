@@ -136,14 +136,13 @@ def test_top_equals_a_sort_and_leaves_the_mask_as_it_was(n: int) -> None:
     mask = rng.random((L, E)) < 0.6
     d = np.arange(L, dtype=np.float64) % 3
     pinned = {(0, j) for j in range(E) if mask[0, j]} | {(3, int(np.argmax(vals[3] * mask[3])))}
-    pi = np.array([p[0] for p in pinned], dtype=np.int64)
-    pj = np.array([p[1] for p in pinned], dtype=np.int64)
+    flat_pins = np.array([i * E + j for i, j in pinned], dtype=np.int64)
     rowmax, rowarg = np.zeros(L), np.zeros(L, dtype=np.int64)
     saved = mask.copy()
     for fn_refresh, fn_top in [(K.refresh, K.top), (K.refresh.py_func, K.top.py_func)]:
         K_dirty = np.ones(L, dtype=bool)
         fn_refresh(vals, mask, rowmax, rowarg, K_dirty)
-        flat, got = fn_top(vals, mask, rowmax, rowarg, d, pi, pj, n)
+        flat, got = fn_top(vals, mask, rowmax, rowarg, d, flat_pins, n)
         want = _brute(vals, mask, d, pinned, n)
         assert flat.tolist() == want
         np.testing.assert_allclose(got, [vals[f // E, f % E] + d[f // E] for f in want])
