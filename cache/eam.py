@@ -48,7 +48,8 @@ class EAMCollection:
         self.capacity = capacity
         # [capacity, L, E] row-normalised matrices; row-normalising before storage makes a long
         # request weigh the same as a short one when entries are summed into a prediction.
-        self._mats = np.zeros((capacity, num_layers, num_experts), dtype=np.float64)
+        # float32: half the bytes each match reads (the store keeps 6 decimals anyway).
+        self._mats = np.zeros((capacity, num_layers, num_experts), dtype=np.float32)
         self._rn2 = np.zeros((capacity, num_layers))    # squared row norms: cosines need no pass
         self._n = 0
 
@@ -56,8 +57,8 @@ class EAMCollection:
         return self._n
 
     def matrices(self) -> np.ndarray:
-        """The stored (row-normalised) matrices, [n, L, E] (a copy)."""
-        return self._mats[:self._n].copy()
+        """The stored (row-normalised) matrices, [n, L, E] float64 (a copy)."""
+        return self._mats[:self._n].astype(np.float64)
 
     def _check(self, m: np.ndarray, what: str) -> np.ndarray:
         a = np.asarray(m, dtype=np.float64)
@@ -66,13 +67,14 @@ class EAMCollection:
                              f"({self.num_layers}, {self.num_experts})")
         return a
 
-    def _cosine(self, vec: np.ndarray, rows: slice) -> np.ndarray:
-        """Cosine of ``vec`` ([r*E] flattened rows, or [r*E, B] for B vectors) with every
-        stored entry over the same rows: [n] (or [n, B])."""
+    def _cosine(self, vecs: np.ndarray, rows: slice) -> np.ndarray:
+        """Cosine of each of ``vecs`` [B, r*E] (flattened rows) with every stored entry over
+        the same rows: [n, B]."""
         stored = self._mats[:self._n, rows].reshape(self._n, -1)   # [n, r*E]
-        num = stored @ vec                                          # [n] or [n, B]
+        v = vecs.astype(np.float32)
+        num = (stored @ v.T).astype(np.float64)                     # [n, B]
         norms = np.sqrt(self._rn2[:self._n, rows].sum(axis=1))
-        den = np.multiply.outer(norms, np.linalg.norm(vec, axis=0))
+        den = np.multiply.outer(norms, np.sqrt(np.einsum("bi,bi->b", vecs, vecs)))
         return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
 
     def insert(self, matrix: np.ndarray) -> Optional[int]:
@@ -86,9 +88,10 @@ class EAMCollection:
             slot = self._n
             self._n += 1
         else:
-            slot = int(np.argmax(self._cosine(m.reshape(-1), slice(None))))
+            slot = int(np.argmax(self._cosine(m.reshape(1, -1), slice(None))[:, 0]))
         self._mats[slot] = m
-        self._rn2[slot] = (m * m).sum(axis=1)
+        stored = self._mats[slot].astype(np.float64)
+        self._rn2[slot] = (stored * stored).sum(axis=1)
         return slot
 
     def match(self, partial: np.ndarray, layers_seen: Optional[int] = None,
@@ -106,32 +109,32 @@ class EAMCollection:
         vec = row_normalise(p[:upto]).reshape(-1)
         if not vec.any():
             return None
-        sims = self._cosine(vec, slice(0, upto))
+        sims = self._cosine(vec[None, :], slice(0, upto))[:, 0]
         k = min(nearest, self._n)
         best = np.argpartition(-sims, k - 1)[:k] if k < self._n else np.arange(self._n)
         best = best[sims[best] > 0]
         if best.size == 0:
             return None
-        return row_normalise(self._mats[best].sum(axis=0))
+        return row_normalise(self._mats[best].sum(axis=0, dtype=np.float64))
 
     def match_full(self, partials: Sequence[np.ndarray], nearest: int = 3) -> list[Optional[np.ndarray]]:
         """``match(p, None, nearest)`` for each of ``partials``, with one pass over the stored
         entries for all of them (a batch of requests refreshes its predictions together)."""
         if self._n == 0 or not len(partials):
             return [None] * len(partials)
-        vecs = np.stack([row_normalise(self._check(p, "match_full")).reshape(-1) for p in partials],
-                        axis=1)                                     # [L*E, B]
+        vecs = np.stack([row_normalise(self._check(p, "match_full")).reshape(-1) for p in partials])
         sims = self._cosine(vecs, slice(None))                      # [n, B]
         k = min(nearest, self._n)
         out: list[Optional[np.ndarray]] = []
         for b in range(len(partials)):
-            if not vecs[:, b].any():
+            if not vecs[b].any():
                 out.append(None)
                 continue
             col = sims[:, b]
             best = np.argpartition(-col, k - 1)[:k] if k < self._n else np.arange(self._n)
             best = best[col[best] > 0]
-            out.append(row_normalise(self._mats[best].sum(axis=0)) if best.size else None)
+            out.append(row_normalise(self._mats[best].sum(axis=0, dtype=np.float64))
+                       if best.size else None)
         return out
 
     # --- persistence -------------------------------------------------------------------------
@@ -140,7 +143,8 @@ class EAMCollection:
         """Write the collection as JSON atomically (temp file in the same folder, fsync, rename)."""
         doc = {"format": STORE_FORMAT, "version": STORE_VERSION, "num_layers": self.num_layers,
                "num_experts": self.num_experts, "capacity": self.capacity,
-               "matrices": [np.round(m, 6).tolist() for m in self._mats[:self._n]]}
+               "matrices": [np.round(m.astype(np.float64), 6).tolist()
+                            for m in self._mats[:self._n]]}
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".eamc-", suffix=".tmp", dir=folder)
