@@ -7,6 +7,7 @@ import numpy as np
 
 from cache.eam import EAMCollection
 from cache.policies import _auto_kernels as K
+from cache.policies import _select_kernels as S
 from cache.policies._tracking import RequestTracker, grow
 from cache.policy import CachePolicy, ExpertKey, ranked_hint_ids
 
@@ -54,9 +55,10 @@ class AutoPolicy(CachePolicy):
     and only those with q >= ``min_q`` (a guess below it is not worth the link's time).
     Defaults: decay 0.9, prior_weight 4, margin 0.85, nearest 3, smooth 2, lookahead 3, min_q 0.3.
     The per-layer loops (counts, predictions, estimates, victims, prefetch) run compiled, one
-    call each (cache/policies/_auto_kernels.py); the smoothed pair rates are kept as log-lifts
-    over their prior, log(1 + count / (smooth r(b))), 0 for a pair never seen, with r(b)
-    refreshed (counted entries only) as a layer's token count grows (REBUILD_GROWTH).
+    call each (cache/policies/_auto_kernels.py, _select_kernels.py); the smoothed pair rates
+    are kept as log-lifts over their prior, log(1 + count / (smooth r(b))), 0 for a pair never
+    seen, with r(b) refreshed (counted entries only) as a layer's token count grows
+    (REBUILD_GROWTH).
     """
 
     name = "auto"
@@ -110,7 +112,7 @@ class AutoPolicy(CachePolicy):
         # the estimate without the distance term: t[i][j] = d(i) + rows.vals[i][j]
         self._vals = np.zeros((L, E))
         # residency (on_load / on_evict) and the row maxima of vals over resident experts,
-        # recomputed for the rows marked dirty before a decision (_auto_kernels.refresh)
+        # recomputed for the rows marked dirty before a decision (_select_kernels.refresh)
         self._mask = np.zeros((L, E), dtype=bool)
         self._held = 0
         self._rowmax = np.full(L, -np.inf)
@@ -301,8 +303,8 @@ class AutoPolicy(CachePolicy):
             self._sync(resident)
         pins = _flat(pinned, self.num_experts)
         for attempt in range(2):
-            K.refresh(self._vals, self._mask, self._rowmax, self._rowarg, self._dirty)
-            flat, _ = K.top(self._vals, self._mask, self._rowmax, self._rowarg,
+            S.refresh(self._vals, self._mask, self._rowmax, self._rowarg, self._dirty)
+            flat, _ = S.top(self._vals, self._mask, self._rowmax, self._rowarg,
                             self._d[layer % self.num_layers], pins, n)
             out = self._keys(flat)
             if attempt or all(key in resident for key in out):
@@ -316,8 +318,8 @@ class AutoPolicy(CachePolicy):
         if len(resident) < self._held or (self._held == 0 and len(resident)):
             self._sync(resident)
         L = self.num_layers
-        K.refresh(self._vals, self._mask, self._rowmax, self._rowarg, self._dirty)
-        out = self._keys(K.prefetch(self._vals, self._mask, self._rowmax, self._rowarg,
+        S.refresh(self._vals, self._mask, self._rowmax, self._rowarg, self._dirty)
+        out = self._keys(S.prefetch(self._vals, self._mask, self._rowmax, self._rowarg,
                                     self._q_all, self._d[layer % L], self._ahead[layer % L],
                                     self.min_q, self.margin, limit))
         return [key for key in out if key not in resident]

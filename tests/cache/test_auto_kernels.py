@@ -1,9 +1,11 @@
-"""The auto policy's compiled loops (cache/policies/_auto_kernels.py): each equals its own
-interpreted code (the fallback without numba), and the selections equal a brute-force sort."""
+"""The auto policy's compiled loops (cache/policies/_auto_kernels.py, _select_kernels.py): each
+equals its own interpreted code (the fallback without numba), and the selections equal a
+brute-force sort."""
 import numpy as np
 import pytest
 
 from cache.policies import _auto_kernels as K
+from cache.policies import _select_kernels as S
 
 numba = pytest.importorskip("numba")
 
@@ -139,7 +141,7 @@ def test_top_equals_a_sort_and_leaves_the_mask_as_it_was(n: int) -> None:
     flat_pins = np.array([i * E + j for i, j in pinned], dtype=np.int64)
     rowmax, rowarg = np.zeros(L), np.zeros(L, dtype=np.int64)
     saved = mask.copy()
-    for fn_refresh, fn_top in [(K.refresh, K.top), (K.refresh.py_func, K.top.py_func)]:
+    for fn_refresh, fn_top in [(S.refresh, S.top), (S.refresh.py_func, S.top.py_func)]:
         K_dirty = np.ones(L, dtype=bool)
         fn_refresh(vals, mask, rowmax, rowarg, K_dirty)
         flat, got = fn_top(vals, mask, rowmax, rowarg, d, flat_pins, n)
@@ -156,7 +158,7 @@ def test_prefetch_takes_likely_guesses_only_while_they_beat_what_they_displace()
     q_all = np.array([[0, 0, 0, 0], [0.9, 0.9, 0.9, 0], [0.1, 0.1, 0.9, 0.1], [0, 0, 0, 0]])
     d = np.zeros(L)
     rowmax, rowarg, dirty = np.zeros(L), np.zeros(L, dtype=np.int64), np.ones(L, dtype=bool)
-    for fn_refresh, fn_prefetch in [(K.refresh, K.prefetch), (K.refresh.py_func, K.prefetch.py_func)]:
+    for fn_refresh, fn_prefetch in [(S.refresh, S.prefetch), (S.refresh.py_func, S.prefetch.py_func)]:
         fn_refresh(vals, mask, rowmax, rowarg, dirty.copy())
         # candidates by t: (1,1) 0.5, (1,2) 2, (2,2) 3, (1,0) 5; held: 9, 8 -> margin 0.85 x
         out = fn_prefetch(vals, mask, rowmax, rowarg, q_all, d, np.array([1, 2]), 0.3, 0.85, 4)
@@ -189,7 +191,7 @@ def _compiled() -> dict[str, int]:
     from numba.core.registry import CPUDispatcher
 
     from cache.policies import _tracking
-    return {f"{mod.__name__}.{name}": len(fn.signatures) for mod in (K, _tracking)
+    return {f"{mod.__name__}.{name}": len(fn.signatures) for mod in (K, S, _tracking)
             for name, fn in vars(mod).items() if isinstance(fn, CPUDispatcher)}
 
 
