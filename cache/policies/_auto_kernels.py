@@ -77,7 +77,8 @@ def learn(num, den, glob_num, glob_den, lt, rs, cols, ncol, stat_n, ln, use, tok
                     if lt[layer, a, b] == 0.0 and ncol[layer, a] < E:
                         cols[layer, a, ncol[layer, a]] = b
                         ncol[layer, a] += 1
-                    lt[layer, a, b] = math.log(math.exp(lt[layer, a, b]) + add / (sm * rs[layer, b]))
+                    lift = add / (sm * rs[layer, b])
+                    lt[layer, a, b] = math.log(math.exp(lt[layer, a, b]) + lift)
     tok[layer] += ds.shape[0]
     glob_den[layer] += ds.shape[0]
     for b in range(E):
@@ -137,7 +138,8 @@ def _scores(out, lt, ln, lr, last, last_w, layer, ds, ids, w, base_w, c):
             m = 0
             while m + 4 <= ne:      # four table rows at a time: their cold reads overlap
                 w0, w1, w2, w3 = ev_w[m], ev_w[m + 1], ev_w[m + 2], ev_w[m + 3]
-                r0, r1, r2, r3 = lt[j, ev_a[m]], lt[j, ev_a[m + 1]], lt[j, ev_a[m + 2]], lt[j, ev_a[m + 3]]
+                r0, r1 = lt[j, ev_a[m]], lt[j, ev_a[m + 1]]
+                r2, r3 = lt[j, ev_a[m + 2]], lt[j, ev_a[m + 3]]
                 for b in range(E):  # (summed in evidence order, as one row at a time would)
                     acc[b] = (((acc[b] + w0 * r0[b]) + w1 * r1[b]) + w2 * r2[b]) + w3 * r3[b]
                 m += 4
