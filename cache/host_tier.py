@@ -12,10 +12,13 @@ its host copy the most recent, so the host keeps the copies of the experts the d
 and of the ones it has just let go (the next to come back), and gives up the copies that went
 unused longest. Copies to the device run on two dedicated streams, demand
 loads on a high-priority one; a device slot's ``free`` event orders the copy after the compute
-on its old occupant, its ``ready`` event orders compute after the copy.
+on its old occupant, its ``ready`` event orders compute after the copy. Each copy is timed on the
+GPU's own clock (its ``start`` and ``ready`` events), so the link's throughput while copies run
+can be told apart from the time it sits idle (``BusyTime``).
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
@@ -88,6 +91,38 @@ class HostLRU:
             self.pool.release(self._lru.pop(key))
 
 
+class BusyTime:
+    """Seconds covered by at least one of a stream of [start, end) spans: copies on the two
+    streams overlap, so their durations cannot simply be summed. The union is exact while a span
+    arrives fewer than ``keep`` merged spans late; an older one counts only its part after them."""
+
+    def __init__(self, keep: int = 64) -> None:
+        self.keep = keep
+        self._spans: list[tuple[float, float]] = []     # disjoint, by start
+        self._folded = 0.0                              # seconds of spans merged away
+        self._floor = -math.inf                         # where the folded spans end
+
+    def add(self, start: float, end: float) -> None:
+        start = max(start, self._floor)
+        if end <= start:
+            return
+        merged: list[tuple[float, float]] = []
+        for s, e in sorted(self._spans + [(start, end)]):
+            if merged and s <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+            else:
+                merged.append((s, e))
+        while len(merged) > self.keep:
+            s, e = merged.pop(0)
+            self._folded += e - s
+            self._floor = e
+        self._spans = merged
+
+    @property
+    def seconds(self) -> float:
+        return self._folded + sum(e - s for s, e in self._spans)
+
+
 class HostTier:
     def __init__(self, chunks: Sequence[tuple[int, int]], fmt: ExpertFormat,
                  device: torch.device, device_slots: int) -> None:
@@ -101,7 +136,13 @@ class HostTier:
         # one pair per device slot: a slot has at most one load in flight; blocking events, so
         # an I/O thread waiting for its copy sleeps instead of spinning on a CPU core
         self._free = [torch.cuda.Event() for _ in range(device_slots)]
-        self._ready = [torch.cuda.Event(blocking=True) for _ in range(device_slots)]
+        self._start = [torch.cuda.Event(enable_timing=True) for _ in range(device_slots)]
+        self._ready = [torch.cuda.Event(enable_timing=True, blocking=True)
+                       for _ in range(device_slots)]
+        self._t0 = torch.cuda.Event(enable_timing=True)    # the origin of the copies' spans
+        self._t0.record(torch.cuda.current_stream(device))
+        self._t0.synchronize()
+        self.copying = BusyTime()        # GPU-clock seconds with a host-to-device copy running
 
     # ---- engine thread ----------------------------------------------------------------------
     def prepare(self, job: LoadJob) -> bool:
@@ -118,6 +159,8 @@ class HostTier:
     def finished(self, job: LoadJob) -> None:
         """``job`` was reported back: its host copy is free to reuse (dropped if the read failed)."""
         self.lru.release(job.key, keep=job.error is None or not job.from_disk)
+        if job.h2d_span is not None:
+            self.copying.add(*job.h2d_span)
 
     def withdrawn(self, job: LoadJob) -> None:
         """``job`` was cancelled before it ran: its host slot holds the expert only if it did
@@ -135,7 +178,8 @@ class HostTier:
     def stats(self, expert_bytes: int) -> dict[str, float]:
         return {"host_slots": float(self.pool.num_slots),
                 "host_resident_bytes": float(len(self.lru) * expert_bytes),
-                "host_allocated_bytes": float(self.pool.allocated_bytes)}
+                "host_allocated_bytes": float(self.pool.allocated_bytes),
+                "h2d_busy_seconds": self.copying.seconds}
 
     # ---- I/O thread -------------------------------------------------------------------------
     def fill(self, job: LoadJob, device_buf: torch.Tensor,
@@ -147,8 +191,12 @@ class HostTier:
         if job.from_disk:
             job.bytes_disk = read(host_buf)
         stream = self._demand_stream if job.demand else self._stream
+        start = self._start[job.slot]
         with torch.cuda.stream(stream):
             stream.wait_event(job.free_event)             # old occupant's compute is done
+            start.record(stream)                          # and the copies queued before this one
             device_buf.copy_(host_buf, non_blocking=True)
             job.ready_event.record(stream)
         job.ready_event.synchronize()
+        job.h2d_span = (self._t0.elapsed_time(start) / 1e3,                 # ms -> s
+                        self._t0.elapsed_time(job.ready_event) / 1e3)

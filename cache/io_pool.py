@@ -35,6 +35,7 @@ class LoadJob:
     ready_event: Any = None              # CUDA: the copy into the device slot is done
     bytes_disk: int = 0
     bytes_h2d: int = 0
+    h2d_span: Optional[tuple[float, float]] = None   # CUDA: the copy's [start, end), GPU clock, s
     error: Optional[BaseException] = None
     claimed: bool = False                # set by the thread that runs it (under the pool lock)
 

@@ -3,6 +3,7 @@ pinning, statistics and shutdown."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Collection, Mapping, Optional, Sequence
 
 import pytest
@@ -290,14 +291,19 @@ def test_cuda_three_tiers_exact(ckpt, budget: str) -> None:
                                 policies.make_policy("lru", L, E, K, None))
     try:
         g = torch.Generator().manual_seed(5)
+        t = time.perf_counter()
         for _ in range(10):
             for layer in range(L):
                 for e, w in p.experts(layer, _routing(g, 3)):
                     assert torch.equal(_flat(w).cpu(), want[(layer, e)].float())
+        wall = time.perf_counter() - t
         s = p.stats()
         assert s["bytes_h2d"] == (s["loads"] + s["prefetch_issued"] - s["inflight"]) * EXPERT_BYTES
         assert s["host_hits"] + s["host_misses"] == s["loads"] + s["prefetch_issued"] - s["inflight"]
         assert s["host_allocated_bytes"] <= 3 * EXPERT_BYTES
+        # the copies were timed on the GPU's clock: some time, never more than the loop took
+        assert (s["bytes_h2d"] > 0) == (s["h2d_busy_seconds"] > 0)
+        assert s["h2d_busy_seconds"] <= wall
     finally:
         p.close()
 

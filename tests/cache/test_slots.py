@@ -122,6 +122,26 @@ def test_host_lru_order_follows_device_use_and_eviction():
     assert lru.reserve((0, 2)) == (slots[(0, 2)], False)     # its copy stayed
 
 
+def test_busy_time_is_the_union_of_overlapping_copies() -> None:
+    import random
+    from cache.host_tier import BusyTime
+    b = BusyTime(keep=4)
+    for span in [(0.0, 1.0), (0.5, 1.5), (3.0, 4.0), (2.0, 2.5), (1.4, 2.1), (9.0, 9.0)]:
+        b.add(*span)                                # out of order, overlapping, one empty
+    assert b.seconds == pytest.approx(3.5)          # [0, 2.5) and [3, 4)
+    # many spans, a few out of order: the same as a union computed on a fine grid
+    rng = random.Random(3)
+    spans = sorted((t, t + rng.uniform(0.1, 2.0)) for t in (rng.uniform(0, 300) for _ in range(200)))
+    for i in range(0, len(spans) - 1, 5):           # swap neighbours: arrivals slightly out of order
+        spans[i], spans[i + 1] = spans[i + 1], spans[i]
+    b = BusyTime(keep=8)
+    for span in spans:
+        b.add(*span)
+    grid = [t / 100 for t in range(31000)]
+    covered = sum(any(s <= t < e for s, e in spans) for t in grid) / 100
+    assert b.seconds == pytest.approx(covered, abs=0.05)
+
+
 @pytest.mark.parametrize("budget,slot,need", [
     (10 * 2**30, 352_321_536, 256),          # Mixtral-8x7B bf16 experts, a 10 GiB host budget
     (90 * 2**30, 352_321_536, 256),          # more than all 256 experts: only what they need
