@@ -10,8 +10,11 @@ measures host-to-device bandwidth (pageable and pinned), and decodes on each sha
 with all experts in VRAM, with 25% in VRAM (the rest in host RAM) and with 25% in VRAM above a host
 budget below the model (disk under host RAM), prefetch on and off, checking every run's greedy
 tokens against the all-resident run, and with --cpu-experts auto (bf16/int8 experts; the CPU's
-rounding is not the GPU's, so those runs report how many leading tokens agree). Prints one table,
-writes one JSON.
+rounding is not the GPU's, so those runs report how many leading tokens agree). Every copy to the
+device is timed on the GPU's clock, so each run reports the link's GB/s while copies ran. Prints
+one table of runs and one of the issue's goals; the JSON is rewritten after every case, and cases
+that would start past --time-limit are skipped and listed, so a lent machine's command limit
+never takes the results with it.
 
 Without CUDA it says so in one line and exits 0. ``--device cpu --shapes tiny`` runs the same code
 on a CPU (a check of the script itself; the test suite does that).
@@ -33,7 +36,7 @@ runtime_env.apply()     # the engine's thread settings, before torch and numpy l
 
 import torch
 
-from bench.common import RESULTS, table
+from bench.common import RESULTS, table, write_json
 
 SHAPES: dict[str, dict[str, int]] = {
     # the default 64x model's layer shape with 8 of its 30 layers, so that ten engine starts and
@@ -52,7 +55,6 @@ CASES = (("all in VRAM", "all", "all", "off", "off"),
          ("25% VRAM, 50% host", "25%", "50%", "off", "off"),
          ("25% VRAM, 50% host + prefetch", "25%", "50%", "on", "off"),
          ("25% VRAM, 50% host + CPU experts", "25%", "50%", "off", "auto"))
-# int4 experts in the CUDA pack layout have no CPU kernel: --cpu-experts auto is off for them
 CPU_EXPERT_FORMATS = ("none", "int8")
 GPU_TESTS = ("tests/engine/test_kernels.py", "tests/cache/test_offload.py", "tests/cache/test_slots.py",
              "tests/cache/test_cpu_experts.py")
@@ -151,25 +153,64 @@ def decode(model_dir: str, device: str, fmt: str, case: tuple[str, str, str, str
             "tokens": res.token_ids, "cache": dict(cache)}
 
 
-def run_gpu_tests(timeout: int) -> dict[str, Any]:
+def run_gpu_tests(timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", *GPU_TESTS]
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, timeout))
         tail = (p.stdout + p.stderr).strip().splitlines()[-1:]
         return {"returncode": p.returncode, "summary": tail[0] if tail else ""}
     except subprocess.TimeoutExpired:
-        return {"returncode": None, "summary": f"timed out after {timeout} s"}
+        return {"returncode": None, "summary": f"timed out after {timeout:.0f} s"}
+
+
+def h2d_rate(cache: dict[str, float]) -> Optional[float]:
+    """GB/s of the host-to-device copies while at least one ran (GPU clock), or None."""
+    busy = cache.get("h2d_busy_seconds", 0.0)
+    return cache["bytes_h2d"] / busy / 1e9 if busy > 0 else None
+
+
+def goals(runs: list[dict[str, Any]], pinned: Optional[float]) -> list[dict[str, Any]]:
+    """The issue's goals, from the runs that finished: 25% in VRAM within 1.5x of all in VRAM on
+    the default shape; host-to-device copies at >= 80% of the pinned bandwidth while the cache
+    loads (per shape and format, all offloaded runs' bytes over their copy time); exact tokens."""
+    out: list[dict[str, Any]] = []
+    done = [r for r in runs if "decode_ms_per_token" in r]
+    for shape, fmt in dict.fromkeys((r["shape"], r["format"]) for r in done):
+        block = [r for r in done if (r["shape"], r["format"]) == (shape, fmt)]
+        ms = {r["case"]: r["decode_ms_per_token"] for r in block}
+        base = ms.get("all in VRAM")
+        for case in ("25% VRAM + prefetch", "25% VRAM") if shape == "default-64x" else ():
+            if base and case in ms:
+                x = ms[case] / base
+                out.append({"goal": f"{shape} {fmt}: {case} / all in VRAM <= 1.5x",
+                            "value": f"{x:.2f}x", "met": x <= 1.5})
+        offl = [r["cache"] for r in block if r["cache"].get("h2d_busy_seconds", 0) > 0]
+        if offl and pinned:
+            rate = sum(c["bytes_h2d"] for c in offl) / sum(c["h2d_busy_seconds"] for c in offl) / 1e9
+            out.append({"goal": f"{shape} {fmt}: H2D while loading >= 80% of pinned {pinned:.1f} GB/s",
+                        "value": f"{rate:.1f} GB/s ({rate / pinned:.0%})", "met": rate >= 0.8 * pinned})
+    plain = [r for r in runs if r["cpu_experts"] == "off"]
+    ran = [r for r in plain if not r.get("error", "").startswith("skipped")]
+    n_ok = sum(bool(r.get("exact")) for r in ran)       # a run that failed is not exact
+    out.append({"goal": "exact tokens in every run without CPU experts",
+                "value": f"{n_ok} of {len(ran)} ({len(plain) - len(ran)} skipped)",
+                "met": bool(ran) and n_ok == len(ran)})
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="default-64x,mixtral-like",
-                    help=f"model shapes to build and run ({', '.join(SHAPES)})")
+                    help=f"model shapes to build and run, in this order ({', '.join(SHAPES)})")
     ap.add_argument("--formats", default="none,int4", help="expert formats (none = bf16, int8, int4)")
     ap.add_argument("--tokens", type=int, default=16, help="greedy tokens per run")
     ap.add_argument("--device", default="cuda", help="cuda (the check) or cpu (a dry run of the script)")
     ap.add_argument("--workdir", default=None, help="where models are built (default: a temp dir)")
     ap.add_argument("--skip-tests", action="store_true", help="do not run the gpu-marked tests")
+    ap.add_argument("--time-limit", type=float, default=450.0,
+                    help="seconds: a case that would start past this (by the last case's duration) is "
+                         "skipped and listed as such, so the run ends with its results inside a lent "
+                         "machine's 10-minute command limit; the JSON is rewritten after every case")
     ap.add_argument("--json", default=os.path.join(RESULTS, "gpu_check.json"), help="output JSON path")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -179,10 +220,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     bad = [s for s in shapes if s not in SHAPES]
     if bad:
         ap.error(f"unknown shape(s) {bad}; choose from {', '.join(SHAPES)}")
+    t_start = time.perf_counter()
+
+    def left() -> float:
+        return args.time_limit - (time.perf_counter() - t_start)
+
+    json_path = os.path.abspath(args.json)
     work = args.workdir or tempfile.mkdtemp(prefix="moeserve-gpu-check-")
     os.environ.setdefault("MOESERVE_HOME", os.path.join(work, "home"))    # conversions land here
     out: dict[str, Any] = {"device": args.device, "torch": torch.__version__, "runs": [],
-                           "numba": _numba_version()}
+                           "numba": _numba_version(), "time_limit_s": args.time_limit}
     if out["numba"] is None:
         print("gpu-check: numba is missing: the auto policy runs interpreted and its per-token "
               "figures are not the product's (run `make gpu-wheels` on a machine with the registries)")
@@ -192,23 +239,27 @@ def main(argv: Optional[list[str]] = None) -> int:
         out.update(h2d_bandwidth(dev))
         print(f"{out['gpu']}: H2D pageable {out['h2d_pageable_gb_s']:.1f} GB/s, "
               f"pinned {out['h2d_pinned_gb_s']:.1f} GB/s", flush=True)
-        if not args.skip_tests:
-            out["gpu_tests"] = run_gpu_tests(timeout=240)
-            print("gpu tests:", out["gpu_tests"]["summary"], flush=True)
+    write_json(json_path, out)
+    formats = [f for f in args.formats.split(",") if f]
     prompt = tuple(range(3, 40))
+    tests_due = args.device == "cuda" and not args.skip_tests
+    last = 0.0              # the last case took this long: is there time for the next one?
     for shape in shapes:
+        if left() <= 0:
+            out["runs"] += [_skipped(shape, f, c) for f in formats for c in _cases(f)]
+            continue
         t = time.perf_counter()
         model_dir = write_checkpoint(os.path.join(work, shape), SHAPES[shape])
         print(f"{shape}: checkpoint built in {time.perf_counter() - t:.0f} s", flush=True)
-        for fmt in [f for f in args.formats.split(",") if f]:
+        for fmt in formats:
             want: Optional[list[int]] = None
-            for case in CASES:
-                if case[4] != "off" and fmt not in CPU_EXPERT_FORMATS:
-                    continue
-                try:
-                    r = decode(model_dir, args.device, fmt, case, prompt, args.tokens)
-                except Exception as e:                        # report it, go on with the others
-                    r = {"case": case[0], "format": fmt, "error": f"{type(e).__name__}: {e}"}
+            for case in _cases(fmt):
+                if last >= left():
+                    r = _skipped(shape, fmt, case)
+                else:
+                    t = time.perf_counter()
+                    r = _run_case(model_dir, args.device, fmt, case, prompt, args.tokens)
+                    last = time.perf_counter() - t
                 r["shape"] = shape
                 if "tokens" in r:
                     want = r["tokens"] if want is None else want
@@ -216,25 +267,62 @@ def main(argv: Optional[list[str]] = None) -> int:
                     # the CPU's rounding differs from the GPU's: how far the tokens agree
                     r["same_prefix"] = next((i for i, (a, b) in enumerate(zip(r["tokens"], want))
                                              if a != b), len(want))
+                    r["h2d_gb_s"] = h2d_rate(r["cache"])
                 out["runs"].append(r)
+                write_json(json_path, out)
                 print(json.dumps({k: v for k, v in r.items() if k not in ("tokens", "cache")}), flush=True)
+            if tests_due:       # after the first block, whose figures matter most
+                tests_due = False
+                out["gpu_tests"] = _tests(left())
+                write_json(json_path, out)
+    if tests_due:
+        out["gpu_tests"] = _tests(left())
+    pinned = out.get("h2d_pinned_gb_s")
     rows = [{"shape": r["shape"], "format": r["format"], "case": r["case"],
              "ms/token": r.get("decode_ms_per_token"), "exact": r.get("exact"),
              "same tokens": r.get("same_prefix"),
+             "H2D GB/s": r.get("h2d_gb_s"),
+             "% pinned": None if not (pinned and r.get("h2d_gb_s")) else f"{r['h2d_gb_s'] / pinned:.0%}",
              "cpu computed": r.get("cache", {}).get("cpu_computed"),
              "error": r.get("error", "")} for r in out["runs"]]
-    print(table(rows, ["shape", "format", "case", "ms/token", "exact", "same tokens", "cpu computed",
-                       "error"]))
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json + ".tmp", "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(args.json + ".tmp", args.json)
-    print("wrote", args.json)
-    # bit-exact everywhere but with CPU experts, which must still run (no error)
+    print(table(rows, ["shape", "format", "case", "ms/token", "exact", "same tokens", "H2D GB/s",
+                       "% pinned", "cpu computed", "error"]))
+    out["goals"] = goals(out["runs"], pinned)
+    print(table(out["goals"], ["goal", "value", "met"]))
+    print("wrote", write_json(json_path, out))
+    # bit-exact everywhere but with CPU experts, which must still run (no error); nothing skipped
     return 0 if all(r.get("exact", False) or (r.get("cpu_experts") == "auto" and "tokens" in r)
                     for r in out["runs"]) else 1
 
 
+def _cases(fmt: str) -> list[tuple[str, str, str, str, str]]:
+    """The cases run for expert format ``fmt``: int4 experts in the CUDA pack layout have no CPU
+    kernel, so --cpu-experts auto is left out for them."""
+    return [c for c in CASES if c[4] == "off" or fmt in CPU_EXPERT_FORMATS]
+
+
+def _tests(seconds: float) -> dict[str, Any]:
+    """The gpu-marked tests, in at most 240 s and what the time limit leaves."""
+    if seconds < 30:
+        res: dict[str, Any] = {"returncode": None, "summary": "skipped: --time-limit reached"}
+    else:
+        res = run_gpu_tests(timeout=min(240.0, seconds))
+    print("gpu tests:", res["summary"], flush=True)
+    return res
+
+
+def _run_case(model_dir: str, device: str, fmt: str, case: tuple[str, str, str, str, str],
+              prompt: tuple[int, ...], tokens: int) -> dict[str, Any]:
+    try:
+        return decode(model_dir, device, fmt, case, prompt, tokens)
+    except Exception as e:                        # report it, go on with the others
+        return {"case": case[0], "format": fmt, "cpu_experts": case[4],
+                "error": f"{type(e).__name__}: {e}"}
+
+
+def _skipped(shape: str, fmt: str, case: tuple[str, str, str, str, str]) -> dict[str, Any]:
+    return {"shape": shape, "case": case[0], "format": fmt, "cpu_experts": case[4],
+            "error": "skipped: --time-limit reached"}
 
 
 def _numba_version() -> Optional[str]:

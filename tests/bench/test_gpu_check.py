@@ -31,3 +31,41 @@ def test_gpu_check_dry_run_on_cpu_is_exact_in_every_case(tmp_path, monkeypatch: 
     assert len(cpu) == 2 and all(r["cache"]["cpu_computed"] == 0 for r in cpu)   # no host tier on a CPU
     offloaded = [r for r in runs if r["expert_budget"] == "25%"]
     assert all(r["cache"]["misses"] > 0 for r in offloaded)      # the cache really was in the way
+    # the goals table: no GPU copies on a CPU (no H2D row); the exactness goal counts all 10 runs
+    # without CPU experts
+    goals = {g["goal"]: g for g in data["goals"]}
+    assert goals["exact tokens in every run without CPU experts"] == {
+        "goal": "exact tokens in every run without CPU experts", "value": "10 of 10 (0 skipped)", "met": True}
+    assert not any("H2D" in g for g in goals)
+    ratios = [g for g in goals if "/ all in VRAM" in g]
+    assert ratios == []                                  # only the default-64x shape has that goal
+
+
+def test_gpu_check_time_limit_skips_cases_and_still_writes_its_json(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MOESERVE_HOME", str(tmp_path / "home"))
+    out = tmp_path / "gc.json"
+    assert main(["--device", "cpu", "--shapes", "tiny", "--formats", "none", "--time-limit", "0",
+                 "--workdir", str(tmp_path / "w"), "--json", str(out)]) == 1
+    runs = json.loads(out.read_text())["runs"]
+    assert len(runs) == 7 and all(r["error"] == "skipped: --time-limit reached" for r in runs)
+    assert not (tmp_path / "w" / "tiny").exists()        # nothing built for a skipped shape
+
+
+def test_gpu_check_json_holds_every_finished_case_when_the_run_is_killed(tmp_path, monkeypatch) -> None:
+    import bench.gpu_check as gc
+    monkeypatch.setenv("MOESERVE_HOME", str(tmp_path / "home"))
+    real, calls = gc.decode, []
+
+    def decode(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt                      # as a command limit's kill would
+        return real(*a, **k)
+
+    monkeypatch.setattr(gc, "decode", decode)
+    out = tmp_path / "gc.json"
+    with pytest.raises(KeyboardInterrupt):
+        main(["--device", "cpu", "--shapes", "tiny", "--formats", "none", "--tokens", "4",
+              "--workdir", str(tmp_path / "w"), "--json", str(out)])
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["case"] for r in runs] == [c[0] for c in gc.CASES[:2]] and all(r["exact"] for r in runs)
