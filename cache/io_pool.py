@@ -56,7 +56,11 @@ class IOPool:
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._work = work
-        self._device = device
+        # the CUDA device by index, taken on the engine thread: set_device refuses an index-less
+        # torch.device("cuda"), which is what `--device cuda` resolves to
+        self._cuda_index: Optional[int] = None
+        if device is not None and device.type == "cuda":
+            self._cuda_index = device.index if device.index is not None else torch.cuda.current_device()
         self._threads = [threading.Thread(target=self._run, args=(new_staging(), i == 0),
                                           name=f"moeserve-io-{i}", daemon=True)
                          for i in range(threads)]
@@ -115,8 +119,12 @@ class IOPool:
             return None
 
     def _run(self, staging: torch.Tensor, prefetches: bool) -> None:
-        if self._device is not None and self._device.type == "cuda":
-            torch.cuda.set_device(self._device)
+        setup: Optional[BaseException] = None
+        try:
+            if self._cuda_index is not None:
+                torch.cuda.set_device(self._cuda_index)
+        except BaseException as e:       # every job this worker takes fails with it: a worker
+            setup = e                    # that died here would leave the engine waiting forever
         if prefetches and len(self._threads) > 1:
             _lower_priority()
         while True:
@@ -124,6 +132,8 @@ class IOPool:
             if job is None:
                 return
             try:
+                if setup is not None:
+                    raise setup
                 self._work(job, staging)
             except BaseException as e:   # reported to the engine thread, which raises it
                 job.error = e

@@ -158,3 +158,29 @@ def test_prefetches_run_one_at_a_time_and_demand_passes_them() -> None:
     finally:
         release.set()
         pool.close()
+
+
+def test_cuda_workers_set_the_device_by_index_and_a_failed_setup_fails_jobs(monkeypatch) -> None:
+    """`--device cuda` is an index-less torch.device, which torch.cuda.set_device refuses: the
+    pool passes the current device's index. A worker whose setup fails reports every job it
+    takes as failed (the engine raises), never dies silently (the engine would wait forever)."""
+    calls: list[object] = []
+
+    def set_device(d: object) -> None:
+        calls.append(d)
+        raise RuntimeError("CUDA driver gone")
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    ran: list[tuple[int, int]] = []
+    pool = IOPool(2, lambda job, staging: ran.append(job.key),
+                  lambda: torch.empty(1, dtype=torch.uint8), device=torch.device("cuda"))
+    try:
+        pool.submit(_job((0, 1), True))
+        pool.submit(_job((0, 2), False))
+        done = _collect(pool, 2)
+    finally:
+        pool.close()
+    assert calls == [3, 3]
+    assert ran == [] and all(isinstance(j.error, RuntimeError) and "driver gone" in str(j.error)
+                             for j in done)
