@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import llguidance
 import torch
 
 from engine.protocol import Constraint
+
+if TYPE_CHECKING:       # imported on the first constrained request: an engine that never gets
+    import llguidance   # one (a CUDA machine with only torch, say) needs no llguidance
 
 _BITS = torch.arange(32, dtype=torch.int32)
 
@@ -32,6 +34,7 @@ class GrammarCompiler:
     def tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
             if self._tokenizer is None:
+                import llguidance
                 path = os.path.join(self.model_dir, "tokenizer.json")
                 with open(path, encoding="utf-8") as f:
                     text = f.read()
@@ -46,6 +49,7 @@ class GrammarCompiler:
             tokenizer = self.tokenizer()
         except (OSError, ValueError, RuntimeError) as exc:
             raise ValueError(f"structured output needs the model's tokenizer.json: {exc}") from None
+        import llguidance
         m = llguidance.LLMatcher(tokenizer, constraint.lark, log_level=0)
         if m.is_error():
             raise ValueError(f"the output grammar does not compile: {m.get_error()}")
