@@ -22,6 +22,8 @@ on a CPU (a check of the script itself; the test suite does that).
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib.util
 import json
 import os
 import subprocess
@@ -147,6 +149,9 @@ def decode(model_dir: str, device: str, fmt: str, case: tuple[str, str, str, str
         cache = eng.stats().cache
     finally:
         eng.close()
+        del eng
+        gc.collect()        # the provider and its I/O threads' work form a cycle: free its pinned
+                            # chunks and device slots before the next case allocates its own
     ms = (total - res.first_token_seconds) / max(1, tokens - 1) * 1e3
     return {"case": name, "format": fmt, "expert_budget": budget, "host_budget": host,
             "prefetch": prefetch, "cpu_experts": cpu, "decode_ms_per_token": ms,
@@ -155,6 +160,8 @@ def decode(model_dir: str, device: str, fmt: str, case: tuple[str, str, str, str
 
 def run_gpu_tests(timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", *GPU_TESTS]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        cmd.append("--timeout=60")          # one hung test costs a minute, not the whole budget
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, timeout))
         tail = (p.stdout + p.stderr).strip().splitlines()[-1:]
