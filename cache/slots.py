@@ -42,9 +42,14 @@ def pinned_plan(budget: int, slot_bytes: int, need: int) -> list[tuple[int, int]
     PyTorch's pinned (caching host) allocator rounds every allocation up to a power of two, so
     one allocation of the budget could pin up to twice it; every chunk here is a power of two,
     the largest that both the rest of the budget and the slots still needed allow, so the memory
-    really pinned never exceeds the budget and each chunk wastes less than one slot."""
+    really pinned never exceeds the budget and each chunk wastes less than one slot. A budget that
+    covers all ``need`` slots ('all', or 'auto' when every expert fits) gets every slot: then the
+    chunks may pin up to one slot per chunk more than the slots' bytes (a budget of exactly their
+    bytes would otherwise leave the last one or two out)."""
     out: list[tuple[int, int]] = []
     left, want = budget, need
+    if budget >= need * slot_bytes:
+        left = 2 * need * slot_bytes          # each chunk is over half slots: this always suffices
     one = 1 << (slot_bytes - 1).bit_length()          # the smallest power of two holding a slot
     while want > 0 and left >= slot_bytes:
         p = 1 << (min(left, want * slot_bytes).bit_length() - 1)   # <= the rest of both
