@@ -76,9 +76,13 @@ def _settings(max_tokens: int) -> dict[str, str]:
     return {"moeserve.settings": f'{{"max_tokens": "{max_tokens}", "temperature": "0"}}'}
 
 
-def _grid_state(page: Any, sel: str) -> list[str]:
-    cells = page.locator(sel + " .cell")
-    return [c.get_attribute("class") + (c.get_attribute("style") or "") for c in cells.all()]
+def _grid_state(page: Any, sel: str) -> tuple[int, list[str]]:
+    """(decode tokens counted so far, every cell of the grid ``sel``), read in one step of the
+    page's script: cell by cell over the driver, a read took seconds and tokens arrived during it."""
+    return tuple(page.evaluate(
+        """(sel) => [parseInt(document.getElementById("decode-sum").textContent) || 0,
+                     Array.from(document.querySelectorAll(sel + " .cell"),
+                                (c) => c.className + (c.getAttribute("style") || ""))]""", sel))
 
 
 def _aborted(srv: ServerProcess) -> float:
@@ -100,9 +104,12 @@ def test_page_streams_an_answer_with_a_live_heatmap(browser: Any, server: Server
         p.send("Tell me about the sea.")
         answer = page.locator(".msg.assistant").last
         expect(page.locator("#decode-sum")).to_contain_text(re.compile(r"^([2-9]|\d\d+) tokens"))
-        early = _grid_state(page, "#heat-decode")
+        n, early = _grid_state(page, "#heat-decode")
+        page.wait_for_function("""(n) => parseInt(document.getElementById("decode-sum").textContent) > n""",
+                               arg=n)
+        later_n, later = _grid_state(page, "#heat-decode")
+        assert later_n > n and later != early                     # it changes as tokens arrive
         expect(page.locator("#decode-sum")).to_contain_text(re.compile(r"^(1[2-9]|[2-9]\d) tokens"))
-        assert _grid_state(page, "#heat-decode") != early          # it changes as tokens arrive
         expect(page.locator("#send")).to_be_visible()                # the answer has ended
         expect(answer.locator(".meta")).to_contain_text("TTFT")
         expect(answer.locator(".meta")).to_contain_text("tokens/s")
