@@ -258,7 +258,8 @@ def dequantize_int4(q: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch
 
 
 def pack_int4(q: torch.Tensor, layout: str) -> torch.Tensor:
-    """Unpacked q int32 [O, In] (0..15, on CPU) -> the packed tensor of ``layout`` (on CPU)."""
+    """Unpacked q int32 [O, In] (0..15; on CPU, or on the GPU for ``cuda``) -> the packed tensor
+    of ``layout`` (on CPU)."""
     if layout == "cpu":
         return torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
     if not torch.cuda.is_available():
@@ -310,7 +311,9 @@ def fill_slot(fmt: ExpertFormat, buf: torch.Tensor, weights: dict[str, torch.Ten
             dst.q.copy_(q)
             dst.scales.copy_(s)
         else:
-            q, sz = quantize_int4(w, fmt.group_size)
+            # the CUDA pack layout is made on the GPU: quantize there too (a Mixtral expert's
+            # three matrices take seconds of CPU each)
+            q, sz = quantize_int4(w.cuda() if fmt.layout == "cuda" else w, fmt.group_size)
             dst.q.copy_(pack_int4(q, fmt.layout))
             dst.scales.copy_(sz)
 

@@ -110,9 +110,10 @@ def test_plain_slot_views_compute_like_f_linear() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_cuda_kernels_match_the_cpu_store(kind: str) -> None:
-    """A CPU-layout slot re-packed once for CUDA computes what the CPU kernel computes."""
+@pytest.mark.parametrize("kind,made", [("int8", "cpu"), ("int4", "repacked"), ("int4", "on the gpu")])
+def test_cuda_kernels_match_the_cpu_store(kind: str, made: str) -> None:
+    """A CPU-layout slot re-packed once for CUDA, or a CUDA slot quantized on the GPU (as a
+    conversion for CUDA does), computes what the CPU kernel computes."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from cache.quant import repack_slot
@@ -125,7 +126,10 @@ def test_cuda_kernels_match_the_cpu_store(kind: str) -> None:
     if kind == "int4":
         cuda_fmt = ExpertFormat(kind, inter, hidden, group_size=64, layout="cuda")
         cbuf = torch.empty(cuda_fmt.slot_bytes, dtype=torch.uint8)
-        repack_slot(cpu_fmt, cuda_fmt, buf, cbuf)
+        if made == "repacked":
+            repack_slot(cpu_fmt, cuda_fmt, buf, cbuf)
+        else:
+            fill_slot(cuda_fmt, cbuf, ws)
     else:
         cuda_fmt, cbuf = cpu_fmt, buf
     x = torch.randn(4, hidden, dtype=torch.bfloat16)
