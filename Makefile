@@ -108,6 +108,8 @@ e2e-webui: install $(WEBUI_VENV)/.installed
 # transformers, safetensors, numpy, tqdm, pytest): the repository is used in place, and any of
 # the wheels `make gpu-wheels` fetched beforehand (on a machine with the registries) that its
 # python3 lacks are installed into .gpu-wheels/site. Without CUDA it says so and exits 0.
+# On a lent machine whose files come back from $OUT: make gpu-check ARGS="--json $OUT/gpu_check.json"
+# (cases that would start after --time-limit, 450 s, are skipped; the JSON is rewritten after each)
 GPU_WHEELS ?= .gpu-wheels
 GPU_PYTHON ?= python3
 
