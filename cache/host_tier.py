@@ -69,6 +69,11 @@ class HostLRU:
         self._busy.add(key)
         return slot, True
 
+    def can_reserve(self, key: ExpertKey) -> bool:
+        """Whether ``reserve(key)`` would get a host slot now (every busy key has a copy, so a
+        copy no load is using exists exactly when there are more copies than busy keys)."""
+        return key in self._lru or self.pool.free_count > 0 or len(self._busy) < len(self._lru)
+
     def hold(self, key: ExpertKey) -> Optional[int]:
         """The host slot of ``key``'s copy, held like a load's (never handed out) until
         ``release``; None when there is no copy or a load is using it (it may be filling)."""
@@ -145,6 +150,11 @@ class HostTier:
         self.copying = BusyTime()        # GPU-clock seconds with a host-to-device copy running
 
     # ---- engine thread ----------------------------------------------------------------------
+    def can_prepare(self, key: ExpertKey) -> bool:
+        """Whether a load of ``key`` would get a host slot now: asked before a device slot is
+        freed for it, so no device copy is evicted for a load that cannot start."""
+        return self.lru.can_reserve(key)
+
     def prepare(self, job: LoadJob) -> bool:
         """Give ``job`` (device slot already chosen) its host slot and events; False when every
         host slot is in use by a load."""

@@ -1,8 +1,8 @@
 """The offloading expert cache: a byte budget of expert slots filled from disk in the background.
 
 Tiers: on CPU, disk -> RAM slots (the "device" tier is RAM). On CUDA, disk -> pinned host slots ->
-device slots; host->device copies run on a dedicated stream, and compute waits only for the
-expert it is about to use.
+device slots; host->device copies run on streams of their own (demand loads on a high-priority
+one), and compute waits only for the expert it is about to use.
 
 Threading: every policy call and every piece of bookkeeping runs on the engine thread (the one
 calling ``experts``). I/O threads only fill the slot buffers a ``LoadJob`` names and report back.
@@ -255,8 +255,7 @@ class OffloadedExpertProvider(OffloadReporting, ExpertProvider):
         return UnionKeys(self._resident, self._inflight)
 
     def _make_room(self, n: int, protect: Collection[ExpertKey] = ()) -> None:
-        """Evict up to ``n`` experts in one ``victims`` call (a batch's misses at once), never
-        one in ``protect`` (with the pinned ones)."""
+        """Evict up to ``n`` in one ``victims`` call, never a pinned one or one in ``protect``."""
         pinned = self._pinned() | set(protect)
         for victim in self.policy.victims(self._known(), pinned, self._layer, n):
             if victim in pinned or victim not in self._resident:
@@ -265,8 +264,7 @@ class OffloadedExpertProvider(OffloadReporting, ExpertProvider):
             self._evict(victim)
 
     def _take_slot(self, protect: Collection[ExpertKey] = ()) -> Optional[int]:
-        """A free device slot, evicting the policy's victim (not one in ``protect``) if needed;
-        None if all are pinned."""
+        """A free device slot, evicting the policy's victim (not in ``protect``); None: all pinned."""
         slot = self._dev.acquire()
         if slot is None:
             self._make_room(1, protect)
@@ -287,6 +285,8 @@ class OffloadedExpertProvider(OffloadReporting, ExpertProvider):
 
     def _issue(self, key: ExpertKey, demand: bool) -> bool:
         """Start loading ``key`` into a device slot; False when no slot can be had right now."""
+        if self._host is not None and not self._host.can_prepare(key):
+            return False                    # every host slot is in use by a load: evict nothing
         # a guess never evicts what this or the next layer is expected to use
         slot = self._take_slot(() if demand else self._protect)
         if slot is None:

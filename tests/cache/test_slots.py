@@ -93,8 +93,10 @@ def test_host_lru_reuses_copies_and_never_hands_out_a_busy_slot():
     sa, disk = lru.reserve((0, 0))
     assert disk
     sb, _ = lru.reserve((0, 1))
+    assert not lru.can_reserve((0, 2)) and lru.can_reserve((0, 1))
     assert lru.reserve((0, 2)) is None                 # both copies are in use by loads
     lru.release((0, 0), keep=True)
+    assert lru.can_reserve((0, 2))                     # (0, 0)'s copy is free to reuse
     lru.release((0, 1), keep=True)
     assert lru.reserve((0, 1)) == (sb, False)          # a host hit: no disk read
     lru.release((0, 1), keep=True)
