@@ -10,6 +10,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 QUANT_FORMATS = ("none", "int8", "int4")   # routed-expert storage formats (cache/quant.py)
 GROUP_SIZES = (32, 64, 128)
+DENSE_QUANT = ("off", "int4")              # formats of the dense linear layers (engine/kernels.py)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,12 @@ class EngineConfig:
     group_size: Optional[int] = field(default=None, metadata={
         "help": "int4 group size (32, 64 or 128); default: the largest that divides every "
                 "expert input dimension"})
+    dense_quantize: str = field(default="off", metadata={
+        "help": "int4: the dense linear layers in int4 too, quantized at load in groups of 32 "
+                "(attention, shared experts; not the routers, nor the LM head, which llama.cpp's "
+                "Q4_K_M also keeps at more bits). Default model, int4 experts, CPU: decoding 1.2x "
+                "faster at batch 1, the same at batch 8, perplexity unchanged (README)",
+        "choices": DENSE_QUANT})
     max_batch: int = field(default=8, metadata={
         "help": "most requests decoded together in one step (continuous batching)"})
     prefill_chunk: int = field(default=256, metadata={
@@ -68,5 +75,8 @@ class EngineConfig:
                                   f"choose one of {', '.join(map(str, GROUP_SIZES))}")
             if self.quantize != "int4":
                 raise ConfigError("group_size", self.group_size, "applies to --quantize int4 only")
+        if self.dense_quantize not in DENSE_QUANT:
+            raise ConfigError("dense_quantize", self.dense_quantize,
+                              f"choose one of {', '.join(DENSE_QUANT)}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError("threads", self.threads, "must be at least 1")

@@ -9,7 +9,7 @@ int8 as a dequantize-then-matmul (weight-only int8: half the bytes of bf16 on th
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,8 @@ from torch import nn
 
 from cache.packed import PackedExpert, pack_expert, pack_weight, packed_linear, packs
 from cache.provider import HostExpert, ProvidedExpert
-from cache.quant import SCALE_DTYPE, Weight, dequantize_int4, unpack_int4_cpu
+from cache.quant import (SCALE_DTYPE, QTensor, Weight, default_group_size, dequantize_int4, pack_int4,
+                         quantize_int4, unpack_int4_cpu)
 
 
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
@@ -88,6 +89,42 @@ def pack_linears(model: nn.Module, keep_plain: Iterable[torch.Tensor] = ()) -> i
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child,
                 PackedLinear(mod, keep_plain=id(mod.weight) in kept))
+    return len(targets)
+
+
+class QuantLinear(nn.Module):
+    """An nn.Linear whose weight is int4 in groups of ``group_size`` inputs (default: the largest
+    of 128/64/32 dividing its input), quantized once at load in the pack layout of its device."""
+
+    def __init__(self, lin: nn.Linear, group_size: Optional[int] = None) -> None:
+        super().__init__()
+        w = lin.weight.detach()
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        g = group_size or default_group_size(self.in_features)
+        layout = "cuda" if w.device.type == "cuda" else "cpu"
+        q, sz = quantize_int4(w, g)                                     # on w's device
+        self.weight = QTensor("int4", pack_int4(q, layout).to(w.device), sz.to(w.device), g, layout,
+                              (self.out_features, self.in_features))
+        self.bias = None if lin.bias is None else lin.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = linear(x.reshape(-1, self.in_features), self.weight)      # [N, O]
+        out = out.view(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+
+def quantize_linears(model: nn.Module, keep: Iterable[torch.Tensor] = (),
+                     group_size: Optional[int] = None) -> int:
+    """Replace every nn.Linear of ``model`` by a QuantLinear but those whose weight is in
+    ``keep``, whose input does not divide into the groups or whose output is not a multiple of 16
+    (the int4 packs' tile; e.g. Qwen's one-output shared-expert gate). Returns how many."""
+    kept = {id(t) for t in keep}
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) and id(mod.weight) not in kept
+               and mod.in_features % (group_size or 32) == 0 and mod.out_features % 16 == 0]
+    for name, mod in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, QuantLinear(mod, group_size))
     return len(targets)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -18,7 +19,7 @@ from cache.expert_store import STORE_FILE, locate_experts
 from cache.provider import ExpertSource, TensorRef, read_tensor
 from cache.quant import ExpertFormat, format_from_config
 from cache.safetensors_file import CheckpointError, read_checkpoint_index, slice_leading
-from engine.kernels import pack_linears
+from engine.kernels import pack_linears, quantize_linears
 from engine.models import family
 from engine.models.base import DecoderLM, ExpertLayout, HFConfig
 from engine.protocol import ModelInfo
@@ -169,10 +170,18 @@ def is_expert_tensor(name: str, layout: Optional[ExpertLayout]) -> bool:
     return any(name.startswith(layout.prefix(li) + ".") for li in layout.moe_layers)
 
 
+# int4 dense layers use the smallest groups: on the default model groups of 64 cost 6% perplexity
+# and groups of 32 nothing, at about the same speed (dense layers are a small share of the bytes)
+DENSE_INT4_GROUP = 32
+
+
 def load_model(model_dir: str, device: torch.device, dtype: Optional[torch.dtype] = None,
                context_length: Optional[int] = None,
-               progress: Optional[Callable[[int, int], None]] = None) -> LoadedModel:
-    """Read config + safetensors of ``model_dir``; dense weights onto ``device`` in ``dtype``."""
+               progress: Optional[Callable[[int, int], None]] = None,
+               dense_quantize: str = "off") -> LoadedModel:
+    """Read config + safetensors of ``model_dir``; dense weights onto ``device`` in ``dtype``
+    (``dense_quantize`` 'int4': the dense linear layers but the routers and the LM head in int4,
+    groups of DENSE_INT4_GROUP)."""
     cfg = load_config(model_dir)
     fam = family(cfg.raw["model_type"])
     dtype = dtype or resolve_dtype("auto", cfg, device)
@@ -226,6 +235,13 @@ def load_model(model_dir: str, device: torch.device, dtype: Optional[torch.dtype
                      num_experts=layout.num_experts if layout else 0,
                      top_k=layout.top_k if layout else 0)
     model.eval()
+    if dense_quantize == "int4":
+        t0 = time.perf_counter()
+        # the LM head stays, as llama.cpp's Q4_K_M keeps its output at 6 bits: in int4 it cost the
+        # default model 5% perplexity, the rest nothing (README, Quantized experts)
+        keep = [model.lm_head.weight, *(model.routers() if model.layout else ())]
+        n = quantize_linears(model, keep, DENSE_INT4_GROUP)
+        log.info("%d dense linear layers quantized to int4 in %.1f s", n, time.perf_counter() - t0)
     if packs(device, dtype):
         log.info("%d dense linear layers prepacked for oneDNN (bf16 on CPU)",
                  pack_linears(model, keep_plain=model.routers() if model.layout else ()))

@@ -64,7 +64,8 @@ def load(ecfg: EngineConfig, progress: bool = True) -> LoadedModel:
         bar.update(done - bar.n)
 
     log.info("loading %s on %s in %s", model_dir, device, dtype)
-    loaded = load_model(model_dir, device, dtype, ecfg.context_length, on_progress)
+    loaded = load_model(model_dir, device, dtype, ecfg.context_length, on_progress,
+                        dense_quantize=ecfg.dense_quantize)
     if bar is not None:
         bar.close()
     return loaded

@@ -195,3 +195,30 @@ def test_decode_attention_matches_sdpa(heads: int, kv_heads: int, dk: int, dv: i
         # fp32: the same sums in another order; bf16: inputs and output rounded (8 bits)
         torch.testing.assert_close(out.float(), ref, atol=1e-5 if dtype == torch.float32 else 2e-2,
                                    rtol=1e-4 if dtype == torch.float32 else 2e-2)
+
+
+def test_quant_linear_is_the_int4_product_of_its_weight() -> None:
+    from engine.kernels import QuantLinear
+    g = torch.Generator().manual_seed(4)
+    lin = torch.nn.Linear(64, 48, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(48, 64, generator=g))
+    ql = QuantLinear(lin)
+    w = dequantize(ql.weight)                                    # [48, 64] fp32
+    # int4 in groups of 64 (16 levels over a clipped range): about 1/10 of the weights' size
+    err = (w - lin.weight.float()).norm() / lin.weight.float().norm()
+    assert 0 < err < 0.15
+    x = torch.randn(2, 3, 64, generator=g).to(torch.bfloat16)   # any leading dims
+    got = ql(x)
+    assert got.shape == (2, 3, 48) and got.dtype == torch.bfloat16
+    want = F.linear(x.float(), w, lin.bias.float())
+    assert (got.float() - want).abs().max() <= 0.02 * want.abs().max()
+
+
+def test_quantize_linears_keeps_routers_and_shapes_the_int4_packs_cannot_take() -> None:
+    from engine.kernels import QuantLinear, quantize_linears
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Linear(48, 16), torch.nn.Linear(64, 64),
+                                torch.nn.Linear(64, 1))
+    assert quantize_linears(model, keep=[model[0].weight]) == 1
+    assert [type(m).__name__ for m in model] == ["Linear", "Linear", "QuantLinear", "Linear"]
+    assert isinstance(model[2], QuantLinear)

@@ -136,3 +136,19 @@ def test_default_model_offloaded_equals_resident() -> None:
     for policy in POLICY_NAMES:
         assert run(CacheConfig(expert_budget=str(one_layer_top_k_bytes(lm)), policy=policy,
                                prefetch="on")) == want, policy
+
+
+# qwen2_moe: q/k/v biases and a shared expert (its one-output gate stays); deepseek_v3: MLA
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_dense_int4_offloaded_equals_resident(family_checkpoint: FamilyCheckpoint, family: str) -> None:
+    """--dense-quantize int4: the dense layers (not the routers, not the LM head) in int4;
+    offloading still gives the resident tokens and logprobs exactly."""
+    from engine.kernels import QuantLinear
+    lm = load_model(family_checkpoint(family, torch.bfloat16), torch.device("cpu"), torch.bfloat16,
+                    context_length=64, dense_quantize="int4")
+    quantized = [m for m in lm.model.modules() if isinstance(m, QuantLinear)]
+    assert quantized and not any(m.weight is r for m in quantized for r in lm.model.routers())
+    assert not isinstance(lm.model.lm_head, QuantLinear)            # the LM head stays
+    want, _ = generate(lm, CacheConfig())
+    got, stats = generate(lm, CacheConfig(expert_budget=str(one_layer_top_k_bytes(lm)), prefetch="on"))
+    assert got == want and stats["misses"] > 0
