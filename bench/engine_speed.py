@@ -1,6 +1,6 @@
 """Engine compute with every expert resident: moeserve vs transformers' generate vs llama.cpp, side by side.
 
-    python -m bench.engine_speed [--model DIR] [--formats none,int4] [--batches 1,4,8] [--repeats 3]
+    python -m bench.engine_speed [--model DIR] [--formats none,int4,int4+dense] [--batches 1,4,8] [--repeats 3]
 
 Decode tokens/s excludes the prompt pass: (tokens after the first) / (time after the first token of
 the last request). Prompt tokens/s: one request's prompt tokens / its time to first token. Same
@@ -35,9 +35,13 @@ Measure = Callable[[list[list[int]], int], tuple[float, float]]     # (decode to
 
 
 def moeserve_system(model_dir: str, fmt: str, dtype: str, max_batch: int, context: Optional[int]) -> Measure:
-    q = None if fmt == "none" else fmt
+    """fmt: an expert format, with '+dense' for the dense layers in int4 too (--dense-quantize)."""
+    spec, _, extra = fmt.partition("+")
+    q = None if spec == "none" else spec
     eng = build_engine(EngineConfig(model=model_dir, max_batch=max_batch, quantize=q, context_length=context,
-                                    dtype=dtype if fmt == "none" else "auto"), CacheConfig(), progress=False)
+                                    dtype=dtype if spec == "none" else "auto",
+                                    dense_quantize="int4" if extra == "dense" else "off"),
+                       CacheConfig(), progress=False)
     run_to_completion(eng, [GenerateRequest("warm", (1, 2, 3), SamplingParams(max_tokens=2, temperature=0.0))])
     n = [0]
 
@@ -129,7 +133,9 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="checkpoint dir (default: the built-in default model)")
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     ap.add_argument("--batches", default="1,4,8", help="comma-separated batch sizes")
-    ap.add_argument("--formats", default="none,int4", help="moeserve expert formats (none, int8, int4)")
+    ap.add_argument("--formats", default="none,int4,int4+dense",
+                    help="moeserve expert formats (none, int8, int4; +dense: the dense layers in int4 "
+                         "too, --dense-quantize int4)")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"),
                     help="compute dtype of the unquantized rows (moeserve and transformers)")
     ap.add_argument("--systems", default="moeserve,transformers,llama.cpp", help="which systems to run")
@@ -165,7 +171,7 @@ def main() -> None:
             systems["transformers"] = hf
         if "llama.cpp" in names:
             from bench.e2e_gguf import ensure_gguf, ensure_llama_quantized
-            q = GGUF_OF[fmt]
+            q = GGUF_OF[fmt.partition("+")[0]]
             gguf = ensure_gguf(model_dir) if q == "bf16" else ensure_llama_quantized(model_dir, q)
             systems["llama.cpp"] = llama_system(gguf, args.threads, max(batches), max(batches) * per_request,
                                                 args.llama_flash_attn == "on")

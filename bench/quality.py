@@ -4,8 +4,9 @@ of the same checkpoint, scored on the same token ids.
 
     python -m bench.quality [--preset smollm2-moe-8x] [--json OUT] [--systems moeserve,llama.cpp]
 
-moeserve quantizes only the routed experts (dense weights stay in the compute dtype); llama.cpp's
-Q8_0/Q4_K_M quantize every weight matrix, as its users get them. Writes
+moeserve quantizes only the routed experts (dense weights stay in the compute dtype), or with
+``+dense`` every linear layer but the routers and the LM head in int4 too; llama.cpp's Q8_0/Q4_K_M
+quantize every weight matrix, as its users get them. Writes
 ``{"results": [{"preset", "system", "quantize", "perplexity"}], ...}``, a table and a plot.
 """
 from __future__ import annotations
@@ -45,13 +46,14 @@ def perplexity(seqs: list[list[int]], logits_of: Callable[[list[int]], torch.Ten
     return math.exp(nll / n)
 
 
-def moeserve_logits(model_dir: str, context: int) -> Callable[[list[int]], torch.Tensor]:
+def moeserve_logits(model_dir: str, context: int,
+                    dense_quantize: str = "off") -> Callable[[list[int]], torch.Tensor]:
     from cache.provider import ResidentExpertProvider
     from engine.loader import load_model, resolve_dtype, load_config
     from engine.models.common import Batch, KVCache
     dev = torch.device("cpu")
     dtype = resolve_dtype("auto", load_config(model_dir), dev)
-    lm = load_model(model_dir, dev, dtype, context_length=context)
+    lm = load_model(model_dir, dev, dtype, context_length=context, dense_quantize=dense_quantize)
     lm.model.set_provider(ResidentExpertProvider(lm.experts, dev, dtype))
     spec = lm.model.kv_spec
     kv = KVCache(spec.num_layers, 1, context, spec.kv_heads, spec.k_dim, spec.v_dim, dtype, dev)
@@ -87,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="smollm2-moe-8x", help="built-in default model preset")
     p.add_argument("--systems", default="moeserve,llama.cpp", help="comma-separated: moeserve, llama.cpp")
-    p.add_argument("--formats", default="none,int8,int4,int4:32",
+    p.add_argument("--formats", default="none,int8,int4,int4:32,int4+dense,int4:32+dense",
                    help="moeserve expert formats; int4:G sets the int4 group size (int4 alone: "
-                   "the default group)")
+                   "the default group); +dense: the dense linear layers in int4 too "
+                   "(--dense-quantize int4)")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per held-out turn at most")
     p.add_argument("--threads", type=int, default=2, help="compute threads (torch and llama.cpp)")
     p.add_argument("--json", default=os.path.join(RESULTS, "quality.json"), help="output JSON path")
@@ -109,11 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         for kind in kinds:
             t0 = time.perf_counter()
             if system == "moeserve":
-                fmt, _, group = kind.partition(":")
+                spec, _, extra = kind.partition("+")
+                fmt, _, group = spec.partition(":")
                 path = base if fmt == "none" else ensure_quantized(base, fmt, int(group) if group else None)
-                fn = moeserve_logits(path, context)
-                if fmt == "int4" and not group:
-                    kind = f"int4:{os.path.basename(path).rsplit('-g', 1)[-1]}"   # name the default
+                fn = moeserve_logits(path, context, "int4" if extra == "dense" else "off")
+                if fmt == "int4" and not group:                              # name the default
+                    kind = f"int4:{os.path.basename(path).rsplit('-g', 1)[-1]}" + kind[len(spec):]
             else:
                 fn = llama_logits(llama_gguf(base, kind), context, args.threads)
             ppl = perplexity(seqs, fn)
@@ -138,11 +142,10 @@ def main(argv: list[str] | None = None) -> int:
                          f"{'met' if v <= b else 'NOT met'} ({v:.4f} vs {b:.4f})")
     tokens = sum(len(s) - 1 for s in seqs)
     note = (f"{len(seqs)} held-out MT-Bench turns (ids 121-160), {tokens} scored tokens, same ids "
-            "for every system; moeserve quantizes the routed experts only, llama.cpp every weight")
+            "for every system; moeserve quantizes the routed experts only (+dense: every linear "
+            "layer but the routers and the LM head, in int4), llama.cpp every weight")
     out = {"machine": machine(), "note": note, "results": results, "goals": goals}
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    path = write_json(os.path.basename(args.json), out) if os.path.dirname(
-        os.path.abspath(args.json)) == RESULTS else _write(args.json, out)
+    path = write_json(os.path.abspath(args.json), out)
     print(table(results, ["preset", "system", "quantize", "perplexity (3 d.p.)"]))
     print(note)
     for g in goals:
@@ -153,15 +156,6 @@ def main(argv: list[str] | None = None) -> int:
              f"held-out perplexity, {args.preset}")
     print(f"wrote {path} and {png}")
     return 0
-
-
-def _write(path: str, data: Any) -> str:
-    import json
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-    return path
 
 
 if __name__ == "__main__":
