@@ -16,34 +16,8 @@ from cache.provider import StepRows
 from cache.slots import BudgetError
 from cache import policies
 from configs.cache import POLICIES, CacheConfig
+from tests.cache.offload_setup import E, EXPERT_BYTES, H, K, L, flat, make, routing
 from tests.cache.synth import write_experts
-
-
-L, E, K, I, H = 3, 8, 2, 16, 24
-EXPERT_BYTES = 3 * I * H * 4          # slots hold float32
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt")
-    return write_experts(str(d), L, E, I, H, dtype=torch.bfloat16, shards=2)
-
-
-def make(sources, policy: str | CachePolicy = "lru", budget: str = str(K * EXPERT_BYTES),
-         **cfg) -> OffloadedExpertProvider:
-    pol = policy if isinstance(policy, CachePolicy) else policies.make_policy(policy, L, E, K, None)
-    return OffloadedExpertProvider(sources, torch.device("cpu"), torch.float32,
-                                   CacheConfig(expert_budget=budget, **cfg), pol)
-
-
-def _flat(w) -> torch.Tensor:
-    return torch.cat([w.gate.reshape(-1), w.up.reshape(-1), w.down.reshape(-1)])
-
-
-def _routing(g: torch.Generator, tokens: int) -> torch.Tensor:
-    """[tokens, K] distinct experts per token, skewed towards low ids like a real router."""
-    probs = torch.linspace(2.0, 0.5, E)
-    return torch.stack([torch.multinomial(probs, K, generator=g) for _ in range(tokens)])
 
 
 def _run(p: OffloadedExpertProvider, want, steps: int = 12, seed: int = 0) -> int:
@@ -56,10 +30,10 @@ def _run(p: OffloadedExpertProvider, want, steps: int = 12, seed: int = 0) -> in
                         else (False, False))
         p.begin_step(rows)
         for layer in range(L):
-            ids = _routing(g, sum(rows.num_tokens))
+            ids = routing(g, sum(rows.num_tokens))
             got = []
             for e, w in p.experts(layer, ids):
-                assert torch.equal(_flat(w), want[(layer, e)].float()), (layer, e)
+                assert torch.equal(flat(w), want[(layer, e)].float()), (layer, e)
                 got.append(e)
             assert sorted(got) == sorted(set(ids.flatten().tolist()))
             uses += len(got)
@@ -136,7 +110,7 @@ def test_resident_first_while_missing_load(ckpt) -> None:
         s = p.stats()
         assert s["hits"] == 2 and s["loads"] == 4 and s["inflight"] == 2
         gate.open.set()
-        rest = {e: _flat(w).clone() for e, w in it}
+        rest = {e: flat(w).clone() for e, w in it}
         assert sorted(rest) == [2, 3]
         for e, t in rest.items():
             assert torch.equal(t, want[(0, e)].float())
@@ -240,10 +214,10 @@ def test_victims_exclude_in_flight_and_current_layer(ckpt, policy: str) -> None:
         p.begin_step(StepRows(("a",), (4,), (True,)))
         for step in range(8):
             for layer in range(L):
-                ids = _routing(g, 4 if step == 0 else 1)
+                ids = routing(g, 4 if step == 0 else 1)
                 hidden = torch.randn(ids.shape[0], H)
                 for e, w in p.experts(layer, ids, hidden):
-                    assert torch.equal(_flat(w), want[(layer, e)].float())
+                    assert torch.equal(flat(w), want[(layer, e)].float())
             p.begin_step(StepRows(("a",), (1,), (False,)))
         assert spy.chosen > 0
         # look-ahead: one score per expert of the next layer, a probability distribution
@@ -296,8 +270,8 @@ def test_cuda_three_tiers_exact(ckpt, budget: str) -> None:
         t = time.perf_counter()
         for _ in range(10):
             for layer in range(L):
-                for e, w in p.experts(layer, _routing(g, 3)):
-                    assert torch.equal(_flat(w).cpu(), want[(layer, e)].float())
+                for e, w in p.experts(layer, routing(g, 3)):
+                    assert torch.equal(flat(w).cpu(), want[(layer, e)].float())
         wall = time.perf_counter() - t
         s = p.stats()
         assert s["bytes_h2d"] == (s["loads"] + s["prefetch_issued"] - s["inflight"]) * EXPERT_BYTES
@@ -308,98 +282,3 @@ def test_cuda_three_tiers_exact(ckpt, budget: str) -> None:
         assert s["h2d_busy_seconds"] <= wall
     finally:
         p.close()
-
-
-class _RoutingSpy(CachePolicy):
-    """Any unpinned victim; remembers every routing object it was handed."""
-
-    name = "spy"
-
-    def __init__(self) -> None:
-        super().__init__(L, E, K)
-        self.seen: list = []
-
-    def observe(self, layer: int, routed: Mapping[str, Sequence[int]]) -> None:
-        self.seen.append(routed)
-
-    def victim(self, resident: Collection[ExpertKey], pinned: Collection[ExpertKey],
-               layer: int) -> Optional[ExpertKey]:
-        return next((k for k in resident if k not in pinned), None)
-
-
-def test_policy_gets_the_tracers_split_with_prompt_flags(ckpt):
-    from cache.routing import Routed
-    from cache.trace import ActivationTracer
-    sources, _ = ckpt
-    spy = _RoutingSpy()
-    tracer = ActivationTracer(L, E, K)
-    p = make(sources, spy, budget=str(4 * EXPERT_BYTES))
-    p.tracer = tracer
-    returned = []
-    real = tracer.record
-    tracer.record = lambda layer, ids: returned.append(real(layer, ids)) or returned[-1]
-    # a one-token prompt routes exactly top_k ids, as a decode does: only the flag tells
-    p.begin_step(StepRows(("a", "b"), (1, 1), (True, False)))
-    for _ in p.experts(0, torch.tensor([[0, 1], [2, 3]])):
-        pass
-    assert spy.seen[0] is returned[0]                    # split once, the same object
-    assert isinstance(spy.seen[0], Routed) and spy.seen[0].prompt == {"a"}
-    assert dict(spy.seen[0]) == {"a": [0, 1], "b": [2, 3]}
-    p.tracer = None                                      # without a tracer: the same split
-    for _ in p.experts(1, torch.tensor([[4, 5], [6, 7]])):
-        pass
-    assert spy.seen[1].prompt == {"a"} and dict(spy.seen[1]) == {"a": [4, 5], "b": [6, 7]}
-    p.close()
-
-
-def test_policies_take_prompt_passes_from_the_split():
-    from cache.policies._tracking import RequestTracker
-    from cache.routing import Routed
-    t = RequestTracker(2, 4, 2)
-    t.begin_step(["a"])
-    t.observe(0, Routed([("a", [0, 1])], prompt=["a"]))     # one prompt token: k ids
-    t.observe(1, Routed([("a", [2, 3])], prompt=["a"]))
-    assert t.prompt[t.live["a"]].sum() == 4 and not t.decode[t.live["a"]].any()
-    t.begin_step(["a"])
-    t.observe(0, {"a": [1, 2]})                              # plain mapping: guessed (decode)
-    assert t.decode[t.live["a"]].sum() == 2
-
-
-def test_one_host_read_per_layer_with_lookahead(ckpt, monkeypatch) -> None:
-    """read_routing reads the routing and the next router's look-ahead in one host read; the
-    layer's experts() then reads nothing more, and the policy gets the same hint as when the
-    look-ahead is read on its own."""
-    from cache.provider import lookahead
-    sources, want = ckpt
-    g = torch.Generator().manual_seed(3)
-    routers = [torch.randn(E, H, generator=g) for _ in range(L)]
-    hints: list[tuple[int, list[float]]] = []
-    pol = policies.make_policy("auto", L, E, K, None)
-    real_hint = pol.hint
-    pol.hint = lambda layer, scores, ranked=None: hints.append((layer, list(scores))) or real_hint(layer, scores, ranked)
-    p = OffloadedExpertProvider(sources, torch.device("cpu"), torch.float32,
-                                CacheConfig(expert_budget=str(4 * EXPERT_BYTES)), pol, routers=routers)
-    reads: list[torch.Size] = []
-    counting = [False]
-    # every way a computed tensor reaches the host (uint8 ones are the cache's own byte
-    # buffers, which the disk tier reads into through numpy views)
-    for read in ("tolist", "numpy", "item"):
-        real = getattr(torch.Tensor, read)
-        monkeypatch.setattr(torch.Tensor, read, lambda t, *a, _real=real, **kw: (
-            reads.append(t.shape) if counting[0] and t.dtype != torch.uint8 else None)
-            or _real(t, *a, **kw))
-    p.begin_step(StepRows(("a",), (1,), (False,)))
-    for layer in range(L):
-        hidden = torch.randn(1, H, generator=g)
-        ids = _routing(g, 1)
-        reads.clear()
-        counting[0] = True
-        rows = p.read_routing(layer, ids, hidden)
-        for e, w in p.experts(layer, ids, hidden, host_ids=rows):
-            assert torch.equal(_flat(w), want[(layer, e)].float())
-        counting[0] = False
-        assert rows == ids.tolist()
-        assert len(reads) == 1, reads
-        if layer + 1 < L:
-            assert hints[-1] == (layer + 1, list(lookahead(routers[layer + 1], hidden, K, False)[0]))
-    p.close()
