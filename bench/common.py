@@ -85,6 +85,13 @@ def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
+def dense_variant(fmt: str) -> tuple[str, str]:
+    """A benchmark's moeserve format, e.g. 'int4:32+dense' -> ('int4:32', its --dense-quantize:
+    'int4' with '+dense', else 'off')."""
+    spec, _, extra = fmt.partition("+")
+    return spec, "int4" if extra == "dense" else "off"
+
+
 def write_json(name: str, data: Any) -> str:
     """Writes ``data`` to ``name`` under RESULTS (an absolute path stands for itself), replaced
     whole: never left half-written. Returns the path."""

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from bench.common import RESULTS, heldout_prompts, machine, median, table, write_json
+from bench.common import RESULTS, dense_variant, heldout_prompts, machine, median, table, write_json
 from bench.e2e_plan import run_order
 from configs import CacheConfig, EngineConfig
 from engine.engine import run_to_completion
@@ -36,11 +36,11 @@ Measure = Callable[[list[list[int]], int], tuple[float, float]]     # (decode to
 
 def moeserve_system(model_dir: str, fmt: str, dtype: str, max_batch: int, context: Optional[int]) -> Measure:
     """fmt: an expert format, with '+dense' for the dense layers in int4 too (--dense-quantize)."""
-    spec, _, extra = fmt.partition("+")
+    spec, dense = dense_variant(fmt)
     q = None if spec == "none" else spec
     eng = build_engine(EngineConfig(model=model_dir, max_batch=max_batch, quantize=q, context_length=context,
                                     dtype=dtype if spec == "none" else "auto",
-                                    dense_quantize="int4" if extra == "dense" else "off"),
+                                    dense_quantize=dense),
                        CacheConfig(), progress=False)
     run_to_completion(eng, [GenerateRequest("warm", (1, 2, 3), SamplingParams(max_tokens=2, temperature=0.0))])
     n = [0]
@@ -171,7 +171,7 @@ def main() -> None:
             systems["transformers"] = hf
         if "llama.cpp" in names:
             from bench.e2e_gguf import ensure_gguf, ensure_llama_quantized
-            q = GGUF_OF[fmt.partition("+")[0]]
+            q = GGUF_OF[dense_variant(fmt)[0]]
             gguf = ensure_gguf(model_dir) if q == "bf16" else ensure_llama_quantized(model_dir, q)
             systems["llama.cpp"] = llama_system(gguf, args.threads, max(batches), max(batches) * per_request,
                                                 args.llama_flash_attn == "on")
@@ -198,8 +198,8 @@ def main() -> None:
     cols = ["model", "batch", "dtype", "prompt_tokens", "moeserve_tok_s", "transformers_tok_s", "llama_cpp_tok_s", "prefill_tok_s",
             "transformers_prefill_tok_s", "llama_cpp_prefill_tok_s"]
     print(table(rows, cols))
-    out = os.path.abspath(args.json)          # write_json takes a name under RESULTS or an absolute path
-    path = write_json(os.path.relpath(out, RESULTS) if out.startswith(RESULTS) else out,
+    out = os.path.abspath(args.json)
+    path = write_json(out,
                       {"machine": machine(), "model": model_dir, "tokens": args.tokens, "threads": args.threads,
                        "repeats": args.repeats, "context": args.context,
                        "llama_flash_attn": args.llama_flash_attn, "results": rows})

@@ -134,7 +134,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             for b in a.budgets.split(",")]
     out = {"machine": machine(), "model": a.model or "default", "prompts": a.prompts,
            "max_tokens": a.max_tokens, "repeats": a.repeats, "budgets": rows}
-    path = write_json(os.path.relpath(os.path.abspath(a.json), RESULTS), out)
+    path = write_json(os.path.abspath(a.json), out)
     print(table([{**r, "ratio (min-max)": f"{r['ratio_median']:.3f} "
                   f"({r['ratio_min']:.3f}-{r['ratio_max']:.3f})"} for r in rows],
                 ["budget", "off_ms_median", "on_ms_median", "ratio (min-max)",

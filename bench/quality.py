@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.common import RESULTS, bar_plot, machine, table, write_json
+from bench.common import RESULTS, bar_plot, dense_variant, machine, table, write_json
 
 log = logging.getLogger("bench.quality")
 LLAMA_TYPES = ("bf16", "q8_0", "q4_k_m")
@@ -112,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         for kind in kinds:
             t0 = time.perf_counter()
             if system == "moeserve":
-                spec, _, extra = kind.partition("+")
+                spec, dense = dense_variant(kind)
                 fmt, _, group = spec.partition(":")
                 path = base if fmt == "none" else ensure_quantized(base, fmt, int(group) if group else None)
-                fn = moeserve_logits(path, context, "int4" if extra == "dense" else "off")
+                fn = moeserve_logits(path, context, dense)
                 if fmt == "int4" and not group:                              # name the default
                     kind = f"int4:{os.path.basename(path).rsplit('-g', 1)[-1]}" + kind[len(spec):]
             else:

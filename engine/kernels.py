@@ -9,7 +9,7 @@ int8 as a dequantize-then-matmul (weight-only int8: half the bytes of bf16 on th
 from __future__ import annotations
 
 import time
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -80,16 +80,23 @@ class PackedLinear(nn.Module):
         return packed_linear(x, self.packed, self.bias)
 
 
+def _replace_linears(model: nn.Module, take: Callable[[nn.Linear], bool],
+                     make: Callable[[nn.Linear], nn.Module]) -> int:
+    """Replace each nn.Linear of ``model`` that ``take`` accepts by ``make(it)``; how many."""
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) and take(mod)]
+    for name, mod in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, make(mod))
+    return len(targets)
+
+
 def pack_linears(model: nn.Module, keep_plain: Iterable[torch.Tensor] = ()) -> int:
     """Replace every nn.Linear of ``model`` by a PackedLinear; those whose weight is in
     ``keep_plain`` keep their plain weight too. Returns how many were replaced."""
     kept = {id(t) for t in keep_plain}
-    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
-    for name, mod in targets:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child,
-                PackedLinear(mod, keep_plain=id(mod.weight) in kept))
-    return len(targets)
+    return _replace_linears(model, lambda mod: True,
+                            lambda mod: PackedLinear(mod, keep_plain=id(mod.weight) in kept))
 
 
 class QuantLinear(nn.Module):
@@ -103,7 +110,7 @@ class QuantLinear(nn.Module):
         g = group_size or default_group_size(self.in_features)
         layout = "cuda" if w.device.type == "cuda" else "cpu"
         q, sz = quantize_int4(w, g)                                     # on w's device
-        self.weight = QTensor("int4", pack_int4(q, layout).to(w.device), sz.to(w.device), g, layout,
+        self.weight = QTensor("int4", pack_int4(q, layout).to(w.device), sz, g, layout,
                               (self.out_features, self.in_features))
         self.bias = None if lin.bias is None else lin.bias.detach()
 
@@ -119,13 +126,10 @@ def quantize_linears(model: nn.Module, keep: Iterable[torch.Tensor] = (),
     ``keep``, whose input does not divide into the groups or whose output is not a multiple of 16
     (the int4 packs' tile; e.g. Qwen's one-output shared-expert gate). Returns how many."""
     kept = {id(t) for t in keep}
-    targets = [(name, mod) for name, mod in model.named_modules()
-               if isinstance(mod, nn.Linear) and id(mod.weight) not in kept
-               and mod.in_features % (group_size or 32) == 0 and mod.out_features % 16 == 0]
-    for name, mod in targets:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, QuantLinear(mod, group_size))
-    return len(targets)
+    return _replace_linears(
+        model, lambda mod: (id(mod.weight) not in kept and mod.in_features % (group_size or 32) == 0
+                            and mod.out_features % 16 == 0),
+        lambda mod: QuantLinear(mod, group_size))
 
 
 def dequantize(w: Weight) -> torch.Tensor:
