@@ -223,8 +223,12 @@ def load_model(model_dir: str, device: torch.device, dtype: Optional[torch.dtype
         experts = _store_experts(model_dir, fmt, model.layout, cfg)
     else:
         experts = expert_sources(index, model.layout)
+    skipped = [n for n in index if n.startswith(model.skipped_prefixes)]
+    if skipped:
+        log.info("%s: %d tensors under %s are not used for decoding; skipped", model_dir, len(skipped),
+                 ", ".join(p.rstrip(".") for p in model.skipped_prefixes))
     unused = [n for n in index if n not in params and not is_expert_tensor(n, model.layout)
-              and not n.endswith(IGNORED_SUFFIXES)]
+              and not n.endswith(IGNORED_SUFFIXES) and not n.startswith(model.skipped_prefixes)]
     if unused:
         log.warning("%s: %d checkpoint tensors unused, e.g. %s", model_dir, len(unused), unused[:3])
     layout = model.layout

@@ -12,6 +12,7 @@ MODEL_TYPES: dict[str, str] = {
     "olmoe": "engine.models.olmoe",
     "deepseek_v2": "engine.models.deepseek_v2",
     "deepseek_v3": "engine.models.deepseek_v3",
+    "glm4_moe": "engine.models.glm4_moe",
 }
 
 

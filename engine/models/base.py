@@ -77,7 +77,7 @@ class DecoderLM(nn.Module):
 
     def __init__(self, vocab: int, hidden: int, layers: list[nn.Module], eps: float,
                  rotary: Rotary, layout: Optional[ExpertLayout], kv_spec: KVSpec,
-                 tie_embeddings: bool = False) -> None:
+                 tie_embeddings: bool = False, skipped_prefixes: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.model = Inner(vocab, hidden, layers, eps)
         self.lm_head = nn.Linear(hidden, vocab, bias=False)
@@ -86,6 +86,8 @@ class DecoderLM(nn.Module):
         self.kv_spec = kv_spec
         self.tie_embeddings = tie_embeddings
         self.vocab_size = vocab
+        # checkpoint tensors the family knows and does not use (e.g. multi-token-prediction layers)
+        self.skipped_prefixes = skipped_prefixes
 
     def moe_blocks(self) -> list[MoEBlockBase]:
         return [m for m in self.modules() if isinstance(m, MoEBlockBase)]

@@ -206,8 +206,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D] rotated by position (half-split layout, as HF checkpoints store q/k)."""
-    return x * cos + rotate_half(x) * sin
+    """x [B, H, T, D] rotated by position (half-split layout, as HF checkpoints store q/k); with
+    tables narrower than D (partial rotary, cos/sin [..., R]) only x[..., :R] turns."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot = x[..., :r]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x[..., r:]), dim=-1)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch,

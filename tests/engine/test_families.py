@@ -32,7 +32,7 @@ from tests.engine.tiny_families import COMMON, FAMILIES, FamilyCheckpoint
 transformers = pytest.importorskip("transformers")
 
 LOGIT_ATOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
-BF16_FAMILIES = ["mixtral", "deepseek_v3"]
+BF16_FAMILIES = ["mixtral", "deepseek_v3", "glm4_moe"]
 MOE_FAMILIES = [n for n, (_, _, moe) in FAMILIES.items() if moe]
 PROMPTS = [(5, 17, 33, 8, 91, 64, 12), (40, 3), (150, 7, 7, 21, 99, 100, 4, 58, 33, 11, 60, 2, 19)]
 NEW_TOKENS = 24
@@ -140,11 +140,12 @@ def test_prompt_logits_match_transformers_bf16(bf16: Case) -> None:
     assert torch.equal(ours.argmax(-1)[clear], theirs.argmax(-1)[clear])
 
 
-def test_bf16_deepseek_v3_is_bit_exact_against_eager_experts(family_checkpoint: FamilyCheckpoint) -> None:
+@pytest.mark.parametrize("name", ["deepseek_v3", "glm4_moe"])
+def test_bf16_v3_router_is_bit_exact_against_eager_experts(family_checkpoint: FamilyCheckpoint, name: str) -> None:
     """transformers keeps gate.weight / e_score_correction_bias and the routing weights in fp32 in
     a bf16 model; so does the engine, which makes it bit-exact against transformers' eager experts
     (its default grouped_mm kernel rounds differently: hence the bf16 tolerance above)."""
-    path = family_checkpoint("deepseek_v3", torch.bfloat16)
+    path = family_checkpoint(name, torch.bfloat16)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
                                                             experts_implementation="eager").eval()
     loaded = load_model(path, CPU, torch.bfloat16, context_length=64)
@@ -197,6 +198,9 @@ def test_deepseek_v2_norm_topk_prob_normalises_instead_of_scaling() -> None:
     ("deepseek_v2", {"topk_method": "noaux_tc"}, "topk_method"),
     ("deepseek_v3", {"scoring_func": "softmax"}, "scoring_func"),
     ("deepseek_v3", {"n_group": 3}, "n_group"),
+    ("glm4_moe", {"n_group": 3}, "n_group"),
+    ("glm4_moe", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.3}},
+     "partial_rotary_factor"),
 ])
 def test_unsupported_settings_are_refused_naming_the_field(family_checkpoint: FamilyCheckpoint, name: str,
                                                            change: dict[str, Any], field: str) -> None:
@@ -204,3 +208,13 @@ def test_unsupported_settings_are_refused_naming_the_field(family_checkpoint: Fa
         raw = {**json.load(f), **change}
     with pytest.raises(ValueError, match=field), torch.device("meta"):
         family(raw["model_type"]).build(HFConfig(raw), 32)
+
+
+@pytest.mark.parametrize("raw,dim", [
+    ({"partial_rotary_factor": 0.25}, 32),                                       # v4 config: top level
+    ({"rope_parameters": {"partial_rotary_factor": 1.0}, "partial_rotary_factor": 0.25}, 128),  # v5 wins
+    ({}, 64),                                                                    # transformers' default
+])
+def test_glm_rotary_dimension_follows_the_config(raw: dict[str, Any], dim: int) -> None:
+    from engine.models.glm4_moe import rotary_dim
+    assert rotary_dim(HFConfig({"hidden_size": 4096, "num_attention_heads": 96, "head_dim": 128, **raw})) == dim
