@@ -6,6 +6,8 @@ from typing import Optional
 
 from configs.base import ConfigError
 
+TOOL_PARSERS = ("auto", "hermes", "glm45", "json")   # --tool-parser (server/tools.py styles)
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -47,9 +49,11 @@ class ServerConfig:
         "metavar": "N"})
     tool_parser: str = field(default="auto", metadata={
         "help": "how tool calls are read from the model's output: 'hermes' (<tool_call>{json}"
-                "</tool_call>, Hermes/Qwen style), 'json' (a bare JSON object or array), or "
-                "'auto' (hermes for templates that mention <tool_call>, else both)",
-        "choices": ("auto", "hermes", "json")})
+                "</tool_call>, Hermes/Qwen style; a bare JSON call is read too), 'glm45' "
+                "(GLM-4.5's <tool_call>name with <arg_key>/<arg_value> pairs; Hermes blocks too), "
+                "'json' (a bare JSON object or array), or 'auto' (glm45 for chat templates that "
+                "write <arg_key>, else hermes)",
+        "choices": TOOL_PARSERS})
     sse_ping_s: float = field(default=15.0, metadata={
         "help": "seconds between SSE keep-alive comments on an open stream (proxies and clients "
                 "drop idle connections)", "flag": "--sse-ping", "metavar": "SECONDS"})
@@ -76,7 +80,7 @@ class ServerConfig:
         if not 0.1 <= self.sse_ping_s <= 3600.0:
             raise ConfigError("sse_ping_s", self.sse_ping_s, "must be in [0.1, 3600]")
         for name, choices in (("generation_config", ("auto", "none")),
-                              ("tool_parser", ("auto", "hermes", "json"))):
+                              ("tool_parser", TOOL_PARSERS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(name, getattr(self, name), f"expected one of {', '.join(choices)}")
         if not self.host:

@@ -17,7 +17,8 @@ from server.responses import Job, respond, with_experts
 from server.schemas import ChatCompletionRequest, CompletionRequest, message_dicts, parse
 from server.state import ServerState
 from server.structured import check, response_format_constraint
-from server.tools import (ToolSetup, ToolStream, forcing_grammar, parse_setup, prompt_messages)
+from server.tools import (ToolSetup, ToolStream, forcing_grammar, parse_setup, prompt_messages,
+                          template_style)
 from server.tools import parse as parse_tool_calls
 
 log = logging.getLogger("moeserve.server")
@@ -137,10 +138,11 @@ async def chat(state: ServerState, request: Request) -> Response:
 
 
 def tool_style(state: ServerState) -> str:
-    """--tool-parser; 'auto' is the Hermes style, which the built-in system prompt and the
-    Hermes/Qwen templates use (its parser also reads a bare JSON call)."""
+    """--tool-parser; 'auto' is GLM's style for a chat template that writes its argument tags,
+    else the Hermes style, which the built-in system prompt and the Hermes/Qwen templates use
+    (its parser also reads a bare JSON call)."""
     style = state.cfg.tool_parser
-    return "hermes" if style == "auto" else style
+    return template_style(state.tokenizer.template_source) if style == "auto" else style
 
 
 async def completions(state: ServerState, request: Request) -> Response:

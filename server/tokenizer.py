@@ -68,6 +68,7 @@ class TextTokenizer:
         self.special_tokens = {name: _token_text(cfg.get(name))
                                for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
         source = self._template_source(model_dir, cfg)
+        self.template_source = source or ""
         self.chat_template: Optional[jinja2.Template] = (
             compile_chat_template(source) if source else None)
         # a template that reads `tools` renders them itself (tool calling, server/tools.py)

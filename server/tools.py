@@ -3,7 +3,9 @@
 tool_choice required/named, and the parsers that read calls out of the model's text.
 
 Output styles (--tool-parser): 'hermes' is ``<tool_call>{"name": .., "arguments": {..}}</tool_call>``
-(Hermes, Qwen); 'json' is a bare ``{"name": .., "arguments": {..}}`` object (or a list of them).
+(Hermes, Qwen); 'glm45' is GLM-4.5's ``<tool_call>name`` and ``<arg_key>``/``<arg_value>`` pairs
+in the same tags (server/tools_glm.py; its parser reads Hermes blocks too); 'json' is a bare
+``{"name": .., "arguments": {..}}`` object (or a list of them).
 """
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from server import tools_glm
 from server.errors import bad_request
 from server.structured import json_rule
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+TAGGED = ("hermes", "glm45")          # the styles whose calls sit between OPEN and CLOSE
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 SYSTEM_PROMPT = (
@@ -50,7 +54,7 @@ class ToolSetup:
     choice: str                           # none | auto | required | named
     named: Optional[str]
     parallel: bool
-    style: str                            # hermes | json
+    style: str                            # hermes | glm45 | json
 
     @property
     def active(self) -> bool:
@@ -59,6 +63,12 @@ class ToolSetup:
     @property
     def forced(self) -> bool:
         return self.active and self.choice in ("required", "named")
+
+
+def template_style(template: str) -> str:
+    """The output style a chat template teaches its model: glm45 if it writes GLM's argument
+    tags, else hermes."""
+    return "glm45" if tools_glm.KEY_OPEN in template else "hermes"
 
 
 def new_id() -> str:
@@ -111,7 +121,7 @@ def _render_call(name: str, arguments: Any, style: str) -> str:
         except json.JSONDecodeError:
             pass
     body = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
-    return f"{OPEN}\n{body}\n{CLOSE}" if style == "hermes" else body
+    return f"{OPEN}\n{body}\n{CLOSE}" if style in TAGGED else body
 
 
 def prompt_messages(messages: list[dict[str, Any]], setup: ToolSetup,
@@ -154,7 +164,7 @@ def prompt_messages(messages: list[dict[str, Any]], setup: ToolSetup,
     if setup.active:
         listing = "\n".join(json.dumps({"type": "function", "function": f}, ensure_ascii=False)
                             for f in setup.tools)
-        tpl = SYSTEM_PROMPT if setup.style == "hermes" else JSON_SYSTEM_PROMPT
+        tpl = SYSTEM_PROMPT if setup.style in TAGGED else JSON_SYSTEM_PROMPT
         text = tpl.format(tools=listing)
         if out and out[0].get("role") == "system":
             out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{text}"}
@@ -180,13 +190,19 @@ def forcing_grammar(setup: ToolSetup) -> str:
     funcs = [f for f in setup.tools if setup.named is None or f["name"] == setup.named]
     rules = []
     for i, f in enumerate(funcs):
+        if setup.style == "glm45":
+            rules.append(f"fn{i}: " + tools_glm.call_rule(f, strict=bool(f.get("strict"))))
+            continue
         schema = {"type": "object", "properties": {"name": {"const": f["name"]},
                                                    "arguments": f["parameters"]},
                   "required": ["name", "arguments"], "additionalProperties": False}
         rules.append(f"fn{i}: " + json_rule(schema, strict=bool(f.get("strict"))))
     body = "call_body: " + " | ".join(f"fn{i}" for i in range(len(funcs)))
     many = setup.parallel and setup.named is None
-    if setup.style == "hermes":
+    if setup.style == "glm45":          # the name follows the tag; each pair ends its line
+        call = f'call: "{OPEN}" call_body "{CLOSE}"'
+        start = 'start: call ("\\n" call)*' if many else "start: call"
+    elif setup.style == "hermes":
         call = f'call: "{OPEN}\\n" call_body "\\n{CLOSE}"'
         start = 'start: call ("\\n" call)*' if many else "start: call"
     else:
@@ -207,8 +223,9 @@ def _calls_from_json(value: Any) -> Optional[list[ToolCall]]:
     return calls or None
 
 
-def parse_hermes(text: str) -> tuple[str, list[ToolCall]]:
-    """Content outside the tags, and the calls whose JSON parses (a last unclosed tag counts)."""
+def parse_hermes(text: str, setup: Optional[ToolSetup] = None) -> tuple[str, list[ToolCall]]:
+    """Content outside the tags, and the calls whose JSON parses (a last unclosed tag counts);
+    in the glm45 style a block that is not JSON is read as GLM's name and argument pairs."""
     calls, content, pos = [], [], 0
     while True:
         start = text.find(OPEN, pos)
@@ -222,6 +239,9 @@ def parse_hermes(text: str) -> tuple[str, list[ToolCall]]:
             parsed = _calls_from_json(json.loads(inner))
         except json.JSONDecodeError:
             parsed = None
+        if parsed is None and setup is not None and setup.style == "glm45":
+            glm = tools_glm.read_block(inner, {f["name"]: f for f in setup.tools})
+            parsed = [ToolCall(glm[0], glm[1], new_id())] if glm else None
         if parsed is None:
             content.append(text[start:end + len(CLOSE) if end >= 0 else len(text)])
         else:
@@ -244,7 +264,7 @@ _CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]*)"\s*,\s*"arguments"\s*:
 _DECODER = json.JSONDecoder()
 
 
-def _truncated_call(text: str, style: str) -> Optional[tuple[str, list[ToolCall]]]:
+def _truncated_call(text: str, setup: ToolSetup) -> Optional[tuple[str, list[ToolCall]]]:
     """A forced reply cut short (max_tokens): (text before the cut call, the calls in it). OpenAI
     too answers such a cut with the partial call and finish_reason 'length'; returning it as
     content would hand a client that forced a call our call markup as text.
@@ -252,9 +272,13 @@ def _truncated_call(text: str, style: str) -> Optional[tuple[str, list[ToolCall]
     The calls whose JSON is complete come back whole (a cut that took only ``</tool_call>``, or
     the rest of a JSON list, leaves them intact), the last incomplete one with the arguments
     written so far."""
-    start = text.rfind(OPEN) if style == "hermes" else -1
+    start = text.rfind(OPEN) if setup.style in TAGGED else -1
     if start >= 0 and text.find(CLOSE, start) >= 0:
         return None   # the last call is complete
+    if setup.style == "glm45" and start >= 0:
+        glm = tools_glm.read_block(text[start + len(OPEN):], {f["name"]: f for f in setup.tools},
+                                   partial=True)
+        return (text[:start], [ToolCall(glm[0], glm[1], new_id())]) if glm else None
     body = text[start + len(OPEN):] if start >= 0 else text.lstrip().removeprefix("[")
     calls: list[ToolCall] = []
     pos = 0
@@ -279,15 +303,16 @@ def parse(text: str, setup: ToolSetup) -> tuple[str, list[ToolCall]]:
     """(content, calls) of one finished reply; known function names only; one call without
     parallel_tool_calls. With tool_choice required/named the reply is only calls (the grammar
     allows nothing else), so a last one cut short comes back with its partial arguments."""
-    content, calls = parse_hermes(text) if setup.style == "hermes" else ("", [])
+    tagged = setup.style in TAGGED
+    content, calls = parse_hermes(text, setup) if tagged else ("", [])
     if not calls:
         content, calls = parse_json(text.strip())
         if not calls:
             content = text
-    cut = _truncated_call(text, setup.style) if setup.forced else None
-    if cut is not None and (setup.style == "hermes" or not calls):
+    cut = _truncated_call(text, setup) if setup.forced else None
+    if cut is not None and (tagged or not calls):
         before, tail = cut
-        calls = (parse_hermes(before)[1] if setup.style == "hermes" else []) + tail
+        calls = (parse_hermes(before, setup)[1] if tagged else []) + tail
         content = ""
     known = {f["name"] for f in setup.tools}
     calls = [c for c in calls if c.name in known]
@@ -325,7 +350,7 @@ class ToolStream:
 
     def _drain(self, final: bool) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        if self.setup.style != "hermes":
+        if self.setup.style not in TAGGED:
             out += self._content(self.buf)
             self.buf = ""
             return out

@@ -1,0 +1,149 @@
+"""GLM-4.5's tool-call format (--tool-parser glm45): parsing what its template teaches, cut
+forced calls, streaming, the forcing grammar (random sampling under it always parses into calls
+that validate), detection from the chat template, and the wiring through a real server."""
+from __future__ import annotations
+
+import json
+from typing import Iterator
+
+import jsonschema
+import openai
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from engine.constraints import GrammarCompiler
+from engine.protocol import Constraint, SamplingParams
+from engine.sampling import SamplerState, sample
+from server.tools import ToolSetup, ToolStream, forcing_grammar, parse, template_style
+from tests.engine.test_constraints import EOS, byte_tokenizer
+from tests.server.conftest import ServerProcess
+from tests.server.test_tools import ASK, SCHEMAS, TOOLS, check_calls
+
+NOTE = {"type": "object", "properties": {"text": {"type": "string"}, "tags": {"type": "array", "items": {
+    "type": "integer"}}, "urgent": {"type": "boolean"}}, "required": ["text"], "additionalProperties": False}
+FUNCS = tuple(t["function"] for t in TOOLS) + ({"name": "add_note", "parameters": NOTE},)
+GLM = ToolSetup(FUNCS, "auto", None, True, "glm45")
+WEATHER_CALL = "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n" \
+               "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>"
+
+
+def calls_of(text: str, setup: ToolSetup = GLM) -> tuple[str, list[tuple[str, object]]]:
+    content, calls = parse(text, setup)
+    return content, [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+def test_glm_blocks_parse_with_types_from_the_schema() -> None:
+    assert calls_of("Let me look.\n" + WEATHER_CALL) == ("Let me look.", [("get_weather", {"city": "Paris", "days": 3})])
+    two = WEATHER_CALL + "\n<tool_call>get_time\n<arg_key>zone</arg_key>\n<arg_value>UTC</arg_value>\n</tool_call>"
+    assert calls_of(two)[1] == [("get_weather", {"city": "Paris", "days": 3}), ("get_time", {"zone": "UTC"})]
+    # a string parameter keeps what looks like JSON; the others are read as JSON
+    note = ("<tool_call>add_note\n<arg_key>text</arg_key>\n<arg_value>42</arg_value>\n<arg_key>tags</arg_key>\n"
+            "<arg_value>[1, 2]</arg_value>\n<arg_key>urgent</arg_key>\n<arg_value>true</arg_value>\n</tool_call>")
+    assert calls_of(note)[1] == [("add_note", {"text": "42", "tags": [1, 2], "urgent": True})]
+    assert calls_of("<tool_call>get_time\n</tool_call>")[1] == [("get_time", {})]
+    # the Hermes form in the same tags is read too; one call only without parallel_tool_calls
+    hermes = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
+    assert calls_of(hermes)[1] == [("get_time", {"zone": "CET"})]
+    single = ToolSetup(FUNCS, "auto", None, False, "glm45")
+    assert [n for n, _ in calls_of(two, single)[1]] == ["get_weather"]
+    for text in ("<tool_call>unknown\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n</tool_call>",
+                 "<tool_call>get_time\nzone = UTC\n</tool_call>", "plain words"):
+        assert parse(text, GLM) == (text, [])
+
+
+def test_a_cut_forced_glm_call_keeps_its_complete_pairs() -> None:
+    forced = ToolSetup(FUNCS, "required", None, True, "glm45")
+    cut = WEATHER_CALL[:WEATHER_CALL.index("<arg_key>days")] + "<arg_key>da"
+    content, calls = parse(cut, forced)
+    assert content == "" and [(c.name, c.arguments) for c in calls] == [("get_weather", '{"city": "Paris"')]
+    assert parse("<tool_call>get_wea", forced) == ("<tool_call>get_wea", [])   # the name itself was cut
+    assert parse(cut, GLM) == (cut, [])       # auto: what the model chose to write stays text
+
+
+def test_glm_stream_sends_content_then_the_call() -> None:
+    st = ToolStream(GLM)
+    deltas = []
+    text = "Checking." + WEATHER_CALL
+    for i in range(0, len(text), 7):
+        deltas += st.feed(text[i:i + 7])
+    deltas += st.finish()
+    assert "".join(d.get("content", "") for d in deltas) == "Checking."
+    calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
+    assert calls[0]["function"]["name"] == "get_weather"
+    assert json.loads("".join(c["function"].get("arguments", "") for c in calls)) == {"city": "Paris", "days": 3}
+
+
+@pytest.mark.parametrize("choice,named", [("required", None), ("named", "add_note"), ("named", "get_weather")])
+def test_random_sampling_under_the_glm_grammar_always_gives_valid_calls(tmp_path, choice: str,
+                                                                         named: str) -> None:
+    byte_tokenizer(str(tmp_path))
+    tk = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    compiler = GrammarCompiler(str(tmp_path), EOS + 1, (EOS,))
+    setup = ToolSetup(FUNCS, choice, named, True, "glm45")
+    constraint = Constraint(forcing_grammar(setup))
+    schemas = {**SCHEMAS, "add_note": NOTE}
+    closers = [tk.token_to_id("<"), tk.token_to_id("/")]
+    seen = set()
+    for seed in range(6):
+        state = SamplerState(SamplingParams(temperature=1.0, seed=seed, constraint=constraint), (1,))
+        state.grammar = compiler.matcher(constraint)
+        gen = torch.Generator().manual_seed(seed)
+        out: list[int] = []
+        for _ in range(600):
+            logits = torch.randn(1, EOS + 1, generator=gen) * 3
+            logits[0, EOS] -= 2.0                    # let calls grow before the end is allowed
+            logits[0, closers] += 9.0                # '<' and '/': free text values end too
+            (c,) = sample(logits, [state])
+            state.note(c.token)
+            if c.token == EOS:
+                break
+            out.append(c.token)
+            if state.grammar.finished:             # the engine ends the request here
+                break
+        assert state.grammar.finished and state.grammar.error is None, tk.decode(out)
+        text = tk.decode(out)
+        content, calls = parse(text, setup)
+        assert content == "" and calls, text
+        for call in calls:
+            assert named is None or call.name == named
+            jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+            seen.add(call.name)
+    assert named is not None or len(seen) >= 2     # required: the grammar offers every function
+
+
+def test_auto_picks_glm45_for_a_template_that_writes_argument_tags() -> None:
+    glm_like = "{% for tc in m.tool_calls %}<tool_call>{{ tc.name }}\n<arg_key>{{ k }}</arg_key>{% endfor %}"
+    assert template_style(glm_like) == "glm45"
+    assert template_style("{{ '<tool_call>' }}") == template_style("") == "hermes"
+
+
+@pytest.fixture(scope="module")
+def glm_client(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+    srv = ServerProcess(tiny_model_dir, str(tmp_path_factory.mktemp("glm-tools") / "server.log"),
+                        extra=("--context-length", "1024", "--tool-parser", "glm45"))
+    try:
+        srv.wait_ready()
+        yield openai.OpenAI(base_url=srv.base + "/v1", api_key="unused", max_retries=0)
+    finally:
+        srv.stop()
+
+
+def test_server_with_glm45_forces_and_streams_glm_calls(glm_client: openai.OpenAI) -> None:
+    name = glm_client.models.list().data[0].id
+    r = glm_client.chat.completions.create(model=name, messages=ASK, tools=TOOLS, tool_choice="required",
+                                           seed=3, max_tokens=150, logprobs=True)
+    assert r.choices[0].finish_reason == "tool_calls"
+    written = "".join(t.token for t in r.choices[0].logprobs.content)     # the model's own text
+    assert written.startswith("<tool_call>get_") and "<arg_key>" in written, written
+    check_calls(r.choices[0].message.tool_calls, set(SCHEMAS))
+    stream = glm_client.chat.completions.create(
+        model=name, messages=ASK, tools=TOOLS, stream=True, seed=4, max_tokens=150,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    parts, finish = [], None
+    for chunk in stream:
+        for tc in chunk.choices[0].delta.tool_calls or []:
+            parts.append(tc.function.arguments or "")
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls"
+    jsonschema.validate(json.loads("".join(parts)), SCHEMAS["get_weather"])
