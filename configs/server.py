@@ -7,6 +7,7 @@ from typing import Optional
 from configs.base import ConfigError
 
 TOOL_PARSERS = ("auto", "hermes", "glm45", "json")   # --tool-parser (server/tools.py styles)
+REASONING_PARSERS = ("auto", "think", "none")         # --reasoning-parser (server/reasoning.py)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,13 @@ class ServerConfig:
                 "'json' (a bare JSON object or array), or 'auto' (glm45 for chat templates that "
                 "write <arg_key>, else hermes)",
         "choices": TOOL_PARSERS})
+    reasoning_parser: str = field(default="auto", metadata={
+        "help": "'think': a thinking model's reasoning (<think>...</think> at the start of a "
+                "reply, or from its start when the chat template opened the block) is sent as "
+                "reasoning_content, the rest as content, as vLLM and llama.cpp's server send it; "
+                "'none': the whole reply is content; 'auto': think for chat templates that write "
+                "</think> (Qwen3, GLM-4.5, DeepSeek-R1), else none",
+        "choices": REASONING_PARSERS})
     sse_ping_s: float = field(default=15.0, metadata={
         "help": "seconds between SSE keep-alive comments on an open stream (proxies and clients "
                 "drop idle connections)", "flag": "--sse-ping", "metavar": "SECONDS"})
@@ -80,7 +88,8 @@ class ServerConfig:
         if not 0.1 <= self.sse_ping_s <= 3600.0:
             raise ConfigError("sse_ping_s", self.sse_ping_s, "must be in [0.1, 3600]")
         for name, choices in (("generation_config", ("auto", "none")),
-                              ("tool_parser", TOOL_PARSERS)):
+                              ("tool_parser", TOOL_PARSERS),
+                              ("reasoning_parser", REASONING_PARSERS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(name, getattr(self, name), f"expected one of {', '.join(choices)}")
         if not self.host:

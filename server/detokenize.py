@@ -91,3 +91,11 @@ class StopMatcher:
             return ""
         out, self._sent = self.text[self._sent:], len(self.text)
         return out
+
+
+def partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0

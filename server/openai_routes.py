@@ -12,6 +12,8 @@ from server.body import read_json
 from server.errors import bad_request
 from engine.protocol import FINISH_STOP
 from server.generate import Piece, chat_logprobs, completion_logprobs
+from server.reasoning import CONTENT, REASONING, ReasoningSplit, prompt_opens_block, template_thinks
+from server.reasoning import split as split_reasoning
 from server.openapi import body_schema, error_responses
 from server.responses import Job, respond, with_experts
 from server.schemas import ChatCompletionRequest, CompletionRequest, message_dicts, parse
@@ -28,31 +30,62 @@ class ChatJob(Job):
     id_prefix, object_name, chunk_object = "chatcmpl-", "chat.completion", "chat.completion.chunk"
     prompt_param = "messages"
     tools: Optional[ToolSetup] = None
+    reasoning: Optional[bool] = None      # None: no split; else whether replies start inside <think>
     _streams: dict[int, ToolStream]
+    _splits: dict[int, ReasoningSplit]
 
     def with_tools(self, setup: ToolSetup) -> "ChatJob":
         if setup.active:
             self.tools, self._streams = setup, {}
         return self
 
+    def with_reasoning(self, inside: Optional[bool]) -> "ChatJob":
+        if inside is not None:
+            self.reasoning, self._splits = inside, {}
+        return self
+
+    @property
+    def _plain(self) -> bool:
+        return self.tools is None and self.reasoning is None
+
     def chunks(self, piece: Piece, offset: int) -> list[dict[str, Any]]:
-        if self.tools is None:
+        if self._plain:
             return super().chunks(piece, offset)
-        st = self._streams.setdefault(piece.index, ToolStream(self.tools))
-        out = [self._delta_chunk(piece.index, d) for d in st.feed(piece.text)]
-        if piece.experts is not None:
-            if not out:   # the tool parser holds the token's text back: an empty delta
-                out.append(self._delta_chunk(piece.index, {}))
-            with_experts(out[0], piece)
+        out = [self._delta_chunk(piece.index, d) for d in self._deltas(piece.index, piece.text, False)]
+        lp = self.logprobs_of(piece, offset) if piece.tokens else None
+        if not out and (piece.experts is not None or lp is not None):
+            out.append(self._delta_chunk(piece.index, {}))    # the text is held back: an empty delta
+        if out:
+            out[0]["choices"][0]["logprobs"] = lp
+            if piece.experts is not None:
+                with_experts(out[0], piece)
         return out
 
     def final_chunks(self, index: int, reason: str) -> list[dict[str, Any]]:
-        if self.tools is None:
+        if self._plain:
             return super().final_chunks(index, reason)
-        st = self._streams.setdefault(index, ToolStream(self.tools))
-        out = [self._delta_chunk(index, d) for d in st.finish()]
-        return out + [self.final_chunk(index, "tool_calls" if st.calls and reason == FINISH_STOP
+        out = [self._delta_chunk(index, d) for d in self._deltas(index, "", True)]
+        calls = self.tools is not None and self._stream(index).calls
+        return out + [self.final_chunk(index, "tool_calls" if calls and reason == FINISH_STOP
                                        else reason)]
+
+    def _deltas(self, index: int, text: str, final: bool) -> list[dict[str, Any]]:
+        """One choice's new text as deltas: reasoning_content, then content or tool calls."""
+        parts = ([(CONTENT, text)] if self.reasoning is None else
+                 self._splits.setdefault(index, ReasoningSplit(self.reasoning)).feed(text, final))
+        out: list[dict[str, Any]] = []
+        for field, part in parts:
+            if field == CONTENT and self.tools is not None:
+                out += self._stream(index).feed(part)
+            else:
+                out.append({field: part})
+        if final and self.tools is not None:
+            out += self._stream(index).finish()
+        return out
+
+    def _stream(self, index: int) -> ToolStream:
+        assert self.tools is not None
+        return self._streams.setdefault(index, ToolStream(self.tools))
 
     def _delta_chunk(self, index: int, delta: dict[str, Any]) -> dict[str, Any]:
         return self.envelope([{"index": index, "delta": delta, "logprobs": None,
@@ -60,15 +93,22 @@ class ChatJob(Job):
 
     def full_response(self, gen: Any, per_choice: list[list[Piece]]) -> dict[str, Any]:
         out = super().full_response(gen, per_choice)
-        if self.tools is None:
+        if self._plain:
             return out
         for choice in out["choices"]:
-            content, calls = parse_tool_calls(choice["message"]["content"], self.tools)
-            if calls:
-                choice["message"] = {"role": "assistant", "content": content or None,
-                                     "tool_calls": [c.as_dict() for c in calls]}
-                if choice["finish_reason"] == FINISH_STOP:
-                    choice["finish_reason"] = "tool_calls"
+            thought, text = (None, choice["message"]["content"]) if self.reasoning is None else \
+                split_reasoning(choice["message"]["content"], self.reasoning)
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if self.tools is not None:
+                content, calls = parse_tool_calls(text, self.tools)
+                if calls:
+                    message = {"role": "assistant", "content": content or None,
+                               "tool_calls": [c.as_dict() for c in calls]}
+                    if choice["finish_reason"] == FINISH_STOP:
+                        choice["finish_reason"] = "tool_calls"
+            if thought is not None:
+                message[REASONING] = thought
+            choice["message"] = message
         return out
 
     def logprobs_of(self, piece: Piece, offset: int) -> Optional[dict[str, Any]]:
@@ -115,15 +155,16 @@ async def chat(state: ServerState, request: Request) -> Response:
                               "'required' or a named function", "response_format")
         constraint = check(forcing_grammar(setup), "tools")
     history = message_dicts(body.messages)
+    kwargs = body.chat_template_kwargs or {}
     messages, extra = prompt_messages(history, setup, state.tokenizer.template_takes_tools)
-    ids = await state.encode_chat(messages, **extra)
+    ids = await state.encode_chat(messages, **extra, **kwargs)
     if setup.active and not setup.forced and len(ids) >= state.context:
         # tool_choice auto with a tool listing the context cannot hold (Open WebUI sends its 36
         # built-in tools, ~7,000 tokens, with every chat): a 400 would fail every message of such
         # a front end, so the request is served as with tool_choice none, saying so in the log
         without = dataclasses.replace(setup, choice="none")
         messages, extra = prompt_messages(history, without, state.tokenizer.template_takes_tools)
-        plain = await state.encode_chat(messages, **extra)
+        plain = await state.encode_chat(messages, **extra, **kwargs)
         if len(plain) < state.context:
             log.warning("a prompt with its %d tools is %d tokens, more than the context of %d: "
                         "served without the tools (as tool_choice 'none'; %d tokens)",
@@ -134,7 +175,18 @@ async def chat(state: ServerState, request: Request) -> Response:
                           f"the model's context holds {state.context} tokens; tool_choice "
                           f"{setup.choice!r} needs the tools in the prompt", "tools")
     job = ChatJob(state, body, [ids], bool(body.logprobs), body.top_logprobs or 0, constraint)
-    return await respond(request, job.with_tools(setup))
+    return await respond(request, job.with_tools(setup).with_reasoning(reasoning_start(state, ids, constraint)))
+
+
+def reasoning_start(state: ServerState, prompt: list[int], constraint: Any) -> Optional[bool]:
+    """None when replies are not split into reasoning and content (--reasoning-parser none, or
+    auto with a template of a model that does not think; a grammar-constrained reply is all
+    content); else whether the prompt left a <think> block open for the reply."""
+    mode = state.cfg.reasoning_parser
+    if constraint is not None or mode == "none" or (
+            mode == "auto" and not template_thinks(state.tokenizer.template_source)):
+        return None
+    return prompt_opens_block(state.tokenizer.decode(prompt[-8:], skip_special_tokens=False))
 
 
 def tool_style(state: ServerState) -> str:

@@ -11,11 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from server.errors import APIError, bad_request
 from server.expert_stream import MoeserveOptions
+from server.tokenizer import RESERVED_VARIABLES
 
 
 LOGIT_BIAS_MAX_ENTRIES = 1024   # documented in the README; each entry is applied every step
 SEED_MIN, SEED_MAX = -2**63, 2**64 - 1
 _TOKEN_ID = re.compile(r"-?[0-9]{1,12}")
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+TEMPLATE_KWARGS_MAX = 32
 
 
 class _Liberal(BaseModel):
@@ -94,6 +97,21 @@ class ChatCompletionRequest(_SamplingFields):
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
     parallel_tool_calls: Optional[bool] = None
+    # extra chat template variables, as vLLM and llama.cpp's server take them (e.g. Qwen3's and
+    # GLM-4.5's enable_thinking)
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, v: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        if v is not None and len(v) > TEMPLATE_KWARGS_MAX:
+            raise ValueError(f"chat_template_kwargs has {len(v)} entries; at most {TEMPLATE_KWARGS_MAX}")
+        for key in v or {}:
+            if not _VARIABLE.fullmatch(key):
+                raise ValueError(f"chat_template_kwargs keys must be template variable names, got {key[:40]!r}")
+            if key in RESERVED_VARIABLES:
+                raise ValueError(f"chat_template_kwargs may not set {key!r} (the server sets it)")
+        return v
 
 
 class CompletionRequest(_SamplingFields):

@@ -16,6 +16,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")   # passed to every template
+# variables the server sets itself: a request's chat_template_kwargs may not replace them
+RESERVED_VARIABLES = ("messages", "add_generation_prompt", "tools", *SPECIAL_TOKENS)
+
+
 class TemplateError(ValueError):
     """The chat template refused the conversation (raise_exception) or failed to render."""
 
@@ -66,7 +71,7 @@ class TextTokenizer:
             with open(cfg_path, encoding="utf-8") as f:
                 cfg = json.load(f)
         self.special_tokens = {name: _token_text(cfg.get(name))
-                               for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+                               for name in SPECIAL_TOKENS}
         source = self._template_source(model_dir, cfg)
         self.template_source = source or ""
         self.chat_template: Optional[jinja2.Template] = (

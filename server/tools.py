@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from server import tools_glm
+from server.detokenize import partial_suffix
 from server.errors import bad_request
 from server.structured import json_rule
 
@@ -357,7 +358,7 @@ class ToolStream:
         while self.buf:
             start = self.buf.find(OPEN)
             if start < 0:
-                keep = 0 if final else _partial_suffix(self.buf, OPEN)
+                keep = 0 if final else partial_suffix(self.buf, OPEN)
                 out += self._content(self.buf[:len(self.buf) - keep])
                 self.buf = self.buf[len(self.buf) - keep:]
                 break
@@ -390,11 +391,3 @@ class ToolStream:
                 out.append({"tool_calls": [{"index": i, "function": {
                     "arguments": c.arguments[k:k + self.FRAGMENT]}}]})
         return out
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0

@@ -133,7 +133,7 @@ function busy(on) {
 function newId() { return Math.random().toString(36).slice(2, 10); }
 
 async function generate(conv) {
-  const answer = { id: newId(), role: "assistant", content: "", spans: [] };
+  const answer = { id: newId(), role: "assistant", content: "", spans: [], reasoning: "" };
   const history = apiMessages(conv, settings().system);
   conv.messages.push(answer);
   renderMessages();
@@ -152,17 +152,20 @@ async function generate(conv) {
     const choice = chunk.choices && chunk.choices[0];
     if (!choice) return;
     if (choice.finish_reason) reason = choice.finish_reason;
+    const thought = choice.delta && choice.delta.reasoning_content;   // a thinking model's reasoning
     const text = choice.delta && choice.delta.content;
-    if (!text) return;
+    if (!text && !thought) return;
     last = performance.now();
     if (first == null) first = last;
+    if (thought) { answer.reasoning += thought; rerender(answer); }
+    if (!text) return;
     const start = answer.content.length;
     answer.content += text;
     answer.spans.push([start, answer.content.length, lastToken]);   // text released by that token
     rerender(answer);
   };
   try {
-    await withKey(() => { answer.content = ""; answer.spans = []; return streamChat(body, state.controller.signal, onChunk); });
+    await withKey(() => { answer.content = ""; answer.spans = []; answer.reasoning = ""; return streamChat(body, state.controller.signal, onChunk); });
     notice("");
   } catch (err) {
     if (err.name === "AbortError") reason = "stopped";

@@ -27,7 +27,7 @@ export class Conversations {
   }
   save() {
     // text and timings only: per-token expert data lives in memory for the current answer
-    const plain = this.list.map((c) => ({ ...c, messages: c.messages.map(({ id, role, content, meta, error }) => ({ id, role, content, meta, error })) }));
+    const plain = this.list.map((c) => ({ ...c, messages: c.messages.map(({ id, role, content, reasoning, meta, error }) => ({ id, role, content, reasoning, meta, error })) }));
     try { localStorage.setItem(STORE, JSON.stringify(plain)); } catch (_) { /* storage full: keep going */ }
   }
 }
@@ -84,6 +84,16 @@ function alignTokens(el, source, owner) {
 export function renderMessage(el, msg) {
   el.className = "msg " + (msg.error ? "error" : msg.role);
   el.replaceChildren();
+  if (msg.reasoning) {   // a thinking model's reasoning, folded above its answer
+    const box = document.createElement("details");
+    box.className = "thinking";
+    const head = document.createElement("summary");
+    head.textContent = msg.content ? "Thought" : "Thinking…";
+    const text = document.createElement("div");
+    text.textContent = msg.reasoning;
+    box.append(head, text);
+    el.appendChild(box);
+  }
   const body = document.createElement("div");
   body.className = "body";
   if (msg.role === "assistant" && !msg.error) {

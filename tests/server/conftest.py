@@ -2,7 +2,9 @@
 `moeserve serve` processes on 127.0.0.1 (free port, readiness polled on /health)."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,6 +119,34 @@ def auth_server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -
     """Tiny model with an API key, every expert resident (the default budget)."""
     srv = ServerProcess(tiny_model_dir, str(tmp_path_factory.mktemp("auth") / "server.log"),
                         api_key=API_KEY)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+# --- a thinking model: the tiny model with a chat template that opens a <think> block ---------
+# the tiny model's ChatML template, made a thinking model's: the generation prompt opens a block
+# unless enable_thinking is false (then an empty block is closed, as Qwen3's template does)
+THINKING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content.split('</think>')[-1] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+    "{% else %}<think>\n{% endif %}{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def thinking(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    path = str(tmp_path_factory.mktemp("thinking") / "model")
+    shutil.copytree(tiny_model_dir, path)
+    cfg_path = os.path.join(path, "tokenizer_config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["chat_template"] = THINKING_TEMPLATE
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    srv = ServerProcess(path, str(tmp_path_factory.mktemp("thinking-log") / "server.log"))
     try:
         srv.wait_ready()
         yield srv

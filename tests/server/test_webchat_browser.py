@@ -1,6 +1,7 @@
 """The chat page in headless Chromium (issue 16), against real `moeserve serve` processes: it
 loads with nothing fetched from elsewhere, streams an answer while its expert heatmap fills,
-stop aborts the request in the engine, and a wrong API key gets a clear message.
+stop aborts the request in the engine, a wrong API key gets a clear message, and a thinking
+model's reasoning is shown folded above its answer.
 
 Needs Debian's chromium (or MOESERVE_CHROMIUM naming a Chromium binary) and the playwright
 package; skipped with the reason otherwise. Playwright drives that browser; it downloads none."""
@@ -172,6 +173,27 @@ def test_wrong_api_key_gets_a_clear_message_then_the_right_one_works(
         expect(page.locator("#send")).to_be_visible()
         expect(page.locator("#decode-sum")).to_contain_text("hit rate 100%")
         assert page.locator("#heat-decode .cell.miss").count() == 0
+        assert p.foreign == [] and p.errors == []
+    finally:
+        p.close()
+
+
+def test_a_thinking_models_reasoning_is_folded_above_the_answer(browser: Any, thinking: ServerProcess) -> None:
+    """The thinking fixture's template opens a <think> block that the tiny model never closes:
+    the whole reply streams as reasoning_content, shown in a "Thinking" fold, and kept on reload."""
+    p = Page(browser, thinking, _settings(16))
+    try:
+        page = p.page
+        expect(page.locator("body[data-ready='1']")).to_have_count(1)
+        p.send("What is the capital of France?")
+        answer = page.locator(".msg.assistant").last
+        expect(page.locator("#send")).to_be_visible()                # the answer has ended
+        fold = answer.locator("details.thinking")
+        expect(fold.locator("summary")).to_have_text("Thinking…")
+        assert fold.locator("div").text_content().strip()
+        expect(answer.locator(".meta")).to_contain_text("16 tokens")
+        page.reload()
+        expect(page.locator(".msg.assistant details.thinking div")).not_to_be_empty()
         assert p.foreign == [] and p.errors == []
     finally:
         p.close()
