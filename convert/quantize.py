@@ -15,23 +15,26 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from safetensors.torch import save_file
 from convert.progress import progress as tqdm  # a bar on a terminal, log lines otherwise
 
 from cache.expert_store import STORE_FILE, write_store
-from cache.provider import ExpertSource, read_tensor
+from cache.provider import ExpertSource, TensorRef, read_tensor
 from cache.quant import ExpertFormat, default_group_size, fill_slot, repack_slot
 from cache.safetensors_file import CheckpointError, read_checkpoint_index
+from convert.fp8 import Fp8Reader, block_size
 from convert.gguf_import import write_json
 from convert.model_store import BuildError, build_atomically, moeserve_home
 from engine.loader import QUANT_METHOD, QUANT_VERSION, is_expert_tensor, load_config, quantization
 from engine.models import family
 
 log = logging.getLogger(__name__)
-SKIP_FILES = ("model.safetensors.index.json", "config.json", "moeserve-build.json")
+DENSE_INDEX = "model.safetensors.index.json"
+SKIP_FILES = (DENSE_INDEX, "config.json", "moeserve-build.json")
+DENSE_SHARD_BYTES = 2 << 30
 BITS = {"int8": 8, "int4": 4}
 
 
@@ -64,14 +67,17 @@ def quantize_checkpoint(model_dir: str, out_dir: str, kind: str, group_size: Opt
                         layout: str = "cpu", progress: bool = True) -> ExpertFormat:
     """Write the quantized checkpoint of ``model_dir`` into the existing, empty ``out_dir``."""
     cfg = load_config(model_dir)
-    src_fmt = quantization(model_dir, cfg)
+    block = block_size(cfg.raw, os.path.join(model_dir, "config.json"))
+    src_fmt = None if block else quantization(model_dir, cfg)
     if src_fmt is not None:
         return _repack_checkpoint(model_dir, out_dir, src_fmt, layout, progress)
     layout_info, index, sources = _layout_and_experts(model_dir)
     inter, hidden = sources[0].inter_hidden
     fmt = resolve_format(kind, inter, hidden, group_size, layout)
-    dense = {n: read_tensor(ref) for n, ref in index.items() if not is_expert_tensor(n, layout_info)}
-    save_file(dense, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    fp8 = Fp8Reader(index, block) if block else None
+    read = fp8.read if fp8 else read_tensor
+    _write_dense(out_dir, {n: ref for n, ref in index.items() if not is_expert_tensor(n, layout_info)
+                           and not (fp8 and fp8.is_scale(n))}, read)
     keys = [(s.layer, s.expert) for s in sources]
     bar = tqdm(total=len(sources), unit="expert", desc=f"quantizing experts to {fmt.describe()}",
                disable=not progress)
@@ -79,8 +85,7 @@ def quantize_checkpoint(model_dir: str, out_dir: str, kind: str, group_size: Opt
     def slots() -> Iterator[torch.Tensor]:
         buf = torch.empty(fmt.slot_bytes, dtype=torch.uint8)
         for s in sources:
-            fill_slot(fmt, buf, {"gate": read_tensor(s.gate), "up": read_tensor(s.up),
-                                 "down": read_tensor(s.down)})
+            fill_slot(fmt, buf, {"gate": read(s.gate), "up": read(s.up), "down": read(s.down)})
             bar.update(1)
             yield buf
     try:
@@ -88,9 +93,43 @@ def quantize_checkpoint(model_dir: str, out_dir: str, kind: str, group_size: Opt
                     {"format": "moeserve-expert-store", "quantize": fmt.kind})
     finally:
         bar.close()
-    _write_config(model_dir, out_dir, cfg.raw, fmt,
-                  (len(layout_info.moe_layers), layout_info.num_experts))
+    raw = cfg.raw if not block else {**{k: v for k, v in cfg.raw.items() if k != "quantization_config"},
+                                     "torch_dtype": "bfloat16"}     # the FP8 weights are bf16 now
+    _write_config(model_dir, out_dir, raw, fmt, (len(layout_info.moe_layers), layout_info.num_experts))
     return fmt
+
+
+def _write_dense(out_dir: str, refs: dict[str, TensorRef],
+                 read: Callable[[TensorRef], torch.Tensor]) -> None:
+    """The dense tensors as model.safetensors, or, when they are larger than DENSE_SHARD_BYTES
+    (a DeepSeek-V3's are ~34 GB in bf16), in shards of at most that with an index, one shard in
+    memory at a time."""
+    shard: dict[str, torch.Tensor] = {}
+    files: list[list[str]] = []      # the tensor names of each shard written
+    size = 0
+
+    def flush() -> None:
+        save_file(shard, os.path.join(out_dir, f"dense-{len(files) + 1}.tmp"), metadata={"format": "pt"})
+        files.append(list(shard))
+        shard.clear()
+    for name, ref in refs.items():
+        t = read(ref)
+        nbytes = t.numel() * t.element_size()
+        if shard and size + nbytes > DENSE_SHARD_BYTES:
+            flush()
+            size = 0
+        shard[name] = t
+        size += nbytes
+    if not files:
+        save_file(shard, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        return
+    flush()
+    weight_map = {}
+    for i, names in enumerate(files, 1):
+        file = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+        os.replace(os.path.join(out_dir, f"dense-{i}.tmp"), os.path.join(out_dir, file))
+        weight_map.update(dict.fromkeys(names, file))
+    write_json(os.path.join(out_dir, DENSE_INDEX), {"metadata": {}, "weight_map": weight_map})
 
 
 def _repack_checkpoint(model_dir: str, out_dir: str, src: ExpertFormat, layout: str,
@@ -103,7 +142,10 @@ def _repack_checkpoint(model_dir: str, out_dir: str, src: ExpertFormat, layout: 
     n_layers, n_exp = int(qc["num_moe_layers"]), int(qc["num_experts"])
     sources = locate_experts(os.path.join(model_dir, qc.get("expert_store") or STORE_FILE), src,
                              n_layers, n_exp)
-    shutil.copy2(os.path.join(model_dir, "model.safetensors"), os.path.join(out_dir, "model.safetensors"))
+    store = qc.get("expert_store") or STORE_FILE
+    for name in os.listdir(model_dir):       # the dense weights: model.safetensors, or shards + index
+        if (name.endswith(".safetensors") and name != store) or name == DENSE_INDEX:
+            shutil.copy2(os.path.join(model_dir, name), os.path.join(out_dir, name))
     bar = tqdm(total=len(sources), unit="expert", desc=f"repacking int4 experts for {layout}",
                disable=not progress)
 
@@ -140,6 +182,11 @@ def _write_config(model_dir: str, out_dir: str, raw: dict, fmt: ExpertFormat,
             shutil.copy2(path, os.path.join(out_dir, name))    # tokenizer, chat template, card
 
 
+def source_is_fp8(model_dir: str, raw: dict[str, Any]) -> bool:
+    """Whether ``model_dir`` is an FP8 block-scaled checkpoint (converted, never loaded as is)."""
+    return block_size(raw, os.path.join(model_dir, "config.json")) is not None
+
+
 def _source_id(model_dir: str) -> dict[str, Any]:
     """What identifies the source checkpoint: its path and every weight file's size and mtime."""
     files = sorted(n for n in os.listdir(model_dir) if n.endswith(".safetensors") or n == "config.json")
@@ -155,7 +202,8 @@ def ensure_quantized(model_dir: str, kind: str, group_size: Optional[int] = None
     else converted once into $MOESERVE_HOME/models and reused. A checkpoint quantized
     differently is an error, never converted twice or silently mixed."""
     cfg = load_config(model_dir)
-    have = quantization(model_dir, cfg)
+    fp8 = source_is_fp8(model_dir, cfg.raw)
+    have = None if fp8 else quantization(model_dir, cfg)
     if have is not None:
         if kind == "none" or have.kind != kind or (group_size and group_size != have.group_size):
             want = kind + (f" group {group_size}" if group_size else "")
@@ -164,6 +212,9 @@ def ensure_quantized(model_dir: str, kind: str, group_size: Optional[int] = None
         if have.kind != "int4" or have.layout == layout:
             return model_dir
     if kind == "none":
+        if fp8:
+            raise BuildError(f"{model_dir} is an FP8 checkpoint: moeserve serves it converted "
+                             f"(--quantize int8 or int4)")
         return model_dir
     if kind == "int4" and not group_size:     # resolved now: implicit and explicit share a build
         group_size = have.group_size if have else resolve_format(
@@ -175,8 +226,11 @@ def ensure_quantized(model_dir: str, kind: str, group_size: Optional[int] = None
         ("-cuda" if kind == "int4" and layout == "cuda" else "")
     name = f"{os.path.basename(os.path.normpath(model_dir))}-{tag}"
     target = os.path.join(moeserve_home(home), "models", name)
-    need = sum(os.path.getsize(os.path.join(model_dir, n)) for n in os.listdir(model_dir)
-               if n.endswith(".safetensors")) // (2 if kind == "int8" else 3) + 50_000_000
+    # bytes per source byte: int8 and int4 experts from bf16 ~1/2 and ~1/3.5; from FP8 ~1 and ~0.6
+    # (the FP8 dense weights, a few percent, double in bf16)
+    ratio = {False: {"int8": 0.5, "int4": 0.33}, True: {"int8": 1.1, "int4": 0.65}}[fp8][kind]
+    need = int(sum(os.path.getsize(os.path.join(model_dir, n)) for n in os.listdir(model_dir)
+                   if n.endswith(".safetensors")) * ratio) + 50_000_000
 
     def build(tmp: str) -> None:
         log.info("quantizing %s to %s into %s (first use; reused afterwards)", model_dir, tag, target)
@@ -191,7 +245,8 @@ def run_quantize(args: argparse.Namespace) -> int:
         if args.group_size and args.quantize != "int4":
             raise BuildError(f"invalid group_size={args.group_size}: applies to --quantize int4 only")
         if args.out:
-            have = quantization(args.model, load_config(args.model))
+            cfg = load_config(args.model)
+            have = None if source_is_fp8(args.model, cfg.raw) else quantization(args.model, cfg)
             if have is not None and (have.kind != args.quantize or have.layout == args.layout):
                 raise BuildError(f"{args.model} is already quantized ({have.describe()})")
             params = {"quantize": args.quantize, "group_size": args.group_size,

@@ -31,6 +31,7 @@ DEFAULT_CONTEXT_CAP = 2048
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 QUANT_METHOD = "moeserve"     # quantization_config.quant_method of checkpoints moeserve wrote
 QUANT_VERSION = 1
+FP8_METHOD = "fp8"            # block-scaled FP8 checkpoints (DeepSeek-V3...): converted by convert/fp8.py
 
 
 @dataclass
@@ -139,6 +140,10 @@ def quantization(model_dir: str, cfg: HFConfig) -> Optional[ExpertFormat]:
     if not qc:
         return None
     where = os.path.join(model_dir, "config.json")
+    if isinstance(qc, dict) and qc.get("quant_method") == FP8_METHOD:
+        raise CheckpointError(f"{where}: an FP8 checkpoint is served converted, not as it is: "
+                              f"moeserve serve converts it once on first use (int8 experts, or "
+                              f"--quantize int4; dense weights in bf16), or run moeserve quantize")
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         method = qc.get("quant_method") if isinstance(qc, dict) else qc
         raise CheckpointError(f"{where}: unsupported quantization_config (quant_method {method!r}); "

@@ -38,12 +38,18 @@ def resolve_quantized_dir(model_dir: str, ecfg: EngineConfig, device: torch.devi
                           progress: bool = True) -> str:
     """The directory to load: ``model_dir``, or its --quantize conversion (made on first use),
     or an int4 store re-packed once for this device's kernel."""
-    fmt = quantization(model_dir, load_config(model_dir))
+    cfg = load_config(model_dir)
+    from convert.quantize import ensure_quantized, source_is_fp8
+    if source_is_fp8(model_dir, cfg.raw):
+        kind = ecfg.quantize or "int8"     # FP8 experts keep about their quality in int8
+        log.info("%s: an FP8 checkpoint: served with %s experts and bf16 dense weights, converted "
+                 "once%s", model_dir, kind, "" if ecfg.quantize else " (--quantize int4 for half the bytes)")
+        return ensure_quantized(model_dir, kind, ecfg.group_size, device.type, progress=progress)
+    fmt = quantization(model_dir, cfg)
     kind = ecfg.quantize
     needs_repack = fmt is not None and fmt.kind == "int4" and fmt.layout != device.type
     if kind is None and not needs_repack:
         return model_dir
-    from convert.quantize import ensure_quantized
     return ensure_quantized(model_dir, kind or fmt.kind, ecfg.group_size, device.type,
                             progress=progress)
 
