@@ -38,7 +38,9 @@ DENSE_SHARD_BYTES = 2 << 30
 BITS = {"int8": 8, "int4": 4}
 
 
-def _layout_and_experts(model_dir: str) -> tuple[Any, dict, list[ExpertSource]]:
+def _layout_and_experts(model_dir: str) -> tuple[Any, dict, list[ExpertSource], tuple[str, ...]]:
+    """The model's expert layout, the checkpoint's tensors, its experts, and the tensor name
+    prefixes the family skips (GLM's multi-token-prediction layer: not copied)."""
     from engine.loader import expert_sources
     cfg = load_config(model_dir)
     with torch.device("meta"):
@@ -47,7 +49,7 @@ def _layout_and_experts(model_dir: str) -> tuple[Any, dict, list[ExpertSource]]:
         raise BuildError(f"{model_dir}: a dense model ({cfg.raw['model_type']}) has no routed "
                          "experts to quantize")
     index = read_checkpoint_index(model_dir)
-    return model.layout, index, expert_sources(index, model.layout)
+    return model.layout, index, expert_sources(index, model.layout), model.skipped_prefixes
 
 
 def resolve_format(kind: str, inter: int, hidden: int, group_size: Optional[int],
@@ -71,13 +73,13 @@ def quantize_checkpoint(model_dir: str, out_dir: str, kind: str, group_size: Opt
     src_fmt = None if block else quantization(model_dir, cfg)
     if src_fmt is not None:
         return _repack_checkpoint(model_dir, out_dir, src_fmt, layout, progress)
-    layout_info, index, sources = _layout_and_experts(model_dir)
+    layout_info, index, sources, skipped = _layout_and_experts(model_dir)
     inter, hidden = sources[0].inter_hidden
     fmt = resolve_format(kind, inter, hidden, group_size, layout)
     fp8 = Fp8Reader(index, block) if block else None
     read = fp8.read if fp8 else read_tensor
     _write_dense(out_dir, {n: ref for n, ref in index.items() if not is_expert_tensor(n, layout_info)
-                           and not (fp8 and fp8.is_scale(n))}, read)
+                           and not (fp8 and fp8.is_scale(n)) and not n.startswith(skipped)}, read)
     keys = [(s.layer, s.expert) for s in sources]
     bar = tqdm(total=len(sources), unit="expert", desc=f"quantizing experts to {fmt.describe()}",
                disable=not progress)

@@ -157,14 +157,14 @@ async def chat(state: ServerState, request: Request) -> Response:
     history = message_dicts(body.messages)
     kwargs = body.chat_template_kwargs or {}
     messages, extra = prompt_messages(history, setup, state.tokenizer.template_takes_tools)
-    ids = await state.encode_chat(messages, **extra, **kwargs)
+    ids = await state.encode_chat(messages, {**kwargs, **extra})
     if setup.active and not setup.forced and len(ids) >= state.context:
         # tool_choice auto with a tool listing the context cannot hold (Open WebUI sends its 36
         # built-in tools, ~7,000 tokens, with every chat): a 400 would fail every message of such
         # a front end, so the request is served as with tool_choice none, saying so in the log
         without = dataclasses.replace(setup, choice="none")
         messages, extra = prompt_messages(history, without, state.tokenizer.template_takes_tools)
-        plain = await state.encode_chat(messages, **extra, **kwargs)
+        plain = await state.encode_chat(messages, {**kwargs, **extra})
         if len(plain) < state.context:
             log.warning("a prompt with its %d tools is %d tokens, more than the context of %d: "
                         "served without the tools (as tool_choice 'none'; %d tokens)",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from configs import ServerConfig
 from engine.client import EngineClient
@@ -68,9 +68,10 @@ class ServerState:
         self._check_chars(len(text), param)
         return await asyncio.to_thread(self.tokenizer.encode, text)
 
-    async def encode_chat(self, messages: list[dict[str, Any]], **extra: Any) -> list[int]:
+    async def encode_chat(self, messages: list[dict[str, Any]],
+                          variables: Optional[dict[str, Any]] = None) -> list[int]:
         self._check_chars(sum(len(m.get("content") or "") for m in messages), "messages")
         try:
-            return await asyncio.to_thread(self.tokenizer.encode_chat, messages, **extra)
+            return await asyncio.to_thread(self.tokenizer.encode_chat, messages, variables)
         except (TemplateError, TypeError) as exc:   # TypeError: a template choking on a value
             raise bad_request(str(exc), "messages") from None

@@ -115,21 +115,24 @@ class TextTokenizer:
         return self.tokenizer.id_to_token(token_id) or ""
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    **extra: Any) -> str:
-        """The prompt text for ``messages``, like transformers' apply_chat_template(tokenize=False)."""
+                    variables: Optional[dict[str, Any]] = None) -> str:
+        """The prompt text for ``messages``, like transformers' apply_chat_template(tokenize=False);
+        ``variables``: more template variables (tools, a request's chat_template_kwargs), in a
+        dict so that no name can collide with a Python parameter."""
         if self.chat_template is None:
             raise TemplateError("the model has no chat template (tokenizer_config.json has no "
                                 "'chat_template'); use /v1/completions instead")
         try:
-            return self.chat_template.render(messages=messages,
-                                             add_generation_prompt=add_generation_prompt,
-                                             **self.special_tokens, **extra)
+            return self.chat_template.render({**(variables or {}), "messages": messages,
+                                              "add_generation_prompt": add_generation_prompt,
+                                              **self.special_tokens})
         except TemplateError:
             raise
         except jinja2.TemplateError as exc:
             raise TemplateError(f"the chat template failed to render: {exc}") from exc
 
-    def encode_chat(self, messages: list[dict[str, Any]], **extra: Any) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]],
+                    variables: Optional[dict[str, Any]] = None) -> list[int]:
         # apply_chat_template(tokenize=True) encodes without adding special tokens: the template
         # already holds them
-        return self.encode(self.render_chat(messages, **extra), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, variables=variables), add_special_tokens=False)

@@ -189,6 +189,9 @@ def forcing_grammar(setup: ToolSetup) -> str:
     """Lark grammar for tool_choice required/named: one call (or several, when parallel calls
     are allowed and no function is named), each argument object following its schema."""
     funcs = [f for f in setup.tools if setup.named is None or f["name"] == setup.named]
+    problem = tools_glm.check_schemas(funcs) if setup.style == "glm45" else None
+    if problem is not None:
+        raise bad_request(*problem)
     rules = []
     for i, f in enumerate(funcs):
         if setup.style == "glm45":
@@ -240,7 +243,7 @@ def parse_hermes(text: str, setup: Optional[ToolSetup] = None) -> tuple[str, lis
             parsed = _calls_from_json(json.loads(inner))
         except json.JSONDecodeError:
             parsed = None
-        if parsed is None and setup is not None and setup.style == "glm45":
+        if parsed is None and setup is not None and setup.style == "glm45" and end >= 0:
             glm = tools_glm.read_block(inner, {f["name"]: f for f in setup.tools})
             parsed = [ToolCall(glm[0], glm[1], new_id())] if glm else None
         if parsed is None:

@@ -23,8 +23,10 @@ from server.structured import json_rule
 
 KEY_OPEN, KEY_CLOSE = "<arg_key>", "</arg_key>"
 VALUE_OPEN, VALUE_CLOSE = "<arg_value>", "</arg_value>"
-_HEAD = re.compile(r"\s*([A-Za-z0-9_.\-]{1,64})[ \t]*(?:\n|$)")
-_ARG = re.compile(r"\s*<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
+_HEAD = re.compile(r"\s*([A-Za-z0-9_.\-]{1,64})[ \t]*(\n|$)")
+_KEY = re.compile(r"\s*<arg_key>(.*?)</arg_key>\s*<arg_value>", re.S)
+_DECODER = json.JSONDecoder()
+_TEXT_KEYS = {"type", "enum", "const", "minLength", "maxLength", "description", "title", "examples"}
 
 
 def _is_text(schema: Any) -> bool:
@@ -38,19 +40,32 @@ def _is_text(schema: Any) -> bool:
     return schema.get("type") == "string"
 
 
-def _string_params(function: Optional[dict[str, Any]]) -> set[str]:
-    """The parameters whose values are taken as written."""
-    props = ((function or {}).get("parameters") or {}).get("properties") or {}
-    return {k for k, v in props.items() if _is_text(v)}
+def properties(function: Optional[dict[str, Any]]) -> dict[str, Any]:
+    props = ((function or {}).get("parameters") or {}).get("properties")
+    return props if isinstance(props, dict) else {}
 
 
-def _value(raw: str, as_string: bool) -> Any:
-    if as_string:
-        return raw
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
+def _value_at(inner: str, pos: int, as_string: bool) -> Optional[tuple[Any, int]]:
+    """The value that starts at ``pos`` and the position after its closing tag: raw text up to
+    the first closing tag for a string parameter; else the JSON value there when the closing
+    tag follows it (a JSON string may hold the tag), else the raw text as a string."""
+    if not as_string:
+        try:
+            value, end = _DECODER.raw_decode(inner, pos)
+            if inner.startswith(VALUE_CLOSE, end):
+                return value, end + len(VALUE_CLOSE)
+        except json.JSONDecodeError:
+            pass
+    end = inner.find(VALUE_CLOSE, pos)
+    if end < 0:
+        return None
+    raw = inner[pos:end]
+    if not as_string:
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            pass
+    return raw, end + len(VALUE_CLOSE)
 
 
 def read_block(inner: str, functions: dict[str, dict[str, Any]],
@@ -59,37 +74,72 @@ def read_block(inner: str, functions: dict[str, dict[str, Any]],
     ``partial``: the block was cut short; the arguments are the complete pairs so far as an
     unclosed JSON object (OpenAI's partial arguments of a cut call are a JSON prefix too)."""
     head = _HEAD.match(inner)
-    if head is None or (partial and not head.group(0).endswith("\n")):
+    if head is None or (partial and not head.group(2)):
         return None                         # (a cut name may be any prefix of a name)
     name, pos, args = head.group(1), head.end(), {}
-    strings = _string_params(functions.get(name))
+    props = properties(functions.get(name))
     while True:
-        m = _ARG.match(inner, pos)
+        m = _KEY.match(inner, pos)
         if m is None:
             break
-        args[m.group(1).strip()] = _value(m.group(2), m.group(1).strip() in strings)
-        pos = m.end()
+        key = m.group(1).strip()
+        got = _value_at(inner, m.end(), _is_text(props.get(key)))
+        if got is None:
+            break
+        args[key], pos = got
     if inner[pos:].strip() and not partial:
         return None                         # text that is neither a pair nor the end
     text = json.dumps(args, ensure_ascii=False)
     return name, (text[:-1] if partial else text)
 
 
+def _bound(schema: dict[str, Any], key: str) -> Optional[int]:
+    """A length bound of the schema when it is a count (an int >= 0), else None."""
+    v = schema.get(key, 0 if key == "minLength" else None)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
 def _value_rule(schema: dict[str, Any], strict: bool) -> str:
     """Lark for a value and its closing tag: a string parameter's raw text (one of its enum or
-    const, else text of its length bounds without '<', else any text without '</'), JSON following
-    the schema for the others. Free text and its closing tag are one regex: llguidance's lexer is
-    greedy, so a separate closing tag after a text lexeme that may contain '<' would never begin."""
+    const; else text of its length bounds without '<'; else any text without '</'), JSON
+    following the schema for the others. Free text and its closing tag are one regex:
+    llguidance's lexer is greedy, so a separate closing tag after a text lexeme that may
+    contain '<' would never begin. A string schema with more than this to enforce (pattern,
+    format) has been refused by check_schemas."""
     close = json.dumps(VALUE_CLOSE + "\n")
     if not _is_text(schema):
         return f"({json_rule(schema, strict)}) {close}"
     if "enum" in schema or "const" in schema:
         words = " | ".join(json.dumps(v) for v in schema.get("enum", [schema.get("const")]))
         return f"({words}) {close}"
-    lo, hi = int(schema.get("minLength", 0)), schema.get("maxLength")
-    if lo == 0 and hi is None:
-        return r"/([^<]|<[^\/])*<\/arg_value>\n/"
-    return "/[^<]{%d,%s}/ %s" % (lo, "" if hi is None else int(hi), close)
+    lo, hi = _bound(schema, "minLength") or 0, _bound(schema, "maxLength")
+    if lo == 0 and hi is None:      # '<' runs end in neither '<' nor '/', or just before the tag
+        return r"/([^<]|<+[^<\/])*<*<\/arg_value>\n/"
+    return "/[^<]{%d,%s}/ %s" % (lo, "" if hi is None else hi, close)
+
+
+def check_schemas(functions: list[dict[str, Any]]) -> Optional[tuple[str, str]]:
+    """(message, param) for a function whose parameters GLM's form cannot hold or enforce, or
+    None: properties must be an object; a string parameter written raw can enforce its enum,
+    const and length bounds (0 <= minLength <= maxLength) but not a pattern or format."""
+    for i, f in enumerate(functions):
+        props = (f.get("parameters") or {}).get("properties", {})
+        where = f"tools.{i}.function.parameters"
+        if not isinstance(props, dict):
+            return "properties must be an object", where
+        for key, schema in props.items():
+            if not _is_text(schema):
+                continue
+            extra = sorted(set(schema) - _TEXT_KEYS)
+            # each bound a count when given (None: given but not a count; -1: no maxLength)
+            lo, hi = (_bound(schema, k) if k in schema else d for k, d in (("minLength", 0), ("maxLength", -1)))
+            bad_length = lo is None or hi is None or 0 <= hi < lo
+            if extra or bad_length:
+                what = f"its {', '.join(extra)}" if extra else "length bounds other than 0 <= minLength <= maxLength"
+                return (f"string parameter {key!r}: GLM-4.5's tool format writes it raw, which cannot "
+                        f"enforce {what} in a forced call (use --tool-parser hermes)",
+                        f"{where}.properties.{key}")
+    return None
 
 
 def call_rule(function: dict[str, Any], strict: bool) -> str:
@@ -98,7 +148,7 @@ def call_rule(function: dict[str, Any], strict: bool) -> str:
     params = function["parameters"]
     required = set(params.get("required") or ())
     parts = [json.dumps(function["name"] + "\n")]
-    for key, schema in (params.get("properties") or {}).items():
+    for key, schema in properties(function).items():
         opening = json.dumps(f"{KEY_OPEN}{key}{KEY_CLOSE}\n{VALUE_OPEN}")
         pair = f"{opening} {_value_rule(schema if isinstance(schema, dict) else {}, strict)}"
         parts.append(pair if key in required else f"({pair})?")

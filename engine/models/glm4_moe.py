@@ -32,15 +32,17 @@ def build(cfg: HFConfig, context: int) -> DecoderLM:
     kv_heads = cfg.get("num_key_value_heads") or heads
     head_dim, eps = cfg.head_dim(), cfg.get("rms_norm_eps", 1e-5)
     experts, top_k = cfg.req("n_routed_experts"), cfg.req("num_experts_per_tok")
-    n_group = int(cfg.get("n_group") or 1)
-    topk_group = int(cfg.get("topk_group") or n_group)
+    # defaults as transformers' Glm4MoeConfig has them
+    n_group, topk_group = int(cfg.get("n_group") or 1), int(cfg.get("topk_group") or 1)
     if experts % n_group or experts // n_group < 2:
         raise ValueError(f"config.json: n_routed_experts={experts} must split into n_group={n_group} "
                          f"groups of at least 2 experts")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"config.json: topk_group={topk_group} must be in 1..n_group={n_group}")
     bias = bool(cfg.get("attention_bias", False))
     qk_eps = eps if cfg.get("use_qk_norm", False) else None
-    shared_inter = cfg.req("moe_intermediate_size") * int(cfg.get("n_shared_experts") or 0)
-    first_dense = int(cfg.get("first_k_dense_replace") or 0)
+    shared_inter = cfg.req("moe_intermediate_size") * int(cfg.get("n_shared_experts", 1) or 0)
+    first_dense = int(cfg.get("first_k_dense_replace", 1) or 0)
     moe_layers = tuple(range(first_dense, n_layers))
     layers = []
     for i in range(n_layers):

@@ -133,7 +133,7 @@ function busy(on) {
 function newId() { return Math.random().toString(36).slice(2, 10); }
 
 async function generate(conv) {
-  const answer = { id: newId(), role: "assistant", content: "", spans: [], reasoning: "" };
+  const answer = { id: newId(), role: "assistant", content: "", spans: [], reasoning: "", streaming: true };
   const history = apiMessages(conv, settings().system);
   conv.messages.push(answer);
   renderMessages();
@@ -178,6 +178,7 @@ async function generate(conv) {
     parts.push(`${n} tokens`);
     if (reason) parts.push(reason === "stop" ? "done" : reason);
     answer.meta = parts.join(" · ");
+    answer.streaming = false;
     $("speed").textContent = answer.meta;
     state.controller = null;
     busy(false);

@@ -85,10 +85,12 @@ export function renderMessage(el, msg) {
   el.className = "msg " + (msg.error ? "error" : msg.role);
   el.replaceChildren();
   if (msg.reasoning) {   // a thinking model's reasoning, folded above its answer
-    const box = document.createElement("details");
+    const box = document.createElement("details");   // rebuilt per frame: its open state lives on msg
     box.className = "thinking";
+    box.open = !!msg.reasoningOpen;
+    box.addEventListener("toggle", () => { msg.reasoningOpen = box.open; });
     const head = document.createElement("summary");
-    head.textContent = msg.content ? "Thought" : "Thinking…";
+    head.textContent = msg.streaming && !msg.content ? "Thinking…" : "Thought";
     const text = document.createElement("div");
     text.textContent = msg.reasoning;
     box.append(head, text);

@@ -22,7 +22,7 @@ from convert.quantize import ensure_quantized, quantize_checkpoint
 from engine.loader import load_model
 from moeserve.wiring import load, make_provider
 from tests.engine.test_offload_exact import generate, one_layer_top_k_bytes
-from tests.engine.tiny_families import FamilyCheckpoint
+from tests.engine.tiny_families import FamilyCheckpoint, add_mtp_layer
 
 CPU = torch.device("cpu")
 
@@ -160,6 +160,22 @@ def test_corrupt_or_foreign_checkpoints_name_file_and_tensor(family_checkpoint: 
     os.remove(os.path.join(bad, STORE_FILE))
     with pytest.raises(CheckpointError, match="expert store not found"):
         load_model(bad, CPU, torch.bfloat16)
+
+
+def test_glm_multi_token_prediction_layer_is_not_copied(family_checkpoint: FamilyCheckpoint,
+                                                        tmp_path) -> None:
+    """GLM-4.5's MTP layer (a whole MoE layer, experts included) is skipped by the loader, so the
+    quantized checkpoint does not carry it either (GLM-4.5-Air's is ~4.4 GB of experts)."""
+    src = str(tmp_path / "glm-mtp")
+    add_mtp_layer(family_checkpoint("glm4_moe", torch.bfloat16), src)
+    out = str(tmp_path / "glm-int8")
+    os.makedirs(out)
+    quantize_checkpoint(src, out, "int8", progress=False)
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert names and not any(n.startswith("model.layers.3.") for n in names)
+    assert any(n.startswith("model.layers.2.") for n in names)
+    load_model(out, CPU, torch.bfloat16)
 
 
 def test_int4_needs_a_group_size_dividing_the_inputs(family_checkpoint: FamilyCheckpoint,

@@ -199,6 +199,7 @@ def test_deepseek_v2_norm_topk_prob_normalises_instead_of_scaling() -> None:
     ("deepseek_v3", {"scoring_func": "softmax"}, "scoring_func"),
     ("deepseek_v3", {"n_group": 3}, "n_group"),
     ("glm4_moe", {"n_group": 3}, "n_group"),
+    ("glm4_moe", {"topk_group": 5}, "topk_group"),
     ("glm4_moe", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.3}},
      "partial_rotary_factor"),
 ])

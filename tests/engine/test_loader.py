@@ -120,21 +120,15 @@ def test_glm_multi_token_prediction_layer_is_skipped_quietly(tmp_path, caplog: p
     """GLM-4.5 checkpoints carry a multi-token-prediction layer after the last decoder layer
     (model.layers.{num_hidden_layers}.*, experts included); decoding does not use it, so it is
     skipped with an info line, not reported as unused, and the model computes as without it."""
-    from tests.engine.tiny_families import make_family_checkpoint
+    from tests.engine.tiny_families import add_mtp_layer, make_family_checkpoint
     plain = make_family_checkpoint("glm4_moe", str(tmp_path / "plain"))
     with_mtp = str(tmp_path / "mtp")
-    shutil.copytree(plain, with_mtp)
-    tensors = load_file(os.path.join(plain, "model.safetensors"))
+    added = add_mtp_layer(plain, with_mtp)
     n = json.load(open(os.path.join(plain, "config.json")))["num_hidden_layers"]
-    last = f"model.layers.{n - 1}."
-    extra = {k.replace(last, f"model.layers.{n}."): v.clone() for k, v in tensors.items() if k.startswith(last)}
-    extra[f"model.layers.{n}.eh_proj.weight"] = torch.zeros(64, 128)
-    assert any(".mlp.experts." in k for k in extra)
-    save_file({**tensors, **extra}, os.path.join(with_mtp, "model.safetensors"))
     with caplog.at_level("INFO", logger="moeserve.loader"):
         lm = load_model(with_mtp, CPU, torch.float32, context_length=32)
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
-    assert f"{len(extra)} tensors under model.layers.{n} are not used" in caplog.text
+    assert f"{added} tensors under model.layers.{n} are not used" in caplog.text
     ref = load_model(plain, CPU, torch.float32, context_length=32)
     assert len(lm.experts) == len(ref.experts) == 2 * 8
     for a, b in zip(lm.model.state_dict().values(), ref.model.state_dict().values()):

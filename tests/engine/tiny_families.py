@@ -87,3 +87,24 @@ def make_family_checkpoint(name: str, path: str, dtype: torch.dtype = torch.floa
                 bias.normal_(0.0, 0.1)
     model.to(dtype).save_pretrained(path)
     return path
+
+
+def add_mtp_layer(src: str, dst: str) -> int:
+    """Copy checkpoint ``src`` to ``dst`` with a multi-token-prediction layer after its last layer,
+    as GLM-4.5's checkpoints carry one (the last layer's tensors, experts included, plus eh_proj);
+    returns how many tensors it added."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        n = json.load(f)["num_hidden_layers"]
+    last = f"model.layers.{n - 1}."
+    extra = {k.replace(last, f"model.layers.{n}."): v.clone() for k, v in tensors.items() if k.startswith(last)}
+    hidden = tensors["model.embed_tokens.weight"].shape[1]
+    extra[f"model.layers.{n}.eh_proj.weight"] = torch.zeros(hidden, 2 * hidden)
+    save_file({**tensors, **extra}, os.path.join(dst, "model.safetensors"))
+    return len(extra)

@@ -74,6 +74,12 @@ def test_a_reply_inside_the_opened_block_is_reasoning(thinking: ServerProcess) -
     assert off.usage.prompt_tokens > r.usage.prompt_tokens
 
 
+def test_template_kwargs_named_like_python_parameters_are_plain_variables(thinking: ServerProcess) -> None:
+    r = httpx.post(thinking.base + "/v1/chat/completions", timeout=30,
+                   json={"messages": ASK, "max_tokens": 2, "chat_template_kwargs": {"self": 1, "variables": 2}})
+    assert r.status_code == 200, r.text
+
+
 @pytest.mark.parametrize("kwargs,field", [({"messages": []}, "messages"), ({"bad key": 1}, "bad key"),
                                           ({f"k{i}": i for i in range(33)}, "33 entries")])
 def test_bad_chat_template_kwargs_are_400(thinking: ServerProcess, kwargs: dict, field: str) -> None:

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 from engine.constraints import GrammarCompiler
 from engine.protocol import Constraint, SamplingParams
 from engine.sampling import SamplerState, sample
+from server.errors import APIError
 from server.tools import ToolSetup, ToolStream, forcing_grammar, parse, template_style
 from tests.engine.test_constraints import EOS, byte_tokenizer
 from tests.server.conftest import ServerProcess
@@ -50,6 +51,57 @@ def test_glm_blocks_parse_with_types_from_the_schema() -> None:
     for text in ("<tool_call>unknown\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n</tool_call>",
                  "<tool_call>get_time\nzone = UTC\n</tool_call>", "plain words"):
         assert parse(text, GLM) == (text, [])
+
+
+def test_values_holding_the_closing_tag_and_cut_names() -> None:
+    extra = {"name": "log", "parameters": {"type": "object", "properties": {"meta": {"type": "object"}}}}
+    setup = ToolSetup(FUNCS + (extra,), "auto", None, True, "glm45")
+    block = '<tool_call>log\n<arg_key>meta</arg_key>\n<arg_value>{"s": "</arg_value>"}</arg_value>\n</tool_call>'
+    assert calls_of(block, setup)[1] == [("log", {"meta": {"s": "</arg_value>"}})]   # JSON read whole
+    # a name cut by max_tokens is no call, though it spells another function ("get" of "get_time")
+    short = ToolSetup(FUNCS + ({"name": "get", "parameters": {"type": "object", "properties": {}}},),
+                      "required", None, True, "glm45")
+    assert parse("<tool_call>get", short)[1] == []
+    assert calls_of("<tool_call>get</tool_call>", short)[1] == [("get", {})]   # a closed block is one
+    # a malformed schema is no crash when parsing (auto) and a 400 when forcing
+    odd = ToolSetup(({"name": "odd", "parameters": {"type": "object", "properties": ["x"]}},),
+                    "auto", None, True, "glm45")
+    assert calls_of("<tool_call>odd\n<arg_key>x</arg_key>\n<arg_value>1</arg_value>\n</tool_call>", odd)[1] == [
+        ("odd", {"x": 1})]
+
+
+@pytest.mark.parametrize("schema,message", [
+    ({"type": "object", "properties": ["x"]}, "properties must be an object"),
+    ({"type": "object", "properties": {"id": {"type": "string", "pattern": "^[0-9]+$"}}}, "pattern"),
+    ({"type": "object", "properties": {"id": {"type": "string", "format": "date"}}}, "format"),
+    ({"type": "object", "properties": {"id": {"type": "string", "minLength": None}}}, "length bounds"),
+    ({"type": "object", "properties": {"id": {"type": "string", "minLength": 5, "maxLength": 2}}}, "length"),
+])
+def test_forced_glm_calls_refuse_what_the_raw_form_cannot_enforce(schema: dict, message: str) -> None:
+    setup = ToolSetup(({"name": "f", "parameters": schema},), "required", None, True, "glm45")
+    with pytest.raises(APIError, match=message) as e:
+        forcing_grammar(setup)
+    assert e.value.status == 400 and e.value.param.startswith("tools.0.function.parameters")
+
+
+def test_free_text_values_cannot_hide_a_closing_tag(tmp_path) -> None:
+    """The grammar's free text never holds '</' (which would end the value early when parsed),
+    yet may hold '<' anywhere, at its end too."""
+    byte_tokenizer(str(tmp_path))
+    tk = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    compiler = GrammarCompiler(str(tmp_path), EOS + 1, (EOS,))
+    grammar = Constraint(forcing_grammar(ToolSetup(FUNCS, "named", "add_note", True, "glm45")))
+
+    def accepts(value: str) -> bool:
+        m = compiler.matcher(grammar)
+        text = f"<tool_call>add_note\n<arg_key>text</arg_key>\n<arg_value>{value}</arg_value>\n</tool_call>"
+        for t in tk.encode(text).ids:
+            if not m.allowed()[t]:
+                return False
+            m.consume(t)
+        return m.finished
+    assert accepts("a<b> c\n") and accepts("a<") and accepts("<<x") and accepts("")
+    assert not accepts("<</arg_value>\n") and not accepts("a</b")
 
 
 def test_a_cut_forced_glm_call_keeps_its_complete_pairs() -> None:

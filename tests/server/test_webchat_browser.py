@@ -180,19 +180,25 @@ def test_wrong_api_key_gets_a_clear_message_then_the_right_one_works(
 
 def test_a_thinking_models_reasoning_is_folded_above_the_answer(browser: Any, thinking: ServerProcess) -> None:
     """The thinking fixture's template opens a <think> block that the tiny model never closes:
-    the whole reply streams as reasoning_content, shown in a "Thinking" fold, and kept on reload."""
-    p = Page(browser, thinking, _settings(16))
+    the whole reply streams as reasoning_content, shown in a fold labelled "Thought" once done,
+    which stays open when the conversation is drawn again, and is kept on reload."""
+    p = Page(browser, thinking, _settings(48))
     try:
         page = p.page
         expect(page.locator("body[data-ready='1']")).to_have_count(1)
         p.send("What is the capital of France?")
-        answer = page.locator(".msg.assistant").last
         expect(page.locator("#send")).to_be_visible()                # the answer has ended
-        fold = answer.locator("details.thinking")
-        expect(fold.locator("summary")).to_have_text("Thinking…")
+        fold = page.locator(".msg.assistant details.thinking")
+        expect(fold.locator("summary")).to_have_text("Thought")
         assert fold.locator("div").text_content().strip()
-        expect(answer.locator(".meta")).to_contain_text("16 tokens")
+        expect(page.locator(".msg.assistant .meta")).to_contain_text("48 tokens")
+        fold.locator("summary").click()
+        page.click("#new-chat")                                      # away and back: drawn anew
+        expect(page.locator(".msg")).to_have_count(0)
+        page.locator("#conversations li", has_text="capital of France").click()
+        expect(page.locator(".msg.assistant details.thinking[open]")).to_have_count(1)
         page.reload()
+        page.locator("#conversations li", has_text="capital of France").click()
         expect(page.locator(".msg.assistant details.thinking div")).not_to_be_empty()
         assert p.foreign == [] and p.errors == []
     finally:
