@@ -6,7 +6,7 @@ from typing import Optional
 
 from configs.base import ConfigError
 
-TOOL_PARSERS = ("auto", "hermes", "glm45", "json")   # --tool-parser (server/tools.py styles)
+TOOL_PARSERS = ("auto", "hermes", "glm45", "qwen3_coder", "json")   # --tool-parser (server/tools.py)
 REASONING_PARSERS = ("auto", "think", "none")         # --reasoning-parser (server/reasoning.py)
 
 
@@ -52,8 +52,9 @@ class ServerConfig:
         "help": "how tool calls are read from the model's output: 'hermes' (<tool_call>{json}"
                 "</tool_call>, Hermes/Qwen style; a bare JSON call is read too), 'glm45' "
                 "(GLM-4.5's <tool_call>name with <arg_key>/<arg_value> pairs; Hermes blocks too), "
-                "'json' (a bare JSON object or array), or 'auto' (glm45 for chat templates that "
-                "write <arg_key>, else hermes)",
+                "'qwen3_coder' (Qwen3-Coder's <function=name> with <parameter=key> blocks; Hermes "
+                "blocks too), 'json' (a bare JSON object or array), or 'auto' (glm45 or "
+                "qwen3_coder for chat templates that write their tags, else hermes)",
         "choices": TOOL_PARSERS})
     reasoning_parser: str = field(default="auto", metadata={
         "help": "'think': a thinking model's reasoning (<think>...</think> at the start of a "

@@ -3,9 +3,9 @@
 tool_choice required/named, and the parsers that read calls out of the model's text.
 
 Output styles (--tool-parser): 'hermes' is ``<tool_call>{"name": .., "arguments": {..}}</tool_call>``
-(Hermes, Qwen); 'glm45' is GLM-4.5's ``<tool_call>name`` and ``<arg_key>``/``<arg_value>`` pairs
-in the same tags (server/tools_glm.py; its parser reads Hermes blocks too); 'json' is a bare
-``{"name": .., "arguments": {..}}`` object (or a list of them).
+(Hermes, Qwen); 'glm45' (GLM-4.5) and 'qwen3_coder' (Qwen3-Coder) write a call's arguments as
+tagged pairs in the same tags (server/tool_formats.py; their parsers read Hermes blocks too);
+'json' is a bare ``{"name": .., "arguments": {..}}`` object (or a list of them).
 """
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from server import tools_glm
+from server.tool_formats import FORMATS, call_rule, check_schemas, read_block
 from server.detokenize import partial_suffix
 from server.errors import bad_request
 from server.structured import json_rule
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-TAGGED = ("hermes", "glm45")          # the styles whose calls sit between OPEN and CLOSE
+TAGGED = ("hermes", *FORMATS)        # the styles whose calls sit between OPEN and CLOSE
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 SYSTEM_PROMPT = (
@@ -55,7 +55,7 @@ class ToolSetup:
     choice: str                           # none | auto | required | named
     named: Optional[str]
     parallel: bool
-    style: str                            # hermes | glm45 | json
+    style: str                            # hermes | glm45 | qwen3_coder | json
 
     @property
     def active(self) -> bool:
@@ -67,9 +67,9 @@ class ToolSetup:
 
 
 def template_style(template: str) -> str:
-    """The output style a chat template teaches its model: glm45 if it writes GLM's argument
-    tags, else hermes."""
-    return "glm45" if tools_glm.KEY_OPEN in template else "hermes"
+    """The output style a chat template teaches its model: a tagged-pairs format whose tags it
+    writes (GLM-4.5's <arg_key>, Qwen3-Coder's <parameter=), else hermes."""
+    return next((f.style for f in FORMATS.values() if f.marker in template), "hermes")
 
 
 def new_id() -> str:
@@ -189,13 +189,14 @@ def forcing_grammar(setup: ToolSetup) -> str:
     """Lark grammar for tool_choice required/named: one call (or several, when parallel calls
     are allowed and no function is named), each argument object following its schema."""
     funcs = [f for f in setup.tools if setup.named is None or f["name"] == setup.named]
-    problem = tools_glm.check_schemas(funcs) if setup.style == "glm45" else None
+    fmt = FORMATS.get(setup.style)
+    problem = check_schemas(funcs) if fmt else None
     if problem is not None:
         raise bad_request(*problem)
     rules = []
     for i, f in enumerate(funcs):
-        if setup.style == "glm45":
-            rules.append(f"fn{i}: " + tools_glm.call_rule(f, strict=bool(f.get("strict"))))
+        if fmt:
+            rules.append(f"fn{i}: " + call_rule(fmt, f, strict=bool(f.get("strict"))))
             continue
         schema = {"type": "object", "properties": {"name": {"const": f["name"]},
                                                    "arguments": f["parameters"]},
@@ -203,7 +204,7 @@ def forcing_grammar(setup: ToolSetup) -> str:
         rules.append(f"fn{i}: " + json_rule(schema, strict=bool(f.get("strict"))))
     body = "call_body: " + " | ".join(f"fn{i}" for i in range(len(funcs)))
     many = setup.parallel and setup.named is None
-    if setup.style == "glm45":          # the name follows the tag; each pair ends its line
+    if fmt:                             # the call's own text follows the tag directly
         call = f'call: "{OPEN}" call_body "{CLOSE}"'
         start = 'start: call ("\\n" call)*' if many else "start: call"
     elif setup.style == "hermes":
@@ -243,9 +244,10 @@ def parse_hermes(text: str, setup: Optional[ToolSetup] = None) -> tuple[str, lis
             parsed = _calls_from_json(json.loads(inner))
         except json.JSONDecodeError:
             parsed = None
-        if parsed is None and setup is not None and setup.style == "glm45" and end >= 0:
-            glm = tools_glm.read_block(inner, {f["name"]: f for f in setup.tools})
-            parsed = [ToolCall(glm[0], glm[1], new_id())] if glm else None
+        fmt = FORMATS.get(setup.style) if setup is not None else None
+        if parsed is None and fmt and end >= 0:
+            pairs = read_block(fmt, inner, {f["name"]: f for f in setup.tools})
+            parsed = [ToolCall(pairs[0], pairs[1], new_id())] if pairs else None
         if parsed is None:
             content.append(text[start:end + len(CLOSE) if end >= 0 else len(text)])
         else:
@@ -279,10 +281,10 @@ def _truncated_call(text: str, setup: ToolSetup) -> Optional[tuple[str, list[Too
     start = text.rfind(OPEN) if setup.style in TAGGED else -1
     if start >= 0 and text.find(CLOSE, start) >= 0:
         return None   # the last call is complete
-    if setup.style == "glm45" and start >= 0:
-        glm = tools_glm.read_block(text[start + len(OPEN):], {f["name"]: f for f in setup.tools},
-                                   partial=True)
-        return (text[:start], [ToolCall(glm[0], glm[1], new_id())]) if glm else None
+    fmt = FORMATS.get(setup.style)
+    if fmt and start >= 0:
+        pairs = read_block(fmt, text[start + len(OPEN):], {f["name"]: f for f in setup.tools}, partial=True)
+        return (text[:start], [ToolCall(pairs[0], pairs[1], new_id())]) if pairs else None
     body = text[start + len(OPEN):] if start >= 0 else text.lstrip().removeprefix("[")
     calls: list[ToolCall] = []
     pos = 0

@@ -1,6 +1,7 @@
-"""GLM-4.5's tool-call format (--tool-parser glm45): parsing what its template teaches, cut
-forced calls, streaming, the forcing grammar (random sampling under it always parses into calls
-that validate), detection from the chat template, and the wiring through a real server."""
+"""The tagged-pairs tool-call formats, GLM-4.5's (--tool-parser glm45) and Qwen3-Coder's
+(qwen3_coder): parsing what their templates teach, cut forced calls, streaming, the forcing
+grammar (random sampling under it always parses into calls that validate), detection from the
+chat template, and the wiring through a real server."""
 from __future__ import annotations
 
 import json
@@ -29,6 +30,22 @@ WEATHER_CALL = "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Pari
                "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>"
 
 
+QWEN = ToolSetup(FUNCS, "auto", None, True, "qwen3_coder")
+STYLES = ["glm45", "qwen3_coder"]
+
+
+def render(style: str, name: str, args: dict[str, object]) -> str:
+    """A call as each model's chat template writes a past one (GLM: non-strings as JSON; Qwen3-Coder:
+    objects and lists as JSON, other values through Python's str)."""
+    if style == "glm45":
+        pairs = "".join(f"<arg_key>{k}</arg_key>\n<arg_value>{v if isinstance(v, str) else json.dumps(v)}"
+                        f"</arg_value>\n" for k, v in args.items())
+        return f"<tool_call>{name}\n{pairs}</tool_call>"
+    pairs = "".join(f"<parameter={k}>\n{json.dumps(v) if isinstance(v, (dict, list)) else str(v)}\n</parameter>\n"
+                    for k, v in args.items())
+    return f"<tool_call>\n<function={name}>\n{pairs}</function>\n</tool_call>"
+
+
 def calls_of(text: str, setup: ToolSetup = GLM) -> tuple[str, list[tuple[str, object]]]:
     content, calls = parse(text, setup)
     return content, [(c.name, json.loads(c.arguments)) for c in calls]
@@ -51,6 +68,22 @@ def test_glm_blocks_parse_with_types_from_the_schema() -> None:
     for text in ("<tool_call>unknown\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n</tool_call>",
                  "<tool_call>get_time\nzone = UTC\n</tool_call>", "plain words"):
         assert parse(text, GLM) == (text, [])
+
+
+def test_qwen3_coder_blocks_parse_as_its_template_writes_them() -> None:
+    weather = render("qwen3_coder", "get_weather", {"city": "Paris", "days": 3})
+    assert weather.startswith("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>")
+    assert calls_of("Checking.\n" + weather, QWEN) == ("Checking.", [("get_weather", {"city": "Paris", "days": 3})])
+    # Python's str of True and a multi-line string value, kept as written
+    note = render("qwen3_coder", "add_note", {"text": "line 1\n<b>line 2</b>", "tags": [1, 2], "urgent": True})
+    assert calls_of(note, QWEN)[1] == [("add_note", {"text": "line 1\n<b>line 2</b>", "tags": [1, 2], "urgent": True})]
+    assert calls_of("<tool_call>\n<function=get_time>\n</function>\n</tool_call>", QWEN)[1] == [("get_time", {})]
+    hermes = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
+    assert calls_of(hermes, QWEN)[1] == [("get_time", {"zone": "CET"})]
+    cut = weather[:weather.index("<parameter=days>")] + "<parameter=da"
+    forced = ToolSetup(FUNCS, "required", None, True, "qwen3_coder")
+    assert [(c.name, c.arguments) for c in parse(cut, forced)[1]] == [("get_weather", '{"city": "Paris"')]
+    assert parse("<tool_call>\n<function=get_wea", forced)[1] == []
 
 
 def test_values_holding_the_closing_tag_and_cut_names() -> None:
@@ -77,31 +110,34 @@ def test_values_holding_the_closing_tag_and_cut_names() -> None:
     ({"type": "object", "properties": {"id": {"type": "string", "minLength": None}}}, "length bounds"),
     ({"type": "object", "properties": {"id": {"type": "string", "minLength": 5, "maxLength": 2}}}, "length"),
 ])
-def test_forced_glm_calls_refuse_what_the_raw_form_cannot_enforce(schema: dict, message: str) -> None:
-    setup = ToolSetup(({"name": "f", "parameters": schema},), "required", None, True, "glm45")
+@pytest.mark.parametrize("style", STYLES)
+def test_forced_calls_refuse_what_the_raw_form_cannot_enforce(schema: dict, message: str, style: str) -> None:
+    setup = ToolSetup(({"name": "f", "parameters": schema},), "required", None, True, style)
     with pytest.raises(APIError, match=message) as e:
         forcing_grammar(setup)
     assert e.value.status == 400 and e.value.param.startswith("tools.0.function.parameters")
 
 
-def test_free_text_values_cannot_hide_a_closing_tag(tmp_path) -> None:
+@pytest.mark.parametrize("style", STYLES)
+def test_free_text_values_cannot_hide_a_closing_tag(tmp_path, style: str) -> None:
     """The grammar's free text never holds '</' (which would end the value early when parsed),
     yet may hold '<' anywhere, at its end too."""
     byte_tokenizer(str(tmp_path))
     tk = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     compiler = GrammarCompiler(str(tmp_path), EOS + 1, (EOS,))
-    grammar = Constraint(forcing_grammar(ToolSetup(FUNCS, "named", "add_note", True, "glm45")))
+    grammar = Constraint(forcing_grammar(ToolSetup(FUNCS, "named", "add_note", True, style)))
 
     def accepts(value: str) -> bool:
         m = compiler.matcher(grammar)
-        text = f"<tool_call>add_note\n<arg_key>text</arg_key>\n<arg_value>{value}</arg_value>\n</tool_call>"
+        text = render(style, "add_note", {"text": value})
         for t in tk.encode(text).ids:
             if not m.allowed()[t]:
                 return False
             m.consume(t)
         return m.finished
     assert accepts("a<b> c\n") and accepts("a<") and accepts("<<x") and accepts("")
-    assert not accepts("<</arg_value>\n") and not accepts("a</b")
+    close = "</arg_value>\n" if style == "glm45" else "\n</parameter>\n"
+    assert not accepts("<" + close) and not accepts("a</b")
 
 
 def test_a_cut_forced_glm_call_keeps_its_complete_pairs() -> None:
@@ -126,26 +162,31 @@ def test_glm_stream_sends_content_then_the_call() -> None:
     assert json.loads("".join(c["function"].get("arguments", "") for c in calls)) == {"city": "Paris", "days": 3}
 
 
+@pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("choice,named", [("required", None), ("named", "add_note"), ("named", "get_weather")])
-def test_random_sampling_under_the_glm_grammar_always_gives_valid_calls(tmp_path, choice: str,
-                                                                         named: str) -> None:
+def test_random_sampling_under_the_grammar_always_gives_valid_calls(tmp_path, choice: str, named: str,
+                                                                     style: str) -> None:
     byte_tokenizer(str(tmp_path))
     tk = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     compiler = GrammarCompiler(str(tmp_path), EOS + 1, (EOS,))
-    setup = ToolSetup(FUNCS, choice, named, True, "glm45")
+    setup = ToolSetup(FUNCS, choice, named, True, style)
     constraint = Constraint(forcing_grammar(setup))
     schemas = {**SCHEMAS, "add_note": NOTE}
-    closers = [tk.token_to_id("<"), tk.token_to_id("/")]
+    # inside a value, '<', '/' and the newline are made likely, so that free text values end too
+    closers = [tk.token_to_id("<"), tk.token_to_id("/"), *tk.encode("\n").ids]
+    opens, closes = ("<arg_value>", "</arg_value>") if style == "glm45" else ("<parameter=", "</parameter>")
     seen = set()
     for seed in range(6):
         state = SamplerState(SamplingParams(temperature=1.0, seed=seed, constraint=constraint), (1,))
         state.grammar = compiler.matcher(constraint)
         gen = torch.Generator().manual_seed(seed)
         out: list[int] = []
-        for _ in range(600):
+        for _ in range(1000):
             logits = torch.randn(1, EOS + 1, generator=gen) * 3
             logits[0, EOS] -= 2.0                    # let calls grow before the end is allowed
-            logits[0, closers] += 9.0                # '<' and '/': free text values end too
+            so_far = tk.decode(out)
+            if so_far.count(opens) > so_far.count(closes):
+                logits[0, closers] += 9.0
             (c,) = sample(logits, [state])
             state.note(c.token)
             if c.token == EOS:
@@ -164,32 +205,38 @@ def test_random_sampling_under_the_glm_grammar_always_gives_valid_calls(tmp_path
     assert named is not None or len(seen) >= 2     # required: the grammar offers every function
 
 
-def test_auto_picks_glm45_for_a_template_that_writes_argument_tags() -> None:
+def test_auto_picks_the_format_whose_tags_the_template_writes() -> None:
     glm_like = "{% for tc in m.tool_calls %}<tool_call>{{ tc.name }}\n<arg_key>{{ k }}</arg_key>{% endfor %}"
     assert template_style(glm_like) == "glm45"
+    qwen_like = "{{- '<function=' + tool_call.name + '>\\n' }}{{- '<parameter=' + args_name + '>\\n' }}"
+    assert template_style(qwen_like) == "qwen3_coder"
     assert template_style("{{ '<tool_call>' }}") == template_style("") == "hermes"
 
 
-@pytest.fixture(scope="module")
-def glm_client(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
-    srv = ServerProcess(tiny_model_dir, str(tmp_path_factory.mktemp("glm-tools") / "server.log"),
-                        extra=("--context-length", "1024", "--tool-parser", "glm45"))
+@pytest.fixture(scope="module", params=STYLES)
+def styled_client(request: pytest.FixtureRequest, tiny_model_dir: str,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, openai.OpenAI]]:
+    srv = ServerProcess(tiny_model_dir, str(tmp_path_factory.mktemp(request.param) / "server.log"),
+                        extra=("--context-length", "1024", "--tool-parser", request.param))
     try:
         srv.wait_ready()
-        yield openai.OpenAI(base_url=srv.base + "/v1", api_key="unused", max_retries=0)
+        yield request.param, openai.OpenAI(base_url=srv.base + "/v1", api_key="unused", max_retries=0)
     finally:
         srv.stop()
 
 
-def test_server_with_glm45_forces_and_streams_glm_calls(glm_client: openai.OpenAI) -> None:
-    name = glm_client.models.list().data[0].id
-    r = glm_client.chat.completions.create(model=name, messages=ASK, tools=TOOLS, tool_choice="required",
-                                           seed=3, max_tokens=150, logprobs=True)
+def test_server_forces_and_streams_calls_in_the_chosen_format(styled_client: tuple[str, openai.OpenAI]) -> None:
+    style, client = styled_client
+    name = client.models.list().data[0].id
+    r = client.chat.completions.create(model=name, messages=ASK, tools=TOOLS, tool_choice="required",
+                                       seed=3, max_tokens=150, logprobs=True)
     assert r.choices[0].finish_reason == "tool_calls"
     written = "".join(t.token for t in r.choices[0].logprobs.content)     # the model's own text
-    assert written.startswith("<tool_call>get_") and "<arg_key>" in written, written
+    head, pair = {"glm45": ("<tool_call>get_", "<arg_key>"),
+                  "qwen3_coder": ("<tool_call>\n<function=get_", "<parameter=")}[style]
+    assert written.startswith(head) and pair in written, written
     check_calls(r.choices[0].message.tool_calls, set(SCHEMAS))
-    stream = glm_client.chat.completions.create(
+    stream = client.chat.completions.create(
         model=name, messages=ASK, tools=TOOLS, stream=True, seed=4, max_tokens=150,
         tool_choice={"type": "function", "function": {"name": "get_weather"}})
     parts, finish = [], None
