@@ -1,6 +1,5 @@
 """FP8 checkpoints with block scales (``quantization_config.quant_method: fp8`` and a
-``weight_block_size``), the form DeepSeek-V3/R1, Kimi-K2, MiniMax-M2 and the Qwen3 ``-FP8``
-releases ship in: each quantized linear weight ``W`` [O, I] is float8_e4m3 with a sibling
+``weight_block_size``), the form DeepSeek-V3/R1 and the Qwen3 ``-FP8`` releases ship in: each quantized linear weight ``W`` [O, I] is float8_e4m3 with a sibling
 ``W_scale_inv`` [ceil(O / bo), ceil(I / bi)] holding one factor per bo x bi block (edge blocks
 partial). moeserve converts such a checkpoint once (``moeserve quantize``, or ``serve`` on first
 use): dense weights to bf16, as DeepSeek's own fp8_cast_bf16 does, and routed experts through
@@ -56,6 +55,9 @@ class Fp8Reader:
         t = read_tensor(ref)
         if t.dtype not in FP8_DTYPES:
             return t
+        if "[" in ref.name:       # a slice of a stacked [E, ...] tensor: its scales are not sliced
+            raise CheckpointError(f"{ref.path}: {ref.name}: FP8 experts stacked in one tensor are not "
+                                  f"supported (per-expert tensors are, as DeepSeek and Qwen ship them)")
         scale = self.index.get(f"{ref.name}{SCALE_SUFFIX}")
         if scale is None:
             raise CheckpointError(f"{ref.path}: FP8 tensor {ref.name} has no {ref.name}{SCALE_SUFFIX}")

@@ -229,8 +229,9 @@ def ensure_quantized(model_dir: str, kind: str, group_size: Optional[int] = None
     name = f"{os.path.basename(os.path.normpath(model_dir))}-{tag}"
     target = os.path.join(moeserve_home(home), "models", name)
     # bytes per source byte: int8 and int4 experts from bf16 ~1/2 and ~1/3.5; from FP8 ~1 and ~0.6
-    # (the FP8 dense weights, a few percent, double in bf16)
-    ratio = {False: {"int8": 0.5, "int4": 0.33}, True: {"int8": 1.1, "int4": 0.65}}[fp8][kind]
+    # (the FP8 dense weights, a few percent, double in bf16); an int4 repack for CUDA ~1
+    ratio = 1.05 if have is not None else \
+        {False: {"int8": 0.5, "int4": 0.33}, True: {"int8": 1.1, "int4": 0.65}}[fp8][kind]   # repack: ~1
     need = int(sum(os.path.getsize(os.path.join(model_dir, n)) for n in os.listdir(model_dir)
                    if n.endswith(".safetensors")) * ratio) + 50_000_000
 

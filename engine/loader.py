@@ -193,6 +193,7 @@ def load_model(model_dir: str, device: torch.device, dtype: Optional[torch.dtype
     max_pos = int(cfg.get("max_position_embeddings") or DEFAULT_CONTEXT_CAP)
     context = context_length or min(max_pos, DEFAULT_CONTEXT_CAP)
     index = read_checkpoint_index(model_dir)
+    fmt = quantization(model_dir, cfg)        # refuses what it cannot load before reading weights
     with torch.device("meta"):
         model = fam.build(cfg, context)
     model = model.to_empty(device=device).to(dtype)
@@ -217,7 +218,6 @@ def load_model(model_dir: str, device: torch.device, dtype: Optional[torch.dtype
         done += ref.nbytes
         if progress is not None:
             progress(done, total)
-    fmt = quantization(model_dir, cfg)
     if model.layout is None:
         experts = []
     elif fmt is not None:

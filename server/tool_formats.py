@@ -34,7 +34,8 @@ from typing import Any, Optional
 from server.structured import json_rule
 
 _DECODER = json.JSONDecoder()
-_TEXT_KEYS = {"type", "enum", "const", "minLength", "maxLength", "description", "title", "examples"}
+# what a raw string value cannot be held to (annotations such as title or default are fine)
+_UNENFORCEABLE = ("pattern", "format", "contentEncoding", "contentMediaType", "contentSchema")
 _NAME = r"[A-Za-z0-9_.\-]{1,64}"
 
 
@@ -54,7 +55,7 @@ class ArgFormat:
 
 
 GLM45 = ArgFormat(
-    "glm45", "<arg_key>", re.compile(rf"\s*({_NAME})[ \t]*(\n|$)"), "", "\n",
+    "glm45", "<arg_key>", re.compile(rf"\s*({_NAME})(\s+|$)"), "", "\n",
     re.compile(r"\s*<arg_key>(.*?)</arg_key>\s*<arg_value>", re.S),
     "<arg_key>{key}</arg_key>\n<arg_value>", "</arg_value>", "</arg_value>\n", "", False)
 QWEN3_CODER = ArgFormat(
@@ -69,7 +70,8 @@ def _is_text(schema: Any) -> bool:
     if not isinstance(schema, dict):
         return False
     if "enum" in schema:
-        return bool(schema["enum"]) and all(isinstance(v, str) for v in schema["enum"])
+        enum = schema["enum"]
+        return isinstance(enum, list) and bool(enum) and all(isinstance(v, str) for v in enum)
     if "const" in schema:
         return isinstance(schema["const"], str)
     return schema.get("type") == "string"
@@ -170,17 +172,25 @@ def _value_rule(fmt: ArgFormat, schema: dict[str, Any], strict: bool) -> str:
 
 def check_schemas(functions: list[dict[str, Any]]) -> Optional[tuple[str, str]]:
     """(message, param) for a function whose parameters these forms cannot hold or enforce, or
-    None: properties must be an object; a string parameter written raw can enforce its enum,
-    const and length bounds (0 <= minLength <= maxLength) but not a pattern or format."""
+    None: properties must be an object and required a list of names; a string parameter written
+    raw can enforce its enum, const and length bounds (0 <= minLength <= maxLength) but not a
+    pattern or format, and none of its words may hold a closing tag."""
     for i, f in enumerate(functions):
-        props = (f.get("parameters") or {}).get("properties", {})
+        params = f.get("parameters") or {}
+        props, required = params.get("properties", {}), params.get("required", [])
         where = f"tools.{i}.function.parameters"
         if not isinstance(props, dict):
             return "properties must be an object", where
+        if not (isinstance(required, list) and all(isinstance(k, str) and k in props for k in required)):
+            return "required must be a list of names of properties", f"{where}.required"
         for key, schema in props.items():
             if not _is_text(schema):
                 continue
-            extra = sorted(set(schema) - _TEXT_KEYS)
+            words = schema.get("enum", [schema.get("const", "")])
+            if any("</" in w for w in words):
+                return (f"string parameter {key!r}: a value holding '</' cannot be written in this "
+                        f"tool format (use --tool-parser hermes)", f"{where}.properties.{key}")
+            extra = [k for k in _UNENFORCEABLE if k in schema]
             # each bound a count when given (None: given but not a count; -1: no maxLength)
             lo, hi = (_bound(schema, k) if k in schema else d for k, d in (("minLength", 0), ("maxLength", -1)))
             if extra or lo is None or hi is None or 0 <= hi < lo:

@@ -129,3 +129,10 @@ class HFConfig:
 
     def head_dim(self) -> int:
         return self.get("head_dim") or self.req("hidden_size") // self.req("num_attention_heads")
+
+    def mtp_prefixes(self) -> tuple[str, ...]:
+        """Name prefixes of the multi-token-prediction layers that DeepSeek-V3 and GLM-4.5
+        checkpoints carry after their last decoder layer (not used for decoding)."""
+        n = self.req("num_hidden_layers")
+        mtp = int(self.get("num_nextn_predict_layers", self.get("num_mtp_layers", 0)) or 0)
+        return tuple(f"model.layers.{n + j}." for j in range(mtp))

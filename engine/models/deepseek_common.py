@@ -94,4 +94,5 @@ def build_deepseek(cfg: HFConfig, context: int, router: Callable[[], nn.Module],
                           prefix=lambda i: f"model.layers.{i}.mlp.experts") if moe_layers else None
     return DecoderLM(cfg.req("vocab_size"), hidden, layers, eps, FP32Rotary(qk_rope, rope, context),
                      layout, KVSpec(n_layers, heads, qk_nope + qk_rope, v_dim),
-                     tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+                     tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                     skipped_prefixes=cfg.mtp_prefixes())

@@ -57,9 +57,8 @@ def build(cfg: HFConfig, context: int) -> DecoderLM:
         layers.append(DecoderLayer(attn, mlp, hidden, eps))
     layout = ExpertLayout(moe_layers, experts, top_k,
                           prefix=lambda i: f"model.layers.{i}.mlp.experts") if moe_layers else None
-    mtp = int(cfg.get("num_nextn_predict_layers", cfg.get("num_mtp_layers", 0)) or 0)
     return DecoderLM(cfg.req("vocab_size"), hidden, layers, eps,
                      Rotary(rotary_dim(cfg), rope_parameters(cfg.raw), context), layout,
                      KVSpec(n_layers, kv_heads, head_dim, head_dim),
                      tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                     skipped_prefixes=tuple(f"model.layers.{n_layers + j}." for j in range(mtp)))
+                     skipped_prefixes=cfg.mtp_prefixes())

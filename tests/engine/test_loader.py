@@ -116,12 +116,15 @@ def test_stacked_expert_layout_gives_the_same_experts(tiny: str, copy: str) -> N
             assert torch.equal(read_tensor(ra), read_tensor(rb))
 
 
-def test_glm_multi_token_prediction_layer_is_skipped_quietly(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
-    """GLM-4.5 checkpoints carry a multi-token-prediction layer after the last decoder layer
-    (model.layers.{num_hidden_layers}.*, experts included); decoding does not use it, so it is
-    skipped with an info line, not reported as unused, and the model computes as without it."""
+@pytest.mark.parametrize("name", ["glm4_moe", "deepseek_v3"])
+def test_multi_token_prediction_layer_is_skipped_quietly(tmp_path, caplog: pytest.LogCaptureFixture,
+                                                          name: str) -> None:
+    """GLM-4.5 and DeepSeek-V3 checkpoints carry a multi-token-prediction layer after the last
+    decoder layer (model.layers.{num_hidden_layers}.*, experts included); decoding does not use
+    it, so it is skipped with an info line, not reported as unused, and the model computes as
+    without it."""
     from tests.engine.tiny_families import add_mtp_layer, make_family_checkpoint
-    plain = make_family_checkpoint("glm4_moe", str(tmp_path / "plain"))
+    plain = make_family_checkpoint(name, str(tmp_path / "plain"))
     with_mtp = str(tmp_path / "mtp")
     added = add_mtp_layer(plain, with_mtp)
     n = json.load(open(os.path.join(plain, "config.json")))["num_hidden_layers"]
@@ -130,6 +133,6 @@ def test_glm_multi_token_prediction_layer_is_skipped_quietly(tmp_path, caplog: p
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
     assert f"{added} tensors under model.layers.{n} are not used" in caplog.text
     ref = load_model(plain, CPU, torch.float32, context_length=32)
-    assert len(lm.experts) == len(ref.experts) == 2 * 8
+    assert len(lm.experts) == len(ref.experts) == 2 * 8 and lm.model.skipped_prefixes == (f"model.layers.{n}.",)
     for a, b in zip(lm.model.state_dict().values(), ref.model.state_dict().values()):
         assert torch.equal(a, b)
