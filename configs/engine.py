@@ -18,7 +18,8 @@ class EngineConfig:
     """Engine: model, device, dtype, batching and context."""
 
     model: Optional[str] = field(default=None, metadata={
-        "help": "checkpoint directory (config.json + safetensors + tokenizer); "
+        "help": "checkpoint directory (config.json + safetensors + tokenizer), or the org/name "
+                "of a Hugging Face repo in the local Hugging Face cache (never downloaded); "
                 "omitted: the built-in default model, built on first use", "metavar": "DIR"})
     default_preset: str = field(default="smollm2-moe-8x", metadata={
         "help": "built-in default model preset used when --model is omitted",

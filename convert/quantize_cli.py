@@ -7,7 +7,9 @@ from configs.engine import GROUP_SIZES, QUANT_FORMATS
 
 
 def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory to quantize")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="checkpoint directory to quantize, or the org/name of one in the local "
+                   "Hugging Face cache")
     p.add_argument("--quantize", required=True, choices=[q for q in QUANT_FORMATS if q != "none"],
                    help="int8: symmetric per output channel; int4: asymmetric group-wise")
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=None,

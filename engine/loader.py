@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
+from configs.models import model_name
 from cache.packed import packs
 from cache.expert_store import STORE_FILE, locate_experts
 from cache.provider import ExpertSource, TensorRef, read_tensor
@@ -237,7 +238,7 @@ def load_model(model_dir: str, device: torch.device, dtype: Optional[torch.dtype
     if unused:
         log.warning("%s: %d checkpoint tensors unused, e.g. %s", model_dir, len(unused), unused[:3])
     layout = model.layout
-    info = ModelInfo(name=os.path.basename(os.path.normpath(model_dir)), path=os.path.abspath(model_dir),
+    info = ModelInfo(name=model_name(model_dir), path=os.path.abspath(model_dir),
                      model_type=cfg.raw["model_type"], context_length=context,
                      vocab_size=model.vocab_size, eos_token_ids=_eos_ids(model_dir, cfg),
                      num_moe_layers=len(layout.moe_layers) if layout else 0,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -16,6 +15,7 @@ from typing import Optional, Sequence
 from configs import CacheConfig, ConfigError, EngineConfig, ServerConfig, add_arguments, from_args
 from configs.presets import add_build_arguments
 from moeserve import runtime_env
+from moeserve.model_ref import resolve_model
 
 log = logging.getLogger("moeserve")
 
@@ -85,7 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     ecfg = from_args(EngineConfig, args)
     ccfg = from_args(CacheConfig, args)
-    model_dir = _check_model_dir(resolve_model_dir(ecfg))
+    model_dir = resolve_model(resolve_model_dir(ecfg))
     ecfg = EngineConfig(**{**ecfg.__dict__, "model": model_dir})
     tok = TextTokenizer(model_dir)
     if args.prompt_ids:
@@ -132,7 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     scfg = from_args(ServerConfig, args)
     from configs.presets import load_preset
     builtin = not ecfg.model
-    model_dir = _check_model_dir(ecfg.model or _default_model_dir(ecfg.default_preset))
+    model_dir = resolve_model(ecfg.model or _default_model_dir(ecfg.default_preset))
     ecfg = EngineConfig(**{**ecfg.__dict__, "model": model_dir})
     client = ProcessEngineClient(LazyFactory("moeserve.wiring:build_engine", ecfg, ccfg),
                                  log_level=scfg.log_level)
@@ -140,16 +140,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # sampling defaults get them from the preset
     fallback = load_preset(ecfg.default_preset).get("generation") if builtin else None
     return run_server(scfg, client, model_dir, fallback)
-
-
-def _check_model_dir(path: str) -> str:
-    import os
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"--model {path!r}: no such directory (a Hugging Face checkpoint "
-                                "directory with config.json, safetensors weights and tokenizer)")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"--model {path!r}: no config.json in this directory")
-    return path
 
 
 def _default_model_dir(preset: str) -> str:
@@ -175,6 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_serve(args)
         if args.command == "quantize":
             from convert.quantize import run_quantize
+            args.model = resolve_model(args.model)
             return run_quantize(args)
         from convert.default_model import run_build
         return run_build(args)

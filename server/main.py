@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import os
 import sys
 from types import FrameType
 from typing import Any, AsyncIterator, Callable, Mapping, Optional
@@ -15,6 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from configs import ServerConfig
+from configs.models import model_name
 from engine.client import EngineClient, EngineStartError
 from server.app import create_app
 from server.defaults import load_generation_defaults
@@ -30,7 +30,7 @@ EXIT_ENGINE_FAILED = 4         # the engine died and could not be restarted
 
 
 def served_name(cfg: ServerConfig, model_dir: str) -> str:
-    return cfg.served_model_name or os.path.basename(os.path.normpath(model_dir))
+    return cfg.served_model_name or model_name(model_dir)
 
 
 class _Uvicorn(uvicorn.Server):

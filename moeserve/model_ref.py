@@ -1,0 +1,43 @@
+"""--model as a user gives it: a checkpoint directory, or a Hugging Face repo id (``org/name``)
+already in the local Hugging Face cache (``hf download org/name`` puts it there). moeserve never
+downloads: the lookup runs offline through huggingface_hub, the library that writes that cache."""
+from __future__ import annotations
+
+import logging
+import os
+
+from configs.models import REPO_ID
+
+log = logging.getLogger("moeserve")
+
+
+def resolve_model(arg: str) -> str:
+    """The checkpoint directory ``arg`` names; FileNotFoundError saying what was looked for."""
+    if os.path.isdir(arg) or not REPO_ID.fullmatch(arg):
+        return check_model_dir(arg)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        path = snapshot_download(repo_id=arg, local_files_only=True)
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"--model {arg!r}: no such directory, and not in the local Hugging Face cache "
+            f"({_hub_cache()}); moeserve does not download: fetch it first with "
+            f"`hf download {arg}` (or give the checkpoint's directory)") from None
+    log.info("--model %s: the local Hugging Face cache copy at %s", arg, path)
+    return check_model_dir(path)
+
+
+def check_model_dir(path: str) -> str:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--model {path!r}: no such directory (a Hugging Face checkpoint "
+                                "directory with config.json, safetensors weights and tokenizer, "
+                                "or the org/name of one in the local Hugging Face cache)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"--model {path!r}: no config.json in this directory")
+    return path
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+    return constants.HF_HUB_CACHE
