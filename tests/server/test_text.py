@@ -83,3 +83,32 @@ def test_earliest_of_several_stops_wins() -> None:
 def test_no_stops_passes_everything_through() -> None:
     out, stopped = _run_stops(["a", "b", ""], [])
     assert not stopped and out == ["a", "b", "", ""]
+
+
+def test_parsed_tags_survive_decoding_where_the_tokenizer_marks_them_special(tiny_model_dir: str,
+                                                                           tmp_path) -> None:
+    """A tokenizer may mark <think> or <tool_call> special; decoding (which drops special tokens)
+    still keeps those, since the reasoning and tool-call parsers read them; other special tokens
+    (the end of turn) are still dropped. Every tag those parsers read is in the kept list."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    from server import reasoning, tool_formats, tools
+    from server.tokenizer import KEPT_TAGS
+    for tag in (reasoning.OPEN, reasoning.CLOSE, tools.OPEN, tools.CLOSE, "<arg_key>", "</arg_key>",
+                "<arg_value>", tool_formats.GLM45.value_close):
+        assert tag in KEPT_TAGS
+    path = str(tmp_path / "tok")
+    shutil.copytree(tiny_model_dir, path)
+    raw = Tokenizer.from_file(f"{path}/tokenizer.json")
+    raw.add_special_tokens(["<think>", "</think>", "<tool_call>"])
+    raw.save(f"{path}/tokenizer.json")
+    tok = TextTokenizer(path)
+    think, close, call = (tok.tokenizer.token_to_id(t) for t in ("<think>", "</think>", "<tool_call>"))
+    eos = tok.tokenizer.token_to_id("<|im_end|>")
+    ids = [think, *tok.encode("Let me see.", add_special_tokens=False), close,
+           *tok.encode(" Paris", add_special_tokens=False), call, eos]
+    assert tok.decode(ids) == "<think>Let me see.</think> Paris<tool_call>"
+    detok = IncrementalDetokenizer(tok)
+    assert "".join(detok.add(i) for i in ids) + detok.flush() == tok.decode(ids)
