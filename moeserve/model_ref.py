@@ -29,6 +29,12 @@ def resolve_model(arg: str) -> str:
 
 
 def check_model_dir(path: str) -> str:
+    if os.path.isfile(path) and path.lower().endswith(".gguf"):
+        raise FileNotFoundError(f"--model {path!r}: a GGUF file (llama.cpp, Ollama); moeserve reads "
+                                "Hugging Face checkpoints (config.json + safetensors), which also "
+                                "hold the experts in the layout its cache streams: fetch the model's "
+                                "safetensors release (hf download org/name) and quantize it with "
+                                "--quantize int4 or int8")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--model {path!r}: no such directory (a Hugging Face checkpoint "
                                 "directory with config.json, safetensors weights and tokenizer, "

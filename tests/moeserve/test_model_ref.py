@@ -41,6 +41,13 @@ def test_a_repo_id_resolves_to_its_cached_snapshot(hub_cache: str) -> None:
         resolve_model("./not/here")
 
 
+def test_a_gguf_file_gets_told_what_moeserve_reads(tmp_path) -> None:
+    gguf = tmp_path / "model-Q4_K_M.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(FileNotFoundError, match="a GGUF file .* hf download"):
+        resolve_model(str(gguf))
+
+
 def test_quantize_cli_takes_a_repo_id(hub_cache: str, tmp_path) -> None:
     out = str(tmp_path / "home")
     env = {**os.environ, "HF_HUB_CACHE": hub_cache, "MOESERVE_HOME": out, "PYTHONPATH": REPO}
