@@ -44,7 +44,7 @@ def test_a_repo_id_resolves_to_its_cached_snapshot(hub_cache: str) -> None:
 def test_a_gguf_file_gets_told_what_moeserve_reads(tmp_path) -> None:
     gguf = tmp_path / "model-Q4_K_M.gguf"
     gguf.write_bytes(b"GGUF")
-    with pytest.raises(FileNotFoundError, match="a GGUF file .* hf download"):
+    with pytest.raises(FileNotFoundError, match="a GGUF file .*hf download"):
         resolve_model(str(gguf))
 
 
