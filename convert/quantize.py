@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from convert.progress import progress as tqdm  # a bar on a terminal, log lines otherwise
 
-from configs.models import model_name
+from configs.models import storage_name
 from cache.expert_store import STORE_FILE, write_store
 from cache.provider import ExpertSource, TensorRef, read_tensor
 from cache.quant import ExpertFormat, default_group_size, fill_slot, repack_slot
@@ -227,7 +227,7 @@ def ensure_quantized(model_dir: str, kind: str, group_size: Optional[int] = None
               **_source_id(model_dir)}
     tag = kind + (f"-g{params['group_size']}" if params["group_size"] else "") + \
         ("-cuda" if kind == "int4" and layout == "cuda" else "")
-    name = f"{model_name(model_dir)}-{tag}"
+    name = f"{storage_name(model_dir)}-{tag}"
     target = os.path.join(moeserve_home(home), "models", name)
     # bytes per source byte: int8 and int4 experts from bf16 ~1/2 and ~1/3.5; from FP8 ~1 and ~0.6
     # (the FP8 dense weights, a few percent, double in bf16); an int4 repack for CUDA ~1

@@ -13,10 +13,10 @@ log = logging.getLogger("moeserve")
 
 def resolve_model(arg: str) -> str:
     """The checkpoint directory ``arg`` names; FileNotFoundError saying what was looked for."""
-    if os.path.isdir(arg) or not REPO_ID.fullmatch(arg):
+    if os.path.exists(arg) or not REPO_ID.fullmatch(arg):
         return check_model_dir(arg)
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.utils import LocalEntryNotFoundError
     try:
         path = snapshot_download(repo_id=arg, local_files_only=True)
     except LocalEntryNotFoundError:
@@ -24,6 +24,9 @@ def resolve_model(arg: str) -> str:
             f"--model {arg!r}: no such directory, and not in the local Hugging Face cache "
             f"({_hub_cache()}); moeserve does not download: fetch it first with "
             f"`hf download {arg}` (or give the checkpoint's directory)") from None
+    except ValueError as e:       # huggingface_hub's HFValidationError: not a valid repo id
+        raise FileNotFoundError(f"--model {arg!r}: no such directory, nor a valid Hugging Face "
+                                f"repo id ({e})") from None
     log.info("--model %s: the local Hugging Face cache copy at %s", arg, path)
     return check_model_dir(path)
 
@@ -36,7 +39,8 @@ def check_model_dir(path: str) -> str:
                                 "safetensors release (hf download org/name) and quantize it with "
                                 "--quantize int4 or int8")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"--model {path!r}: no such directory (a Hugging Face checkpoint "
+        what = "not a directory" if os.path.exists(path) else "no such directory"
+        raise FileNotFoundError(f"--model {path!r}: {what} (a Hugging Face checkpoint "
                                 "directory with config.json, safetensors weights and tokenizer, "
                                 "or the org/name of one in the local Hugging Face cache)")
     if not os.path.isfile(os.path.join(path, "config.json")):

@@ -21,6 +21,7 @@ from engine.engine import Engine
 from engine.kernels import expert_forward
 from engine.loader import (DTYPES, LoadedModel, load_config, load_model, quantization, resolve_device,
                            resolve_dtype)
+from moeserve.model_ref import resolve_model
 from moeserve.trace_files import check_trace_store, open_tracer
 
 log = logging.getLogger("moeserve")
@@ -29,7 +30,7 @@ log = logging.getLogger("moeserve")
 def resolve_model_dir(ecfg: EngineConfig) -> str:
     """--model, or the built-in default model (built on first use)."""
     if ecfg.model:
-        return ecfg.model
+        return resolve_model(ecfg.model)
     from convert.default_model import ensure_default_model
     return ensure_default_model(ecfg.default_preset)
 

@@ -20,7 +20,7 @@ SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")   # passed
 # the tags the reasoning and tool-call parsers read (server/reasoning.py, tools.py, tool_formats.py):
 # kept in the output text where a tokenizer marks them special, which decoding would drop
 KEPT_TAGS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>",
-             "<arg_value>", "</arg_value>")
+             "<arg_value>", "</arg_value>", "</parameter>", "</function>")
 # variables the server sets itself: a request's chat_template_kwargs may not replace them
 RESERVED_VARIABLES = ("messages", "add_generation_prompt", "tools", *SPECIAL_TOKENS)
 
@@ -69,8 +69,9 @@ class TextTokenizer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no tokenizer.json in the model directory {model_dir!r}")
         self.tokenizer = Tokenizer.from_file(path)
-        self._kept = {i: t.content for i, t in self.tokenizer.get_added_tokens_decoder().items()
-                      if t.special and t.content in KEPT_TAGS}
+        added = self.tokenizer.get_added_tokens_decoder()
+        self._kept = {i for i, t in added.items() if t.special and t.content in KEPT_TAGS}
+        self._dropped = {i for i, t in added.items() if t.special and i not in self._kept}
         cfg_path = os.path.join(model_dir, "tokenizer_config.json")
         cfg: dict[str, Any] = {}
         if os.path.isfile(cfg_path):
@@ -117,15 +118,9 @@ class TextTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         if not (skip_special_tokens and self._kept and any(i in self._kept for i in ids)):
             return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-        parts: list[str] = []
-        run: list[int] = []
-        for i in ids:
-            if i in self._kept:
-                parts += [self.tokenizer.decode(run), self._kept[i]]
-                run = []
-            else:
-                run.append(i)
-        return "".join(parts) + self.tokenizer.decode(run)
+        # one decode of the ids without the dropped special tokens: the decoder's own spacing
+        # around the kept tags (SentencePiece's leading spaces) stays as it is
+        return self.tokenizer.decode([i for i in ids if i not in self._dropped], skip_special_tokens=False)
 
     def id_to_token(self, token_id: int) -> str:
         return self.tokenizer.id_to_token(token_id) or ""

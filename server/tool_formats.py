@@ -84,16 +84,25 @@ def properties(function: Optional[dict[str, Any]]) -> dict[str, Any]:
 
 def _literal(raw: str) -> Any:
     """A non-string parameter's value: JSON, else a Python literal (True, None, {'a': 1}), else
-    the text itself."""
+    the text itself; only what JSON can hold (no NaN, sets, tuples as keys)."""
     text = raw.strip()
+    for read in (json.loads, ast.literal_eval):
+        try:
+            value = read(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+        if _json_safe(value):
+            return value
+    return text
+
+
+def _json_safe(value: Any) -> bool:
+    """Whether the arguments' JSON can hold ``value`` (no NaN or infinity, sets, tuple keys)."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        pass
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return raw
+        json.dumps(value, allow_nan=False)
+        return True
+    except (ValueError, TypeError, RecursionError):
+        return False
 
 
 def _value_at(fmt: ArgFormat, inner: str, pos: int, as_string: bool) -> Optional[tuple[Any, int]]:
@@ -104,7 +113,7 @@ def _value_at(fmt: ArgFormat, inner: str, pos: int, as_string: bool) -> Optional
         try:
             value, end = _DECODER.raw_decode(inner, pos)
             after = len(inner) - len(inner[end:].lstrip())
-            if inner.startswith(fmt.value_close, after):
+            if inner.startswith(fmt.value_close, after) and _json_safe(value):
                 return value, after + len(fmt.value_close)
         except json.JSONDecodeError:
             pass
@@ -112,8 +121,8 @@ def _value_at(fmt: ArgFormat, inner: str, pos: int, as_string: bool) -> Optional
     if end < 0:
         return None
     raw = inner[pos:end]
-    if as_string and fmt.own_lines:
-        raw = raw.removeprefix("\n").removesuffix("\n")
+    if as_string and fmt.own_lines:      # (the key pattern took the newline after the opening)
+        raw = raw.removesuffix("\n")
     return (raw if as_string else _literal(raw)), end + len(fmt.value_close)
 
 
@@ -164,10 +173,12 @@ def _value_rule(fmt: ArgFormat, schema: dict[str, Any], strict: bool) -> str:
         words = " | ".join(json.dumps(v) for v in schema.get("enum", [schema.get("const")]))
         return f"({words}) {close}"
     lo, hi = _bound(schema, "minLength") or 0, _bound(schema, "maxLength")
+    tag = fmt.forced_close.replace("/", "\\/").replace("\n", "\\n")
     if lo == 0 and hi is None:      # '<' runs end in neither '<' nor '/', or just before the tag
-        tag = fmt.forced_close.replace("/", "\\/").replace("\n", "\\n")
         return r"/([^<]|<+[^<\/])*<*" + tag + "/"
-    return "/[^<]{%d,%s}/ %s" % (lo, "" if hi is None else hi, close)
+    # bounded: no '<' at all, so that the bounds count characters; the tag in the same regex, as
+    # Qwen3-Coder's starts with a newline that the text could take
+    return "/[^<]{%d,%s}%s/" % (lo, "" if hi is None else hi, tag)
 
 
 def check_schemas(functions: list[dict[str, Any]]) -> Optional[tuple[str, str]]:

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from configs.models import model_name
+from configs.models import model_name, storage_name
 from moeserve.model_ref import resolve_model
 from tests.engine.tiny_families import make_family_checkpoint
 
@@ -34,18 +34,25 @@ def hub_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> str:
 def test_a_repo_id_resolves_to_its_cached_snapshot(hub_cache: str) -> None:
     path = resolve_model("org/tiny-moe")
     assert os.path.samefile(path, os.path.join(hub_cache, "models--org--tiny-moe", "snapshots", REVISION))
-    assert model_name(path) == "tiny-moe"              # served and converted under the repo's name
+    assert model_name(path) == "org/tiny-moe"          # served under the id the user gives
+    assert storage_name(path) == "org--tiny-moe-01234567"
+    other = os.path.join(hub_cache, "models--else--tiny-moe", "snapshots", REVISION)
+    assert storage_name(other) != storage_name(path)   # conversions of two orgs' repos never collide
     with pytest.raises(FileNotFoundError, match="hf download org/other"):
         resolve_model("org/other")
     with pytest.raises(FileNotFoundError, match="no such directory"):
         resolve_model("./not/here")
+    with pytest.raises(FileNotFoundError, match="nor a valid Hugging Face repo id"):
+        resolve_model("org/bad..name")
 
 
-def test_a_gguf_file_gets_told_what_moeserve_reads(tmp_path) -> None:
-    gguf = tmp_path / "model-Q4_K_M.gguf"
-    gguf.write_bytes(b"GGUF")
-    with pytest.raises(FileNotFoundError, match="a GGUF file .*hf download"):
-        resolve_model(str(gguf))
+def test_a_gguf_file_gets_told_what_moeserve_reads(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model-Q4_K_M.gguf").write_bytes(b"GGUF")
+    monkeypatch.chdir(tmp_path)          # models/x.gguf is also shaped like a repo id
+    for arg in ("models/model-Q4_K_M.gguf", str(tmp_path / "models" / "model-Q4_K_M.gguf")):
+        with pytest.raises(FileNotFoundError, match="a GGUF file .*hf download"):
+            resolve_model(arg)
 
 
 def test_quantize_cli_takes_a_repo_id(hub_cache: str, tmp_path) -> None:
@@ -56,7 +63,8 @@ def test_quantize_cli_takes_a_repo_id(hub_cache: str, tmp_path) -> None:
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     made = proc.stdout.strip().splitlines()[-1]
-    assert os.path.basename(made) == "tiny-moe-int8" and os.path.isfile(os.path.join(made, "config.json"))
+    assert os.path.basename(made) == "org--tiny-moe-01234567-int8"
+    assert os.path.isfile(os.path.join(made, "config.json"))
     bad = subprocess.run([sys.executable, "-m", "moeserve.cli", "quantize", "--model", "org/missing",
                           "--quantize", "int8"], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "not in the local Hugging Face cache" in bad.stderr

@@ -112,3 +112,20 @@ def test_parsed_tags_survive_decoding_where_the_tokenizer_marks_them_special(tin
     assert tok.decode(ids) == "<think>Let me see.</think> Paris<tool_call>"
     detok = IncrementalDetokenizer(tok)
     assert "".join(detok.add(i) for i in ids) + detok.flush() == tok.decode(ids)
+
+
+def test_kept_tags_keep_the_decoders_own_spacing(tmp_path) -> None:
+    """With a SentencePiece-style decoder (Metaspace, as Llama and Mistral tokenizers have) the
+    text after a kept tag keeps its leading space: one decode, not one per run between tags."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    words = ["▁Hello", "▁world", "▁The", "▁answer"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="▁Hello"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace()
+    raw.decoder = decoders.Metaspace()
+    raw.add_special_tokens(["<think>", "</think>", "<eos>"])
+    raw.save(str(tmp_path / "tokenizer.json"))
+    tok = TextTokenizer(str(tmp_path))
+    think, close, eos = (tok.tokenizer.token_to_id(t) for t in ("<think>", "</think>", "<eos>"))
+    ids = [think, 0, 1, close, 2, 3, eos]
+    want = tok.tokenizer.decode(ids[:-1], skip_special_tokens=False)
+    assert tok.decode(ids) == want and "</think> The answer" in want

@@ -86,6 +86,17 @@ def test_qwen3_coder_blocks_parse_as_its_template_writes_them() -> None:
     assert parse("<tool_call>\n<function=get_wea", forced)[1] == []
 
 
+def test_qwen3_coder_values_keep_their_own_newlines_and_json_safe_literals() -> None:
+    text = "<tool_call>\n<function=add_note>\n<parameter=text>\n\nindented\n\n</parameter>\n</function>\n</tool_call>"
+    assert calls_of(text, QWEN)[1] == [("add_note", {"text": "\nindented\n"})]   # one newline each side is the form's
+    loose = {"name": "f", "parameters": {"type": "object", "properties": {"v": {"type": ["string", "null"]}}}}
+    setup = ToolSetup((loose,), "auto", None, True, "qwen3_coder")
+    for raw, want in (("{1, 2}", "{1, 2}"), ("1e999", "1e999"), ("Paris", "Paris"), ("None", None),
+                      ("{'a': (1, 2)}", {"a": [1, 2]})):
+        block = f"<tool_call>\n<function=f>\n<parameter=v>\n{raw}\n</parameter>\n</function>\n</tool_call>"
+        assert calls_of(block, setup)[1] == [("f", {"v": want})], raw
+
+
 def test_values_holding_the_closing_tag_and_cut_names() -> None:
     extra = {"name": "log", "parameters": {"type": "object", "properties": {"meta": {"type": "object"}}}}
     setup = ToolSetup(FUNCS + (extra,), "auto", None, True, "glm45")
@@ -149,6 +160,13 @@ def test_free_text_values_cannot_hide_a_closing_tag(tmp_path, style: str) -> Non
     assert accepts("a<b> c\n") and accepts("a<") and accepts("<<x") and accepts("")
     close = "</arg_value>\n" if style == "glm45" else "\n</parameter>\n"
     assert not accepts("<" + close) and not accepts("a</b")
+    # a bounded string ends at any length within its bounds (Qwen3-Coder's tag starts with a newline)
+    bounded = ToolSetup(({"name": "add_note", "parameters": {"type": "object", "properties": {
+        "text": {"type": "string", "minLength": 1, "maxLength": 5}}, "required": ["text"]}},),
+        "named", "add_note", True, style)
+    grammar = Constraint(forcing_grammar(bounded))
+    assert accepts("ab") and accepts("abcde") and accepts("\n")
+    assert not accepts("") and not accepts("abcdef")
 
 
 def test_a_cut_forced_glm_call_keeps_its_complete_pairs() -> None:
