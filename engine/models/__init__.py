@@ -13,6 +13,7 @@ MODEL_TYPES: dict[str, str] = {
     "deepseek_v2": "engine.models.deepseek_v2",
     "deepseek_v3": "engine.models.deepseek_v3",
     "glm4_moe": "engine.models.glm4_moe",
+    "ernie4_5_moe": "engine.models.ernie4_5_moe",
 }
 
 

@@ -77,10 +77,11 @@ class DecoderLM(nn.Module):
 
     def __init__(self, vocab: int, hidden: int, layers: list[nn.Module], eps: float,
                  rotary: Rotary, layout: Optional[ExpertLayout], kv_spec: KVSpec,
-                 tie_embeddings: bool = False, skipped_prefixes: tuple[str, ...] = ()) -> None:
+                 tie_embeddings: bool = False, skipped_prefixes: tuple[str, ...] = (),
+                 head_bias: bool = False) -> None:
         super().__init__()
         self.model = Inner(vocab, hidden, layers, eps)
-        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        self.lm_head = nn.Linear(hidden, vocab, bias=head_bias)
         self.rotary = rotary
         self.layout = layout
         self.kv_spec = kv_spec

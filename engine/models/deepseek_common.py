@@ -12,21 +12,25 @@ from engine.models.common import DenseMLP, combine_experts, rope_parameters
 from engine.models.mla import FP32Rotary, MLAttention, softmax_scale
 
 
-class FP32Router(nn.Module):
-    """Router whose parameters stay fp32 whatever the model dtype (transformers'
+class KeepFP32(nn.Module):
+    """A module whose own parameters stay fp32 whatever the model dtype (transformers'
     _keep_in_fp32_modules_strict for gate.weight and e_score_correction_bias): a bf16 bias
     (steps of ~4e-3 near 0.5) would change which experts V3 selects."""
 
-    def __init__(self, hidden: int, num_experts: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden, dtype=torch.float32))
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "FP32Router":
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "KeepFP32":
         super()._apply(fn, recurse)       # moves device; a dtype cast is undone below
         for p in self._parameters.values():
             if p is not None and p.dtype != torch.float32:
                 p.data = p.data.float()
         return self
+
+
+class FP32Router(KeepFP32):
+    """A router [E, H] kept in fp32 (KeepFP32)."""
+
+    def __init__(self, hidden: int, num_experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden, dtype=torch.float32))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, H] -> router logits [N, E], fp32."""

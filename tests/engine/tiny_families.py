@@ -58,6 +58,13 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], int]] = {
                                        moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
                                        n_shared_experts=1, n_group=4, topk_group=2, norm_topk_prob=True,
                                        routed_scaling_factor=2.5, first_k_dense_replace=1), 2),
+    # ERNIE-4.5: interleaved fp32 rope, biases on attention and the dense/shared MLPs, a softmax
+    # router with a selection bias (moe_statics), one shared expert, layer 0 dense, an LM head bias
+    # (larger initial weights: at 0.05 this tiny model repeats one token)
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", dict(num_key_value_heads=2, intermediate_size=96,
+                                                moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                                                moe_num_shared_experts=1, moe_layer_start_index=1,
+                                                use_bias=True, initializer_range=0.1), 2),
 }
 # weight seeds other than 0: with seed 0 this tiny GLM repeats one token after a 2-token prompt,
 # which would make its greedy comparison against transformers say little
@@ -73,16 +80,17 @@ def make_family_checkpoint(name: str, path: str, dtype: torch.dtype = torch.floa
     torch.manual_seed(SEEDS.get(name, 0) if seed is None else seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
+        if getattr(model.lm_head, "bias", None) is not None:       # ERNIE's with use_bias
+            model.lm_head.bias.normal_(0.0, 0.1)
         for layer in model.model.layers:
-            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):    # biases start at zero: make them count
-                bias = getattr(getattr(layer.self_attn, proj, None), "bias", None)
-                if bias is not None:
-                    bias.normal_(0.0, 0.1)
+            for module in (*layer.self_attn.modules(), *layer.mlp.modules()):   # biases start at zero:
+                if isinstance(module, torch.nn.Linear) and module.bias is not None:  # make them count
+                    module.bias.normal_(0.0, 0.1)
             gate: Optional[torch.nn.Module] = getattr(layer.mlp, "gate", None)
             if gate is None:                               # a dense layer
                 continue
             gate.weight.normal_(0.0, 0.02).mul_(ROUTER_SCALE)
-            bias = getattr(gate, "e_score_correction_bias", None)
+            bias = getattr(getattr(gate, "moe_statics", gate), "e_score_correction_bias", None)
             if bias is not None:                           # selection-only bias: make it matter
                 bias.normal_(0.0, 0.1)
     model.to(dtype).save_pretrained(path)
