@@ -67,7 +67,10 @@ class TextTokenizer:
     def __init__(self, model_dir: str) -> None:
         path = os.path.join(model_dir, "tokenizer.json")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no tokenizer.json in the model directory {model_dir!r}")
+            hint = ("; it has only a SentencePiece tokenizer.model: write tokenizer.json once with "
+                    f"transformers: AutoTokenizer.from_pretrained({model_dir!r}).save_pretrained({model_dir!r})"
+                    if os.path.isfile(os.path.join(model_dir, "tokenizer.model")) else "")
+            raise FileNotFoundError(f"{path}: no tokenizer.json in the model directory {model_dir!r}{hint}")
         self.tokenizer = Tokenizer.from_file(path)
         added = self.tokenizer.get_added_tokens_decoder()
         self._kept = {i for i, t in added.items() if t.special and t.content in KEPT_TAGS}

@@ -129,3 +129,9 @@ def test_kept_tags_keep_the_decoders_own_spacing(tmp_path) -> None:
     ids = [think, 0, 1, close, 2, 3, eos]
     want = tok.tokenizer.decode(ids[:-1], skip_special_tokens=False)
     assert tok.decode(ids) == want and "</think> The answer" in want
+
+
+def test_a_sentencepiece_only_checkpoint_is_told_how_to_write_tokenizer_json(tmp_path) -> None:
+    (tmp_path / "tokenizer.model").write_bytes(b"\x00")
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json .*save_pretrained"):
+        TextTokenizer(str(tmp_path))
