@@ -140,8 +140,8 @@ def test_prompt_logits_match_transformers_bf16(bf16: Case) -> None:
     assert torch.equal(ours.argmax(-1)[clear], theirs.argmax(-1)[clear])
 
 
-@pytest.mark.parametrize("name", ["deepseek_v3", "glm4_moe"])
-def test_bf16_v3_router_is_bit_exact_against_eager_experts(family_checkpoint: FamilyCheckpoint, name: str) -> None:
+@pytest.mark.parametrize("name", ["deepseek_v3", "glm4_moe", "ernie4_5_moe"])
+def test_bf16_fp32_router_is_bit_exact_against_eager_experts(family_checkpoint: FamilyCheckpoint, name: str) -> None:
     """transformers keeps gate.weight / e_score_correction_bias and the routing weights in fp32 in
     a bf16 model; so does the engine, which makes it bit-exact against transformers' eager experts
     (its default grouped_mm kernel rounds differently: hence the bf16 tolerance above)."""
@@ -149,8 +149,9 @@ def test_bf16_v3_router_is_bit_exact_against_eager_experts(family_checkpoint: Fa
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
                                                             experts_implementation="eager").eval()
     loaded = load_model(path, CPU, torch.bfloat16, context_length=64)
-    gate = loaded.model.model.layers[1].mlp.gate
-    assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32
+    mlp = loaded.model.model.layers[1].mlp
+    bias = getattr(mlp, "moe_statics", mlp.gate).e_score_correction_bias      # ERNIE keeps it beside
+    assert mlp.gate.weight.dtype == bias.dtype == torch.float32
     assert loaded.model.model.layers[1].mlp.shared_experts.up_proj.weight.dtype == torch.bfloat16
     loaded.model.set_provider(ResidentExpertProvider(loaded.experts, CPU, torch.bfloat16))
     ours, theirs = prompt_logits(loaded, ref, PROMPTS[2])
@@ -219,3 +220,10 @@ def test_unsupported_settings_are_refused_naming_the_field(family_checkpoint: Fa
 def test_glm_rotary_dimension_follows_the_config(raw: dict[str, Any], dim: int) -> None:
     from engine.models.glm4_moe import rotary_dim
     assert rotary_dim(HFConfig({"hidden_size": 4096, "num_attention_heads": 96, "head_dim": 128, **raw})) == dim
+
+
+def test_ernie_settings_default_as_transformers_does() -> None:
+    from engine.models.ernie4_5_moe import moe_layers
+    assert moe_layers(HFConfig({}), 4) == (1, 2, 3)                      # start 1, end the last
+    assert moe_layers(HFConfig({"moe_layer_end_index": None, "moe_layer_interval": 2}), 6) == (1, 3, 5)
+    assert moe_layers(HFConfig({"moe_layer_start_index": 2, "moe_layer_end_index": 3}), 6) == (2, 3)

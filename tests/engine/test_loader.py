@@ -136,3 +136,17 @@ def test_multi_token_prediction_layer_is_skipped_quietly(tmp_path, caplog: pytes
     assert len(lm.experts) == len(ref.experts) == 2 * 8 and lm.model.skipped_prefixes == (f"model.layers.{n}.",)
     for a, b in zip(lm.model.state_dict().values(), ref.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_ernie_multi_token_prediction_tensors_are_skipped_quietly(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    """Baidu's ERNIE checkpoints keep theirs under model.mtp_* (not model.layers.N)."""
+    from tests.engine.tiny_families import make_family_checkpoint
+    path = make_family_checkpoint("ernie4_5_moe", str(tmp_path / "ernie"))
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    extra = {"model.mtp_linear_proj.0.weight": torch.zeros(64, 128), "model.mtp_emb_norm.0.weight": torch.ones(64),
+             "model.mtp_block.0.mlp.experts.0.gate_proj.weight": torch.zeros(32, 64)}
+    save_file({**tensors, **extra}, os.path.join(path, "model.safetensors"))
+    with caplog.at_level("INFO", logger="moeserve.loader"):
+        load_model(path, CPU, torch.float32, context_length=32)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "3 tensors under" in caplog.text
