@@ -4,6 +4,8 @@ group's score: the sum of its two best), but weighted by the plain scores, norma
 norm_topk_prob, times routed_scaling_factor."""
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 from torch import nn
 
@@ -34,20 +36,31 @@ class DeepseekV3Router(FP32Router):
         return weights * self.scaling, ids
 
 
-def build(cfg: HFConfig, context: int) -> DecoderLM:
+def v3_routers(cfg: HFConfig, topk_group_default: Optional[int],
+               norm_default: bool) -> Callable[[], DeepseekV3Router]:
+    """Builds one MoE layer's router from the config (DeepSeek-V3's, and GLM-4.5's with other
+    defaults: topk_group absent is n_group for V3 when ``topk_group_default`` is None), with the
+    group settings checked once."""
     experts = cfg.req("n_routed_experts")
     n_group = int(cfg.get("n_group") or 1)
-    topk_group = int(cfg.get("topk_group") or n_group)
+    topk_group = int(cfg.get("topk_group") or topk_group_default or n_group)
     if experts % n_group or experts // n_group < 2:
         raise ValueError(f"config.json: n_routed_experts={experts} must split into n_group={n_group} "
                          f"groups of at least 2 experts")
-    scoring = cfg.get("scoring_func", "sigmoid")
-    if scoring != "sigmoid":
-        raise ValueError(f"config.json: scoring_func {scoring!r} is not supported for deepseek_v3 (sigmoid only)")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"config.json: topk_group={topk_group} must be in 1..n_group={n_group}")
 
     def router() -> DeepseekV3Router:
         return DeepseekV3Router(cfg.req("hidden_size"), experts, cfg.req("num_experts_per_tok"), n_group,
                                 topk_group, float(cfg.get("routed_scaling_factor", 1.0)),
-                                bool(cfg.get("norm_topk_prob", False)))
+                                bool(cfg.get("norm_topk_prob", norm_default)))
+    return router
+
+
+def build(cfg: HFConfig, context: int) -> DecoderLM:
+    scoring = cfg.get("scoring_func", "sigmoid")
+    if scoring != "sigmoid":
+        raise ValueError(f"config.json: scoring_func {scoring!r} is not supported for deepseek_v3 (sigmoid only)")
+    router = v3_routers(cfg, topk_group_default=None, norm_default=False)
     mode = "interleaved" if cfg.get("rope_interleave", True) else "half"
     return build_deepseek(cfg, context, router, rope_mode=mode)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from engine.models.base import DecoderLayer, DecoderLM, ExpertLayout, HFConfig, KVSpec
 from engine.models.common import Attention, DenseMLP, Rotary, rope_parameters
 from engine.models.deepseek_common import DeepseekMoe
-from engine.models.deepseek_v3 import DeepseekV3Router
+from engine.models.deepseek_v3 import v3_routers
 
 DEFAULT_PARTIAL_ROTARY = 0.5      # transformers' default for configs that omit it
 
@@ -32,13 +32,7 @@ def build(cfg: HFConfig, context: int) -> DecoderLM:
     kv_heads = cfg.get("num_key_value_heads") or heads
     head_dim, eps = cfg.head_dim(), cfg.get("rms_norm_eps", 1e-5)
     experts, top_k = cfg.req("n_routed_experts"), cfg.req("num_experts_per_tok")
-    # defaults as transformers' Glm4MoeConfig has them
-    n_group, topk_group = int(cfg.get("n_group") or 1), int(cfg.get("topk_group") or 1)
-    if experts % n_group or experts // n_group < 2:
-        raise ValueError(f"config.json: n_routed_experts={experts} must split into n_group={n_group} "
-                         f"groups of at least 2 experts")
-    if not 1 <= topk_group <= n_group:
-        raise ValueError(f"config.json: topk_group={topk_group} must be in 1..n_group={n_group}")
+    router = v3_routers(cfg, topk_group_default=1, norm_default=True)   # transformers' GLM defaults
     bias = bool(cfg.get("attention_bias", False))
     qk_eps = eps if cfg.get("use_qk_norm", False) else None
     shared_inter = cfg.req("moe_intermediate_size") * int(cfg.get("n_shared_experts", 1) or 0)
@@ -48,10 +42,7 @@ def build(cfg: HFConfig, context: int) -> DecoderLM:
     for i in range(n_layers):
         attn = Attention(hidden, heads, kv_heads, head_dim, i, bias=bias, qk_norm_eps=qk_eps)
         if i in moe_layers:
-            router = DeepseekV3Router(hidden, experts, top_k, n_group, topk_group,
-                                      float(cfg.get("routed_scaling_factor", 1.0)),
-                                      bool(cfg.get("norm_topk_prob", True)))
-            mlp = DeepseekMoe(hidden, router, shared_inter, moe_layers.index(i))
+            mlp = DeepseekMoe(hidden, router(), shared_inter, moe_layers.index(i))
         else:
             mlp = DenseMLP(hidden, cfg.req("intermediate_size"))
         layers.append(DecoderLayer(attn, mlp, hidden, eps))
