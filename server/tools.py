@@ -9,6 +9,7 @@ tagged pairs in the same tags (server/tool_formats.py; their parsers read Hermes
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import uuid
@@ -56,6 +57,10 @@ class ToolSetup:
     named: Optional[str]
     parallel: bool
     style: str                            # hermes | glm45 | qwen3_coder | json
+
+    @functools.cached_property
+    def by_name(self) -> dict[str, dict[str, Any]]:
+        return {f["name"]: f for f in self.tools}
 
     @property
     def active(self) -> bool:
@@ -246,7 +251,7 @@ def parse_hermes(text: str, setup: Optional[ToolSetup] = None) -> tuple[str, lis
             parsed = None
         fmt = FORMATS.get(setup.style) if setup is not None else None
         if parsed is None and fmt and end >= 0:
-            pairs = read_block(fmt, inner, {f["name"]: f for f in setup.tools})
+            pairs = read_block(fmt, inner, setup.by_name)
             parsed = [ToolCall(pairs[0], pairs[1], new_id())] if pairs else None
         if parsed is None:
             content.append(text[start:end + len(CLOSE) if end >= 0 else len(text)])
@@ -283,7 +288,7 @@ def _truncated_call(text: str, setup: ToolSetup) -> Optional[tuple[str, list[Too
         return None   # the last call is complete
     fmt = FORMATS.get(setup.style)
     if fmt and start >= 0:
-        pairs = read_block(fmt, text[start + len(OPEN):], {f["name"]: f for f in setup.tools}, partial=True)
+        pairs = read_block(fmt, text[start + len(OPEN):], setup.by_name, partial=True)
         return (text[:start], [ToolCall(pairs[0], pairs[1], new_id())]) if pairs else None
     body = text[start + len(OPEN):] if start >= 0 else text.lstrip().removeprefix("[")
     calls: list[ToolCall] = []
@@ -320,8 +325,7 @@ def parse(text: str, setup: ToolSetup) -> tuple[str, list[ToolCall]]:
         before, tail = cut
         calls = (parse_hermes(before, setup)[1] if tagged else []) + tail
         content = ""
-    known = {f["name"] for f in setup.tools}
-    calls = [c for c in calls if c.name in known]
+    calls = [c for c in calls if c.name in setup.by_name]
     if not calls:
         return text, []
     return content, calls if setup.parallel else calls[:1]
