@@ -21,11 +21,11 @@ import torch
 from safetensors.torch import save_file
 from convert.progress import progress as tqdm  # a bar on a terminal, log lines otherwise
 
-from configs.models import storage_name
 from cache.expert_store import STORE_FILE, write_store
 from cache.provider import ExpertSource, TensorRef, read_tensor
 from cache.quant import ExpertFormat, default_group_size, fill_slot, repack_slot
 from cache.safetensors_file import CheckpointError, read_checkpoint_index
+from configs.models import storage_name
 from convert.fp8 import Fp8Reader, block_size
 from convert.gguf_import import write_json
 from convert.model_store import BuildError, build_atomically, moeserve_home

@@ -14,12 +14,12 @@ from typing import Callable, Optional
 
 import torch
 
-from configs.models import model_name
 from cache.packed import packs
 from cache.expert_store import STORE_FILE, locate_experts
 from cache.provider import ExpertSource, TensorRef, read_tensor
 from cache.quant import ExpertFormat, format_from_config
 from cache.safetensors_file import CheckpointError, read_checkpoint_index, slice_leading
+from configs.models import model_name
 from engine.kernels import pack_linears, quantize_linears
 from engine.models import family
 from engine.models.base import DecoderLM, ExpertLayout, HFConfig

@@ -85,7 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     ecfg = from_args(EngineConfig, args)
     ccfg = from_args(CacheConfig, args)
-    model_dir = resolve_model(resolve_model_dir(ecfg))
+    model_dir = resolve_model_dir(ecfg)            # --model resolved, or the default model built
     ecfg = EngineConfig(**{**ecfg.__dict__, "model": model_dir})
     tok = TextTokenizer(model_dir)
     if args.prompt_ids:
