@@ -190,9 +190,9 @@ def reasoning_start(state: ServerState, prompt: list[int], constraint: Any) -> O
 
 
 def tool_style(state: ServerState) -> str:
-    """--tool-parser; 'auto' is GLM's style for a chat template that writes its argument tags,
-    else the Hermes style, which the built-in system prompt and the Hermes/Qwen templates use
-    (its parser also reads a bare JSON call)."""
+    """--tool-parser; 'auto' is the tagged-pairs style whose tags the chat template writes
+    (GLM-4.5's, Qwen3-Coder's), else the Hermes style, which the built-in system prompt and the
+    Hermes/Qwen templates use (its parser also reads a bare JSON call)."""
     style = state.cfg.tool_parser
     return template_style(state.tokenizer.template_source) if style == "auto" else style
 
