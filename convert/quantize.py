@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import logging
 import os
 import shutil
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from safetensors.torch import save_file
@@ -27,30 +28,65 @@ from cache.quant import ExpertFormat, default_group_size, fill_slot, repack_slot
 from cache.safetensors_file import CheckpointError, read_checkpoint_index
 from configs.models import storage_name
 from convert.fp8 import Fp8Reader, block_size
+from convert.gpt_oss import GptOssExperts
 from convert.gguf_import import write_json
 from convert.model_store import BuildError, build_atomically, moeserve_home
-from engine.loader import QUANT_METHOD, QUANT_VERSION, is_expert_tensor, load_config, quantization
+from engine.loader import (FP8_METHOD, MXFP4_METHOD, QUANT_METHOD, QUANT_VERSION, is_expert_tensor, load_config,
+                           needs_conversion, quantization)
 from engine.models import family
+from engine.models.base import ExpertLayout, HFConfig
 
 log = logging.getLogger(__name__)
 DENSE_INDEX = "model.safetensors.index.json"
 SKIP_FILES = (DENSE_INDEX, "config.json", "moeserve-build.json")
 DENSE_SHARD_BYTES = 2 << 30
 BITS = {"int8": 8, "int4": 4}
+RATIOS = {"bf16": {"int8": 0.5, "int4": 0.33}, "stacked": {"none": 1.05, "int8": 0.5, "int4": 0.33},
+          "fp8": {"int8": 1.1, "int4": 0.65}, "mxfp4": {"none": 3.7, "int8": 1.9, "int4": 1.1}}
 
 
-def _layout_and_experts(model_dir: str) -> tuple[Any, dict, list[ExpertSource], tuple[str, ...]]:
-    """The model's expert layout, the checkpoint's tensors, its experts, and the tensor name
-    prefixes the family skips (GLM's multi-token-prediction layer: not copied)."""
-    from engine.loader import expert_sources
+class CheckpointExperts:
+    """A checkpoint's routed experts by position in ``keys`` ((MoE layer, expert)), each read as
+    gate [I, H], up [I, H], down [H, I] through ``read`` (FP8 weights dequantized)."""
+
+    def __init__(self, sources: list[ExpertSource], read: Callable[[TensorRef], torch.Tensor]) -> None:
+        self.sources, self._read = sources, read
+        self.keys = [(s.layer, s.expert) for s in sources]
+        self.inter, self.hidden = sources[0].inter_hidden
+
+    def read(self, i: int) -> dict[str, torch.Tensor]:
+        s = self.sources[i]
+        return {"gate": self._read(s.gate), "up": self._read(s.up), "down": self._read(s.down)}
+
+
+Experts = Union[CheckpointExperts, GptOssExperts]
+
+
+def _layout(model_dir: str) -> tuple[ExpertLayout, dict[str, TensorRef], tuple[str, ...]]:
+    """The model's expert layout, the checkpoint's tensors, and the tensor name prefixes the
+    family skips (multi-token-prediction layers: not copied)."""
     cfg = load_config(model_dir)
     with torch.device("meta"):
         model = family(cfg.raw["model_type"]).build(cfg, 16)
     if model.layout is None:
         raise BuildError(f"{model_dir}: a dense model ({cfg.raw['model_type']}) has no routed "
                          "experts to quantize")
-    index = read_checkpoint_index(model_dir)
-    return model.layout, index, expert_sources(index, model.layout), model.skipped_prefixes
+    return model.layout, read_checkpoint_index(model_dir), model.skipped_prefixes
+
+
+def _expert_shape(model_dir: str) -> tuple[int, int]:
+    """(inter, hidden) of the checkpoint's experts."""
+    layout, index, _ = _layout(model_dir)
+    experts = _experts(index, layout)
+    return experts.inter, experts.hidden
+
+
+def _experts(index: dict[str, TensorRef], layout: ExpertLayout,
+             read: Callable[[TensorRef], torch.Tensor] = read_tensor) -> Experts:
+    from engine.loader import expert_sources
+    if needs_conversion(index, layout):
+        return GptOssExperts(index, layout)
+    return CheckpointExperts(expert_sources(index, layout), read)
 
 
 def resolve_format(kind: str, inter: int, hidden: int, group_size: Optional[int],
@@ -71,42 +107,77 @@ def quantize_checkpoint(model_dir: str, out_dir: str, kind: str, group_size: Opt
     """Write the quantized checkpoint of ``model_dir`` into the existing, empty ``out_dir``."""
     cfg = load_config(model_dir)
     block = block_size(cfg.raw, os.path.join(model_dir, "config.json"))
-    src_fmt = None if block else quantization(model_dir, cfg)
+    src_fmt = None if block or _is_mxfp4(cfg.raw) else quantization(model_dir, cfg)
     if src_fmt is not None:
         return _repack_checkpoint(model_dir, out_dir, src_fmt, layout, progress)
-    layout_info, index, sources, skipped = _layout_and_experts(model_dir)
-    inter, hidden = sources[0].inter_hidden
-    fmt = resolve_format(kind, inter, hidden, group_size, layout)
+    layout_info, index, skipped = _layout(model_dir)
     fp8 = Fp8Reader(index, block) if block else None
     read = fp8.read if fp8 else read_tensor
-    _write_dense(out_dir, {n: ref for n, ref in index.items() if not is_expert_tensor(n, layout_info)
-                           and not (fp8 and fp8.is_scale(n)) and not n.startswith(skipped)}, read)
-    keys = [(s.layer, s.expert) for s in sources]
-    bar = tqdm(total=len(sources), unit="expert", desc=f"quantizing experts to {fmt.describe()}",
+    experts = _experts(index, layout_info, read)
+    fmt = resolve_format(kind, experts.inter, experts.hidden, group_size, layout)
+    _write_tensors(out_dir, ((n, lambda ref=ref: read(ref)) for n, ref in index.items()
+                             if not is_expert_tensor(n, layout_info) and not (fp8 and fp8.is_scale(n))
+                             and not n.startswith(skipped)))
+    bar = tqdm(total=len(experts.keys), unit="expert", desc=f"quantizing experts to {fmt.describe()}",
                disable=not progress)
 
     def slots() -> Iterator[torch.Tensor]:
         buf = torch.empty(fmt.slot_bytes, dtype=torch.uint8)
-        for s in sources:
-            fill_slot(fmt, buf, {"gate": read(s.gate), "up": read(s.up), "down": read(s.down)})
+        for i in range(len(experts.keys)):
+            fill_slot(fmt, buf, experts.read(i))
             bar.update(1)
             yield buf
     try:
-        write_store(os.path.join(out_dir, STORE_FILE), fmt, keys, slots(),
+        write_store(os.path.join(out_dir, STORE_FILE), fmt, experts.keys, slots(),
                     {"format": "moeserve-expert-store", "quantize": fmt.kind})
     finally:
         bar.close()
-    raw = cfg.raw if not block else {**{k: v for k, v in cfg.raw.items() if k != "quantization_config"},
-                                     "torch_dtype": "bfloat16"}     # the FP8 weights are bf16 now
-    _write_config(model_dir, out_dir, raw, fmt, (len(layout_info.moe_layers), layout_info.num_experts))
+    _write_config(model_dir, out_dir, _unquantized_config(cfg.raw), fmt,
+                  (len(layout_info.moe_layers), layout_info.num_experts))
     return fmt
 
 
-def _write_dense(out_dir: str, refs: dict[str, TensorRef],
-                 read: Callable[[TensorRef], torch.Tensor]) -> None:
-    """The dense tensors as model.safetensors, or, when they are larger than DENSE_SHARD_BYTES
-    (a DeepSeek-V3's are ~34 GB in bf16), in shards of at most that with an index, one shard in
-    memory at a time."""
+def _is_mxfp4(raw: dict[str, Any]) -> bool:
+    qc = raw.get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") == MXFP4_METHOD
+
+
+def _unquantized_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """The config of an FP8 or MXFP4 source as that of its bf16 dequantization."""
+    if not source_quantized(raw):
+        return raw
+    return {**{k: v for k, v in raw.items() if k != "quantization_config"}, "torch_dtype": "bfloat16"}
+
+
+def unstack_checkpoint(model_dir: str, out_dir: str, progress: bool = True) -> None:
+    """A gpt-oss checkpoint with its experts as per-expert tensors (MXFP4 dequantized to bf16,
+    otherwise in the checkpoint's dtype), loadable as it is; the dense tensors unchanged."""
+    cfg = load_config(model_dir)
+    layout_info, index, skipped = _layout(model_dir)
+    experts = _experts(index, layout_info)
+    dense = [(n, lambda ref=ref: read_tensor(ref)) for n, ref in index.items()
+             if not is_expert_tensor(n, layout_info) and not n.startswith(skipped)]
+    bar = tqdm(total=len(experts.keys), unit="expert", desc="writing experts one by one",
+               disable=not progress)
+
+    def expert_tensors() -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+        for i in range(len(experts.keys)):
+            weights = experts.read(i)
+            bar.update(1)
+            for proj, name in experts.expert_names(i).items():
+                yield name, lambda w=weights[proj]: w
+    try:
+        _write_tensors(out_dir, itertools.chain(dense, expert_tensors()))   # lazily: one shard in memory
+    finally:
+        bar.close()
+    write_json(os.path.join(out_dir, "config.json"), _unquantized_config(cfg.raw))
+    _copy_side_files(model_dir, out_dir)
+
+
+def _write_tensors(out_dir: str, items: Iterable[tuple[str, Callable[[], torch.Tensor]]]) -> None:
+    """Tensors (name, read) as model.safetensors, or, when they are larger than DENSE_SHARD_BYTES
+    (a DeepSeek-V3's dense weights are ~34 GB in bf16), in shards of at most that with an index,
+    one shard in memory at a time."""
     shard: dict[str, torch.Tensor] = {}
     files: list[list[str]] = []      # the tensor names of each shard written
     size = 0
@@ -115,8 +186,8 @@ def _write_dense(out_dir: str, refs: dict[str, TensorRef],
         save_file(shard, os.path.join(out_dir, f"dense-{len(files) + 1}.tmp"), metadata={"format": "pt"})
         files.append(list(shard))
         shard.clear()
-    for name, ref in refs.items():
-        t = read(ref)
+    for name, read in items:
+        t = read()
         nbytes = t.numel() * t.element_size()
         if shard and size + nbytes > DENSE_SHARD_BYTES:
             flush()
@@ -179,15 +250,39 @@ def _write_config(model_dir: str, out_dir: str, raw: dict, fmt: ExpertFormat,
           "expert_shape": [fmt.inter, fmt.hidden], "expert_store": STORE_FILE,
           "num_moe_layers": counts[0], "num_experts": counts[1]}
     write_json(os.path.join(out_dir, "config.json"), {**raw, "quantization_config": qc})
+    _copy_side_files(model_dir, out_dir)
+
+
+def _copy_side_files(model_dir: str, out_dir: str) -> None:
+    """Every non-weight file of ``model_dir`` (tokenizer, chat template, card)."""
     for name in sorted(os.listdir(model_dir)):
         path = os.path.join(model_dir, name)
         if os.path.isfile(path) and not name.endswith(".safetensors") and name not in SKIP_FILES:
             shutil.copy2(path, os.path.join(out_dir, name))    # tokenizer, chat template, card
 
 
-def source_is_fp8(model_dir: str, raw: dict[str, Any]) -> bool:
-    """Whether ``model_dir`` is an FP8 block-scaled checkpoint (converted, never loaded as is)."""
-    return block_size(raw, os.path.join(model_dir, "config.json")) is not None
+def source_quantized(raw: dict[str, Any]) -> bool:
+    """Whether a config names FP8 or MXFP4 weights (served dequantized and re-quantized)."""
+    qc = raw.get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") in (FP8_METHOD, MXFP4_METHOD)
+
+
+def source_conversion(model_dir: str, raw: dict[str, Any]) -> Optional[str]:
+    """How a checkpoint that is never loaded as it is must be converted: "fp8" (block-scaled
+    FP8), "mxfp4" (gpt-oss as OpenAI ships it), "stacked" (gpt-oss unquantized, experts stacked
+    in its own layout); None for every other checkpoint."""
+    if block_size(raw, os.path.join(model_dir, "config.json")) is not None:
+        return "fp8"
+    if _is_mxfp4(raw):
+        return "mxfp4"
+    try:
+        with torch.device("meta"):
+            layout = family(raw["model_type"]).build(HFConfig(raw), 16).layout
+    except (KeyError, ValueError):
+        return None                   # the loader says what is wrong with it
+    if layout is not None and layout.converted and needs_conversion(read_checkpoint_index(model_dir), layout):
+        return "stacked"
+    return None
 
 
 def _source_id(model_dir: str) -> dict[str, Any]:
@@ -205,8 +300,8 @@ def ensure_quantized(model_dir: str, kind: str, group_size: Optional[int] = None
     else converted once into $MOESERVE_HOME/models and reused. A checkpoint quantized
     differently is an error, never converted twice or silently mixed."""
     cfg = load_config(model_dir)
-    fp8 = source_is_fp8(model_dir, cfg.raw)
-    have = None if fp8 else quantization(model_dir, cfg)
+    conv = source_conversion(model_dir, cfg.raw)
+    have = None if conv else quantization(model_dir, cfg)
     if have is not None:
         if kind == "none" or have.kind != kind or (group_size and group_size != have.group_size):
             want = kind + (f" group {group_size}" if group_size else "")
@@ -215,30 +310,35 @@ def ensure_quantized(model_dir: str, kind: str, group_size: Optional[int] = None
         if have.kind != "int4" or have.layout == layout:
             return model_dir
     if kind == "none":
-        if fp8:
+        if conv == "fp8":
             raise BuildError(f"{model_dir} is an FP8 checkpoint: moeserve serves it converted "
                              f"(--quantize int8 or int4)")
-        return model_dir
+        if conv is None:
+            return model_dir
     if kind == "int4" and not group_size:     # resolved now: implicit and explicit share a build
         group_size = have.group_size if have else resolve_format(
-            kind, *_layout_and_experts(model_dir)[2][0].inter_hidden, None).group_size
+            kind, *_expert_shape(model_dir), None).group_size
     params = {"quantize": kind, "group_size": group_size,
               "layout": layout if kind == "int4" else None, "version": QUANT_VERSION,
               **_source_id(model_dir)}
-    tag = kind + (f"-g{params['group_size']}" if params["group_size"] else "") + \
+    tag = "per-expert" if kind == "none" else kind + (f"-g{params['group_size']}" if params["group_size"] else "") + \
         ("-cuda" if kind == "int4" and layout == "cuda" else "")
     name = f"{storage_name(model_dir)}-{tag}"
     target = os.path.join(moeserve_home(home), "models", name)
-    # bytes per source byte: int8 and int4 experts from bf16 ~1/2 and ~1/3.5; from FP8 ~1 and ~0.6
-    # (the FP8 dense weights, a few percent, double in bf16); an int4 repack for CUDA ~1
-    ratio = 1.05 if have is not None else \
-        {False: {"int8": 0.5, "int4": 0.33}, True: {"int8": 1.1, "int4": 0.65}}[fp8][kind]   # repack: ~1
+    # bytes per source byte: int8 and int4 experts from bf16 ~1/2 and ~1/3.5; from FP8 ~1 and
+    # ~0.6 (the FP8 dense weights, a few percent, double in bf16); from MXFP4 (4.25 bits) ~1.9,
+    # ~1.1 and in bf16 ~3.7; an int4 repack for CUDA ~1
+    ratio = 1.05 if have is not None else RATIOS[conv or "bf16"][kind]
     need = int(sum(os.path.getsize(os.path.join(model_dir, n)) for n in os.listdir(model_dir)
                    if n.endswith(".safetensors")) * ratio) + 50_000_000
 
     def build(tmp: str) -> None:
-        log.info("quantizing %s to %s into %s (first use; reused afterwards)", model_dir, tag, target)
-        quantize_checkpoint(model_dir, tmp, kind, group_size, layout, progress)
+        log.info("%s %s to %s into %s (first use; reused afterwards)",
+                 "converting" if kind == "none" else "quantizing", model_dir, tag, target)
+        if kind == "none":
+            unstack_checkpoint(model_dir, tmp, progress)
+        else:
+            quantize_checkpoint(model_dir, tmp, kind, group_size, layout, progress)
     return build_atomically(target, params, build, need_bytes=need)
 
 
@@ -250,7 +350,7 @@ def run_quantize(args: argparse.Namespace) -> int:
             raise BuildError(f"invalid group_size={args.group_size}: applies to --quantize int4 only")
         if args.out:
             cfg = load_config(args.model)
-            have = None if source_is_fp8(args.model, cfg.raw) else quantization(args.model, cfg)
+            have = None if source_conversion(args.model, cfg.raw) else quantization(args.model, cfg)
             if have is not None and (have.kind != args.quantize or have.layout == args.layout):
                 raise BuildError(f"{args.model} is already quantized ({have.describe()})")
             params = {"quantize": args.quantize, "group_size": args.group_size,

@@ -9,6 +9,7 @@ int8 as a dequantize-then-matmul (weight-only int8: half the bytes of bf16 on th
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -48,12 +49,37 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
 PLAIN_MAX_ROWS = 32
 
 
-def expert_forward(x: torch.Tensor, w: ProvidedExpert) -> torch.Tensor:
-    """x [N, H] through one SwiGLU expert -> [N, H] (on x's device, wherever w lies)."""
+@dataclass(frozen=True)
+class ExpertMath:
+    """Experts that are not plain SwiGLU: gpt-oss's add a bias to each projection and use a
+    clamped SwiGLU, (clamp(up, -l, l) + 1) * g * sigmoid(alpha * g) with g = min(gate, l).
+    The biases are the MoE layer's own (dense, resident) tensors: the slots hold the weights
+    only, in the same format as every other family's."""
+
+    alpha: float
+    limit: float
+    gate_up_bias: torch.Tensor      # [E, 2I], gate and up interleaved as gpt-oss stores them
+    down_bias: torch.Tensor         # [E, H]
+
+    def hidden(self, e: int, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """gate/up [N, I] without bias -> the activation [N, I]."""
+        b = self.gate_up_bias[e].to(gate.device)
+        g = (gate + b[::2]).clamp(max=self.limit)
+        u = (up + b[1::2]).clamp(min=-self.limit, max=self.limit)
+        return (u + 1) * (g * torch.sigmoid(g * self.alpha))
+
+    def out(self, e: int, y: torch.Tensor) -> torch.Tensor:
+        return y + self.down_bias[e].to(y.device)
+
+
+def expert_forward(x: torch.Tensor, w: ProvidedExpert, math: Optional[ExpertMath] = None,
+                   e: int = -1) -> torch.Tensor:
+    """x [N, H] through expert ``e`` -> [N, H] (on x's device, wherever w lies): SwiGLU, or
+    ``math``'s biases and activation."""
     if isinstance(w, HostExpert):                   # computed on the CPU where it lies
         xh = x.to("cpu")
         t0 = time.perf_counter()
-        out = expert_forward(xh, w.weights)
+        out = expert_forward(xh, w.weights, math, e)
         w.report(xh.shape[0], time.perf_counter() - t0)
         return out.to(x.device)
     if not isinstance(w, PackedExpert) and x.shape[0] > PLAIN_MAX_ROWS \
@@ -61,8 +87,12 @@ def expert_forward(x: torch.Tensor, w: ProvidedExpert) -> torch.Tensor:
         w = pack_expert(w)
     if isinstance(w, PackedExpert):
         gate, up = packed_linear(x, w.gate_up).split(w.inter, dim=-1)     # [N, I] each
-        return packed_linear(F.silu(gate) * up, w.down)
-    return linear(F.silu(linear(x, w.gate)) * linear(x, w.up), w.down)
+        if math is None:
+            return packed_linear(F.silu(gate) * up, w.down)
+        return math.out(e, packed_linear(math.hidden(e, gate, up), w.down))
+    if math is None:
+        return linear(F.silu(linear(x, w.gate)) * linear(x, w.up), w.down)
+    return math.out(e, linear(math.hidden(e, linear(x, w.gate), linear(x, w.up)), w.down))
 
 
 class PackedLinear(nn.Module):

@@ -33,6 +33,7 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 QUANT_METHOD = "moeserve"     # quantization_config.quant_method of checkpoints moeserve wrote
 QUANT_VERSION = 1
 FP8_METHOD = "fp8"            # block-scaled FP8 checkpoints (DeepSeek-V3...): converted by convert/fp8.py
+MXFP4_METHOD = "mxfp4"        # gpt-oss's MXFP4 experts: converted by convert/gpt_oss.py
 
 
 @dataclass
@@ -145,6 +146,10 @@ def quantization(model_dir: str, cfg: HFConfig) -> Optional[ExpertFormat]:
         raise CheckpointError(f"{where}: an FP8 checkpoint is served converted, not as it is: "
                               f"moeserve serve converts it once on first use (int8 experts, or "
                               f"--quantize int4; dense weights in bf16), or run moeserve quantize")
+    if isinstance(qc, dict) and qc.get("quant_method") == MXFP4_METHOD:
+        raise CheckpointError(f"{where}: an MXFP4 checkpoint (gpt-oss) is served converted, not as "
+                              f"it is: moeserve serve converts it once on first use (int8 experts, "
+                              f"or --quantize int4), or run moeserve quantize")
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         method = qc.get("quant_method") if isinstance(qc, dict) else qc
         raise CheckpointError(f"{where}: unsupported quantization_config (quant_method {method!r}); "
@@ -171,9 +176,21 @@ def _store_experts(model_dir: str, fmt: ExpertFormat, layout: ExpertLayout,
 
 
 def is_expert_tensor(name: str, layout: Optional[ExpertLayout]) -> bool:
-    if layout is None:
+    if layout is None or name.endswith(layout.dense_suffixes):
         return False
     return any(name.startswith(layout.prefix(li) + ".") for li in layout.moe_layers)
+
+
+STACKED_SUFFIXES = (".gate_up_proj", ".gate_up_proj_blocks")
+
+
+def needs_conversion(index: dict[str, TensorRef], layout: Optional[ExpertLayout]) -> bool:
+    """Whether the checkpoint stacks its experts in a layout the family serves converted
+    (gpt-oss: [E, H, 2I] with gate and up interleaved, or MXFP4 blocks)."""
+    if layout is None or not layout.converted:
+        return False
+    p = layout.prefix(layout.moe_layers[0])
+    return any(p + s in index for s in STACKED_SUFFIXES)
 
 
 # int4 dense layers use the smallest groups: on the default model groups of 64 cost 6% perplexity
@@ -197,6 +214,11 @@ def load_model(model_dir: str, device: torch.device, dtype: Optional[torch.dtype
     fmt = quantization(model_dir, cfg)        # refuses what it cannot load before reading weights
     with torch.device("meta"):
         model = fam.build(cfg, context)
+    if needs_conversion(index, model.layout):
+        raise CheckpointError(f"{model_dir}: {cfg.raw['model_type']} checkpoints stack their experts "
+                              f"in their own layout and are served converted: moeserve serve converts "
+                              f"one once on first use (--quantize int8|int4, or none: bf16), or run "
+                              f"moeserve quantize")
     model = model.to_empty(device=device).to(dtype)
     model.rotary.materialize(device)
     params = dict(model.named_parameters())

@@ -40,11 +40,18 @@ def resolve_quantized_dir(model_dir: str, ecfg: EngineConfig, device: torch.devi
     """The directory to load: ``model_dir``, or its --quantize conversion (made on first use),
     or an int4 store re-packed once for this device's kernel."""
     cfg = load_config(model_dir)
-    from convert.quantize import ensure_quantized, source_is_fp8
-    if source_is_fp8(model_dir, cfg.raw):
-        kind = ecfg.quantize or "int8"     # FP8 experts keep about their quality in int8
-        log.info("%s: an FP8 checkpoint: served with %s experts and bf16 dense weights, converted "
-                 "once%s", model_dir, kind, "" if ecfg.quantize else " (--quantize int4 for half the bytes)")
+    from convert.quantize import ensure_quantized, source_conversion
+    conv = source_conversion(model_dir, cfg.raw)
+    if conv in ("fp8", "mxfp4"):
+        kind = ecfg.quantize or "int8"     # FP8 and MXFP4 experts keep about their quality in int8
+        log.info("%s: an %s checkpoint: served with %s experts and bf16 dense weights, converted "
+                 "once%s", model_dir, conv.upper(), kind,
+                 "" if ecfg.quantize else " (--quantize int4 for half the bytes)")
+        return ensure_quantized(model_dir, kind, ecfg.group_size, device.type, progress=progress)
+    if conv == "stacked":
+        kind = ecfg.quantize or "none"
+        log.info("%s: experts stacked in the %s layout: served converted once (%s)", model_dir,
+                 cfg.raw["model_type"], "per-expert, unquantized" if kind == "none" else kind)
         return ensure_quantized(model_dir, kind, ecfg.group_size, device.type, progress=progress)
     fmt = quantization(model_dir, cfg)
     kind = ecfg.quantize

@@ -14,6 +14,7 @@ MODEL_TYPES: dict[str, str] = {
     "deepseek_v3": "engine.models.deepseek_v3",
     "glm4_moe": "engine.models.glm4_moe",
     "ernie4_5_moe": "engine.models.ernie4_5_moe",
+    "gpt_oss": "engine.models.gpt_oss",
 }
 
 

@@ -29,6 +29,10 @@ class ExpertLayout:
     top_k: int
     prefix: Callable[[int], str]
     names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # tensors under the prefix that are the layer's own dense parameters (gpt-oss's expert biases)
+    dense_suffixes: tuple[str, ...] = ()
+    # stacked expert tensors in the family's own layout are served converted (convert/gpt_oss.py)
+    converted: bool = False
 
 
 @dataclass(frozen=True)

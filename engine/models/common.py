@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cache.provider import ExpertProvider
-from engine.kernels import expert_forward
+from engine.kernels import ExpertMath, expert_forward
+from engine.models.sink_attention import AttnExtras, sink_attention
 
 
 @dataclass
@@ -77,16 +78,23 @@ class KVCache:
         self.v[layer][slots, :, batch.positions] = v.transpose(1, 2)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch,
-               scale: Optional[float] = None) -> torch.Tensor:
+               scale: Optional[float] = None, extras: Optional[AttnExtras] = None) -> torch.Tensor:
         """Store this step's k/v [B, Hkv, T, D] and attend q [B, H, T, D] -> [B, T, H*Dv].
         A decode step of several sequences attends each over its own keys in place: no gather
         of every sequence's cache per layer, no padding mask, and a row's result does not depend
-        on who else is in the batch."""
+        on who else is in the batch. ``extras``: sinks and/or a sliding window (sink_attention)."""
         if batch.seq_rows is None or batch.single_slot is not None:
             keys, values = self.update(layer, k, v, batch)
+            if extras is not None:
+                first = batch.start if batch.single_slot is not None else None
+                return sink_attention(q, keys, values, batch.positions, extras, scale, first)
             return sdpa(q, keys, values, batch, scale)
         self._scatter(layer, k, v, batch)
         kc, vc = self.k[layer], self.v[layer]
+        if extras is not None:         # row i decodes position n - 1 over its n keys
+            return torch.cat([sink_attention(q[i:i + 1], kc[s:s + 1, :, :n], vc[s:s + 1, :, :n],
+                                             batch.positions[i:i + 1], extras, scale, n - 1)
+                              for i, (s, n) in enumerate(batch.seq_rows)])
         outs = [decode_attention(q[i:i + 1], kc[s:s + 1, :, :n], vc[s:s + 1, :, :n], scale)
                 for i, (s, n) in enumerate(batch.seq_rows)]                  # each [1, H, 1, Dv]
         return torch.cat(outs).transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
@@ -277,7 +285,11 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)                 # [B, H, T, D]
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return self.o_proj(kv.attend(self.layer, q, k, v, batch))
+        return self.o_proj(kv.attend(self.layer, q, k, v, batch, extras=self.attn_extras()))
+
+    def attn_extras(self) -> Optional[AttnExtras]:
+        """Sinks or a sliding window, for the families that have them (gpt-oss)."""
+        return None
 
 
 class DenseMLP(nn.Module):
@@ -294,8 +306,10 @@ class DenseMLP(nn.Module):
 
 
 def combine_experts(provider: ExpertProvider, layer: int, x: torch.Tensor, weights: torch.Tensor,
-                    ids: torch.Tensor, weight_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """x [N, H], routing weights/ids [N, k] -> sum_k weights * expert_k(x), [N, H].
+                    ids: torch.Tensor, weight_dtype: Optional[torch.dtype] = None,
+                    math: Optional[ExpertMath] = None) -> torch.Tensor:
+    """x [N, H], routing weights/ids [N, k] -> sum_k weights * expert_k(x), [N, H]; ``math``:
+    the experts' biases and activation where they are not plain SwiGLU (engine/kernels.py).
     The product expert_k(x) * weight is formed in ``weight_dtype`` (default: x's dtype; DeepSeek
     keeps fp32 routing weights) and rounded to x's dtype, as each family's reference does.
     Experts arrive from the provider as they become resident, so ready ones compute first; each
@@ -309,7 +323,7 @@ def combine_experts(provider: ExpertProvider, layer: int, x: torch.Tensor, weigh
         parts: list[Optional[torch.Tensor]] = [None] * k        # by rank of the expert id
         for e, w in provider.experts(layer, ids, x, host_ids=rows):
             j = rows[0].index(e)
-            parts[ranked[0].index(e)] = (expert_forward(x, w) * weights[:, j:j + 1].to(wdt)).to(x.dtype)
+            parts[ranked[0].index(e)] = (expert_forward(x, w, math, e) * weights[:, j:j + 1].to(wdt)).to(x.dtype)
         out = torch.zeros_like(x)
         for p in parts:
             out += p
@@ -334,7 +348,7 @@ def combine_experts(provider: ExpertProvider, layer: int, x: torch.Tensor, weigh
     outs = x.new_empty(n * k, x.shape[-1])
     for e, w in provider.experts(layer, ids, x, host_ids=rows):
         a, b = span[e]
-        outs[a:b] = (expert_forward(xs[a:b], w) * ws[a:b]).to(x.dtype)
+        outs[a:b] = (expert_forward(xs[a:b], w, math, e) * ws[a:b]).to(x.dtype)
     sorted_parts = x.new_empty(n * k, x.shape[-1])
     sorted_parts[dst] = outs
     sorted_parts = sorted_parts.view(n, k, -1)                           # [N, k, H] by expert id

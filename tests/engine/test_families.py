@@ -27,12 +27,12 @@ from engine.models.base import HFConfig
 from engine.models.common import Batch, KVCache
 from engine.models.deepseek_v2 import DeepseekV2Router
 from engine.protocol import GenerateRequest, SamplingParams
-from tests.engine.tiny_families import COMMON, FAMILIES, FamilyCheckpoint
+from tests.engine.tiny_families import COMMON, FAMILIES, FamilyCheckpoint, engine_dir
 
 transformers = pytest.importorskip("transformers")
 
 LOGIT_ATOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
-BF16_FAMILIES = ["mixtral", "deepseek_v3", "glm4_moe", "ernie4_5_moe"]
+BF16_FAMILIES = ["mixtral", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "gpt_oss"]
 MOE_FAMILIES = [n for n, (_, _, moe) in FAMILIES.items() if moe]
 PROMPTS = [(5, 17, 33, 8, 91, 64, 12), (40, 3), (150, 7, 7, 21, 99, 100, 4, 58, 33, 11, 60, 2, 19)]
 NEW_TOKENS = 24
@@ -78,7 +78,7 @@ class Case:
 def _case(name: str, dtype: torch.dtype, family_checkpoint: FamilyCheckpoint) -> Iterator[Case]:
     path = family_checkpoint(name, dtype)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    loaded = load_model(path, CPU, dtype, context_length=64)
+    loaded = load_model(engine_dir(path), CPU, dtype, context_length=64)
     probe = ActivationProbe()
     engine = Engine(loaded, ResidentExpertProvider(loaded.experts, CPU, dtype, tracer=probe), max_batch=3)
     yield Case(name, loaded, ref, engine, probe)

@@ -16,7 +16,7 @@ from engine.engine import Engine, run_to_completion
 from engine.loader import LoadedModel, load_model
 from engine.protocol import GenerateRequest, SamplingParams
 from moeserve.wiring import make_provider
-from tests.engine.tiny_families import FamilyCheckpoint
+from tests.engine.tiny_families import FamilyCheckpoint, engine_dir
 
 PROMPTS = [(5, 6, 7, 8, 9, 10, 11), (12,), (20, 21, 22, 23)]
 PARAMS = [SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=3),
@@ -41,11 +41,11 @@ def one_layer_top_k_bytes(lm: LoadedModel) -> int:
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v2_grouped", "deepseek_v3", "glm4_moe",
-                                    "ernie4_5_moe"])
+                                    "ernie4_5_moe", "gpt_oss"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_offloaded_equals_resident(family_checkpoint: FamilyCheckpoint, family: str,
                                    dtype: torch.dtype) -> None:
-    lm = load_model(family_checkpoint(family, torch.bfloat16), torch.device("cpu"), dtype,
+    lm = load_model(engine_dir(family_checkpoint(family, torch.bfloat16)), torch.device("cpu"), dtype,
                     context_length=64)
     want, _ = generate(lm, CacheConfig())
     tight = str(one_layer_top_k_bytes(lm))

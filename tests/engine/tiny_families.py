@@ -65,6 +65,11 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], int]] = {
                                                 moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
                                                 moe_num_shared_experts=1, moe_layer_start_index=1,
                                                 use_bias=True, initializer_range=0.1), 2),
+    # gpt-oss: sinks, a sliding window of 4 on layers 0 and 2, q/k/v/o biases, yarn rope, a router
+    # with a bias, experts with biases and a clamped SwiGLU whose limit (0.5) really clamps
+    "gpt_oss": ("GptOssConfig", dict(num_key_value_heads=2, head_dim=16, intermediate_size=32,
+                                     num_local_experts=8, num_experts_per_tok=2, sliding_window=4,
+                                     swiglu_limit=0.5), 3),
 }
 # weight seeds other than 0: with seed 0 this tiny GLM repeats one token after a 2-token prompt,
 # which would make its greedy comparison against transformers say little
@@ -86,10 +91,19 @@ def make_family_checkpoint(name: str, path: str, dtype: torch.dtype = torch.floa
             for module in (*layer.self_attn.modules(), *layer.mlp.modules()):   # biases start at zero:
                 if isinstance(module, torch.nn.Linear) and module.bias is not None:  # make them count
                     module.bias.normal_(0.0, 0.1)
-            gate: Optional[torch.nn.Module] = getattr(layer.mlp, "gate", None)
+            sinks = getattr(layer.self_attn, "sinks", None)
+            if sinks is not None:                          # gpt-oss: one logit per head
+                sinks.normal_(0.0, 1.0)
+            experts = getattr(layer.mlp, "experts", None)
+            for name in ("gate_up_proj_bias", "down_proj_bias"):   # gpt-oss's, zero at initialisation
+                if hasattr(experts, name):
+                    getattr(experts, name).normal_(0.0, 0.1)
+            gate: Optional[torch.nn.Module] = getattr(layer.mlp, "gate", getattr(layer.mlp, "router", None))
             if gate is None:                               # a dense layer
                 continue
             gate.weight.normal_(0.0, 0.02).mul_(ROUTER_SCALE)
+            if isinstance(getattr(gate, "bias", None), torch.nn.Parameter):
+                gate.bias.normal_(0.0, 0.1)
             bias = getattr(getattr(gate, "moe_statics", gate), "e_score_correction_bias", None)
             if bias is not None:                           # selection-only bias: make it matter
                 bias.normal_(0.0, 0.1)
@@ -116,3 +130,21 @@ def add_mtp_layer(src: str, dst: str) -> int:
     extra[f"model.layers.{n}.eh_proj.weight"] = torch.zeros(hidden, 2 * hidden)
     save_file({**tensors, **extra}, os.path.join(dst, "model.safetensors"))
     return len(extra)
+
+
+def engine_dir(path: str) -> str:
+    """The directory the engine loads for checkpoint ``path``: itself, or, for a checkpoint that
+    is served converted (gpt-oss's stacked experts), its per-expert conversion made beside it."""
+    import json
+    import os
+
+    from convert.quantize import source_conversion, unstack_checkpoint
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    if source_conversion(path, raw) is None:
+        return path
+    out = path.rstrip("/") + "-per-expert"
+    if not os.path.isdir(out):
+        os.makedirs(out)
+        unstack_checkpoint(path, out, progress=False)
+    return out
