@@ -6,8 +6,10 @@ from typing import Optional
 
 from configs.base import ConfigError
 
-TOOL_PARSERS = ("auto", "hermes", "glm45", "qwen3_coder", "json")   # --tool-parser (server/tools.py)
-REASONING_PARSERS = ("auto", "think", "none")         # --reasoning-parser (server/reasoning.py)
+# --tool-parser (server/tools.py, server/harmony.py)
+TOOL_PARSERS = ("auto", "hermes", "glm45", "qwen3_coder", "json", "harmony")
+# --reasoning-parser (server/reasoning.py, server/harmony.py)
+REASONING_PARSERS = ("auto", "think", "harmony", "none")
 
 
 @dataclass(frozen=True)
@@ -53,15 +55,21 @@ class ServerConfig:
                 "</tool_call>, Hermes/Qwen style; a bare JSON call is read too), 'glm45' "
                 "(GLM-4.5's <tool_call>name with <arg_key>/<arg_value> pairs; Hermes blocks too), "
                 "'qwen3_coder' (Qwen3-Coder's <function=name> with <parameter=key> blocks; Hermes "
-                "blocks too), 'json' (a bare JSON object or array), or 'auto' (glm45 or "
-                "qwen3_coder for chat templates that write their tags, else hermes)",
+                "blocks too), 'json' (a bare JSON object or array), 'harmony' (gpt-oss: a "
+                "commentary message to=functions.NAME with JSON arguments), or 'auto' (harmony for "
+                "chat templates that write <|channel|>, glm45 or qwen3_coder for those that write "
+                "their tags, else hermes)",
         "choices": TOOL_PARSERS})
     reasoning_parser: str = field(default="auto", metadata={
         "help": "'think': a thinking model's reasoning (<think>...</think> at the start of a "
                 "reply, or from its start when the chat template opened the block) is sent as "
                 "reasoning_content, the rest as content, as vLLM and llama.cpp's server send it; "
-                "'none': the whole reply is content; 'auto': think for chat templates that write "
-                "</think> (Qwen3, GLM-4.5, DeepSeek-R1), else none",
+                "'harmony': gpt-oss's analysis channel is reasoning_content, its final channel "
+                "content; 'none': the whole reply is content (harmony's analysis too, without "
+                "its tags); 'auto': harmony for chat templates that write <|channel|>, think for "
+                "those that write </think> (Qwen3, GLM-4.5, DeepSeek-R1), else none. Harmony's "
+                "one parser reads reasoning and tool calls together: either option naming it "
+                "applies it to both",
         "choices": REASONING_PARSERS})
     sse_ping_s: float = field(default=15.0, metadata={
         "help": "seconds between SSE keep-alive comments on an open stream (proxies and clients "

@@ -12,6 +12,8 @@ from server.body import read_json
 from server.errors import bad_request
 from engine.protocol import FINISH_STOP
 from server.generate import Piece, chat_logprobs, completion_logprobs
+from server import harmony
+from server.harmony import HarmonySplit, template_harmony
 from server.reasoning import CONTENT, REASONING, ReasoningSplit, prompt_opens_block, template_thinks
 from server.reasoning import split as split_reasoning
 from server.openapi import body_schema, error_responses
@@ -19,8 +21,8 @@ from server.responses import Job, respond, with_experts
 from server.schemas import ChatCompletionRequest, CompletionRequest, message_dicts, parse
 from server.state import ServerState
 from server.structured import check, response_format_constraint
-from server.tools import (ToolSetup, ToolStream, forcing_grammar, parse_setup, prompt_messages,
-                          template_style)
+from server.tools import (ToolCall, ToolSetup, ToolStream, forcing_grammar, parse_setup,
+                          prompt_messages, template_style)
 from server.tools import parse as parse_tool_calls
 
 log = logging.getLogger("moeserve.server")
@@ -31,8 +33,13 @@ class ChatJob(Job):
     prompt_param = "messages"
     tools: Optional[ToolSetup] = None
     reasoning: Optional[bool] = None      # None: no split; else whether replies start inside <think>
+    # harmony replies (gpt-oss): None, else whether the analysis channel is reasoning_content; the
+    # harmony parser reads the tool calls too (with harmony_tools)
+    harmony: Optional[bool] = None
+    harmony_tools: Optional[ToolSetup] = None
     _streams: dict[int, ToolStream]
     _splits: dict[int, ReasoningSplit]
+    _harmonies: dict[int, HarmonySplit]
 
     def with_tools(self, setup: ToolSetup) -> "ChatJob":
         if setup.active:
@@ -44,9 +51,13 @@ class ChatJob(Job):
             self.reasoning, self._splits = inside, {}
         return self
 
+    def with_harmony(self, reasoning: bool, setup: ToolSetup) -> "ChatJob":
+        self.harmony, self.harmony_tools, self._harmonies = reasoning, setup, {}
+        return self
+
     @property
     def _plain(self) -> bool:
-        return self.tools is None and self.reasoning is None
+        return self.tools is None and self.reasoning is None and self.harmony is None
 
     def chunks(self, piece: Piece, offset: int) -> list[dict[str, Any]]:
         if self._plain:
@@ -65,12 +76,15 @@ class ChatJob(Job):
         if self._plain:
             return super().final_chunks(index, reason)
         out = [self._delta_chunk(index, d) for d in self._deltas(index, "", True)]
-        calls = self.tools is not None and self._stream(index).calls
+        calls = (self._harmony(index).calls if self.harmony is not None else
+                 self.tools is not None and self._stream(index).calls)
         return out + [self.final_chunk(index, "tool_calls" if calls and reason == FINISH_STOP
                                        else reason)]
 
     def _deltas(self, index: int, text: str, final: bool) -> list[dict[str, Any]]:
         """One choice's new text as deltas: reasoning_content, then content or tool calls."""
+        if self.harmony is not None:
+            return self._harmony(index).feed(text, final)
         parts = ([(CONTENT, text)] if self.reasoning is None else
                  self._splits.setdefault(index, ReasoningSplit(self.reasoning)).feed(text, final))
         out: list[dict[str, Any]] = []
@@ -82,6 +96,9 @@ class ChatJob(Job):
         if final and self.tools is not None:
             out += self._stream(index).finish()
         return out
+
+    def _harmony(self, index: int) -> HarmonySplit:
+        return self._harmonies.setdefault(index, HarmonySplit(self.harmony_tools, bool(self.harmony)))
 
     def _stream(self, index: int) -> ToolStream:
         assert self.tools is not None
@@ -96,20 +113,27 @@ class ChatJob(Job):
         if self._plain:
             return out
         for choice in out["choices"]:
-            thought, text = (None, choice["message"]["content"]) if self.reasoning is None else \
-                split_reasoning(choice["message"]["content"], self.reasoning)
+            thought, text, calls = self._parts(choice["message"]["content"])
             message: dict[str, Any] = {"role": "assistant", "content": text}
-            if self.tools is not None:
-                content, calls = parse_tool_calls(text, self.tools)
-                if calls:
-                    message = {"role": "assistant", "content": content or None,
-                               "tool_calls": [c.as_dict() for c in calls]}
-                    if choice["finish_reason"] == FINISH_STOP:
-                        choice["finish_reason"] = "tool_calls"
+            if calls:
+                message = {"role": "assistant", "content": text or None,
+                           "tool_calls": [c.as_dict() for c in calls]}
+                if choice["finish_reason"] == FINISH_STOP:
+                    choice["finish_reason"] = "tool_calls"
             if thought is not None:
                 message[REASONING] = thought
             choice["message"] = message
         return out
+
+    def _parts(self, text: str) -> tuple[Optional[str], str, list[ToolCall]]:
+        """(reasoning or None, content, tool calls) of a whole reply."""
+        if self.harmony is not None:
+            return harmony.parse(text, self.harmony_tools, self.harmony)
+        thought, text = (None, text) if self.reasoning is None else split_reasoning(text, self.reasoning)
+        if self.tools is None:
+            return thought, text, []
+        content, calls = parse_tool_calls(text, self.tools)
+        return thought, content, calls
 
     def logprobs_of(self, piece: Piece, offset: int) -> Optional[dict[str, Any]]:
         if not self.logprobs:
@@ -147,15 +171,21 @@ async def chat(state: ServerState, request: Request) -> Response:
     body = parse(ChatCompletionRequest, await read_json(request, state.cfg.max_request_bytes))
     state.check_model(body.model)
     constraint = response_format_constraint(body.response_format)
+    uses_harmony = harmony_replies(state)
     setup = parse_setup(body.tools, body.tool_choice, body.parallel_tool_calls,
-                        tool_style(state))
+                        "harmony" if uses_harmony else tool_style(state))
     if setup.forced:
         if constraint is not None:
             raise bad_request("response_format json cannot be combined with tool_choice "
                               "'required' or a named function", "response_format")
-        constraint = check(forcing_grammar(setup), "tools")
+        constraint = check(harmony.forcing_grammar(setup) if uses_harmony else forcing_grammar(setup),
+                           "tools")
     history = message_dicts(body.messages)
-    kwargs = body.chat_template_kwargs or {}
+    if uses_harmony:
+        history = harmony.template_messages(history)
+    kwargs = dict(body.chat_template_kwargs or {})
+    if body.reasoning_effort is not None:   # gpt-oss's template reads it; chat_template_kwargs wins
+        kwargs.setdefault("reasoning_effort", body.reasoning_effort)
     messages, extra = prompt_messages(history, setup, state.tokenizer.template_takes_tools)
     ids = await state.encode_chat(messages, {**kwargs, **extra})
     if setup.active and not setup.forced and len(ids) >= state.context:
@@ -175,7 +205,22 @@ async def chat(state: ServerState, request: Request) -> Response:
                           f"the model's context holds {state.context} tokens; tool_choice "
                           f"{setup.choice!r} needs the tools in the prompt", "tools")
     job = ChatJob(state, body, [ids], bool(body.logprobs), body.top_logprobs or 0, constraint)
+    if uses_harmony and (constraint is None or setup.forced):
+        # (a response_format reply is the JSON alone, without harmony's messages: all content)
+        return await respond(request, job.with_harmony(state.cfg.reasoning_parser != "none", setup))
+    if uses_harmony:
+        return await respond(request, job)
     return await respond(request, job.with_tools(setup).with_reasoning(reasoning_start(state, ids, constraint)))
+
+
+def harmony_replies(state: ServerState) -> bool:
+    """Whether replies are read as harmony (gpt-oss): its one parser reads reasoning and tool
+    calls together, so either --reasoning-parser or --tool-parser naming it (or 'auto' with a chat
+    template that writes <|channel|>) applies it to both."""
+    reasoning, tools = state.cfg.reasoning_parser, state.cfg.tool_parser
+    if "harmony" in (reasoning, tools):
+        return True
+    return "auto" in (reasoning, tools) and template_harmony(state.tokenizer.template_source)
 
 
 def reasoning_start(state: ServerState, prompt: list[int], constraint: Any) -> Optional[bool]:

@@ -21,6 +21,11 @@ SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")   # passed
 # kept in the output text where a tokenizer marks them special, which decoding would drop
 KEPT_TAGS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>",
              "<arg_value>", "</arg_value>", "</parameter>", "</function>")
+# OpenAI's harmony tags (gpt-oss, server/harmony.py): kept only by a tokenizer that has <|channel|>
+# and <|message|> as special tokens, as other models use some of these names (Phi-3's <|end|>
+# ends its turns, and would then show in the text)
+HARMONY_TAGS = ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>",
+                "<|call|>")
 # variables the server sets itself: a request's chat_template_kwargs may not replace them
 RESERVED_VARIABLES = ("messages", "add_generation_prompt", "tools", *SPECIAL_TOKENS)
 
@@ -73,7 +78,9 @@ class TextTokenizer:
             raise FileNotFoundError(f"{path}: no tokenizer.json in the model directory {model_dir!r}{hint}")
         self.tokenizer = Tokenizer.from_file(path)
         added = self.tokenizer.get_added_tokens_decoder()
-        self._kept = {i for i, t in added.items() if t.special and t.content in KEPT_TAGS}
+        special = {t.content for t in added.values() if t.special}
+        kept = set(KEPT_TAGS) | (set(HARMONY_TAGS) if {"<|channel|>", "<|message|>"} <= special else set())
+        self._kept = {i for i, t in added.items() if t.special and t.content in kept}
         self._dropped = {i for i, t in added.items() if t.special and i not in self._kept}
         cfg_path = os.path.join(model_dir, "tokenizer_config.json")
         cfg: dict[str, Any] = {}
