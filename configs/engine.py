@@ -34,7 +34,9 @@ class EngineConfig:
     quantize: Optional[str] = field(default=None, metadata={
         "help": "routed-expert format: int8 (per-channel) or int4 (group-wise) converts an "
                 "unquantized checkpoint once into MOESERVE_HOME and serves that; none serves it "
-                "as it is; omitted: the checkpoint's own format", "choices": QUANT_FORMATS})
+                "as it is; omitted: the checkpoint's own format (FP8 and gpt-oss MXFP4 "
+                "checkpoints: int8; gpt-oss's stacked bf16 experts: converted once per expert, "
+                "unquantized)", "choices": QUANT_FORMATS})
     group_size: Optional[int] = field(default=None, metadata={
         "help": "int4 group size (32, 64 or 128); default: the largest that divides every "
                 "expert input dimension"})
