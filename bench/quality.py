@@ -56,7 +56,7 @@ def moeserve_logits(model_dir: str, context: int,
     lm = load_model(model_dir, dev, dtype, context_length=context, dense_quantize=dense_quantize)
     lm.model.set_provider(ResidentExpertProvider(lm.experts, dev, dtype))
     spec = lm.model.kv_spec
-    kv = KVCache(spec.num_layers, 1, context, spec.kv_heads, spec.k_dim, spec.v_dim, dtype, dev)
+    kv = KVCache.for_model(spec, 1, context, dtype, dev)
 
     @torch.inference_mode()
     def run(ids: list[int]) -> torch.Tensor:

@@ -58,8 +58,7 @@ class Engine:
         self.model.set_provider(provider)
         spec = self.model.kv_spec
         self.context = loaded.info.context_length
-        self.kv = KVCache(spec.num_layers, max_batch, self.context, spec.kv_heads, spec.k_dim,
-                          spec.v_dim, loaded.dtype, loaded.device)
+        self.kv = KVCache.for_model(spec, max_batch, self.context, loaded.dtype, loaded.device)
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.free_slots = list(range(max_batch - 1, -1, -1))

@@ -14,6 +14,7 @@ from torch import nn
 
 from cache.provider import ExpertProvider
 from engine.models.common import Batch, KVCache, RMSNorm, Rotary
+from engine.models.linear_state import LinearSpec
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class KVSpec:
     kv_heads: int
     k_dim: int
     v_dim: int
+    linear: Optional[LinearSpec] = None    # hybrid models: these layers keep a state, not k/v
 
 
 class MoEBlockBase(nn.Module):
@@ -54,17 +56,17 @@ class MoEBlockBase(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden: int, eps: float,
-                 mlp_name: str = "mlp") -> None:
+                 mlp_name: str = "mlp", attn_name: str = "self_attn") -> None:
         super().__init__()
-        self.self_attn = self_attn
-        self.mlp_name = mlp_name
+        self.attn_name, self.mlp_name = attn_name, mlp_name
+        setattr(self, attn_name, self_attn)   # checkpoint name: 'self_attn' or 'linear_attn'
         setattr(self, mlp_name, mlp)   # checkpoint name: 'mlp' or 'block_sparse_moe'
         self.input_layernorm = RMSNorm(hidden, eps)
         self.post_attention_layernorm = RMSNorm(hidden, eps)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: Batch,
                 kv: KVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, batch, kv)
+        x = x + getattr(self, self.attn_name)(self.input_layernorm(x), rope, batch, kv)
         return x + getattr(self, self.mlp_name)(self.post_attention_layernorm(x))
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from cache.provider import ExpertProvider
 from engine.kernels import ExpertMath, expert_forward
+from engine.models.linear_state import LinearSpec, LinearStates
 from engine.models.sink_attention import AttnExtras, sink_attention
 
 
@@ -43,18 +44,30 @@ class Batch:
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: [slots, kv_heads, context, head_dim]."""
+    """Preallocated keys/values for every layer: [slots, kv_heads, context, head_dim]; a hybrid
+    model's linear-attention layers keep a state in ``linear`` instead (engine/models/linear_state.py)."""
 
     def __init__(self, num_layers: int, slots: int, context: int, kv_heads: int, k_dim: int,
-                 v_dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.k = [torch.zeros(slots, kv_heads, context, k_dim, dtype=dtype, device=device)
-                  for _ in range(num_layers)]
-        self.v = [torch.zeros(slots, kv_heads, context, v_dim, dtype=dtype, device=device)
-                  for _ in range(num_layers)]
+                 v_dim: int, dtype: torch.dtype, device: torch.device,
+                 linear: Optional[LinearSpec] = None) -> None:
+        skip = set(linear.layers) if linear is not None else set()
+        self.k = [torch.zeros(0 if i in skip else slots, kv_heads, context, k_dim, dtype=dtype, device=device)
+                  for i in range(num_layers)]
+        self.v = [torch.zeros(0 if i in skip else slots, kv_heads, context, v_dim, dtype=dtype, device=device)
+                  for i in range(num_layers)]
+        self.linear = LinearStates(linear, slots, dtype, device) if linear is not None else None
+
+    @classmethod
+    def for_model(cls, spec: Any, slots: int, context: int, dtype: torch.dtype,
+                  device: torch.device) -> "KVCache":
+        """The cache a model's KVSpec asks for (engine/models/base.py)."""
+        return cls(spec.num_layers, slots, context, spec.kv_heads, spec.k_dim, spec.v_dim, dtype,
+                   device, spec.linear)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self.k + self.v) + \
+            (self.linear.nbytes if self.linear is not None else 0)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

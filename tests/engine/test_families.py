@@ -32,7 +32,7 @@ from tests.engine.tiny_families import COMMON, FAMILIES, FamilyCheckpoint, engin
 transformers = pytest.importorskip("transformers")
 
 LOGIT_ATOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
-BF16_FAMILIES = ["mixtral", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "gpt_oss"]
+BF16_FAMILIES = ["mixtral", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "gpt_oss", "qwen3_next"]
 MOE_FAMILIES = [n for n, (_, _, moe) in FAMILIES.items() if moe]
 PROMPTS = [(5, 17, 33, 8, 91, 64, 12), (40, 3), (150, 7, 7, 21, 99, 100, 4, 58, 33, 11, 60, 2, 19)]
 NEW_TOKENS = 24
@@ -101,10 +101,11 @@ def engine_greedy(case: Case, prompts: list[tuple[int, ...]]) -> list[list[int]]
     return [res[str(i)].token_ids for i in range(len(prompts))]
 
 
-def prompt_logits(loaded: LoadedModel, ref: Any, prompt: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_logits(loaded: LoadedModel, ref: Any, prompt: tuple[int, ...],
+                  context: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """(engine, transformers) logits [T, V] of one prompt pass, in fp32."""
     model, spec = loaded.model, loaded.model.kv_spec
-    kv = KVCache(spec.num_layers, 1, 64, spec.kv_heads, spec.k_dim, spec.v_dim, loaded.dtype, CPU)
+    kv = KVCache.for_model(spec, 1, context, loaded.dtype, CPU)
     ids = torch.tensor([prompt])
     batch = Batch(torch.arange(len(prompt))[None], torch.tensor([0]), len(prompt), single_slot=0)
     with torch.inference_mode():

@@ -70,6 +70,17 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], int]] = {
     "gpt_oss": ("GptOssConfig", dict(num_key_value_heads=2, head_dim=16, intermediate_size=32,
                                      num_local_experts=8, num_experts_per_tok=2, sliding_window=4,
                                      swiglu_limit=0.5), 3),
+    # Qwen3-Next: Gated DeltaNet layers 0 and 2 (2 key heads serving 4 value heads, Dk 8, Dv 12),
+    # gated full attention in layer 1 with per-head (1 + w) norms and rope on half of each head,
+    # softmax top-k beside a gated shared expert in layers 0 and 2, layer 1 dense
+    "qwen3_next": ("Qwen3NextConfig", dict(num_key_value_heads=2, head_dim=16, partial_rotary_factor=0.5,
+                                           layer_types=["linear_attention", "full_attention", "linear_attention"],
+                                           linear_num_key_heads=2, linear_num_value_heads=4,
+                                           linear_key_head_dim=8, linear_value_head_dim=12,
+                                           linear_conv_kernel_dim=4, intermediate_size=96,
+                                           moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                           num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                                           mlp_only_layers=[1]), 2),
 }
 # weight seeds other than 0: with seed 0 this tiny GLM repeats one token after a 2-token prompt,
 # which would make its greedy comparison against transformers say little
@@ -85,13 +96,17 @@ def make_family_checkpoint(name: str, path: str, dtype: torch.dtype = torch.floa
     torch.manual_seed(SEEDS.get(name, 0) if seed is None else seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
+        for name, param in model.named_parameters():   # norms stored around zero (Qwen3-Next's
+            if "norm" in name and not param.any():      # 1 + w): make their weights count
+                param.normal_(0.0, 0.1)
         if getattr(model.lm_head, "bias", None) is not None:       # ERNIE's with use_bias
             model.lm_head.bias.normal_(0.0, 0.1)
         for layer in model.model.layers:
-            for module in (*layer.self_attn.modules(), *layer.mlp.modules()):   # biases start at zero:
+            attn = getattr(layer, "self_attn", None) or layer.linear_attn        # Qwen3-Next's hybrid layers
+            for module in (*attn.modules(), *layer.mlp.modules()):               # biases start at zero:
                 if isinstance(module, torch.nn.Linear) and module.bias is not None:  # make them count
                     module.bias.normal_(0.0, 0.1)
-            sinks = getattr(layer.self_attn, "sinks", None)
+            sinks = getattr(attn, "sinks", None)
             if sinks is not None:                          # gpt-oss: one logit per head
                 sinks.normal_(0.0, 1.0)
             experts = getattr(layer.mlp, "experts", None)
