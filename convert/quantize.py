@@ -41,8 +41,9 @@ DENSE_INDEX = "model.safetensors.index.json"
 SKIP_FILES = (DENSE_INDEX, "config.json", "moeserve-build.json")
 DENSE_SHARD_BYTES = 2 << 30
 BITS = {"int8": 8, "int4": 4}
+MXFP4_GROUP = 32
 RATIOS = {"bf16": {"int8": 0.5, "int4": 0.33}, "stacked": {"none": 1.05, "int8": 0.5, "int4": 0.33},
-          "fp8": {"int8": 1.1, "int4": 0.65}, "mxfp4": {"none": 3.7, "int8": 1.9, "int4": 1.1}}
+          "fp8": {"int8": 1.1, "int4": 0.65}, "mxfp4": {"none": 3.3, "int8": 1.8, "int4": 1.1}}
 
 
 class CheckpointExperts:
@@ -114,6 +115,8 @@ def quantize_checkpoint(model_dir: str, out_dir: str, kind: str, group_size: Opt
     fp8 = Fp8Reader(index, block) if block else None
     read = fp8.read if fp8 else read_tensor
     experts = _experts(index, layout_info, read)
+    if kind == "int4" and not group_size and _is_mxfp4(cfg.raw):
+        group_size = MXFP4_GROUP
     fmt = resolve_format(kind, experts.inter, experts.hidden, group_size, layout)
     _write_tensors(out_dir, ((n, lambda ref=ref: read(ref)) for n, ref in index.items()
                              if not is_expert_tensor(n, layout_info) and not (fp8 and fp8.is_scale(n))
@@ -278,8 +281,8 @@ def source_conversion(model_dir: str, raw: dict[str, Any]) -> Optional[str]:
     try:
         with torch.device("meta"):
             layout = family(raw["model_type"]).build(HFConfig(raw), 16).layout
-    except (KeyError, ValueError):
-        return None                   # the loader says what is wrong with it
+    except Exception:                 # noqa: BLE001 - any malformed config: the loader says what is wrong
+        return None
     if layout is not None and layout.converted and needs_conversion(read_checkpoint_index(model_dir), layout):
         return "stacked"
     return None
@@ -316,7 +319,9 @@ def ensure_quantized(model_dir: str, kind: str, group_size: Optional[int] = None
         if conv is None:
             return model_dir
     if kind == "int4" and not group_size:     # resolved now: implicit and explicit share a build
-        group_size = have.group_size if have else resolve_format(
+        # MXFP4's scales cover 32 weights: int4 groups of 32 line up with them (re-quantization
+        # error about 3/4 of groups of 64's on MXFP4-like weights)
+        group_size = have.group_size if have else MXFP4_GROUP if conv == "mxfp4" else resolve_format(
             kind, *_expert_shape(model_dir), None).group_size
     params = {"quantize": kind, "group_size": group_size,
               "layout": layout if kind == "int4" else None, "version": QUANT_VERSION,

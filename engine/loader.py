@@ -222,18 +222,19 @@ def load_model(model_dir: str, device: torch.device, dtype: Optional[torch.dtype
     model = model.to_empty(device=device).to(dtype)
     model.rotary.materialize(device)
     params = dict(model.named_parameters())
-    total = sum(index[n].nbytes for n in params if n in index)
+    names = {name: model.checkpoint_name(name) for name in params}      # -> checkpoint names
+    total = sum(index[n].nbytes for n in names.values() if n in index)
     done = 0
     for name, param in params.items():
-        ref = index.get(name)
+        ref = index.get(names[name])
         if ref is None:
             if name == "lm_head.weight" and (model.tie_embeddings or "lm_head.weight" not in index):
                 param.data = params["model.embed_tokens.weight"].data
                 continue
-            raise CheckpointError(f"{model_dir}: checkpoint is missing tensor {name} "
+            raise CheckpointError(f"{model_dir}: checkpoint is missing tensor {names[name]} "
                                   f"(model_type {cfg.raw['model_type']})")
         if tuple(ref.shape) != tuple(param.shape):
-            raise CheckpointError(f"{ref.path}: tensor {name} has shape {list(ref.shape)}, "
+            raise CheckpointError(f"{ref.path}: tensor {names[name]} has shape {list(ref.shape)}, "
                                   f"the config implies {list(param.shape)}")
         with torch.no_grad():
             # in the parameter's own dtype: a family may keep some in fp32 (DeepSeek routers)
@@ -254,8 +255,10 @@ def load_model(model_dir: str, device: torch.device, dtype: Optional[torch.dtype
     skipped = [n for n in index if n.startswith(model.skipped_prefixes)]
     if skipped:
         log.info("%s: %d tensors under %s are not used for decoding; skipped", model_dir, len(skipped),
-                 ", ".join(p.rstrip(".") for p in model.skipped_prefixes))
-    unused = [n for n in index if n not in params and not is_expert_tensor(n, model.layout)
+                 ", ".join(p.rstrip(".") for p in model.skipped_prefixes
+                           if any(n.startswith(p) for n in skipped)))
+    used = set(names.values())
+    unused = [n for n in index if n not in used and not is_expert_tensor(n, model.layout)
               and not n.endswith(IGNORED_SUFFIXES) and not n.startswith(model.skipped_prefixes)]
     if unused:
         log.warning("%s: %d checkpoint tensors unused, e.g. %s", model_dir, len(unused), unused[:3])

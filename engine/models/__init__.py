@@ -16,6 +16,8 @@ MODEL_TYPES: dict[str, str] = {
     "ernie4_5_moe": "engine.models.ernie4_5_moe",
     "gpt_oss": "engine.models.gpt_oss",
     "qwen3_next": "engine.models.qwen3_next",
+    "qwen3_5_moe": "engine.models.qwen3_5_moe",
+    "qwen3_5_moe_text": "engine.models.qwen3_5_moe",
 }
 
 

@@ -84,7 +84,7 @@ class DecoderLM(nn.Module):
     def __init__(self, vocab: int, hidden: int, layers: list[nn.Module], eps: float,
                  rotary: Rotary, layout: Optional[ExpertLayout], kv_spec: KVSpec,
                  tie_embeddings: bool = False, skipped_prefixes: tuple[str, ...] = (),
-                 head_bias: bool = False) -> None:
+                 head_bias: bool = False, checkpoint_prefix: str = "model.") -> None:
         super().__init__()
         self.model = Inner(vocab, hidden, layers, eps)
         self.lm_head = nn.Linear(hidden, vocab, bias=head_bias)
@@ -95,6 +95,13 @@ class DecoderLM(nn.Module):
         self.vocab_size = vocab
         # checkpoint tensors the family knows and does not use (e.g. multi-token-prediction layers)
         self.skipped_prefixes = skipped_prefixes
+        # where the checkpoint keeps what is model.* here (a vision-language checkpoint's text
+        # model: model.language_model.*)
+        self.checkpoint_prefix = checkpoint_prefix
+
+    def checkpoint_name(self, name: str) -> str:
+        """The checkpoint's name of parameter ``name``."""
+        return self.checkpoint_prefix + name[len("model."):] if name.startswith("model.") else name
 
     def moe_blocks(self) -> list[MoEBlockBase]:
         return [m for m in self.modules() if isinstance(m, MoEBlockBase)]

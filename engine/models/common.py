@@ -185,7 +185,7 @@ def _yarn_inv_freq(dim: int, base: float, params: dict[str, Any]) -> tuple[torch
 
     low = math.floor(corr_dim(beta_fast))
     high = math.ceil(corr_dim(beta_slow))
-    if params.get("truncate", True) is False:
+    if not params.get("truncate", True):         # false or null: no rounding, as transformers
         low, high = corr_dim(beta_fast), corr_dim(beta_slow)
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:

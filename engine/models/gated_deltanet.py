@@ -96,8 +96,9 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(v_dim, eps)
         self.out_proj = nn.Linear(v_heads * v_dim, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: Batch,
-                kv: KVCache) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [B, T, H] -> (q|k|v [B, T, C] as the convolution takes them, z [B, T, Hv*Dv],
+        beta and decay logits [B, T, Hv] each)."""
         b, t, _ = x.shape
         g = self.hv // self.hk
         # the projections are grouped per key head: [q, k, v of its g value heads, z of them]
@@ -105,6 +106,12 @@ class GatedDeltaNet(nn.Module):
         q, k, v, z = qkvz.split([self.dk, self.dk, g * self.dv, g * self.dv], dim=-1)
         beta, a = self.in_proj_ba(x).view(b, t, self.hk, 2 * g).split([g, g], dim=-1)
         mixed = torch.cat([q.reshape(b, t, -1), k.reshape(b, t, -1), v.reshape(b, t, -1)], dim=-1)
+        return mixed, z.reshape(b, t, -1), beta.reshape(b, t, -1), a.reshape(b, t, -1)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: Batch,
+                kv: KVCache) -> torch.Tensor:
+        b, t, _ = x.shape
+        mixed, z, beta, a = self.project(x)
         states = kv.linear
         assert states is not None, "a linear-attention layer needs the KV cache's linear states"
         window, state = states.read(self.layer, batch)                # [B, C, K-1], [B, Hv, Dk, Dv]
@@ -112,10 +119,25 @@ class GatedDeltaNet(nn.Module):
         full = torch.cat([window.to(w.dtype), mixed.transpose(1, 2).to(w.dtype)], dim=-1)  # [B, C, K-1+T]
         conv = F.silu(F.conv1d(full, w, groups=self.conv_dim)).to(x.dtype).transpose(1, 2)  # [B, T, C]
         q, k, v = conv.split([self.hk * self.dk, self.hk * self.dk, self.hv * self.dv], dim=-1)
-        decay = -self.A_log.float().exp() * F.softplus(a.reshape(b, t, self.hv).float() + self.dt_bias)
+        decay = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
         o, state = gated_delta_rule(q.view(b, t, self.hk, self.dk), k.view(b, t, self.hk, self.dk),
-                                    v.view(b, t, self.hv, self.dv), decay,
-                                    beta.reshape(b, t, self.hv).sigmoid(), state)
+                                    v.view(b, t, self.hv, self.dv), decay, beta.sigmoid(), state)
         states.write(self.layer, batch, full[:, :, full.shape[-1] - window.shape[-1]:], state)
         o = self.norm(o.reshape(-1, self.dv), z.reshape(-1, self.dv))                # [B*T*Hv, Dv]
         return self.out_proj(o.view(b, t, self.hv * self.dv))
+
+
+class SplitGatedDeltaNet(GatedDeltaNet):
+    """Qwen3.5's layout of the same layer: separate projections, q|k|v over all heads in one."""
+
+    def __init__(self, hidden: int, k_heads: int, v_heads: int, k_dim: int, v_dim: int, kernel: int,
+                 eps: float, layer: int) -> None:
+        super().__init__(hidden, k_heads, v_heads, k_dim, v_dim, kernel, eps, layer)
+        del self.in_proj_qkvz, self.in_proj_ba
+        self.in_proj_qkv = nn.Linear(hidden, self.conv_dim, bias=False)
+        self.in_proj_z = nn.Linear(hidden, v_heads * v_dim, bias=False)
+        self.in_proj_b = nn.Linear(hidden, v_heads, bias=False)
+        self.in_proj_a = nn.Linear(hidden, v_heads, bias=False)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)

@@ -22,7 +22,8 @@ from engine.models.sink_attention import AttnExtras
 
 # what transformers' GptOssConfig fills in for settings a config.json leaves out
 DEFAULTS = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0, "sliding_window": 128,
-            "rope_theta": 150000.0, "rms_norm_eps": 1e-5, "attention_bias": True}
+            "rope_theta": 150000.0, "rms_norm_eps": 1e-5, "attention_bias": True,
+            "num_key_value_heads": 8, "head_dim": 64}
 DEFAULT_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                 "truncate": False, "original_max_position_embeddings": 4096}
 EXPERT_BIASES = ("gate_up_proj_bias", "down_proj_bias")
@@ -93,8 +94,9 @@ def layer_types(cfg: HFConfig) -> list[str]:
 def build(cfg: HFConfig, context: int) -> DecoderLM:
     hidden, n_layers = cfg.req("hidden_size"), cfg.req("num_hidden_layers")
     heads = cfg.req("num_attention_heads")
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.head_dim()
+    # transformers' GptOssConfig: absent -> 8 kv heads and head_dim 64; null -> heads, hidden / heads
+    kv_heads = cfg.get("num_key_value_heads", DEFAULTS["num_key_value_heads"]) or heads
+    head_dim = cfg.get("head_dim", DEFAULTS["head_dim"]) or hidden // heads
     eps = cfg.get("rms_norm_eps", DEFAULTS["rms_norm_eps"])
     experts, top_k = cfg.req("num_local_experts"), cfg.req("num_experts_per_tok")
     inter = cfg.req("intermediate_size")

@@ -77,14 +77,22 @@ def _get(cfg: HFConfig, key: str) -> int:
 
 
 def build(cfg: HFConfig, context: int) -> DecoderLM:
+    experts = num_experts(cfg)
+    moe_layers = sparse_step_layers(cfg, cfg.req("num_hidden_layers")) if experts > 0 else ()
+    return build_hybrid(cfg, context, GatedDeltaNet, moe_layers, bool(cfg.get("norm_topk_prob", True)))
+
+
+def build_hybrid(cfg: HFConfig, context: int, delta_net: type[GatedDeltaNet], moe_layers: tuple[int, ...],
+                 norm: bool, checkpoint_prefix: str = "model.",
+                 skipped: tuple[str, ...] = SKIPPED) -> DecoderLM:
+    """The Qwen3-Next decoder (also Qwen3.5's text model, whose linear layers are ``delta_net``)."""
     hidden, n_layers = cfg.req("hidden_size"), cfg.req("num_hidden_layers")
     heads = cfg.req("num_attention_heads")
     kv_heads = cfg.get("num_key_value_heads") or heads
     head_dim, eps = cfg.head_dim(), cfg.get("rms_norm_eps", 1e-6)
     bias = bool(cfg.get("attention_bias", False))
-    experts = num_experts(cfg)
-    moe_layers = sparse_step_layers(cfg, n_layers) if experts > 0 else ()
-    top_k, norm = cfg.req("num_experts_per_tok"), bool(cfg.get("norm_topk_prob", True))
+    experts = num_experts(cfg) if moe_layers else 0
+    top_k = cfg.req("num_experts_per_tok") if moe_layers else 0
     shared: Optional[int] = cfg.get("shared_expert_intermediate_size")
     types = layer_types(cfg)
     linear = LinearSpec(tuple(i for i, t in enumerate(types) if t == "linear_attention"),
@@ -95,8 +103,8 @@ def build(cfg: HFConfig, context: int) -> DecoderLM:
     layers = []
     for i in range(n_layers):
         if types[i] == "linear_attention":
-            mixer: nn.Module = GatedDeltaNet(hidden, _get(cfg, "linear_num_key_heads"), linear.heads,
-                                             linear.k_dim, linear.v_dim, linear.kernel, eps, i)
+            mixer: nn.Module = delta_net(hidden, _get(cfg, "linear_num_key_heads"), linear.heads,
+                                         linear.k_dim, linear.v_dim, linear.kernel, eps, i)
         else:
             mixer = GatedAttention(hidden, heads, kv_heads, head_dim, i, bias, eps)
         if i in moe_layers:
@@ -108,7 +116,7 @@ def build(cfg: HFConfig, context: int) -> DecoderLM:
         layer.input_layernorm, layer.post_attention_layernorm = OffsetRMSNorm(hidden, eps), OffsetRMSNorm(hidden, eps)
         layers.append(layer)
     layout = ExpertLayout(moe_layers, experts, top_k,
-                          prefix=lambda i: f"model.layers.{i}.mlp.experts") if moe_layers else None
+                          prefix=lambda i: f"{checkpoint_prefix}layers.{i}.mlp.experts") if moe_layers else None
     params = rope_parameters(cfg.raw)
     params.setdefault("partial_rotary_factor",
                       cfg.get("partial_rotary_factor", DEFAULTS["partial_rotary_factor"]))
@@ -117,6 +125,6 @@ def build(cfg: HFConfig, context: int) -> DecoderLM:
                       Rotary(rotary_dim(HFConfig(raw)), params, context), layout,
                       KVSpec(n_layers, kv_heads, head_dim, head_dim, linear if linear.layers else None),
                       tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                      skipped_prefixes=SKIPPED)
+                      skipped_prefixes=skipped, checkpoint_prefix=checkpoint_prefix)
     model.model.norm = OffsetRMSNorm(hidden, eps)
     return model

@@ -167,3 +167,20 @@ def test_a_large_conversion_is_written_in_shards(checkpoints: dict[str, str], tm
         got.update(load_file(os.path.join(sharded, f)))
     assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
     assert len(load_model(sharded, CPU, torch.bfloat16, context_length=32).experts) == 3 * 8
+
+
+def test_int4_from_mxfp4_uses_its_blocks_of_32(checkpoints: dict[str, str], tmp_path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """int4 groups of 32 line up with MXFP4's scales: asked for explicitly for an MXFP4 source,
+    through serve's conversion and moeserve quantize alike; other sources get the format's
+    default (the largest of 128/64/32 dividing both dimensions)."""
+    asked: list[object] = []
+    real = quantize.resolve_format
+    monkeypatch.setattr(quantize, "resolve_format", lambda kind, i, h, g, layout="cpu": (asked.append(g), real(kind, i, h, g, layout))[1])
+    mx = quantize.ensure_quantized(checkpoints["mxfp4"], "int4", home=str(tmp_path), progress=False)
+    assert mx.endswith("-int4-g32") and asked[-1] == 32
+    os.makedirs(tmp_path / "out")
+    assert quantize.quantize_checkpoint(checkpoints["mxfp4"], str(tmp_path / "out"), "int4", progress=False).group_size == 32
+    assert asked[-1] == 32
+    quantize.ensure_quantized(checkpoints["stacked"], "int4", home=str(tmp_path), progress=False)
+    assert None in asked                     # the stacked bf16 source: the format's own default

@@ -69,3 +69,59 @@ def test_prompt_chunks_and_reused_slots_give_transformers_tokens(case, chunk: in
                               do_sample=False, eos_token_id=None)[0, len(prompt):].tolist()
         assert ours == theirs
     assert len(set(first)) >= 3
+
+
+def test_qwen3_5_vision_language_checkpoint_serves_its_text_model(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    """Qwen3.5 ships as a vision-language model: the text model is read from text_config and
+    model.language_model.*, the vision tower is skipped with an info line (not reported unused),
+    and the logits are those of transformers' whole model on text input."""
+    from tests.engine.tiny_families import COMMON, FAMILIES
+    _, text_kwargs, _ = FAMILIES["qwen3_5_moe_text"]
+    text = transformers.Qwen3_5MoeTextConfig(**{**COMMON, **text_kwargs})
+    cfg = transformers.Qwen3_5MoeConfig(text_config=text.to_dict(), tie_word_embeddings=False,
+                                        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64,
+                                                           num_heads=2, out_hidden_size=64))
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForImageTextToText.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, param in ref.named_parameters():
+            if "norm" in name and not param.any():
+                param.normal_(0.0, 0.1)
+            if name.endswith("mlp.gate.weight"):
+                param.normal_(0.0, 0.4)                    # decisive routing, as the family tests
+    ref.save_pretrained(str(tmp_path))
+    with caplog.at_level("INFO", logger="moeserve.loader"):
+        lm = load_model(str(tmp_path), CPU, torch.float32, context_length=64)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "under model.visual are not used" in caplog.text
+    assert lm.info.num_moe_layers == 3 and len(lm.experts) == 3 * 8
+    lm.model.set_provider(ResidentExpertProvider(lm.experts, CPU, torch.float32))
+    ours, theirs = prompt_logits(lm, ref, LONG[:30])
+    torch.testing.assert_close(ours, theirs, rtol=0.0, atol=1e-5)
+    # converted (int8 experts): the text model's tensors only, loadable as it is
+    from convert.quantize import ensure_quantized
+    out = ensure_quantized(str(tmp_path), "int8", home=str(tmp_path / "home"), progress=False)
+    q = load_model(out, CPU, torch.bfloat16, context_length=64)
+    assert len(q.experts) == 3 * 8 and q.model.checkpoint_prefix == "model.language_model."
+
+
+@pytest.mark.parametrize("chunk", [7, 50])
+def test_gpt_oss_windows_and_sinks_across_chunks_and_rows(family_checkpoint: FamilyCheckpoint, chunk: int) -> None:
+    """gpt-oss's sliding window (4 here) and sinks where the family tests do not reach: a prompt
+    longer than one 128-query block, prompt chunks starting past 0, and several sequences
+    decoded together (each row its own key range): greedy tokens equal transformers'."""
+    from tests.engine.tiny_families import engine_dir
+    path = family_checkpoint("gpt_oss", torch.float32)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    lm = load_model(engine_dir(path), CPU, torch.float32, context_length=256)
+    prompts = [LONG + LONG[:20], LONG[:40], LONG[100:109]]                  # 170, 40 and 9 tokens
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    eng = Engine(lm, ResidentExpertProvider(lm.experts, CPU, torch.float32), max_batch=3, prefill_chunk=chunk)
+    try:
+        res = run_to_completion(eng, [GenerateRequest(str(i), p, params) for i, p in enumerate(prompts)])
+    finally:
+        eng.close()
+    for i, p in enumerate(prompts):
+        theirs = ref.generate(torch.tensor([p]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                              eos_token_id=None)[0, len(p):].tolist()
+        assert res[str(i)].token_ids == theirs, i

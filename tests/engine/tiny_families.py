@@ -81,6 +81,15 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], int]] = {
                                            moe_intermediate_size=32, shared_expert_intermediate_size=48,
                                            num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
                                            mlp_only_layers=[1]), 2),
+    # Qwen3.5 (text-only checkpoint): Qwen3-Next's layers with split linear projections, routed
+    # experts in every layer (stacked, as transformers 5 writes them)
+    "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", dict(num_key_value_heads=2, head_dim=16, partial_rotary_factor=0.5,
+                                                      layer_types=["linear_attention", "full_attention",
+                                                                   "linear_attention"],
+                                                      linear_num_key_heads=2, linear_num_value_heads=4,
+                                                      linear_key_head_dim=8, linear_value_head_dim=12,
+                                                      moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                                      num_experts=8, num_experts_per_tok=2), 3),
 }
 # weight seeds other than 0: with seed 0 this tiny GLM repeats one token after a 2-token prompt,
 # which would make its greedy comparison against transformers say little
