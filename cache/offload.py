@@ -32,9 +32,9 @@ from cache.io_pool import IOPool, LoadJob
 from cache.offload_report import OffloadReporting
 from cache.policy import CachePolicy, ExpertKey, UnionKeys, ranked_hint_ids
 from cache.prefetch_pacer import PrefetchPacer
-from cache.provider import (ExpertProvider, ExpertSource, HostExpert, ProvidedExpert, StepRows, Tracer,
-                            check_shapes, expert_format)
-from cache.quant import ExpertFormat, ExpertWeights
+from cache.provider import (ExpertProvider, ExpertSource, HostExpert, ProvidedExpert, Router, StepRows,
+                            Tracer, check_shapes, expert_format)
+from cache.quant import ExpertWeights
 from cache.routing import Routed, split_routing
 from cache.slots import SlotPool, pinned_plan, slot_count
 from cache.step_events import MISS, PREFETCHED, StepEvents
@@ -54,11 +54,11 @@ class OffloadedExpertProvider(OffloadReporting, ExpertProvider):
 
     def __init__(self, sources: Sequence[ExpertSource], device: torch.device, dtype: torch.dtype,
                  cache_cfg: CacheConfig, policy: CachePolicy, tracer: Optional[Tracer] = None,
-                 routers: Optional[Sequence[torch.Tensor]] = None,
+                 routers: Optional[Sequence[Router]] = None,
                  direct_io: Optional[bool] = None, store: Optional[CollectionStore] = None,
                  cpu_compute: Optional[Callable[[torch.Tensor, ExpertWeights], torch.Tensor]] = None
                  ) -> None:
-        """routers: per MoE layer its [E, H] router weight, for next-layer look-ahead hints.
+        """routers: per MoE layer its router (cache/provider.Router), for next-layer look-ahead hints.
         direct_io: None uses O_DIRECT where the file system allows, False never, True always.
         store: persists the policy's collection of past activation matrices.
         cpu_compute: the engine's expert kernel, timed on the CPU for ``--cpu-experts auto``."""

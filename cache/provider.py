@@ -132,7 +132,13 @@ class Tracer(Protocol):
     def end_request(self, seq_id: str, aborted: bool = False) -> None: ...
 
 
-def lookahead(router: torch.Tensor, hidden: torch.Tensor, top_k: int,
+class Router(NamedTuple):
+    """A MoE layer's router as the look-ahead applies it: logits = hidden @ weight^T (+ bias)."""
+    weight: torch.Tensor              # [E, H]
+    bias: Optional[torch.Tensor] = None   # [E] (gpt-oss's routers have one)
+
+
+def lookahead(router: Router, hidden: torch.Tensor, top_k: int,
               per_token: bool) -> tuple[np.ndarray, Optional[list[list[int]]]]:
     """The next layer's router [E, H] on the current hidden state [T, H]: its mean probability
     per expert (the policy's hint) and, when ``per_token``, each row's top-k (the trace's v2
@@ -141,14 +147,17 @@ def lookahead(router: torch.Tensor, hidden: torch.Tensor, top_k: int,
     return scores, ahead
 
 
-def read_routing(topk_ids: Optional[torch.Tensor], router: torch.Tensor, hidden: torch.Tensor,
+def read_routing(topk_ids: Optional[torch.Tensor], router: Router, hidden: torch.Tensor,
                  top_k: int, per_token: bool
                  ) -> tuple[list[list[int]], np.ndarray, Optional[list[list[int]]]]:
     """A layer's routing [T, k] (when given) and the look-ahead of ``router`` (see lookahead) in
     one device-to-host read: on CUDA each read waits for the queued kernels, so a layer keeps
     to one. Expert ids travel as float32, exact below 2**24. The scores stay an array [E]
     (the policies rank them with numpy; a list would be converted back, twice per layer)."""
-    probs = torch.softmax((hidden.to(router.dtype) @ router.t()).float(), dim=-1)   # [T, E]
+    logits = hidden.to(router.weight.dtype) @ router.weight.t()                    # [T, E]
+    if router.bias is not None:
+        logits = logits + router.bias
+    probs = torch.softmax(logits.float(), dim=-1)                                 # [T, E]
     E = probs.shape[1]
     parts = [] if topk_ids is None else [topk_ids.reshape(-1).float()]            # [T*k]
     parts.append(probs.mean(0))                                                   # [E]
@@ -167,7 +176,7 @@ class ExpertProvider(ABC):
 
     tracer: Optional["Tracer"] = None
     events: Optional[StepEvents] = None    # this pass's cache events, when a request watches
-    _routers: Optional[list[torch.Tensor]] = None   # per MoE layer [E, H]: look-ahead wanted
+    _routers: Optional[list[Router]] = None   # per MoE layer: look-ahead wanted
     _top_k = 0
     _read: Optional[tuple[int, torch.Tensor, np.ndarray, Optional[list[list[int]]]]] = None
 
@@ -184,7 +193,7 @@ class ExpertProvider(ABC):
         self._read = (layer, hidden, scores, ahead)
         return rows
 
-    def _next_router(self, layer: int, hidden: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def _next_router(self, layer: int, hidden: Optional[torch.Tensor]) -> Optional[Router]:
         if self._routers is None or hidden is None or layer + 1 >= len(self._routers):
             return None
         return self._routers[layer + 1]
@@ -263,8 +272,8 @@ class ResidentExpertProvider(ExpertProvider):
     def __init__(self, sources: Sequence[ExpertSource], device: torch.device, dtype: torch.dtype,
                  tracer: Optional[Tracer] = None,
                  progress: Optional[Callable[[int], None]] = None,
-                 routers: Optional[Sequence[torch.Tensor]] = None, top_k: int = 0) -> None:
-        """routers, top_k: per MoE layer its [E, H] router weight and the model's top-k, so
+                 routers: Optional[Sequence[Router]] = None, top_k: int = 0) -> None:
+        """routers, top_k: per MoE layer its router and the model's top-k, so
         the tracer records the next layer's look-ahead (moe-trace v2)."""
         self._weights: dict[tuple[int, int], ProvidedExpert] = {}
         self.tracer = tracer

@@ -113,7 +113,7 @@ def make_provider(loaded: LoadedModel, ccfg: CacheConfig, progress: bool = True)
                   desc="loading experts", disable=not progress or not loaded.experts) as bar:
             return ResidentExpertProvider(
                 loaded.experts, loaded.device, loaded.dtype, tracer=tracer, progress=bar.update,
-                routers=loaded.model.routers() if tracer is not None else None,
+                routers=loaded.model.lookahead_routers() if tracer is not None else None,
                 top_k=loaded.info.top_k)
     info = loaded.info
     L, E, k = info.num_moe_layers, info.num_experts, info.top_k
@@ -129,7 +129,7 @@ def make_provider(loaded: LoadedModel, ccfg: CacheConfig, progress: bool = True)
             store = CollectionStore(collection, ccfg.trace_store)
     policy = make_policy(ccfg.policy, L, E, k, collection)
     provider = OffloadedExpertProvider(loaded.experts, loaded.device, loaded.dtype, ccfg, policy,
-                                       tracer=tracer, routers=loaded.model.routers(), store=store,
+                                       tracer=tracer, routers=loaded.model.lookahead_routers(), store=store,
                                        cpu_compute=expert_forward)
     stats = provider.stats()
     log.info("expert cache: %d of %d experts (%s of %s, %s) in %s slots, policy %s, prefetch %s, "

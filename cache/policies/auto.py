@@ -1,7 +1,7 @@
 """``auto``: eviction and prefetch by estimated time to next use (an estimated Belady)."""
 from __future__ import annotations
 
-from typing import Any, Collection, Mapping, Optional, Sequence
+from typing import Collection, Mapping, Optional, Sequence
 
 import numpy as np
 

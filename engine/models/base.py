@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from cache.provider import ExpertProvider
+from cache.provider import ExpertProvider, Router
 from engine.models.common import Batch, KVCache, RMSNorm, Rotary
 from engine.models.linear_state import LinearSpec
 
@@ -111,8 +111,14 @@ class DecoderLM(nn.Module):
             block.provider = provider
 
     def routers(self) -> list[torch.Tensor]:
-        """Router weight [E, H] of every MoE layer, in MoE-layer order (for look-ahead)."""
-        return [block.gate.weight for block in sorted(self.moe_blocks(), key=lambda b: b.moe_index)]
+        """Router weight [E, H] of every MoE layer, in MoE-layer order."""
+        return [r.weight for r in self.lookahead_routers()]
+
+    def lookahead_routers(self) -> list[Router]:
+        """Every MoE layer's router as the cache's look-ahead applies it (with its logit bias,
+        where it has one), in MoE-layer order."""
+        return [Router(block.gate.weight, getattr(block.gate, "bias", None))
+                for block in sorted(self.moe_blocks(), key=lambda b: b.moe_index)]
 
     def forward(self, input_ids: torch.Tensor, batch: Batch, kv: KVCache,
                 all_logits: bool = False) -> torch.Tensor:

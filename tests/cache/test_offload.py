@@ -12,7 +12,7 @@ import torch
 from cache.disk import ExpertReadError
 from cache.offload import OffloadedExpertProvider
 from cache.policy import CachePolicy, ExpertKey
-from cache.provider import StepRows
+from cache.provider import Router, StepRows
 from cache.slots import BudgetError
 from cache import policies
 from configs.cache import POLICIES, CacheConfig
@@ -204,7 +204,7 @@ def test_victims_exclude_in_flight_and_current_layer(ckpt, policy: str) -> None:
     sources, want = ckpt
     box: list = []
     spy = _Spy(policies.make_policy(policy, L, E, K, None), box)
-    routers = [torch.randn(E, H) for _ in range(L)]
+    routers = [Router(torch.randn(E, H)) for _ in range(L)]
     p = OffloadedExpertProvider(sources, torch.device("cpu"), torch.float32,
                                 CacheConfig(expert_budget=str(3 * EXPERT_BYTES), io_threads=3),
                                 spy, routers=routers)

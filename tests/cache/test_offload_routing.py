@@ -9,7 +9,7 @@ import torch
 from cache import policies
 from cache.offload import OffloadedExpertProvider
 from cache.policy import CachePolicy, ExpertKey
-from cache.provider import StepRows
+from cache.provider import Router, StepRows, lookahead
 from configs.cache import CacheConfig
 from tests.cache.offload_setup import E, EXPERT_BYTES, H, K, L, flat, make, routing
 
@@ -73,10 +73,9 @@ def test_one_host_read_per_layer_with_lookahead(ckpt, monkeypatch) -> None:
     """read_routing reads the routing and the next router's look-ahead in one host read; the
     layer's experts() then reads nothing more, and the policy gets the same hint as when the
     look-ahead is read on its own."""
-    from cache.provider import lookahead
     sources, want = ckpt
     g = torch.Generator().manual_seed(3)
-    routers = [torch.randn(E, H, generator=g) for _ in range(L)]
+    routers = [Router(torch.randn(E, H, generator=g)) for _ in range(L)]
     hints: list[tuple[int, list[float]]] = []
     pol = policies.make_policy("auto", L, E, K, None)
     real_hint = pol.hint
@@ -107,3 +106,12 @@ def test_one_host_read_per_layer_with_lookahead(ckpt, monkeypatch) -> None:
         if layer + 1 < L:
             assert hints[-1] == (layer + 1, list(lookahead(routers[layer + 1], hidden, K, False)[0]))
     p.close()
+
+
+def test_lookahead_applies_the_router_bias() -> None:
+    """gpt-oss's routers add a bias to their logits: the look-ahead ranks experts with it."""
+    w, b = torch.zeros(4, 8), torch.tensor([0.0, 3.0, 0.0, 1.0])
+    scores, ahead = lookahead(Router(w, b), torch.randn(2, 8), 2, True)
+    assert ahead == [[1, 3], [1, 3]] and int(scores.argmax()) == 1
+    scores, ahead = lookahead(Router(w), torch.randn(2, 8), 2, True)
+    assert float(scores.max() - scores.min()) == 0.0          # without it: no preference

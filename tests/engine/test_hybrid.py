@@ -114,6 +114,8 @@ def test_gpt_oss_windows_and_sinks_across_chunks_and_rows(family_checkpoint: Fam
     path = family_checkpoint("gpt_oss", torch.float32)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     lm = load_model(engine_dir(path), CPU, torch.float32, context_length=256)
+    routers = lm.model.lookahead_routers()             # the cache's look-ahead sees the router bias
+    assert all(r.bias is layer.mlp.router.bias for r, layer in zip(routers, lm.model.model.layers))
     prompts = [LONG + LONG[:20], LONG[:40], LONG[100:109]]                  # 170, 40 and 9 tokens
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     eng = Engine(lm, ResidentExpertProvider(lm.experts, CPU, torch.float32), max_batch=3, prefill_chunk=chunk)
