@@ -15,6 +15,7 @@ MODEL_TYPES: dict[str, str] = {
     "glm4_moe": "engine.models.glm4_moe",
     "ernie4_5_moe": "engine.models.ernie4_5_moe",
     "gpt_oss": "engine.models.gpt_oss",
+    "minimax_m2": "engine.models.minimax_m2",
     "qwen3_next": "engine.models.qwen3_next",
     "qwen3_5_moe": "engine.models.qwen3_5_moe",
     "qwen3_5_moe_text": "engine.models.qwen3_5_moe",

@@ -32,7 +32,7 @@ from tests.engine.tiny_families import COMMON, FAMILIES, FamilyCheckpoint, engin
 transformers = pytest.importorskip("transformers")
 
 LOGIT_ATOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
-BF16_FAMILIES = ["mixtral", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "gpt_oss", "qwen3_next"]
+BF16_FAMILIES = ["mixtral", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "gpt_oss", "qwen3_next", "minimax_m2"]
 MOE_FAMILIES = [n for n, (_, _, moe) in FAMILIES.items() if moe]
 PROMPTS = [(5, 17, 33, 8, 91, 64, 12), (40, 3), (150, 7, 7, 21, 99, 100, 4, 58, 33, 11, 60, 2, 19)]
 NEW_TOKENS = 24

@@ -41,7 +41,7 @@ def one_layer_top_k_bytes(lm: LoadedModel) -> int:
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v2_grouped", "deepseek_v3", "glm4_moe",
-                                    "ernie4_5_moe", "gpt_oss", "qwen3_next", "qwen3_5_moe_text"])
+                                    "ernie4_5_moe", "gpt_oss", "qwen3_next", "qwen3_5_moe_text", "minimax_m2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_offloaded_equals_resident(family_checkpoint: FamilyCheckpoint, family: str,
                                    dtype: torch.dtype) -> None:

@@ -90,6 +90,10 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], int]] = {
                                                       linear_key_head_dim=8, linear_value_head_dim=12,
                                                       moe_intermediate_size=32, shared_expert_intermediate_size=48,
                                                       num_experts=8, num_experts_per_tok=2), 3),
+    # MiniMax-M2: q/k RMSNorm over the whole projections, rope on rotary_dim 8 of head_dim 16, a
+    # sigmoid router choosing on score + e_score_correction_bias, Mixtral's checkpoint names
+    "minimax_m2": ("MiniMaxM2Config", dict(num_hidden_layers=2, num_key_value_heads=2, head_dim=16, rotary_dim=8,
+                                           intermediate_size=32, num_local_experts=8, num_experts_per_tok=2), 2),
 }
 # weight seeds other than 0: with seed 0 this tiny GLM repeats one token after a 2-token prompt,
 # which would make its greedy comparison against transformers say little
@@ -128,7 +132,8 @@ def make_family_checkpoint(name: str, path: str, dtype: torch.dtype = torch.floa
             gate.weight.normal_(0.0, 0.02).mul_(ROUTER_SCALE)
             if isinstance(getattr(gate, "bias", None), torch.nn.Parameter):
                 gate.bias.normal_(0.0, 0.1)
-            bias = getattr(getattr(gate, "moe_statics", gate), "e_score_correction_bias", None)
+            bias = getattr(getattr(gate, "moe_statics", gate), "e_score_correction_bias",
+                           getattr(layer.mlp, "e_score_correction_bias", None))   # MiniMax-M2's: beside the gate
             if bias is not None:                           # selection-only bias: make it matter
                 bias.normal_(0.0, 0.1)
     model.to(dtype).save_pretrained(path)
