@@ -1,5 +1,6 @@
 """OpenAI's harmony format (gpt-oss): its replies split into reasoning, content and tool calls,
-and the grammar of a forced call.
+the history and tools as gpt-oss's chat template reads them, and the grammars of a forced call
+and of a response_format reply.
 
 After the prompt's ``<|start|>assistant`` the model writes messages: a header (its channel, and for
 a tool call the recipient ``to=functions.NAME``, which may sit before or after the channel), then
@@ -30,11 +31,14 @@ from server.tools import ToolCall, ToolSetup, ToolStream, new_id
 START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL = HARMONY_TAGS
 FUNCTIONS = "functions."
 MAX_HEADER = 256                       # characters; a longer "header" is text the model wrote bare
-_OPENERS = (START, CHANNEL, "assistant", "to=")   # what a header may begin with
+CHANNELS = ("analysis", "commentary", "final")
+# what a header may begin with (a channel's bare name too: a header whose <|channel|> the model left out)
+_OPENERS = (START, CHANNEL, "assistant", "to=", *CHANNELS)
 _TAG = re.compile("|".join(re.escape(t) for t in HARMONY_TAGS))
 _HEAD_END = re.compile("|".join(re.escape(t) for t in (MESSAGE, END, RETURN, CALL)))
 _HEADER_WORDS = re.compile(r"[\w.\-=: \t]*")      # what a header holds between its tags
 _CHANNEL = re.compile(re.escape(CHANNEL) + r"\s*([\w\-]+)")
+_BARE_CHANNEL = re.compile(r"\s*(" + "|".join(CHANNELS) + r")(?![\w\-])")
 _RECIPIENT = re.compile(r"\bto=([^\s<]+)")
 
 
@@ -44,24 +48,80 @@ def template_harmony(template: str) -> bool:
 
 
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The history as gpt-oss's template reads it: an assistant message's reasoning under
-    ``thinking`` (OpenAI clients send it back as ``reasoning_content``), and no ``content`` key
-    where it is null (the template tests ``"..." in message.content``, which fails on null, as a
-    tool-call message's content is)."""
-    out = []
-    for m in messages:
-        m = dict(m)
-        if m.get("role") == "assistant" and m.get(REASONING) and not m.get("thinking"):
+    """The history as gpt-oss's template reads it (the request's own list is left as it was):
+
+    - an assistant turn's reasoning under ``thinking`` (OpenAI clients send it back as
+      ``reasoning_content``);
+    - a tool-call turn without a ``content`` key where its content is empty or null (clients send
+      null, which server/schemas.message_dicts has made ""): the template tests
+      ``"..." in message.content`` and refuses content beside thinking on such a turn. Content
+      there (a preamble) beside reasoning is folded into ``thinking``: the reasoning, a newline,
+      the content;
+    - a turn with several calls as one turn per call, each followed by its own tool result
+      (matched by ``tool_call_id``; results that match no call keep their order after the last
+      call), the reasoning on the first: the template writes only ``tool_calls[0]`` and names every
+      tool result after the last call written;
+    - another assistant turn's null content as "" (the template adds it to a string)."""
+    out: list[dict[str, Any]] = []
+    i = 0
+    while i < len(messages):
+        m = dict(messages[i])
+        i += 1
+        if m.get("role") != "assistant":
+            out.append(m)
+            continue
+        if m.get(REASONING) and not m.get("thinking"):
             m["thinking"] = m[REASONING]
-        if "content" in m and m["content"] is None:
-            del m["content"]
-        out.append(m)
+        calls = m.get("tool_calls")
+        if not calls or not isinstance(calls, list):
+            if "content" in m and m["content"] is None:
+                m["content"] = ""
+            out.append(m)
+            continue
+        content = m.pop("content", None)
+        if content and m.get("thinking"):
+            m["thinking"] = f"{m['thinking']}\n{content}"
+        elif content:
+            m["content"] = content
+        if len(calls) == 1:
+            out.append(m)
+            continue
+        results = []
+        while i < len(messages) and messages[i].get("role") == "tool":
+            results.append(dict(messages[i]))
+            i += 1
+        ids = [c.get("id") if isinstance(c, dict) else None for c in calls]
+        placed: list[list[dict[str, Any]]] = [[] for _ in calls]
+        rest = []
+        for r in results:
+            k = next((j for j, cid in enumerate(ids)
+                      if cid is not None and cid == r.get("tool_call_id")), None)
+            (rest if k is None else placed[k]).append(r)
+        later = {k: v for k, v in m.items() if k not in ("content", "thinking", REASONING)}
+        for j, call in enumerate(calls):
+            out.append({**(m if j == 0 else later), "tool_calls": [call]})
+            out += placed[j]
+        out += rest
+    return out
+
+
+def template_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``tools`` template variable for gpt-oss's template, which writes ``"// " +
+    tool.description``: a function without a description (optional in OpenAI's API) gets ""."""
+    out = []
+    for t in tools:
+        f = t.get("function") if isinstance(t, dict) else None
+        if isinstance(f, dict) and not isinstance(f.get("description"), str):
+            t = {**t, "function": {**f, "description": ""}}
+        out.append(t)
     return out
 
 
 def read_header(header: str) -> tuple[Optional[str], Optional[str]]:
-    """(channel, recipient) of a message header; None for what it does not name."""
-    channel, recipient = _CHANNEL.search(header), _RECIPIENT.search(header)
+    """(channel, recipient) of a message header; None for what it does not name. A header that
+    begins with a channel's bare name (no <|channel|> before it) is on that channel."""
+    channel = _CHANNEL.search(header) or _BARE_CHANNEL.match(header)
+    recipient = _RECIPIENT.search(header)
     return (channel.group(1) if channel else None), (recipient.group(1) if recipient else None)
 
 
@@ -122,11 +182,14 @@ class HarmonySplit:
         if not _may_be_header(header, complete=m is not None):
             self._open(CONTENT, None, bare=True)   # not harmony: the text is content as written
             return True
+        words = bool(header.strip()) and _TAG.search(header) is None
+        if words and (final if m is None else m.group() != MESSAGE):
+            # words only, ended by the reply or by <|end|>, <|return|> or <|call|> rather than
+            # <|message|>: a bare reply, content as written (its body reads up to that tag)
+            self._open(CONTENT, None, bare=True)
+            return True
         if m is None:
             if final:
-                if header.strip() and _TAG.search(header) is None:   # words only: a bare reply
-                    self._open(CONTENT, None, bare=True)
-                    return True
                 self._buf = ""                     # a header cut short: nothing to say
             return False
         self._buf = self._buf[m.end():]
@@ -224,18 +287,33 @@ def parse(text: str, setup: Optional[ToolSetup],
     return (thought if split.thought else None), content, split.calls
 
 
+# an analysis message, then the next message's start: the reasoning a constrained reply may begin with
+_THOUGHT = [f'thought: {CHANNEL} "analysis" {MESSAGE} THOUGHT {END} {START} "assistant"',
+            r"THOUGHT: /(.|\n)*/"]
+
+
 def forcing_grammar(setup: ToolSetup) -> str:
     """Lark grammar for tool_choice required/named: optional reasoning (one analysis message),
     then one call to a permitted function whose arguments follow its schema, ended by <|call|>
     (a harmony call ends the turn, so one call at a time). The tags are special tokens, which
     llguidance's Lark names bare."""
     funcs = [f for f in setup.tools if setup.named is None or f["name"] == setup.named]
-    lines = ["start: thought? call",
-             f'thought: {CHANNEL} "analysis" {MESSAGE} THOUGHT {END} {START} "assistant"',
-             r"THOUGHT: /(.|\n)*/",
+    lines = ["start: thought? call", *_THOUGHT,
              f'call: {CHANNEL} "commentary to={FUNCTIONS}" ('
              + " | ".join(f"fn{i}" for i in range(len(funcs))) + f") {CALL}"]
     for i, f in enumerate(funcs):
         lines.append(f'fn{i}: {json.dumps(f["name"] + " ")} {CONSTRAIN} "json" {MESSAGE} args{i}')
         lines.append(f"args{i}: " + json_rule(f["parameters"], strict=bool(f.get("strict"))))
     return "\n".join(lines)
+
+
+def response_format_grammar(lark: str, reasoning: bool = True) -> str:
+    """Lark grammar for a response_format reply in harmony, as llama.cpp's gpt-oss grammar has
+    it: optional reasoning (one analysis message; none where ``reasoning`` is off, so that the
+    content is the JSON alone), then the final channel, optionally ``<|constrain|>json``, whose
+    body is the JSON. ``lark``: server/structured.py's grammar for the JSON alone
+    (``start: `` and the rule)."""
+    rule = lark.removeprefix("start: ")
+    head = ["start: thought? final", *_THOUGHT] if reasoning else ["start: final"]
+    return "\n".join([*head, f'final: {CHANNEL} "final" (" " {CONSTRAIN} "json")? {MESSAGE} answer',
+                      "answer: " + rule])

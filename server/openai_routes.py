@@ -174,27 +174,38 @@ async def chat(state: ServerState, request: Request) -> Response:
     uses_harmony = harmony_replies(state)
     setup = parse_setup(body.tools, body.tool_choice, body.parallel_tool_calls,
                         "harmony" if uses_harmony else tool_style(state))
+    thinks = state.cfg.reasoning_parser != "none"     # (harmony: the analysis channel is reasoning)
     if setup.forced:
         if constraint is not None:
             raise bad_request("response_format json cannot be combined with tool_choice "
                               "'required' or a named function", "response_format")
         constraint = check(harmony.forcing_grammar(setup) if uses_harmony else forcing_grammar(setup),
                            "tools")
+    elif constraint is not None and uses_harmony:
+        # the JSON as the final channel's message, after the reasoning, in the model's own format
+        constraint = check(harmony.response_format_grammar(constraint.lark, thinks), "response_format")
     history = message_dicts(body.messages)
     if uses_harmony:
         history = harmony.template_messages(history)
     kwargs = dict(body.chat_template_kwargs or {})
+    if kwargs.get("reasoning_effort") is None:   # a null there sets nothing
+        kwargs.pop("reasoning_effort", None)
     if body.reasoning_effort is not None:   # gpt-oss's template reads it; chat_template_kwargs wins
         kwargs.setdefault("reasoning_effort", body.reasoning_effort)
-    messages, extra = prompt_messages(history, setup, state.tokenizer.template_takes_tools)
-    ids = await state.encode_chat(messages, {**kwargs, **extra})
+
+    def template_input(tools: ToolSetup) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        messages, extra = prompt_messages(history, tools, state.tokenizer.template_takes_tools)
+        if uses_harmony and "tools" in extra:   # gpt-oss's template needs each one's description
+            extra["tools"] = harmony.template_tools(extra["tools"])
+        return messages, {**kwargs, **extra}
+
+    ids = await state.encode_chat(*template_input(setup))
     if setup.active and not setup.forced and len(ids) >= state.context:
         # tool_choice auto with a tool listing the context cannot hold (Open WebUI sends its 36
         # built-in tools, ~7,000 tokens, with every chat): a 400 would fail every message of such
         # a front end, so the request is served as with tool_choice none, saying so in the log
         without = dataclasses.replace(setup, choice="none")
-        messages, extra = prompt_messages(history, without, state.tokenizer.template_takes_tools)
-        plain = await state.encode_chat(messages, {**kwargs, **extra})
+        plain = await state.encode_chat(*template_input(without))
         if len(plain) < state.context:
             log.warning("a prompt with its %d tools is %d tokens, more than the context of %d: "
                         "served without the tools (as tool_choice 'none'; %d tokens)",
@@ -205,11 +216,8 @@ async def chat(state: ServerState, request: Request) -> Response:
                           f"the model's context holds {state.context} tokens; tool_choice "
                           f"{setup.choice!r} needs the tools in the prompt", "tools")
     job = ChatJob(state, body, [ids], bool(body.logprobs), body.top_logprobs or 0, constraint)
-    if uses_harmony and (constraint is None or setup.forced):
-        # (a response_format reply is the JSON alone, without harmony's messages: all content)
-        return await respond(request, job.with_harmony(state.cfg.reasoning_parser != "none", setup))
     if uses_harmony:
-        return await respond(request, job)
+        return await respond(request, job.with_harmony(thinks, setup))
     return await respond(request, job.with_tools(setup).with_reasoning(reasoning_start(state, ids, constraint)))
 
 

@@ -100,9 +100,10 @@ class ChatCompletionRequest(_SamplingFields):
     # extra chat template variables, as vLLM and llama.cpp's server take them (e.g. Qwen3's and
     # GLM-4.5's enable_thinking)
     chat_template_kwargs: Optional[dict[str, Any]] = None
-    # OpenAI's reasoning effort; reaches the chat template as the variable reasoning_effort (gpt-oss's
-    # template reads it) unless chat_template_kwargs sets that variable itself
-    reasoning_effort: Optional[Literal["low", "medium", "high"]] = None
+    # OpenAI's reasoning effort (its values; the SDK sends "minimal" and "none" too); reaches the
+    # chat template as the variable reasoning_effort (gpt-oss's template reads it) unless
+    # chat_template_kwargs sets that variable itself
+    reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high"]] = None
 
     @field_validator("chat_template_kwargs")
     @classmethod

@@ -152,3 +152,10 @@ def thinking(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> I
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def harmony_dir(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny model writing gpt-oss's harmony format (tests/server/harmony_model.py)."""
+    from tests.server.harmony_model import make_harmony_model
+    return make_harmony_model(str(tmp_path_factory.mktemp("harmony") / "model"), tiny_model_dir)

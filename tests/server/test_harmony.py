@@ -1,12 +1,15 @@
 """The harmony parser (gpt-oss): reasoning, content and tool calls read from a reply whole and
 streamed in any pieces alike, partial tags held back, preambles, several calls, malformed calls,
-and the grammar of forced calls (random sampling under it always gives a valid call)."""
+bare replies and headers without <|channel|>; the grammars of forced calls and of response_format
+(random sampling under them always gives a valid call, valid JSON); the history and tools as
+gpt-oss's template reads them."""
 from __future__ import annotations
 
 import json
 import random
 from typing import Any, Optional
 
+import jinja2
 import jsonschema
 import pytest
 import torch
@@ -15,13 +18,14 @@ from tokenizers import AddedToken, Tokenizer
 from engine.constraints import GrammarCompiler
 from engine.protocol import Constraint, SamplingParams
 from engine.sampling import SamplerState, sample
-from server.harmony import (HarmonySplit, forcing_grammar, parse, read_header, template_harmony,
-                            template_messages)
+from server.harmony import (HarmonySplit, forcing_grammar, parse, read_header, response_format_grammar,
+                            template_harmony, template_messages, template_tools)
 from server.reasoning import CONTENT, REASONING
-from server.structured import check
-from server.tokenizer import HARMONY_TAGS
-from server.tools import ToolSetup
+from server.structured import check, response_format_constraint
+from server.tokenizer import HARMONY_TAGS, TemplateError, compile_chat_template
+from server.tools import ToolSetup, prompt_messages
 from tests.engine.test_constraints import EOS, byte_tokenizer
+from tests.server.harmony_model import GPT_OSS_LIKE_TEMPLATE
 from tests.server.test_tools import SCHEMAS, TOOLS
 
 FUNCS = tuple(t["function"] for t in TOOLS)
@@ -74,6 +78,22 @@ CASES: list[tuple[str, Optional[ToolSetup], Optional[str], str, list[tuple[str, 
     ("<|channel|>analysis<|message|>a<|constrain|>b<|start|>assistant<|channel|>final<|message|>c<|end|>  ",
      None, "ab", "c", []),
     ("<|channel|>final<|message|>done<|return|><|end|><|end|>", None, None, "done", []),
+    # header words only, ended by <|return|>, <|end|> or <|call|> rather than <|message|>: a bare
+    # reply, content as written
+    ("assistant: the answer is 4.<|return|>", None, None, "assistant: the answer is 4.", []),
+    ("assistant: 4<|end|><|start|>assistant<|channel|>final<|message|>Yes.<|return|>", AUTO, None,
+     "assistant: 4\nYes.", []),
+    ("to=functions.get_time now<|call|>", AUTO, None, "to=functions.get_time now", []),
+    ("finally, words", None, None, "finally, words", []),
+    ("analysis of the data", None, None, "analysis of the data", []),
+    # a header that names its channel without <|channel|>
+    ("analysis<|message|>The user says hi.<|end|><|start|>assistant<|channel|>final<|message|>Hello!<|return|>",
+     None, "The user says hi.", "Hello!", []),
+    ('commentary to=functions.get_time<|message|>{"zone": "UTC"}<|call|>', AUTO, None, "",
+     [("get_time", {"zone": "UTC"})]),
+    # a response_format reply: the final channel's JSON, the content type named
+    (THINK + '<|start|>assistant<|channel|>final <|constrain|>json<|message|>{"a": 1}<|return|>', None,
+     "The user wants the weather.", '{"a": 1}', []),
 ]
 
 
@@ -174,6 +194,9 @@ def test_header_and_template_detection() -> None:
     assert read_header("<|channel|>commentary to=functions.f <|constrain|>json") == ("commentary", "functions.f")
     assert read_header(" to=functions.f<|channel|>commentary json") == ("commentary", "functions.f")
     assert read_header("<|channel|>final") == ("final", None)
+    assert read_header("analysis") == ("analysis", None)                # <|channel|> left out
+    assert read_header(" commentary to=functions.f") == ("commentary", "functions.f")
+    assert read_header("finally") == (None, None) and read_header("assistant final") == (None, None)
     assert template_harmony("{{ '<|start|>assistant<|channel|>final<|message|>' }}")
     assert not template_harmony("<|im_start|>assistant\n<think>")
 
@@ -236,3 +259,127 @@ def test_history_is_given_as_the_gpt_oss_template_reads_it() -> None:
     assert "content" not in out[1] and out[1]["thinking"] == "plan" and out[1]["tool_calls"] == [call]
     assert out[2]["thinking"] == "own" and out[2]["content"] == "done"
     assert hist[1]["content"] is None                     # the request's own list is left as it was
+
+
+
+CALL_W = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 1}'}}
+CALL_T = {"id": "c2", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}
+CALL_X = {"id": "c3", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome", "days": 1}'}}
+
+
+def test_a_preamble_beside_reasoning_is_folded_into_thinking() -> None:
+    """The server's own reply to a tool call (preamble as content, reasoning, the call) sent back:
+    gpt-oss's template refuses content beside thinking on a tool-call turn."""
+    hist = [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "Checking.", "reasoning_content": "plan", "tool_calls": [CALL_W]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+            {"role": "assistant", "content": "", "tool_calls": [CALL_T]},      # message_dicts' null
+            {"role": "assistant", "content": "Let me see.", "tool_calls": [CALL_T]},
+            {"role": "assistant", "content": None}]
+    out = template_messages(hist)
+    assert out[1]["thinking"] == "plan\nChecking." and "content" not in out[1]
+    assert out[1]["tool_calls"] == [CALL_W] and out[2] == hist[2]
+    assert "content" not in out[3] and "thinking" not in out[3]
+    assert out[4]["content"] == "Let me see." and "thinking" not in out[4]   # the template's analysis
+    assert out[5] == {"role": "assistant", "content": ""}
+    assert hist[1]["content"] == "Checking." and "thinking" not in hist[1]   # the request's list as it was
+    assert render(hist[:3]).endswith(
+        "<|start|>user<|message|>hi<|end|><|start|>assistant<|channel|>analysis<|message|>plan\nChecking.<|end|>"
+        '<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris", "days": 1}'
+        "<|call|><|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>sunny<|end|>"
+        "<|start|>assistant")
+    unfolded = [hist[0], {**hist[1], "thinking": "plan"}, hist[2]]     # (the fold undone)
+    with pytest.raises(TemplateError, match="both content and thinking"):
+        render(unfolded, shape_messages=False)
+
+
+def test_a_turn_with_several_calls_becomes_one_turn_per_call() -> None:
+    """Each call followed by its own result (by tool_call_id, whatever order the results came in),
+    results that match no call after the last; the reasoning on the first."""
+    hist = [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": None, "reasoning_content": "plan", "tool_calls": [CALL_W, CALL_T, CALL_X]},
+            {"role": "tool", "tool_call_id": "c2", "content": "12:00"},
+            {"role": "tool", "content": "no id"},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+            {"role": "tool", "tool_call_id": "c9", "content": "unknown id"},
+            {"role": "tool", "tool_call_id": "c3", "content": "rain"},
+            {"role": "user", "content": "thanks"}]
+    out = template_messages(hist)
+    assert [(m["role"], [c["id"] for c in m.get("tool_calls", [])], m.get("content"), m.get("thinking"))
+            for m in out] == [
+        ("user", [], "hi", None),
+        ("assistant", ["c1"], None, "plan"), ("tool", [], "sunny", None),
+        ("assistant", ["c2"], None, None), ("tool", [], "12:00", None),
+        ("assistant", ["c3"], None, None), ("tool", [], "rain", None),
+        ("tool", [], "no id", None), ("tool", [], "unknown id", None),
+        ("user", [], "thanks", None)]
+    assert out[1]["reasoning_content"] == "plan" and REASONING not in out[3]
+    text = render(hist)
+    results = [part.split("<|message|>")[0] + ":" + part.split("<|message|>")[1].split("<|end|>")[0]
+               for part in text.split("<|start|>functions.")[1:]]
+    assert results == ["get_weather to=assistant<|channel|>commentary:sunny",
+                       "get_time to=assistant<|channel|>commentary:12:00",
+                       "get_weather to=assistant<|channel|>commentary:rain",
+                       "get_weather to=assistant<|channel|>commentary:no id",
+                       "get_weather to=assistant<|channel|>commentary:unknown id"]
+    assert text.count("<|channel|>analysis<|message|>plan<|end|>") == 1 and text.count("<|call|>") == 3
+
+
+def test_a_tool_without_description_gets_an_empty_one() -> None:
+    tools = [dict(t) for t in TOOLS]
+    out = template_tools(tools)
+    assert out[0] == TOOLS[0] and out[1]["function"] == {**TOOLS[1]["function"], "description": ""}
+    assert template_tools([{"type": "function", "function": {"name": "f", "description": None}}]) == [
+        {"type": "function", "function": {"name": "f", "description": ""}}]
+    assert "description" not in TOOLS[1]["function"] and tools == TOOLS     # left as they were
+    assert "// \ntype get_time\n" in render([{"role": "user", "content": "hi"}])
+    with pytest.raises(jinja2.UndefinedError, match="description"):       # as they were sent
+        render([{"role": "user", "content": "hi"}], shape_tools=False)
+
+
+def render(history: list[dict[str, Any]], shape_messages: bool = True, shape_tools: bool = True) -> str:
+    """The prompt that a template written like gpt-oss's makes of ``history`` and TOOLS, shaped by
+    template_messages and template_tools as the server shapes them (or not)."""
+    messages, extra = prompt_messages(template_messages(history) if shape_messages else history, AUTO, True)
+    if shape_tools:
+        extra["tools"] = template_tools(extra["tools"])
+    return compile_chat_template(GPT_OSS_LIKE_TEMPLATE).render(messages=messages, add_generation_prompt=True, **extra)
+
+
+@pytest.mark.parametrize("reasoning", [True, False])
+def test_random_sampling_under_the_response_format_grammar_gives_its_json_as_content(
+        tmp_path, reasoning: bool) -> None:
+    """response_format in harmony: reasoning may come first (not where reasoning is off), then the
+    final channel, its body the JSON the schema asks for, which is the content alone."""
+    tags = harmony_byte_tokenizer(str(tmp_path))
+    vocab = max(tags.values()) + 1
+    tk = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    compiler = GrammarCompiler(str(tmp_path), vocab, (tags["<|return|>"], tags["<|call|>"], EOS))
+    rf = {"type": "json_schema", "json_schema": {"name": "w", "schema": SCHEMAS["get_weather"], "strict": True}}
+    inner = response_format_constraint(rf)
+    assert inner is not None
+    constraint = check(response_format_grammar(inner.lark, reasoning), "response_format")
+    thought, constrained = 0, 0
+    for seed in range(8):
+        state = SamplerState(SamplingParams(temperature=1.0, seed=seed, constraint=constraint), (1,))
+        state.grammar = compiler.matcher(constraint)
+        gen = torch.Generator().manual_seed(seed)
+        out: list[int] = []
+        for _ in range(600):
+            logits = torch.randn(1, vocab, generator=gen) * 3
+            logits[0, tags["<|end|>"]] += 4.0            # thoughts end after a few tokens
+            (c,) = sample(logits, [state])
+            state.note(c.token)
+            out.append(c.token)
+            if state.grammar.finished:
+                break
+        assert state.grammar.finished and state.grammar.error is None
+        text = tk.decode(out, skip_special_tokens=False)
+        assert "<|channel|>final" in text and "commentary" not in text, text
+        reasoning_text, content, calls = parse(text, None, reasoning)
+        jsonschema.validate(json.loads(content), SCHEMAS["get_weather"])
+        assert content == text.split("<|message|>")[-1].removesuffix("<|return|>") and calls == []
+        thought += reasoning_text is not None
+        constrained += "<|constrain|>json" in text
+    assert (0 < thought < 8) if reasoning else thought == 0
+    assert 0 < constrained < 8                           # <|constrain|>json may come, or not
