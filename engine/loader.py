@@ -84,7 +84,7 @@ def load_config(model_dir: str) -> HFConfig:
 
 def _eos_ids(model_dir: str, cfg: HFConfig) -> tuple[int, ...]:
     ids: list[int] = []
-    sources = [cfg.raw]
+    sources = [cfg.text().raw]             # a vision-language config keeps them in text_config
     gen = os.path.join(model_dir, "generation_config.json")
     if os.path.isfile(gen):
         try:
@@ -208,7 +208,7 @@ def load_model(model_dir: str, device: torch.device, dtype: Optional[torch.dtype
     cfg = load_config(model_dir)
     fam = family(cfg.raw["model_type"])
     dtype = dtype or resolve_dtype("auto", cfg, device)
-    max_pos = int(cfg.get("max_position_embeddings") or DEFAULT_CONTEXT_CAP)
+    max_pos = int(cfg.text().get("max_position_embeddings") or DEFAULT_CONTEXT_CAP)
     context = context_length or min(max_pos, DEFAULT_CONTEXT_CAP)
     index = read_checkpoint_index(model_dir)
     fmt = quantization(model_dir, cfg)        # refuses what it cannot load before reading weights
@@ -274,7 +274,7 @@ def load_model(model_dir: str, device: torch.device, dtype: Optional[torch.dtype
         t0 = time.perf_counter()
         # the LM head stays, as llama.cpp's Q4_K_M keeps its output at 6 bits: in int4 it cost the
         # default model 5% perplexity, the rest nothing (README, Quantized experts)
-        keep = [model.lm_head.weight, *(model.routers() if model.layout else ())]
+        keep = [model.lm_head.weight, *(model.routers() if model.layout else ()), *model.gate_weights()]
         n = quantize_linears(model, keep, DENSE_INT4_GROUP)
         log.info("%d dense linear layers quantized to int4 in %.1f s", n, time.perf_counter() - t0)
     if packs(device, dtype):

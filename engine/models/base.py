@@ -17,6 +17,10 @@ from engine.models.common import Batch, KVCache, RMSNorm, Rotary
 from engine.models.linear_state import LinearSpec
 
 
+# checkpoint names of the gate-like linear layers (DecoderLM.gate_weights)
+GATE_LAYERS = ("in_proj_ba", "in_proj_b", "in_proj_a", "shared_expert_gate")
+
+
 @dataclass(frozen=True)
 class ExpertLayout:
     """Where a family keeps its routed experts in the checkpoint.
@@ -114,6 +118,17 @@ class DecoderLM(nn.Module):
         """Router weight [E, H] of every MoE layer, in MoE-layer order."""
         return [r.weight for r in self.lookahead_routers()]
 
+    def gate_weights(self) -> list[torch.Tensor]:
+        """Small linear layers whose outputs gate or decay others (Gated DeltaNet's beta and
+        decay projections, shared-expert gates): kept out of --dense-quantize int4, whose errors
+        there compound along a sequence."""
+        out = []
+        for name, mod in self.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if isinstance(mod, nn.Linear) and leaf in GATE_LAYERS:
+                out.append(mod.weight)
+        return out
+
     def lookahead_routers(self) -> list[Router]:
         """Every MoE layer's router as the cache's look-ahead applies it (with its logit bias,
         where it has one), in MoE-layer order."""
@@ -147,6 +162,14 @@ class HFConfig:
                              f"{self.raw.get('model_type')!r}")
         return self.raw[key]
 
+    def text(self) -> "HFConfig":
+        """The text model's settings: a vision-language config's text_config over its top level
+        (itself for a text-only config)."""
+        text = self.raw.get("text_config")
+        if not isinstance(text, dict):
+            return self
+        return HFConfig({**{k: v for k, v in self.raw.items() if k != "text_config"}, **text})
+
     def head_dim(self) -> int:
         return self.get("head_dim") or self.req("hidden_size") // self.req("num_attention_heads")
 
@@ -154,5 +177,6 @@ class HFConfig:
         """Name prefixes of the multi-token-prediction layers that DeepSeek-V3 and GLM-4.5
         checkpoints carry after their last decoder layer (not used for decoding)."""
         n = self.req("num_hidden_layers")
-        mtp = int(self.get("num_nextn_predict_layers", self.get("num_mtp_layers", 0)) or 0)
+        mtp = int(self.get("num_nextn_predict_layers") or self.get("num_mtp_layers")
+                  or self.get("num_mtp_modules") or 0)          # DeepSeek/GLM, ..., MiniMax-M2
         return tuple(f"model.layers.{n + j}." for j in range(mtp))

@@ -37,11 +37,11 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     q, k = (x.repeat_interleave(rep, dim=2) if rep > 1 else x for x in (q, k))
     q, k, v, g, beta = (x.transpose(1, 2).float() for x in (q, k, v, g, beta))  # [B, Hv, T, ...]
     q, k = _l2norm(q) * q.shape[-1] ** -0.5, _l2norm(k)
-    if t == 1:                                              # one decode step
-        s = state * g[..., 0].exp()[..., None, None]                            # [B, Hv, Dk, Dv]
-        d = (v[:, :, 0] - (s * k[:, :, 0, :, None]).sum(-2)) * beta[:, :, 0, None]   # [B, Hv, Dv]
-        s = s + k[:, :, 0, :, None] * d[:, :, None, :]
-        return (s * q[:, :, 0, :, None]).sum(-2)[:, None].to(dtype), s
+    if t == 1:                    # one decode step, as matmuls: no [B, Hv, Dk, Dv] temporaries
+        s = state * g.exp()[..., None]                                           # [B, Hv, Dk, Dv]
+        d = (v - k @ s) * beta[..., None]                                        # [B, Hv, 1, Dv]
+        s = torch.baddbmm(s.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), d.flatten(0, 1)).view_as(s)
+        return (q @ s).transpose(1, 2).to(dtype), s                             # [B, 1, Hv, Dv]
     out = torch.empty_like(v)                                                    # [B, Hv, T, Dv]
     for c0 in range(0, t, CHUNK):
         c1 = min(t, c0 + CHUNK)

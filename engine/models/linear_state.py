@@ -31,6 +31,9 @@ class LinearStates:
 
     def __init__(self, spec: LinearSpec, slots: int, dtype: torch.dtype, device: torch.device) -> None:
         self.spec = spec
+        # per slot, the position its state has reached (on the host): a pass must continue from
+        # there or start a new sequence at 0, so a state is never read out of order
+        self.reached = [0] * slots
         self.conv = {i: torch.zeros(slots, spec.conv_dim, spec.kernel - 1, dtype=dtype, device=device)
                      for i in spec.layers}
         self.state = {i: torch.zeros(slots, spec.heads, spec.k_dim, spec.v_dim, dtype=torch.float32,
@@ -41,17 +44,28 @@ class LinearStates:
         return sum(t.numel() * t.element_size() for t in (*self.conv.values(), *self.state.values()))
 
     @staticmethod
-    def _fresh(batch: "Batch") -> bool:
-        """One sequence whose pass starts at position 0: no state to continue."""
-        if batch.single_slot is None:
-            return False
-        start = batch.start if batch.start is not None else int(batch.positions[0, 0])
-        return start == 0
+    def starts(batch: "Batch") -> list[tuple[int, int]]:
+        """(slot, first position) of each row: one sequence's pass, or one decode token a row."""
+        if batch.single_slot is not None:
+            start = batch.start if batch.start is not None else int(batch.positions[0, 0])
+            return [(batch.single_slot, start)]
+        if batch.seq_rows is None:
+            raise NotImplementedError("linear attention: a pass of several sequences' prompts")
+        return [(s, n - 1) for s, n in batch.seq_rows]
+
+    def _check(self, layer: int, batch: "Batch") -> bool:
+        """Whether the pass starts a new sequence; raises if a row does not continue its slot."""
+        rows = self.starts(batch)
+        for s, start in rows:
+            if start != 0 and start != self.reached[s]:
+                raise RuntimeError(f"linear-attention state of slot {s} (layer {layer}) is at position "
+                                   f"{self.reached[s]}; a pass cannot continue it from {start}")
+        return len(rows) == 1 and rows[0][1] == 0
 
     def read(self, layer: int, batch: "Batch") -> tuple[torch.Tensor, torch.Tensor]:
         """(conv window [B, C, K-1], recurrent state [B, Hv, Dk, Dv]) of the batch's rows."""
         conv, state = self.conv[layer], self.state[layer]
-        if self._fresh(batch):
+        if self._check(layer, batch):
             return conv.new_zeros(1, *conv.shape[1:]), state.new_zeros(1, *state.shape[1:])
         if batch.single_slot is not None:
             s = batch.single_slot
@@ -59,7 +73,12 @@ class LinearStates:
         return conv[batch.slots], state[batch.slots]
 
     def write(self, layer: int, batch: "Batch", conv: torch.Tensor, state: torch.Tensor) -> None:
-        """Store the rows' new conv window [B, C, K-1] and state [B, Hv, Dk, Dv]."""
+        """Store the rows' new conv window [B, C, K-1] and state [B, Hv, Dk, Dv]; after the last
+        linear layer, each slot's state has reached the end of the pass."""
+        if layer == self.spec.layers[-1]:
+            t = batch.positions.shape[1]
+            for s, start in self.starts(batch):
+                self.reached[s] = start + t
         if batch.single_slot is not None:
             s = batch.single_slot
             self.conv[layer][s].copy_(conv[0])

@@ -13,17 +13,9 @@ from engine.models.qwen3_next import SKIPPED, build_hybrid
 VISION = ("model.visual.",)
 
 
-def text_config(cfg: HFConfig) -> HFConfig:
-    """The text model's settings: a vision-language config's text_config over its top level."""
-    text = cfg.get("text_config")
-    if not isinstance(text, dict):
-        return cfg
-    return HFConfig({**{k: v for k, v in cfg.raw.items() if k != "text_config"}, **text})
-
-
 def build(cfg: HFConfig, context: int) -> DecoderLM:
     vision_language = isinstance(cfg.get("text_config"), dict)
-    text = text_config(cfg)
+    text = cfg.text()
     return build_hybrid(text, context, SplitGatedDeltaNet, tuple(range(text.req("num_hidden_layers"))),
                         norm=True, checkpoint_prefix="model.language_model." if vision_language else "model.",
                         skipped=SKIPPED + (VISION if vision_language else ()))

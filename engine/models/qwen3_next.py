@@ -23,7 +23,8 @@ from engine.models.softmax_moe import SoftmaxMoeBlock, num_experts, sparse_step_
 LAYER_TYPES = ("linear_attention", "full_attention")
 DEFAULTS = {"linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
             "linear_num_key_heads": 16, "linear_num_value_heads": 32, "full_attention_interval": 4,
-            "partial_rotary_factor": 0.25}
+            "partial_rotary_factor": 0.25, "num_key_value_heads": 2, "head_dim": 256,
+            "shared_expert_intermediate_size": 512}
 SKIPPED = ("mtp.",)
 
 
@@ -88,12 +89,15 @@ def build_hybrid(cfg: HFConfig, context: int, delta_net: type[GatedDeltaNet], mo
     """The Qwen3-Next decoder (also Qwen3.5's text model, whose linear layers are ``delta_net``)."""
     hidden, n_layers = cfg.req("hidden_size"), cfg.req("num_hidden_layers")
     heads = cfg.req("num_attention_heads")
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim, eps = cfg.head_dim(), cfg.get("rms_norm_eps", 1e-6)
+    # transformers' defaults for absent fields (null: heads, hidden / heads)
+    kv_heads = cfg.get("num_key_value_heads", DEFAULTS["num_key_value_heads"]) or heads
+    head_dim = cfg.get("head_dim", DEFAULTS["head_dim"]) or hidden // heads
+    eps = cfg.get("rms_norm_eps", 1e-6)
     bias = bool(cfg.get("attention_bias", False))
     experts = num_experts(cfg) if moe_layers else 0
     top_k = cfg.req("num_experts_per_tok") if moe_layers else 0
-    shared: Optional[int] = cfg.get("shared_expert_intermediate_size")
+    shared: Optional[int] = cfg.get("shared_expert_intermediate_size",
+                                    DEFAULTS["shared_expert_intermediate_size"])
     types = layer_types(cfg)
     linear = LinearSpec(tuple(i for i, t in enumerate(types) if t == "linear_attention"),
                         2 * _get(cfg, "linear_num_key_heads") * _get(cfg, "linear_key_head_dim")
@@ -118,9 +122,11 @@ def build_hybrid(cfg: HFConfig, context: int, delta_net: type[GatedDeltaNet], mo
     layout = ExpertLayout(moe_layers, experts, top_k,
                           prefix=lambda i: f"{checkpoint_prefix}layers.{i}.mlp.experts") if moe_layers else None
     params = rope_parameters(cfg.raw)
-    params.setdefault("partial_rotary_factor",
-                      cfg.get("partial_rotary_factor", DEFAULTS["partial_rotary_factor"]))
-    raw = {**cfg.raw, "rope_parameters": params}
+    if params.get("partial_rotary_factor") is None:
+        params["partial_rotary_factor"] = cfg.get("partial_rotary_factor", DEFAULTS["partial_rotary_factor"])
+    if params["partial_rotary_factor"] is None:               # null: all of it, as transformers
+        params["partial_rotary_factor"] = 1.0
+    raw = {**cfg.raw, "rope_parameters": params, "head_dim": head_dim}
     model = DecoderLM(cfg.req("vocab_size"), hidden, layers, eps,
                       Rotary(rotary_dim(HFConfig(raw)), params, context), layout,
                       KVSpec(n_layers, kv_heads, head_dim, head_dim, linear if linear.layers else None),

@@ -32,7 +32,8 @@ from tests.engine.tiny_families import COMMON, FAMILIES, FamilyCheckpoint, engin
 transformers = pytest.importorskip("transformers")
 
 LOGIT_ATOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
-BF16_FAMILIES = ["mixtral", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "gpt_oss", "qwen3_next", "minimax_m2"]
+BF16_FAMILIES = ["mixtral", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "gpt_oss", "qwen3_next", "qwen3_5_moe_text",
+                 "minimax_m2"]
 MOE_FAMILIES = [n for n, (_, _, moe) in FAMILIES.items() if moe]
 PROMPTS = [(5, 17, 33, 8, 91, 64, 12), (40, 3), (150, 7, 7, 21, 99, 100, 4, 58, 33, 11, 60, 2, 19)]
 NEW_TOKENS = 24
@@ -228,3 +229,21 @@ def test_ernie_settings_default_as_transformers_does() -> None:
     assert moe_layers(HFConfig({}), 4) == (1, 2, 3)                      # start 1, end the last
     assert moe_layers(HFConfig({"moe_layer_end_index": None, "moe_layer_interval": 2}), 6) == (1, 3, 5)
     assert moe_layers(HFConfig({"moe_layer_start_index": 2, "moe_layer_end_index": 3}), 6) == (2, 3)
+
+
+def test_minimax_router_stays_fp32_and_is_bit_exact_against_eager_experts(family_checkpoint: FamilyCheckpoint) -> None:
+    """MiniMax-M2's router and selection bias stay fp32 in a bf16 model (as vLLM and SGLang keep
+    them; transformers rounds them to bf16): with transformers' two tensors cast to fp32 as well,
+    the bf16 logits are bit-identical against its eager experts."""
+    path = family_checkpoint("minimax_m2", torch.bfloat16)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
+                                                            experts_implementation="eager").eval()
+    for layer in ref.model.layers:
+        layer.mlp.gate.weight.data = layer.mlp.gate.weight.data.float()
+        layer.mlp.e_score_correction_bias.data = layer.mlp.e_score_correction_bias.data.float()
+    loaded = load_model(path, CPU, torch.bfloat16, context_length=64)
+    block = loaded.model.model.layers[1].block_sparse_moe
+    assert block.gate.weight.dtype == block.e_score_correction_bias.dtype == torch.float32
+    loaded.model.set_provider(ResidentExpertProvider(loaded.experts, CPU, torch.bfloat16))
+    ours, theirs = prompt_logits(loaded, ref, PROMPTS[2])
+    assert torch.equal(ours, theirs)

@@ -3,6 +3,8 @@ prompt of several delta-rule chunks, prompts split into engine chunks (the linea
 carried from one to the next), and slots reused by a later request (its state starts from zero)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -54,8 +56,15 @@ def test_long_prompt_logits_match_transformers(case) -> None:
     torch.testing.assert_close(ours, theirs, rtol=0.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [48, 64, 256])
+def reference(ref, prompt: tuple[int, ...]) -> list[int]:
+    return ref.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20,
+                        do_sample=False, eos_token_id=None)[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("chunk", [2, 48, 64, 256])
 def test_prompt_chunks_and_reused_slots_give_transformers_tokens(case, chunk: int) -> None:
+    """Prompt chunks shorter than the conv window (2 < K - 1 = 3: the window spans chunks), of
+    the rule's size and across it; one slot used by two requests in turn."""
     path, ref = case
     lm = load_model(path, CPU, torch.float32, context_length=256)
     eng = Engine(lm, ResidentExpertProvider(lm.experts, CPU, torch.float32), max_batch=1, prefill_chunk=chunk)
@@ -64,11 +73,44 @@ def test_prompt_chunks_and_reused_slots_give_transformers_tokens(case, chunk: in
         again = run_to_completion(eng, [GenerateRequest("b", LONG[:40], GREEDY)])["b"].token_ids  # same slot
     finally:
         eng.close()
-    for prompt, ours in ((LONG, first), (LONG[:40], again)):
-        theirs = ref.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20,
-                              do_sample=False, eos_token_id=None)[0, len(prompt):].tolist()
-        assert ours == theirs
+    assert first == reference(ref, LONG) and again == reference(ref, LONG[:40])
     assert len(set(first)) >= 3
+
+
+def test_slots_freed_and_reused_while_others_decode(case) -> None:
+    """Three requests on two slots: the third takes a freed slot while the other decodes (rows
+    gathered and scattered by slot)."""
+    path, ref = case
+    lm = load_model(path, CPU, torch.float32, context_length=256)
+    prompts = [LONG[:30], LONG[30:100], LONG[100:112]]
+    eng = Engine(lm, ResidentExpertProvider(lm.experts, CPU, torch.float32), max_batch=2, prefill_chunk=16)
+    try:
+        reqs = [GenerateRequest(str(i), p, dataclasses.replace(GREEDY, max_tokens=m))
+                for i, (p, m) in enumerate(zip(prompts, (6, 20, 20)))]
+        res = run_to_completion(eng, reqs)
+    finally:
+        eng.close()
+    assert res["0"].token_ids == reference(ref, prompts[0])[:6]
+    assert [res[str(i)].token_ids for i in (1, 2)] == [reference(ref, p) for p in prompts[1:]]
+
+
+def test_a_state_is_never_continued_out_of_order() -> None:
+    """The state of a slot continues only from the position it reached (or restarts at 0)."""
+    from engine.models.common import Batch
+    from engine.models.linear_state import LinearSpec, LinearStates
+    states = LinearStates(LinearSpec((0,), 6, 4, 2, 3, 5), 2, torch.float32, CPU)
+    prompt = Batch(torch.arange(0, 7)[None], torch.tensor([1]), 7, single_slot=1, start=0)
+    states.read(0, prompt)
+    states.write(0, prompt, torch.ones(1, 6, 3), torch.ones(1, 2, 3, 5))
+    assert states.reached == [0, 7]
+    decode = Batch(torch.tensor([[7]]), torch.tensor([1]), 8, single_slot=1, start=7)
+    conv, state = states.read(0, decode)
+    assert conv.eq(1).all() and state.eq(1).all()                    # continued
+    stale = Batch(torch.tensor([[9]]), torch.tensor([1]), 10, single_slot=1, start=9)
+    with pytest.raises(RuntimeError, match="slot 1 .* is at position 7"):
+        states.read(0, stale)
+    conv, state = states.read(0, prompt)                              # a new sequence: zeros
+    assert not conv.any() and not state.any()
 
 
 def test_qwen3_5_vision_language_checkpoint_serves_its_text_model(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
