@@ -7,7 +7,8 @@ from typing import Optional
 from configs.base import ConfigError
 
 # --tool-parser (server/tools.py, server/harmony.py)
-TOOL_PARSERS = ("auto", "hermes", "glm45", "qwen3_coder", "json", "harmony")
+TOOL_PARSERS = ("auto", "hermes", "glm45", "qwen3_coder", "minimax_m2", "deepseek_v3", "deepseek_v31",
+                "json", "harmony")
 # --reasoning-parser (server/reasoning.py, server/harmony.py)
 REASONING_PARSERS = ("auto", "think", "harmony", "none")
 
@@ -55,10 +56,15 @@ class ServerConfig:
                 "</tool_call>, Hermes/Qwen style; a bare JSON call is read too), 'glm45' "
                 "(GLM-4.5's <tool_call>name with <arg_key>/<arg_value> pairs; Hermes blocks too), "
                 "'qwen3_coder' (Qwen3-Coder's <function=name> with <parameter=key> blocks; Hermes "
-                "blocks too), 'json' (a bare JSON object or array), 'harmony' (gpt-oss: a "
-                "commentary message to=functions.NAME with JSON arguments), or 'auto' (harmony for "
-                "chat templates that write <|channel|>, glm45 or qwen3_coder for those that write "
-                "their tags, else hermes)",
+                "blocks too), 'minimax_m2' (MiniMax-M2's <minimax:tool_call> blocks of <invoke "
+                "name=...> with <parameter name=...> values), 'deepseek_v3' (DeepSeek-V3/R1's "
+                "<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME and ```json arguments), "
+                "'deepseek_v31' (DeepSeek-V3.1's <｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{json}), "
+                "'json' (a bare JSON object or array), 'harmony' (gpt-oss: a commentary message "
+                "to=functions.NAME with JSON arguments), or 'auto' (harmony for chat templates that "
+                "write <|channel|>, deepseek_v3 for those that write <｜tool▁calls▁begin｜> and "
+                "```json, deepseek_v31 for <｜tool▁calls▁begin｜> alone, minimax_m2, glm45 or "
+                "qwen3_coder for those that write their tags, else hermes)",
         "choices": TOOL_PARSERS})
     reasoning_parser: str = field(default="auto", metadata={
         "help": "'think': a thinking model's reasoning (<think>...</think> at the start of a "

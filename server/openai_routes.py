@@ -173,7 +173,7 @@ async def chat(state: ServerState, request: Request) -> Response:
     constraint = response_format_constraint(body.response_format)
     uses_harmony = harmony_replies(state)
     setup = parse_setup(body.tools, body.tool_choice, body.parallel_tool_calls,
-                        "harmony" if uses_harmony else tool_style(state))
+                        "harmony" if uses_harmony else tool_style(state), state.tokenizer.single_tags)
     thinks = state.cfg.reasoning_parser != "none"     # (harmony: the analysis channel is reasoning)
     if setup.forced:
         if constraint is not None:
@@ -243,9 +243,9 @@ def reasoning_start(state: ServerState, prompt: list[int], constraint: Any) -> O
 
 
 def tool_style(state: ServerState) -> str:
-    """--tool-parser; 'auto' is the tagged-pairs style whose tags the chat template writes
-    (GLM-4.5's, Qwen3-Coder's), else the Hermes style, which the built-in system prompt and the
-    Hermes/Qwen templates use (its parser also reads a bare JSON call)."""
+    """--tool-parser; 'auto' is the style whose tags the chat template writes (DeepSeek's,
+    MiniMax-M2's, GLM-4.5's, Qwen3-Coder's), else the Hermes style, which the built-in system
+    prompt and the Hermes/Qwen templates use (its parser also reads a bare JSON call)."""
     style = state.cfg.tool_parser
     return template_style(state.tokenizer.template_source) if style == "auto" else style
 

@@ -17,10 +17,13 @@ from tokenizers import Tokenizer
 
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")   # passed to every template
-# the tags the reasoning and tool-call parsers read (server/reasoning.py, tools.py, tool_formats.py):
-# kept in the output text where a tokenizer marks them special, which decoding would drop
+# the tags the reasoning and tool-call parsers read (server/reasoning.py, tools.py, tool_formats.py,
+# tool_blocks.py): kept in the output text where a tokenizer marks them special, which decoding
+# would drop (the tool-call parsers keep DeepSeek's out of the content)
 KEPT_TAGS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>",
-             "<arg_value>", "</arg_value>", "</parameter>", "</function>")
+             "<arg_value>", "</arg_value>", "</parameter>", "</function>", "<minimax:tool_call>",
+             "</minimax:tool_call>", "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>",
+             "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>")
 # OpenAI's harmony tags (gpt-oss, server/harmony.py): kept only by a tokenizer that has <|channel|>
 # and <|message|> as special tokens, as other models use some of these names (Phi-3's <|end|>
 # ends its turns, and would then show in the text)
@@ -82,6 +85,8 @@ class TextTokenizer:
         kept = set(KEPT_TAGS) | (set(HARMONY_TAGS) if {"<|channel|>", "<|message|>"} <= special else set())
         self._kept = {i for i, t in added.items() if t.special and t.content in kept}
         self._dropped = {i for i, t in added.items() if t.special and i not in self._kept}
+        # the kept tags that are single tokens: tool-call grammars name them as tokens (tool_setup.py)
+        self.single_tags = frozenset(t.content for t in added.values()) & frozenset(KEPT_TAGS)
         cfg_path = os.path.join(model_dir, "tokenizer_config.json")
         cfg: dict[str, Any] = {}
         if os.path.isfile(cfg_path):

@@ -18,10 +18,19 @@ Qwen3-Coder (--tool-parser qwen3_coder)::
     </function>
     </tool_call>
 
+MiniMax-M2's ``<invoke>`` (--tool-parser minimax_m2) is one more such call, several of them in a
+``<minimax:tool_call>`` block (server/tool_blocks.py finds the blocks)::
+
+    <invoke name="get_weather">
+    <parameter name="city">Paris</parameter>
+    </invoke>
+
 A value is the raw text for a string parameter (by the tool's schema) and JSON for any other (a
 value that does not parse as JSON, or as a Python literal such as Qwen's template writes for
-True/None, stays a string), as vLLM's glm45 and qwen3_coder parsers read them. Finding and
-streaming the blocks is server/tools.py's; this module reads, cuts and forces one block's inside.
+True/None, stays a string), as vLLM's glm45, qwen3_coder and minimax_m2 parsers read them (MiniMax's
+values trimmed of surrounding whitespace, and null/none/nil, and yes/no/on/off for a boolean, read
+as its parser reads them). Finding and streaming the blocks is server/tools.py's and
+server/tool_blocks.py's; this module reads, cuts and forces one call's inside.
 """
 from __future__ import annotations
 
@@ -32,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from server.structured import json_rule
+from server.tool_setup import lit
 
 _DECODER = json.JSONDecoder()
 # what a raw string value cannot be held to (annotations such as title or default are fine)
@@ -52,6 +62,7 @@ class ArgFormat:
     forced_close: str         # forced calls: what follows a value
     tail: str                 # after the last pair
     own_lines: bool           # the template writes values on lines of their own
+    trim: bool = False        # values are read without surrounding whitespace (MiniMax-M2)
 
 
 GLM45 = ArgFormat(
@@ -62,7 +73,14 @@ QWEN3_CODER = ArgFormat(
     "qwen3_coder", "<parameter=", re.compile(rf"\s*<function=({_NAME})(>\s*|$)"), "\n<function=", ">\n",
     re.compile(r"\s*<parameter=([^>\n]{1,200})>\n?", re.S),
     "<parameter={key}>\n", "</parameter>", "\n</parameter>\n", "</function>\n", True)
-FORMATS = {f.style: f for f in (GLM45, QWEN3_CODER)}
+FORMATS = {f.style: f for f in (GLM45, QWEN3_CODER)}     # the ones inside <tool_call> tags
+MINIMAX_INVOKE = ArgFormat(
+    "minimax_m2", "<minimax:tool_call>", re.compile(rf"""\s*<invoke name=["']?({_NAME})["']?(>)\s*"""),
+    '<invoke name="', '">\n', re.compile(r"""\s*<parameter name=["']?([^"'>\n]{1,200})["']?>"""),
+    '<parameter name="{key}">', "</parameter>", "</parameter>\n", "</invoke>\n", False, trim=True)
+_WORDS = {"null": None, "none": None, "nil": None}
+_BOOLEANS = {"true": True, "1": True, "yes": True, "on": True,
+             "false": False, "0": False, "no": False, "off": False}
 
 
 def _is_text(schema: Any) -> bool:
@@ -105,10 +123,29 @@ def _json_safe(value: Any) -> bool:
         return False
 
 
-def _value_at(fmt: ArgFormat, inner: str, pos: int, as_string: bool) -> Optional[tuple[Any, int]]:
+def _types(schema: Any) -> set[Any]:
+    kind = schema.get("type") if isinstance(schema, dict) else None
+    return set(kind) if isinstance(kind, list) else {kind}
+
+
+def _loose(raw: str, schema: Any) -> Any:
+    """A trimmed format's non-string value: vLLM's minimax_m2 reads null/none/nil as null and
+    yes/no/on/off/1/0 as a boolean's words; else as _literal."""
+    text = raw.strip()
+    if text.lower() in _WORDS:
+        return None
+    if "boolean" in _types(schema) and text.lower() in _BOOLEANS:
+        return _BOOLEANS[text.lower()]
+    return _literal(text)
+
+
+def _value_at(fmt: ArgFormat, inner: str, pos: int, schema: Any) -> Optional[tuple[Any, int]]:
     """The value that starts at ``pos`` and the position after its closing tag: raw text up to
     the first closing tag for a string parameter; else the JSON value there when the closing
     tag follows it (a JSON string may hold the tag), else the text read as a literal."""
+    as_string = _is_text(schema)
+    if fmt.trim:
+        pos = len(inner) - len(inner[pos:].lstrip())
     if not as_string:
         try:
             value, end = _DECODER.raw_decode(inner, pos)
@@ -121,9 +158,13 @@ def _value_at(fmt: ArgFormat, inner: str, pos: int, as_string: bool) -> Optional
     if end < 0:
         return None
     raw = inner[pos:end]
-    if as_string and fmt.own_lines:      # (the key pattern took the newline after the opening)
-        raw = raw.removesuffix("\n")
-    return (raw if as_string else _literal(raw)), end + len(fmt.value_close)
+    if fmt.trim:
+        value = raw.rstrip() if as_string else _loose(raw, schema)
+    elif as_string:       # (on lines of their own, the key took the newline after the opening)
+        value = raw.removesuffix("\n") if fmt.own_lines else raw
+    else:
+        value = _literal(raw)
+    return value, end + len(fmt.value_close)
 
 
 def read_block(fmt: ArgFormat, inner: str, functions: dict[str, dict[str, Any]],
@@ -141,7 +182,7 @@ def read_block(fmt: ArgFormat, inner: str, functions: dict[str, dict[str, Any]],
         if m is None:
             break
         key = m.group(1).strip()
-        got = _value_at(fmt, inner, m.end(), _is_text(props.get(key)))
+        got = _value_at(fmt, inner, m.end(), props.get(key))
         if got is None:
             break
         args[key], pos = got
@@ -160,25 +201,47 @@ def _bound(schema: dict[str, Any], key: str) -> Optional[int]:
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
 
 
-def _value_rule(fmt: ArgFormat, schema: dict[str, Any], strict: bool) -> str:
+def _text_rule(fmt: ArgFormat, schema: dict[str, Any]) -> str:
+    """The regex body of a string parameter's free text: of its length bounds without '<'; else
+    any text without '</' ('<' runs end in neither '<' nor '/', or just before the closing tag).
+    A trimmed format's text neither starts nor ends with whitespace (its parser would drop it)."""
+    lo, hi = _bound(schema, "minLength") or 0, _bound(schema, "maxLength")
+    if not fmt.trim:
+        if lo == 0 and hi is None:
+            return r"([^<]|<+[^<\/])*<*"
+        return "[^<]{%d,%s}" % (lo, "" if hi is None else hi)
+    # (no space: Python's, which the parser strips, holds \x1c-\x1f, which \s does not)
+    if lo == 0 and hi is None:       # a first unit that starts, and a last that ends, with no space
+        return r"((([^<\s\x1c-\x1f]|<+[^<\/])([^<]|<+[^<\/])*)?([^<\s\x1c-\x1f]|<+[^<\/\s\x1c-\x1f]))?<*"
+    solid = r"[^<\s\x1c-\x1f]"
+    alts = [solid] if lo <= 1 and (hi is None or hi >= 1) else []     # one character
+    if hi is None or hi >= 2:                                         # or more
+        alts.append("%s[^<]{%d,%s}%s" % (solid, max(lo - 2, 0), "" if hi is None else hi - 2, solid))
+    return "(" + "|".join(alts) + ")" + ("?" if lo == 0 else "") if alts else ""
+
+
+def _value_rule(fmt: ArgFormat, schema: dict[str, Any], strict: bool, tokens: frozenset[str]) -> str:
     """Lark for a value and what ends it: a string parameter's raw text (one of its enum or
-    const; else text of its length bounds without '<'; else any text without '</'), JSON
-    following the schema for the others. Free text and its closing tag are one regex:
-    llguidance's lexer is greedy, so a separate closing tag after a text lexeme that may
-    contain '<' would never begin. check_schemas has refused what this cannot enforce."""
-    close = json.dumps(fmt.forced_close)
+    const; else _text_rule's), JSON following the schema for the others. Free text and its
+    closing tag are one regex: llguidance's lexer is greedy, so a separate closing tag after a
+    text lexeme that may contain '<' would never begin; a closing tag that is one token of the
+    model's (``tokens``) follows the text as that token, which no text can hold.
+    check_schemas has refused what this cannot enforce."""
+    close = lit(fmt.forced_close, tokens)
     if not _is_text(schema):
         return f"({json_rule(schema, strict)}) {close}"
     if "enum" in schema or "const" in schema:
         words = " | ".join(json.dumps(v) for v in schema.get("enum", [schema.get("const")]))
         return f"({words}) {close}"
-    lo, hi = _bound(schema, "minLength") or 0, _bound(schema, "maxLength")
-    tag = fmt.forced_close.replace("/", "\\/").replace("\n", "\\n")
-    if lo == 0 and hi is None:      # '<' runs end in neither '<' nor '/', or just before the tag
-        return r"/([^<]|<+[^<\/])*<*" + tag + "/"
-    # bounded: no '<' at all, so that the bounds count characters; the tag in the same regex, as
-    # Qwen3-Coder's starts with a newline that the text could take
-    return "/[^<]{%d,%s}%s/" % (lo, "" if hi is None else hi, tag)
+    tag = next((t for t in sorted(tokens, key=len, reverse=True) if t in fmt.forced_close), None)
+    if tag is not None:     # (a newline before the tag, Qwen3-Coder's, stays in the text's regex)
+        before, after = fmt.forced_close.split(tag, 1)
+        return f"/{_text_rule(fmt, schema)}{_escape(before)}/ {lit(tag + after, tokens)}"
+    return f"/{_text_rule(fmt, schema)}{_escape(fmt.forced_close)}/"
+
+
+def _escape(text: str) -> str:
+    return text.replace("/", "\\/").replace("\n", "\\n")
 
 
 def check_schemas(functions: list[dict[str, Any]]) -> Optional[tuple[str, str]]:
@@ -211,15 +274,17 @@ def check_schemas(functions: list[dict[str, Any]]) -> Optional[tuple[str, str]]:
     return None
 
 
-def call_rule(fmt: ArgFormat, function: dict[str, Any], strict: bool) -> str:
+def call_rule(fmt: ArgFormat, function: dict[str, Any], strict: bool,
+              tokens: frozenset[str] = frozenset()) -> str:
     """Lark body of one forced call's inside: its name, then its declared parameters in schema
-    order (required ones always, the others optional), each with a value as _value_rule writes."""
+    order (required ones always, the others optional), each with a value as _value_rule writes;
+    ``tokens``: the format's tags that are single tokens of the model's tokenizer."""
     required = set(function["parameters"].get("required") or ())
-    parts = [json.dumps(fmt.name_open + function["name"] + fmt.name_close)]
+    parts = [lit(fmt.name_open + function["name"] + fmt.name_close, tokens)]
     for key, schema in properties(function).items():
-        opening = json.dumps(fmt.key_open.format(key=key))
-        pair = f"{opening} {_value_rule(fmt, schema if isinstance(schema, dict) else {}, strict)}"
+        opening = lit(fmt.key_open.format(key=key), tokens)
+        pair = f"{opening} {_value_rule(fmt, schema if isinstance(schema, dict) else {}, strict, tokens)}"
         parts.append(pair if key in required else f"({pair})?")
     if fmt.tail:
-        parts.append(json.dumps(fmt.tail))
+        parts.append(lit(fmt.tail, tokens))
     return " ".join(parts)
