@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import httpx
 import pytest
@@ -159,3 +159,15 @@ def harmony_dir(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -
     """The tiny model writing gpt-oss's harmony format (tests/server/harmony_model.py)."""
     from tests.server.harmony_model import make_harmony_model
     return make_harmony_model(str(tmp_path_factory.mktemp("harmony") / "model"), tiny_model_dir)
+
+
+def parser_client(style: str, model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
+    """A server on ``model_dir`` with ``--tool-parser style`` and an OpenAI client for it."""
+    import openai
+    srv = ServerProcess(model_dir, str(tmp_path_factory.mktemp(style) / "server.log"),
+                        extra=("--context-length", "1024", "--tool-parser", style))
+    try:
+        srv.wait_ready()
+        yield style, openai.OpenAI(base_url=srv.base + "/v1", api_key="unused", max_retries=0)
+    finally:
+        srv.stop()

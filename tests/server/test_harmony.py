@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jinja2
 import jsonschema
@@ -210,32 +210,38 @@ def harmony_byte_tokenizer(folder: str) -> dict[str, int]:
     return {t: tk.token_to_id(t) for t in HARMONY_TAGS}
 
 
-@pytest.mark.parametrize("choice,named", [("required", None), ("named", "get_time"), ("named", "get_weather")])
-def test_random_sampling_under_the_forcing_grammar_always_gives_a_valid_call(tmp_path, choice: str,
-                                                                              named: Optional[str]) -> None:
-    tags = harmony_byte_tokenizer(str(tmp_path))
+def sampled_texts(folder: Any, tags: dict[str, int], constraint: Constraint, n: int = 8) -> Iterator[str]:
+    """``n`` replies sampled at random (seeds 0..n-1) under ``constraint``, each to the grammar's
+    end (where the engine ends a request); <|end|> boosted so that thoughts end after a few tokens."""
     vocab = max(tags.values()) + 1
-    tk = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    compiler = GrammarCompiler(str(tmp_path), vocab, (tags["<|return|>"], tags["<|call|>"], EOS))
-    setup = ToolSetup(FUNCS, choice, named, True, "harmony")
-    constraint = Constraint(forcing_grammar(setup))
-    check(constraint.lark, "tools")                      # the server's own check passes it
-    seen, thought = set(), 0
-    for seed in range(8):
+    tk = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    compiler = GrammarCompiler(str(folder), vocab, (tags["<|return|>"], tags["<|call|>"], EOS))
+    for seed in range(n):
         state = SamplerState(SamplingParams(temperature=1.0, seed=seed, constraint=constraint), (1,))
         state.grammar = compiler.matcher(constraint)
         gen = torch.Generator().manual_seed(seed)
         out: list[int] = []
         for _ in range(600):
             logits = torch.randn(1, vocab, generator=gen) * 3
-            logits[0, tags["<|end|>"]] += 4.0            # thoughts end after a few tokens
+            logits[0, tags["<|end|>"]] += 4.0
             (c,) = sample(logits, [state])
             state.note(c.token)
             out.append(c.token)
-            if state.grammar.finished:                   # the engine ends the request here
+            if state.grammar.finished:
                 break
         assert state.grammar.finished and state.grammar.error is None
-        text = tk.decode(out, skip_special_tokens=False)
+        yield tk.decode(out, skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("choice,named", [("required", None), ("named", "get_time"), ("named", "get_weather")])
+def test_random_sampling_under_the_forcing_grammar_always_gives_a_valid_call(tmp_path, choice: str,
+                                                                              named: Optional[str]) -> None:
+    tags = harmony_byte_tokenizer(str(tmp_path))
+    setup = ToolSetup(FUNCS, choice, named, True, "harmony")
+    constraint = Constraint(forcing_grammar(setup))
+    check(constraint.lark, "tools")                      # the server's own check passes it
+    seen, thought = set(), 0
+    for text in sampled_texts(tmp_path, tags, constraint):
         assert text.endswith("<|call|>") and "<|channel|>commentary to=functions." in text, text
         reasoning, content, calls = parse(text, setup)
         assert content == "" and len(calls) == 1, text
@@ -352,29 +358,12 @@ def test_random_sampling_under_the_response_format_grammar_gives_its_json_as_con
     """response_format in harmony: reasoning may come first (not where reasoning is off), then the
     final channel, its body the JSON the schema asks for, which is the content alone."""
     tags = harmony_byte_tokenizer(str(tmp_path))
-    vocab = max(tags.values()) + 1
-    tk = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    compiler = GrammarCompiler(str(tmp_path), vocab, (tags["<|return|>"], tags["<|call|>"], EOS))
     rf = {"type": "json_schema", "json_schema": {"name": "w", "schema": SCHEMAS["get_weather"], "strict": True}}
     inner = response_format_constraint(rf)
     assert inner is not None
     constraint = check(response_format_grammar(inner.lark, reasoning), "response_format")
     thought, constrained = 0, 0
-    for seed in range(8):
-        state = SamplerState(SamplingParams(temperature=1.0, seed=seed, constraint=constraint), (1,))
-        state.grammar = compiler.matcher(constraint)
-        gen = torch.Generator().manual_seed(seed)
-        out: list[int] = []
-        for _ in range(600):
-            logits = torch.randn(1, vocab, generator=gen) * 3
-            logits[0, tags["<|end|>"]] += 4.0            # thoughts end after a few tokens
-            (c,) = sample(logits, [state])
-            state.note(c.token)
-            out.append(c.token)
-            if state.grammar.finished:
-                break
-        assert state.grammar.finished and state.grammar.error is None
-        text = tk.decode(out, skip_special_tokens=False)
+    for text in sampled_texts(tmp_path, tags, constraint):
         assert "<|channel|>final" in text and "commentary" not in text, text
         reasoning_text, content, calls = parse(text, None, reasoning)
         jsonschema.validate(json.loads(content), SCHEMAS["get_weather"])

@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Iterator
 
 import jsonschema
-import openai
 import pytest
 import torch
 from tokenizers import Tokenizer
@@ -21,10 +19,9 @@ from engine.sampling import SamplerState, sample
 from server.errors import APIError
 from server.tool_blocks import DEEPSEEK_TAGS, MINIMAX_TAGS
 from server.tools import ToolSetup, forcing_grammar, parse
-from tests.server.conftest import ServerProcess
 from tests.server.test_tool_blocks import special_tokenizer
 from tests.server.test_tool_formats import FUNCS, NOTE
-from tests.server.test_tools import ASK, SCHEMAS, TOOLS, check_calls
+from tests.server.test_tools import SCHEMAS
 
 EOS = 256
 TAGS = {"minimax_m2": MINIMAX_TAGS, "deepseek_v3": DEEPSEEK_TAGS, "deepseek_v31": DEEPSEEK_TAGS,
@@ -76,8 +73,6 @@ def sampled(tk: Tokenizer, compiler: GrammarCompiler, grammar: str, seed: int, s
 @pytest.mark.parametrize("choice,named", [("required", None), ("named", "add_note"), ("named", "get_weather")])
 def test_random_sampling_under_the_grammar_always_gives_valid_calls(tmp_path, style: str, choice: str,
                                                                      named: str, as_tokens: bool) -> None:
-    if style in ("hermes", "glm45", "qwen3_coder") and not as_tokens:
-        pytest.skip("test_tool_formats.py and test_tools.py sample these with their tags spelled out")
     tk, compiler, tokens = compiled(str(tmp_path), style, as_tokens)
     setup = ToolSetup(FUNCS, choice, named, True, style, frozenset(tokens))
     grammar = forcing_grammar(setup)
@@ -130,40 +125,3 @@ def test_minimax_refuses_what_its_raw_values_cannot_enforce(schema: dict, messag
     with pytest.raises(APIError, match=message) as e:
         forcing_grammar(ToolSetup(({"name": "f", "parameters": schema},), "required", None, True, "minimax_m2"))
     assert e.value.status == 400
-
-
-@pytest.fixture(scope="module", params=["minimax_m2", "deepseek_v31"])
-def block_client(request: pytest.FixtureRequest, tiny_model_dir: str,
-                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, openai.OpenAI]]:
-    srv = ServerProcess(tiny_model_dir, str(tmp_path_factory.mktemp(request.param) / "server.log"),
-                        extra=("--context-length", "1024", "--tool-parser", request.param))
-    try:
-        srv.wait_ready()
-        yield request.param, openai.OpenAI(base_url=srv.base + "/v1", api_key="unused", max_retries=0)
-    finally:
-        srv.stop()
-
-
-def test_server_forces_and_streams_calls_in_the_block_formats(block_client: tuple[str, openai.OpenAI]) -> None:
-    """The tiny model's tokenizer (SmolLM2's) has none of these tags: the grammar spells them."""
-    style, client = block_client
-    name = client.models.list().data[0].id
-    r = client.chat.completions.create(model=name, messages=ASK, tools=TOOLS, tool_choice="required",
-                                       seed=3, max_tokens=200, logprobs=True)
-    assert r.choices[0].finish_reason == "tool_calls"
-    if style == "minimax_m2":       # (DeepSeek's fullwidth tags are spelled in partial UTF-8 tokens)
-        written = "".join(t.token for t in r.choices[0].logprobs.content)     # the model's own text
-        assert written.startswith('<minimax:tool_call>\n<invoke name="get_'), written
-    check_calls(r.choices[0].message.tool_calls, set(SCHEMAS))
-    assert not r.choices[0].message.content
-    stream = client.chat.completions.create(
-        model=name, messages=ASK, tools=TOOLS, stream=True, seed=4, max_tokens=200,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    parts, finish, content = [], None, ""
-    for chunk in stream:
-        for tc in chunk.choices[0].delta.tool_calls or []:
-            parts.append(tc.function.arguments or "")
-        content += chunk.choices[0].delta.content or ""
-        finish = chunk.choices[0].finish_reason or finish
-    assert finish == "tool_calls" and content == ""
-    jsonschema.validate(json.loads("".join(parts)), SCHEMAS["get_weather"])
