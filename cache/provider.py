@@ -133,9 +133,26 @@ class Tracer(Protocol):
 
 
 class Router(NamedTuple):
-    """A MoE layer's router as the look-ahead applies it: logits = hidden @ weight^T (+ bias)."""
-    weight: torch.Tensor              # [E, H]
-    bias: Optional[torch.Tensor] = None   # [E] (gpt-oss's routers have one)
+    """A MoE layer's router as the look-ahead applies it: logits = hidden @ weight^T (+ bias),
+    scored by softmax or sigmoid, plus a selection bias where the family chooses experts on
+    score + bias (DeepSeek-V3, GLM-4.5, ERNIE-4.5, MiniMax-M2)."""
+    weight: torch.Tensor                        # [E, H]
+    bias: Optional[torch.Tensor] = None         # [E] on the logits (gpt-oss)
+    sigmoid: bool = False                       # sigmoid scores (else softmax)
+    selection_bias: Optional[torch.Tensor] = None   # [E] added to the scores to choose
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H] -> each row's expert ranking as probabilities [T, E] fp32: the softmax,
+        or (sigmoid scores, a selection bias) the choice scores normalised to sum 1."""
+        logits = hidden.to(self.weight.dtype) @ self.weight.t()                     # [T, E]
+        if self.bias is not None:
+            logits = logits + self.bias
+        if not self.sigmoid and self.selection_bias is None:
+            return torch.softmax(logits.float(), dim=-1)
+        s = torch.sigmoid(logits.float()) if self.sigmoid else torch.softmax(logits.float(), dim=-1)
+        if self.selection_bias is not None:
+            s = (s + self.selection_bias.float()).clamp(min=0.0)
+        return s / s.sum(dim=-1, keepdim=True).clamp(min=1e-9)
 
 
 def lookahead(router: Router, hidden: torch.Tensor, top_k: int,
@@ -154,10 +171,7 @@ def read_routing(topk_ids: Optional[torch.Tensor], router: Router, hidden: torch
     one device-to-host read: on CUDA each read waits for the queued kernels, so a layer keeps
     to one. Expert ids travel as float32, exact below 2**24. The scores stay an array [E]
     (the policies rank them with numpy; a list would be converted back, twice per layer)."""
-    logits = hidden.to(router.weight.dtype) @ router.weight.t()                    # [T, E]
-    if router.bias is not None:
-        logits = logits + router.bias
-    probs = torch.softmax(logits.float(), dim=-1)                                 # [T, E]
+    probs = router.scores(hidden)                                                 # [T, E]
     E = probs.shape[1]
     parts = [] if topk_ids is None else [topk_ids.reshape(-1).float()]            # [T*k]
     parts.append(probs.mean(0))                                                   # [E]

@@ -57,6 +57,11 @@ class MoEBlockBase(nn.Module):
         self.moe_index = moe_index
         self.provider: Optional[ExpertProvider] = None
 
+    def lookahead_router(self) -> Router:
+        """The router as the cache's look-ahead applies it: ``gate`` [E, H] with its logit bias,
+        softmax-scored; families that score otherwise say so."""
+        return Router(self.gate.weight, getattr(self.gate, "bias", None))
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden: int, eps: float,
@@ -132,8 +137,7 @@ class DecoderLM(nn.Module):
     def lookahead_routers(self) -> list[Router]:
         """Every MoE layer's router as the cache's look-ahead applies it (with its logit bias,
         where it has one), in MoE-layer order."""
-        return [Router(block.gate.weight, getattr(block.gate, "bias", None))
-                for block in sorted(self.moe_blocks(), key=lambda b: b.moe_index)]
+        return [block.lookahead_router() for block in sorted(self.moe_blocks(), key=lambda b: b.moe_index)]
 
     def forward(self, input_ids: torch.Tensor, batch: Batch, kv: KVCache,
                 all_logits: bool = False) -> torch.Tensor:

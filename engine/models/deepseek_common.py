@@ -7,6 +7,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from cache.provider import Router
 from engine.models.base import DecoderLayer, DecoderLM, ExpertLayout, HFConfig, KVSpec, MoEBlockBase
 from engine.models.common import DenseMLP, combine_experts, rope_parameters
 from engine.models.mla import FP32Rotary, MLAttention, softmax_scale
@@ -51,6 +52,11 @@ class DeepseekMoe(MoEBlockBase):
         super().__init__(moe_index)
         self.gate = router
         self.shared_experts = DenseMLP(hidden, shared_inter) if shared_inter > 0 else None
+
+    def lookahead_router(self) -> Router:
+        """V3's (and GLM-4.5's) routers choose on sigmoid scores + a selection bias; V2's softmax."""
+        bias = getattr(self.gate, "e_score_correction_bias", None)
+        return Router(self.gate.weight, sigmoid=bias is not None, selection_bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

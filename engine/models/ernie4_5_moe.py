@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cache.provider import Router
 from engine.models.base import DecoderLayer, DecoderLM, ExpertLayout, HFConfig, KVSpec, MoEBlockBase
 from engine.models.common import Attention, Batch, DenseMLP, KVCache, combine_experts, rope_parameters
 from engine.models.deepseek_common import FP32Router, KeepFP32
@@ -47,6 +48,11 @@ class ErnieMoe(MoEBlockBase):
         # checkpoints trained without the auxiliary-loss-free bias have no moe_statics
         self.moe_statics = MoeStatics(num_experts) if selection_bias else None
         self.shared_experts = DenseMLP(hidden, shared_inter, bias) if shared_inter > 0 else None
+
+    def lookahead_router(self) -> Router:
+        """Softmax probabilities, chosen with the selection bias where the checkpoint has one."""
+        bias = None if self.moe_statics is None else self.moe_statics.e_score_correction_bias.view(-1)
+        return Router(self.gate.weight, selection_bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cache.provider import Router
 from engine.models.base import DecoderLayer, DecoderLM, ExpertLayout, HFConfig, KVSpec, MoEBlockBase
 from engine.models.common import Attention, Rotary, combine_experts, rope_parameters
 from engine.models.deepseek_common import FP32Router, KeepFP32
@@ -24,6 +25,9 @@ class MiniMaxM2MoE(MoEBlockBase, KeepFP32):
         self.top_k = top_k
         self.gate = FP32Router(hidden, num_experts)
         self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts), requires_grad=False)
+
+    def lookahead_router(self) -> Router:
+        return Router(self.gate.weight, sigmoid=True, selection_bias=self.e_score_correction_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

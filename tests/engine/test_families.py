@@ -247,3 +247,37 @@ def test_minimax_router_stays_fp32_and_is_bit_exact_against_eager_experts(family
     loaded.model.set_provider(ResidentExpertProvider(loaded.experts, CPU, torch.bfloat16))
     ours, theirs = prompt_logits(loaded, ref, PROMPTS[2])
     assert torch.equal(ours, theirs)
+
+
+class RoutingRecorder(ActivationProbe):
+    """Keeps each MoE layer's last routing [T][k]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: dict[int, list[list[int]]] = {}
+
+    def record(self, layer: int, topk_ids: list[list[int]]) -> None:
+        self.last[layer] = topk_ids
+
+
+# families whose selection the look-ahead can express whole (not: the group-limited ones)
+LOOKAHEAD_EXACT = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "ernie4_5_moe", "gpt_oss",
+                   "qwen3_next", "minimax_m2"]
+
+
+@pytest.mark.parametrize("name", LOOKAHEAD_EXACT)
+def test_lookahead_ranks_experts_as_each_router_chooses(family_checkpoint: FamilyCheckpoint, name: str) -> None:
+    """The cache's look-ahead (DecoderLM.lookahead_routers) scores experts the way each family's
+    router chooses them (softmax, sigmoid, a logit bias, a selection bias): its top-k of a layer's
+    own input is the layer's routing."""
+    lm = load_model(engine_dir(family_checkpoint(name, torch.float32)), CPU, torch.float32, context_length=64)
+    rec = RoutingRecorder()
+    lm.model.set_provider(ResidentExpertProvider(lm.experts, CPU, torch.float32, tracer=rec))
+    torch.manual_seed(0)
+    blocks = sorted(lm.model.moe_blocks(), key=lambda b: b.moe_index)
+    for block, router in zip(blocks, lm.model.lookahead_routers()):
+        x = torch.randn(32, COMMON["hidden_size"])
+        with torch.inference_mode():
+            block(x)
+        ahead = router.scores(x).topk(lm.info.top_k, dim=-1).indices.tolist()
+        assert [sorted(r) for r in ahead] == [sorted(r) for r in rec.last[block.moe_index]], name
