@@ -75,6 +75,18 @@ class ServerProcess:
             time.sleep(0.2)   # polling interval, bounded by the deadline above
         raise RuntimeError(f"server not ready within {deadline_s}s:\n{self.log()}")
 
+    def __enter__(self) -> "ServerProcess":
+        """Ready to serve (stopped again if it never gets there); stopped on leaving."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def log(self) -> str:
         self._log.flush()
         with open(self.log_path) as f:
@@ -105,25 +117,17 @@ def server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     through the offloading cache with room for one layer's top-k (2 of its 8 experts) and prefetch
     on: every API test also checks that offloaded serving gives the exact resident results."""
     log = str(tmp_path_factory.mktemp("srv") / "server.log")
-    srv = ServerProcess(tiny_model_dir, log, extra=("--max-batch", "4", "--expert-budget", "50%",
-                                                    "--policy", "auto", "--prefetch", "on"))
-    try:
-        srv.wait_ready()
+    with ServerProcess(tiny_model_dir, log, extra=("--max-batch", "4", "--expert-budget", "50%",
+                                                   "--policy", "auto", "--prefetch", "on")) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
 def auth_server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Tiny model with an API key, every expert resident (the default budget)."""
-    srv = ServerProcess(tiny_model_dir, str(tmp_path_factory.mktemp("auth") / "server.log"),
-                        api_key=API_KEY)
-    try:
-        srv.wait_ready()
+    with ServerProcess(tiny_model_dir, str(tmp_path_factory.mktemp("auth") / "server.log"),
+                       api_key=API_KEY) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 # --- a thinking model: the tiny model with a chat template that opens a <think> block ---------
@@ -146,12 +150,8 @@ def thinking(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> I
     cfg["chat_template"] = THINKING_TEMPLATE
     with open(cfg_path, "w") as f:
         json.dump(cfg, f)
-    srv = ServerProcess(path, str(tmp_path_factory.mktemp("thinking-log") / "server.log"))
-    try:
-        srv.wait_ready()
+    with ServerProcess(path, str(tmp_path_factory.mktemp("thinking-log") / "server.log")) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -164,10 +164,6 @@ def harmony_dir(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -
 def parser_client(style: str, model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
     """A server on ``model_dir`` with ``--tool-parser style`` and an OpenAI client for it."""
     import openai
-    srv = ServerProcess(model_dir, str(tmp_path_factory.mktemp(style) / "server.log"),
-                        extra=("--context-length", "1024", "--tool-parser", style))
-    try:
-        srv.wait_ready()
+    with ServerProcess(model_dir, str(tmp_path_factory.mktemp(style) / "server.log"),
+                       extra=("--context-length", "1024", "--tool-parser", style)) as srv:
         yield style, openai.OpenAI(base_url=srv.base + "/v1", api_key="unused", max_retries=0)
-    finally:
-        srv.stop()

@@ -117,12 +117,8 @@ def test_same_origin_page_may_post_from_a_lan_address(auth_server: ServerProcess
 
 
 def test_no_web_ui_flag(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> None:
-    srv = ServerProcess(tiny_model_dir, str(tmp_path_factory.mktemp("noui") / "server.log"),
-                        extra=("--no-web-ui",))
-    try:
-        srv.wait_ready()
+    with ServerProcess(tiny_model_dir, str(tmp_path_factory.mktemp("noui") / "server.log"),
+                       extra=("--no-web-ui",)) as srv:
         assert httpx.get(srv.base + "/").status_code == 404
         assert httpx.get(srv.base + "/ui/app.js").status_code == 404
         assert httpx.get(srv.base + "/v1/models").status_code == 200
-    finally:
-        srv.stop()

@@ -52,12 +52,8 @@ def model_copy(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def serve(folder: str, log: str, *extra: str) -> Iterator[ServerProcess]:
-    srv = ServerProcess(folder, log, extra=extra)
-    try:
-        srv.wait_ready()
+    with ServerProcess(folder, log, extra=extra) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,9 @@ from tests.server.test_tools import ASK, SCHEMAS, TOOLS
 
 @pytest.fixture(scope="module")
 def server(harmony_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = ServerProcess(harmony_dir, str(tmp_path_factory.mktemp("harmony-log") / "server.log"),
-                        extra=("--context-length", "1024"))
-    try:
-        srv.wait_ready()
+    with ServerProcess(harmony_dir, str(tmp_path_factory.mktemp("harmony-log") / "server.log"),
+                       extra=("--context-length", "1024")) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def post(srv: ServerProcess, **body: Any) -> httpx.Response:

@@ -99,13 +99,9 @@ def test_api_key_required_except_health_and_preflight(auth_server: ServerProcess
 @pytest.fixture
 def single_slot_server(tiny_model_dir: str, tmp_path: str) -> Iterator[ServerProcess]:
     """One request decodes at a time and one may wait: the queue limit and restarts are visible."""
-    srv = ServerProcess(tiny_model_dir, str(tmp_path / "server.log"),
-                        extra=("--max-batch", "1", "--max-queue", "1"))
-    try:
-        srv.wait_ready()
+    with ServerProcess(tiny_model_dir, str(tmp_path / "server.log"),
+                       extra=("--max-batch", "1", "--max-queue", "1")) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def _long_stream(srv: ServerProcess) -> tuple[httpx.Client, httpx.Response]:

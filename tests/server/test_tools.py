@@ -30,13 +30,9 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 def client(tiny_model_dir: str,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
     """The tiny model with room for the tool listing in its prompt (its own 256 is too short)."""
-    srv = ServerProcess(tiny_model_dir, str(tmp_path_factory.mktemp("tools") / "server.log"),
-                        extra=("--context-length", "1024"))
-    try:
-        srv.wait_ready()
+    with ServerProcess(tiny_model_dir, str(tmp_path_factory.mktemp("tools") / "server.log"),
+                       extra=("--context-length", "1024")) as srv:
         yield openai.OpenAI(base_url=srv.base + "/v1", api_key="unused", max_retries=0)
-    finally:
-        srv.stop()
 
 
 def model(client: openai.OpenAI) -> str:
