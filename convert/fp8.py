@@ -14,16 +14,16 @@ import torch
 
 from cache.provider import read_tensor
 from cache.safetensors_file import CheckpointError, TensorRef
-from engine.loader import FP8_METHOD
+from engine.loader import FP8_METHOD, quant_method
 SCALE_SUFFIX = "_scale_inv"
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def block_size(cfg: dict[str, Any], where: str) -> Optional[tuple[int, int]]:
     """(bo, bi) of an FP8 block-scaled checkpoint's config; None for any other checkpoint."""
-    qc = cfg.get("quantization_config")
-    if not isinstance(qc, dict) or qc.get("quant_method") != FP8_METHOD:
+    if quant_method(cfg) != FP8_METHOD:
         return None
+    qc = cfg["quantization_config"]
     block = qc.get("weight_block_size")
     if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
         raise CheckpointError(f"{where}: quantization_config.weight_block_size {block!r}: moeserve "

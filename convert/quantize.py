@@ -31,8 +31,8 @@ from convert.fp8 import Fp8Reader, block_size
 from convert.gpt_oss import GptOssExperts
 from convert.gguf_import import write_json
 from convert.model_store import BuildError, build_atomically, moeserve_home
-from engine.loader import (FP8_METHOD, MXFP4_METHOD, QUANT_METHOD, QUANT_VERSION, is_expert_tensor, load_config,
-                           needs_conversion, quantization)
+from engine.loader import (CONVERTED_METHODS, MXFP4_METHOD, QUANT_METHOD, QUANT_VERSION, is_expert_tensor,
+                           load_config, needs_conversion, quant_method, quantization)
 from engine.models import family
 from engine.models.base import ExpertLayout, HFConfig
 
@@ -141,8 +141,7 @@ def quantize_checkpoint(model_dir: str, out_dir: str, kind: str, group_size: Opt
 
 
 def _is_mxfp4(raw: dict[str, Any]) -> bool:
-    qc = raw.get("quantization_config")
-    return isinstance(qc, dict) and qc.get("quant_method") == MXFP4_METHOD
+    return quant_method(raw) == MXFP4_METHOD
 
 
 def _unquantized_config(raw: dict[str, Any]) -> dict[str, Any]:
@@ -266,8 +265,7 @@ def _copy_side_files(model_dir: str, out_dir: str) -> None:
 
 def source_quantized(raw: dict[str, Any]) -> bool:
     """Whether a config names FP8 or MXFP4 weights (served dequantized and re-quantized)."""
-    qc = raw.get("quantization_config")
-    return isinstance(qc, dict) and qc.get("quant_method") in (FP8_METHOD, MXFP4_METHOD)
+    return quant_method(raw) in CONVERTED_METHODS
 
 
 def source_conversion(model_dir: str, raw: dict[str, Any]) -> Optional[str]:

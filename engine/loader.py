@@ -34,6 +34,15 @@ QUANT_METHOD = "moeserve"     # quantization_config.quant_method of checkpoints 
 QUANT_VERSION = 1
 FP8_METHOD = "fp8"            # block-scaled FP8 checkpoints (DeepSeek-V3...): converted by convert/fp8.py
 MXFP4_METHOD = "mxfp4"        # gpt-oss's MXFP4 experts: converted by convert/gpt_oss.py
+# quantization methods of checkpoints served converted, never as they are: what each one is
+CONVERTED_METHODS = {FP8_METHOD: "an FP8 checkpoint (its dense weights dequantized to bf16)",
+                     MXFP4_METHOD: "an MXFP4 checkpoint (gpt-oss)"}
+
+
+def quant_method(raw: dict) -> Optional[str]:
+    """config.json's quantization_config.quant_method, or None."""
+    qc = raw.get("quantization_config")
+    return qc.get("quant_method") if isinstance(qc, dict) else None
 
 
 @dataclass
@@ -142,14 +151,11 @@ def quantization(model_dir: str, cfg: HFConfig) -> Optional[ExpertFormat]:
     if not qc:
         return None
     where = os.path.join(model_dir, "config.json")
-    if isinstance(qc, dict) and qc.get("quant_method") == FP8_METHOD:
-        raise CheckpointError(f"{where}: an FP8 checkpoint is served converted, not as it is: "
-                              f"moeserve serve converts it once on first use (int8 experts, or "
-                              f"--quantize int4; dense weights in bf16), or run moeserve quantize")
-    if isinstance(qc, dict) and qc.get("quant_method") == MXFP4_METHOD:
-        raise CheckpointError(f"{where}: an MXFP4 checkpoint (gpt-oss) is served converted, not as "
-                              f"it is: moeserve serve converts it once on first use (int8 experts, "
-                              f"or --quantize int4), or run moeserve quantize")
+    method = quant_method(cfg.raw)
+    if method in CONVERTED_METHODS:
+        raise CheckpointError(f"{where}: {CONVERTED_METHODS[method]} is served converted, not as it "
+                              f"is: moeserve serve converts it once on first use (int8 experts, or "
+                              f"--quantize int4), or run moeserve quantize")
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         method = qc.get("quant_method") if isinstance(qc, dict) else qc
         raise CheckpointError(f"{where}: unsupported quantization_config (quant_method {method!r}); "
