@@ -91,7 +91,7 @@ def run_moeserve(spec: dict[str, Any]) -> dict[str, Any]:
     ccfg = CacheConfig() if system.policy is None else CacheConfig(
         expert_budget=spec["expert_budget"], policy=system.policy, prefetch=system.prefetch)
     ecfg = EngineConfig(model=spec["model_dir"], max_batch=spec["concurrency"], dtype=system.dtype,
-                        threads=spec["threads"])
+                        threads=spec["threads"], prefix_cache=False)
     eng = build_engine(ecfg, ccfg, progress=False)
     try:
         offloaded = "hits" in eng.stats().cache

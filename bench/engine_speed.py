@@ -40,7 +40,7 @@ def moeserve_system(model_dir: str, fmt: str, dtype: str, max_batch: int, contex
     q = None if spec == "none" else spec
     eng = build_engine(EngineConfig(model=model_dir, max_batch=max_batch, quantize=q, context_length=context,
                                     dtype=dtype if spec == "none" else "auto",
-                                    dense_quantize=dense),
+                                    dense_quantize=dense, prefix_cache=False),
                        CacheConfig(), progress=False)
     run_to_completion(eng, [GenerateRequest("warm", (1, 2, 3), SamplingParams(max_tokens=2, temperature=0.0))])
     n = [0]

@@ -80,7 +80,7 @@ def server_cost_us(entry: dict[str, Any], n: int = 2000) -> float:
 def run_budget(model: Optional[str], budget: str, prompts: list[str], max_tokens: int,
                repeats: int, log_dir: str) -> dict[str, Any]:
     port = free_port()
-    args = ["--expert-budget", budget] + (["--model", model] if model else [])
+    args = ["--expert-budget", budget, "--no-prefix-cache"] + (["--model", model] if model else [])
     proc = start_server(args, port, os.path.join(log_dir, f"expert_stream-{budget.strip('%')}.log"))
     base = f"http://127.0.0.1:{port}"
     try:

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ecfg = EngineConfig(model=args.model, max_batch=16, threads=1)
     model_dir = resolve_model_dir(ecfg)
-    ecfg = EngineConfig(model=model_dir, max_batch=16, threads=1)
+    ecfg = EngineConfig(model=model_dir, max_batch=16, threads=1, prefix_cache=False)
     tok = TextTokenizer(model_dir)
     qs = sorted((q for q in load_questions() if q.question_id in HELDOUT_IDS),
                 key=lambda q: q.question_id)

@@ -135,7 +135,7 @@ def decode(model_dir: str, device: str, fmt: str, case: tuple[str, str, str, str
     from engine.protocol import GenerateRequest, SamplingParams
     from moeserve.wiring import build_engine
     name, budget, host, prefetch, cpu = case
-    eng = build_engine(EngineConfig(model=model_dir, device=device, max_batch=1,
+    eng = build_engine(EngineConfig(model=model_dir, device=device, max_batch=1, prefix_cache=False,
                                     quantize=None if fmt == "none" else fmt),
                        CacheConfig(expert_budget=budget, host_budget=host, prefetch=prefetch,
                                    cpu_experts=cpu),

@@ -107,7 +107,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     tok = AutoTokenizer.from_pretrained(model)
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                        return_dict=True)["input_ids"] for p in heldout_prompts(a.prompts)]
-    engines = {name: build_engine(EngineConfig(model=model, max_batch=1, threads=a.threads),
+    engines = {name: build_engine(EngineConfig(model=model, max_batch=1, threads=a.threads, prefix_cache=False),
                                   CacheConfig(expert_budget=a.budget, policy=pol, prefetch=pf), progress=False)
                for name, (pol, pf) in SYSTEMS.items()}
     runs: dict[str, list[list[dict[str, float]]]] = {n: [] for n in SYSTEMS}
@@ -173,7 +173,7 @@ def sim_check(model: str, prompts: list[list[int]], a: argparse.Namespace,
     from moeserve.wiring import build_engine
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.jsonl")
-        eng = build_engine(EngineConfig(model=model, max_batch=1, threads=a.threads),
+        eng = build_engine(EngineConfig(model=model, max_batch=1, threads=a.threads, prefix_cache=False),
                            CacheConfig(expert_budget="all", record_trace=path), progress=False)
         try:
             runs = [decode_one(eng, f"sim-{i}", ids, a.max_tokens) for i, ids in enumerate(prompts)]

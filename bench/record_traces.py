@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.exists(out):
         os.unlink(out)          # a fresh trace, not appended to an older run's
     tok = TextTokenizer(model)
-    engine = build_engine(EngineConfig(model=model, dtype=args.dtype, threads=args.threads, max_batch=1),
+    engine = build_engine(EngineConfig(model=model, dtype=args.dtype, threads=args.threads, max_batch=1,
+                                       prefix_cache=False),   # traces record every prompt token
                           CacheConfig(record_trace=out), progress=False)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     t0 = time.perf_counter()

@@ -34,7 +34,8 @@ def engine_direct(model_dir: str, prompts: list[list[int]], max_tokens: int,
     from engine.protocol import GenerateRequest, SamplingParams
     from moeserve.wiring import build_engine
 
-    eng = build_engine(EngineConfig(model=model_dir, threads=threads), CacheConfig(), progress=False)
+    eng = build_engine(EngineConfig(model=model_dir, threads=threads, prefix_cache=False), CacheConfig(),
+                       progress=False)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     ctx = eng.model_info.context_length
     keep = [i for i, p in enumerate(prompts) if len(p) + max_tokens <= ctx]
@@ -101,7 +102,7 @@ async def _level(base: str, texts: list[str], concurrency: int, max_tokens: int)
 
 def _start_server(model_dir: str, port: int, max_batch: int, threads: Optional[int]) -> Any:
     args = ["--model", model_dir, "--max-batch", str(max_batch), "--max-queue", "1024",
-            "--log-level", "warning"]
+            "--log-level", "warning", "--no-prefix-cache"]
     if threads:
         args += ["--threads", str(threads)]
     return start_server(args, port)

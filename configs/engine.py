@@ -52,6 +52,11 @@ class EngineConfig:
         "help": "most prompt tokens in one prompt pass: longer prompts are processed in chunks, "
                 "each followed by a decode step of the running requests, so their streams keep "
                 "flowing while a long prompt is read"})
+    prefix_cache: bool = field(default=True, metadata={
+        "help": "keep each finished request's keys and values in its slot, and read only the part "
+                "of a new prompt after the longest prefix a free slot holds (a chat turn re-sends "
+                "the whole conversation); --no-prefix-cache computes every prompt whole, so a "
+                "request's tokens never depend on what ran before it"})
     context_length: Optional[int] = field(default=None, metadata={
         "help": "tokens per request (prompt + output); default: the model's, capped at 4096"})
     threads: Optional[int] = field(default=None, metadata={

@@ -4,7 +4,9 @@ step() reads as schedule -> run -> postprocess: aborts are applied, waiting requ
 into free KV-cache slots (continuous batching); then the oldest request still reading its prompt
 gets one prompt pass of at most ``prefill_chunk`` tokens (first admitted, first answered), and
 every request already decoding gets one token in one batched forward, so running streams keep
-flowing while a long prompt is read (chunked prefill, as vLLM and llama.cpp's server do).
+flowing while a long prompt is read (chunked prefill, as vLLM and llama.cpp's server do). A free
+slot keeps its keys and values, and a request whose prompt starts with what a slot holds reads
+only the rest (engine/slot_pool.py).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from engine.protocol import (FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH, FINISH_S
 from engine.constraints import GrammarCompiler
 from engine.expert_view import merge, share
 from engine.sampling import Choice, SamplerState, sample
+from engine.slot_pool import SlotPool
 
 log = logging.getLogger("moeserve.engine")
 
@@ -34,7 +37,8 @@ class Sequence:
     req: GenerateRequest
     sampler: SamplerState
     slot: int = -1
-    prefilled: int = 0          # prompt tokens already in the KV cache
+    in_kv: int = 0              # tokens (prompt, then output) whose keys and values the slot holds
+    cached: int = 0             # prompt tokens found in the slot's cache on admission
     output: list[int] = field(default_factory=list)
     experts: Optional[TokenExperts] = None   # watched: the passes since the last token
 
@@ -46,10 +50,13 @@ class Sequence:
     def length(self) -> int:
         return len(self.req.prompt_token_ids) + len(self.output)
 
+    def tokens_in_kv(self) -> tuple[int, ...]:
+        return (tuple(self.req.prompt_token_ids) + tuple(self.output))[:self.in_kv]
+
 
 class Engine:
     def __init__(self, loaded: LoadedModel, provider: ExpertProvider, max_batch: int = 8,
-                 prefill_chunk: int = 256) -> None:
+                 prefill_chunk: int = 256, prefix_cache: bool = True) -> None:
         self.model = loaded.model
         self.model_info: ModelInfo = loaded.info
         self.device = loaded.device
@@ -61,7 +68,8 @@ class Engine:
         self.kv = KVCache.for_model(spec, max_batch, self.context, loaded.dtype, loaded.device)
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
-        self.free_slots = list(range(max_batch - 1, -1, -1))
+        # a linear-attention state cannot go back to an earlier position (slot_pool.py)
+        self.slots = SlotPool(max_batch, prefix_cache, whole_prefix_only=spec.linear is not None)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.pending_aborts: list[str] = []
@@ -69,7 +77,7 @@ class Engine:
         self.grammars = GrammarCompiler(loaded.info.path, loaded.info.vocab_size,
                                         loaded.info.eos_token_ids)
         self.counters = dict(requests_finished=0, requests_aborted=0, requests_failed=0,
-                             prompt_tokens=0, generated_tokens=0, steps=0)
+                             prompt_tokens=0, prompt_tokens_cached=0, generated_tokens=0, steps=0)
         log.info("engine ready: %s (%s) on %s, context %d, batch %d, KV cache %.1f MiB",
                  loaded.info.name, loaded.info.model_type, loaded.device, self.context, max_batch,
                  self.kv.nbytes / 2**20)
@@ -106,9 +114,14 @@ class Engine:
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> list[TokenDelta]:
         out = self._apply_aborts()
-        while self.waiting and self.free_slots:
+        while self.waiting and len(self.slots):
             seq = self.waiting.popleft()
-            seq.slot = self.free_slots.pop()
+            seq.slot, seq.cached = self.slots.acquire(seq.req.prompt_token_ids)
+            seq.in_kv = seq.cached
+            self.counters["prompt_tokens_cached"] += seq.cached
+            if seq.cached:
+                log.debug("request %s: %d of %d prompt tokens reused from slot %d", seq.id,
+                          seq.cached, len(seq.req.prompt_token_ids), seq.slot)
             self.running.append(seq)
         # decoders are chosen before the prompt pass, so a request whose prompt ends now gets
         # its first token from that pass and its second from the next step
@@ -141,7 +154,7 @@ class Engine:
         dev = self.device
         if prefill:
             (seq,) = seqs
-            start = seq.prefilled
+            start = seq.in_kv
             chunk = seq.req.prompt_token_ids[start:start + self.prefill_chunk]
             ids = torch.tensor([chunk], dtype=torch.long, device=dev)
             pos = torch.arange(start, start + len(chunk), device=dev)[None]
@@ -175,15 +188,16 @@ class Engine:
             choices = [] if partial else sample(logits, [s.sampler for s in seqs])
         except Exception as e:  # a failed forward fails its requests, not the engine
             log.exception("forward pass failed for %s", [s.id for s in seqs])
-            for s in seqs:
-                self._finish(s, aborted=True)
+            for s in seqs:   # the pass may have left the slots' states half-written
+                self._finish(s, aborted=True, kv_valid=False)
             self.counters["requests_failed"] += len(seqs)
             return [self._delta(s, (), None, FINISH_ERROR, error=f"{type(e).__name__}: {e}")
                     for s in seqs]
         self.counters["steps"] += 1
+        for s, n in zip(seqs, n_tokens):
+            s.in_kv += n
         if prefill:
             self.counters["prompt_tokens"] += n_tokens[0]
-            seqs[0].prefilled += n_tokens[0]
         return [self._postprocess(s, c) if c.error is None else self._fail_alone(s, c.error)
                 for s, c in zip(seqs, choices)]
 
@@ -213,11 +227,11 @@ class Engine:
             self.counters["requests_finished"] += 1
         return self._delta(seq, (choice.token,), choice, reason)
 
-    def _finish(self, seq: Sequence, aborted: bool) -> None:
+    def _finish(self, seq: Sequence, aborted: bool, kv_valid: bool = True) -> None:
         if seq in self.running:
             self.running.remove(seq)
         if seq.slot >= 0:
-            self.free_slots.append(seq.slot)
+            self.slots.release(seq.slot, seq.tokens_in_kv() if kv_valid else ())
             seq.slot = -1
             self.provider.end_request(seq.id, aborted=aborted)
 
@@ -228,7 +242,8 @@ class Engine:
         experts, seq.experts = (seq.experts, None) if tokens else (None, seq.experts)
         return TokenDelta(seq.id, tokens, lp, top, finished=reason is not None, finish_reason=reason,
                           error=error, prompt_tokens=len(seq.req.prompt_token_ids),
-                          completion_tokens=len(seq.output), experts=experts)
+                          completion_tokens=len(seq.output), cached_tokens=seq.cached,
+                          experts=experts)
 
     # -- introspection ----------------------------------------------------------------------
     def stats(self) -> EngineStats:

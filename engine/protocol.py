@@ -110,6 +110,7 @@ class TokenDelta:
     error: Optional[str] = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0                   # prompt tokens read from the slot's cache, not computed
     experts: Optional[TokenExperts] = None   # only for requests with watch_experts
 
 
@@ -135,7 +136,8 @@ class EngineStats:
     requests_finished: int = 0
     requests_aborted: int = 0
     requests_failed: int = 0
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0          # computed in prompt passes
+    prompt_tokens_cached: int = 0   # reused from a slot's cache instead
     generated_tokens: int = 0
     steps: int = 0
     # expert cache totals (hits, misses, prefetches, bytes per tier, ...): name -> number

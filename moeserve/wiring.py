@@ -149,7 +149,8 @@ def _gib(n: float) -> str:
 def build_engine(ecfg: EngineConfig, ccfg: CacheConfig, progress: bool = True) -> Engine:
     """Picklable factory (via functools.partial) for the engine process."""
     loaded = load(ecfg, progress)
-    return Engine(loaded, make_provider(loaded, ccfg, progress), ecfg.max_batch, ecfg.prefill_chunk)
+    return Engine(loaded, make_provider(loaded, ccfg, progress), ecfg.max_batch, ecfg.prefill_chunk,
+                  ecfg.prefix_cache)
 
 
 __all__ = ["build_engine", "load", "make_provider", "make_tracer", "expert_bytes", "resolve_model_dir", "DTYPES"]

@@ -56,6 +56,7 @@ class Generation:
         self._arrival, self._want_logprobs = arrival, want_logprobs
         self.prompt_tokens = [len(r.prompt_token_ids) for r in requests]
         self.completion_tokens = [0] * len(requests)
+        self.cached_tokens = [0] * len(requests)     # prompt tokens the engine found cached
         self._queue: asyncio.Queue[Piece | BaseException | _End] = asyncio.Queue()
         self._streams: list[DeltaStream] = []
         try:
@@ -97,6 +98,7 @@ class Generation:
             async for d in stream:
                 if d.finish_reason == FINISH_ERROR:
                     raise EngineFailure(d.error or "the engine failed this request")
+                self.cached_tokens[index] = d.cached_tokens
                 experts = ((self.completion_tokens[index], d.experts)
                            if d.experts is not None else None)
                 if d.token_ids:

@@ -23,7 +23,7 @@ CACHE_GAUGES = frozenset({"hit_rate", "resident_bytes", "resident_experts", "slo
                           "budget_bytes", "inflight", "host_slots", "host_resident_bytes",
                           "host_allocated_bytes", "expert_bits_per_weight"})
 ENGINE_COUNTERS = ("requests_finished", "requests_aborted", "requests_failed", "prompt_tokens",
-                   "generated_tokens", "steps")
+                   "prompt_tokens_cached", "generated_tokens", "steps")
 
 
 def _name(key: str) -> str:

@@ -130,9 +130,10 @@ class Job(abc.ABC):
                 "created": self.created, "model": self.state.model_name,
                 "system_fingerprint": FINGERPRINT, "choices": choices}
 
-    def usage(self, gen: Generation) -> dict[str, int]:
+    def usage(self, gen: Generation) -> dict[str, Any]:
         p, c = sum(gen.prompt_tokens), sum(gen.completion_tokens)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": sum(gen.cached_tokens)}}
 
     def chunk(self, piece: Piece, offset: int) -> dict[str, Any]:
         out = self.envelope([{"index": piece.index, **self.delta(piece.text),

@@ -41,7 +41,8 @@ def test_chunked_prompt_passes_match_one_pass(lm: LoadedModel, engine: Engine) -
 
         chunked.add_request(GenerateRequest("run", (5, 6, 7), GREEDY))
         chunked.step()                                                  # "run" reads its prompt
-        chunked.add_request(GenerateRequest("long", long_prompt, GREEDY))
+        fresh = long_prompt[::-1]           # shares no prefix with what the slots hold
+        chunked.add_request(GenerateRequest("long", fresh, GREEDY))
         per_step: list[list] = []
         while not any(d.request_id == "long" and d.token_ids for d in (per_step or [[]])[-1]):
             per_step.append(chunked.step())
@@ -76,7 +77,7 @@ def test_more_requests_than_slots_each_get_their_solo_output(engine: Engine) -> 
     together = run_to_completion(engine, [GenerateRequest(str(i), tuple(p), GREEDY)
                                           for i, p in enumerate(prompts)])
     assert [together[str(i)].token_ids for i in range(len(prompts))] == solo
-    assert engine.stats().running == 0 and len(engine.free_slots) == 3
+    assert engine.stats().running == 0 and len(engine.slots) == 3
 
 
 def test_request_joining_mid_decode_matches_solo(engine: Engine) -> None:
@@ -101,7 +102,7 @@ def test_abort_frees_the_slot_and_reports_abort(engine: Engine) -> None:
     engine.abort("x")
     deltas = engine.step()
     assert [(d.request_id, d.finished, d.finish_reason) for d in deltas] == [("x", True, FINISH_ABORT)]
-    assert not engine.has_work() and len(engine.free_slots) == 3
+    assert not engine.has_work() and len(engine.slots) == 3
     assert engine.stats().requests_aborted >= 1
 
 
@@ -190,7 +191,7 @@ def test_non_finite_logits_fail_only_their_request(engine: Engine) -> None:
     assert ends["a"][0] == ends["b"][0] == FINISH_LENGTH
     reason, error = ends["bad"]
     assert reason == "error" and "inf" in error and got["bad"] == []
-    assert engine.stats().running == 0 and len(engine.free_slots) == 3
+    assert engine.stats().running == 0 and len(engine.slots) == 3
 
 
 def test_logit_bias_ids_outside_the_vocabulary_are_rejected(engine: Engine) -> None:

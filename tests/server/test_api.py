@@ -55,8 +55,14 @@ def test_chat_non_streaming_usage_matches_tokenizer(server: ServerProcess, tiny_
     assert choice["message"]["role"] == "assistant" and choice["finish_reason"] == "length"
     tok = TextTokenizer(tiny_model_dir)
     want_prompt = len(tok.encode_chat(HELLO))
+    details = out["usage"].pop("prompt_tokens_details")
     assert out["usage"] == {"prompt_tokens": want_prompt, "completion_tokens": 7,
                             "total_tokens": want_prompt + 7}
+    assert 0 <= details["cached_tokens"] < want_prompt
+    # the same prompt again: all of it but the last token is read from the slot's cache
+    again = chat(server, max_tokens=7, temperature=0, ignore_eos=True).json()
+    assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": want_prompt - 1}
+    assert again["choices"][0]["message"] == choice["message"]
 
 
 def test_streaming_chat_shape_and_same_text_as_non_streaming(server: ServerProcess) -> None:
@@ -73,7 +79,10 @@ def test_streaming_chat_shape_and_same_text_as_non_streaming(server: ServerProce
     finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     assert len(finals) == 1 and finals[0]["choices"][0]["delta"] == {}
     assert finals[0]["choices"][0]["finish_reason"] == "length"
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == full["usage"]
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == [] and usage["completion_tokens"] == full["usage"]["completion_tokens"]
+    assert usage["prompt_tokens"] == full["usage"]["prompt_tokens"]
+    assert usage["prompt_tokens_details"] == {"cached_tokens": usage["prompt_tokens"] - 1}
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert text == full["choices"][0]["message"]["content"]
 
