@@ -60,9 +60,16 @@ def test_chat_non_streaming_usage_matches_tokenizer(server: ServerProcess, tiny_
                             "total_tokens": want_prompt + 7}
     assert 0 <= details["cached_tokens"] < want_prompt
     # the same prompt again: all of it but the last token is read from the slot's cache
+    name = "moeserve_engine_prompt_tokens_cached_total"
+    before = metric(server, name)
     again = chat(server, max_tokens=7, temperature=0, ignore_eos=True).json()
     assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": want_prompt - 1}
     assert again["choices"][0]["message"] == choice["message"]
+    deadline = time.monotonic() + 30            # the engine publishes its counters as it steps
+    while metric(server, name) < before + want_prompt - 1:
+        assert time.monotonic() < deadline, f"{name} did not count the cached tokens"
+        time.sleep(0.05)
+    assert metric(server, name) == before + want_prompt - 1
 
 
 def test_streaming_chat_shape_and_same_text_as_non_streaming(server: ServerProcess) -> None:
