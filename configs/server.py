@@ -27,6 +27,9 @@ class ServerConfig:
                 "directory's name", "metavar": "NAME"})
     max_queue: int = field(default=64, metadata={
         "help": "most requests waiting for the engine; more are answered 429"})
+    responses_store: int = field(default=100, metadata={
+        "help": "Responses API: the last N stored responses kept in memory, for "
+                "previous_response_id and GET /v1/responses/{id} (lost at restart); 0 keeps none"})
     max_request_bytes: int = field(default=4_000_000, metadata={
         "help": "largest accepted request body in bytes"})
     cors_origins: tuple[str, ...] = field(default=(), metadata={
@@ -91,6 +94,8 @@ class ServerConfig:
             object.__setattr__(self, "api_key", None)   # an empty env var means "no key"
         if not 0 < self.port < 65536:
             raise ConfigError("port", self.port, "must be in 1..65535")
+        if not 0 <= self.responses_store <= 100_000:
+            raise ConfigError("responses_store", self.responses_store, "must be between 0 and 100000")
         if self.max_queue < 1:
             raise ConfigError("max_queue", self.max_queue, "must be at least 1")
         if self.max_request_bytes < 1024:

@@ -18,6 +18,7 @@ from server.errors import APIError, JSONBody
 from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from server.metrics import Metrics
 from server.openai_routes import add_openai_routes
+from server.responses_route import add_responses_routes
 from server.openapi import install_openapi
 from server.security import (AuthMiddleware, HostCheckMiddleware, OriginCheckMiddleware,
                              OriginPolicy)
@@ -27,7 +28,7 @@ from server.webui import add_web_ui
 
 log = logging.getLogger("moeserve.server")
 
-KNOWN_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
+KNOWN_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/health", "/metrics",
                 "/openapi.json", "/ui")
 
 
@@ -120,6 +121,7 @@ def create_app(cfg: ServerConfig, client: EngineClient, tokenizer: TextTokenizer
             return JSONBody(state.model_card())
 
     add_openai_routes(app, state)
+    add_responses_routes(app, state)
     if cfg.web_ui:
         add_web_ui(app)
     install_openapi(app)

@@ -146,8 +146,8 @@ class ChatJob(Job):
     def message(self, text: str) -> dict[str, Any]:
         return {"message": {"role": "assistant", "content": text}}
 
-    def head_chunks(self) -> list[dict[str, Any]]:
-        return [self.envelope([{"index": 0, "delta": {"role": "assistant", "content": ""},
+    def head_chunks(self, index: int) -> list[dict[str, Any]]:
+        return [self.envelope([{"index": index, "delta": {"role": "assistant", "content": ""},
                                 "logprobs": None, "finish_reason": None}], chunk=True)]
 
 
@@ -169,6 +169,13 @@ class CompletionJob(Job):
 
 async def chat(state: ServerState, request: Request) -> Response:
     body = parse(ChatCompletionRequest, await read_json(request, state.cfg.max_request_bytes))
+    return await respond(request, await chat_job(state, body))
+
+
+async def chat_job(state: ServerState, body: ChatCompletionRequest,
+                   job_class: type[ChatJob] = ChatJob) -> ChatJob:
+    """The job of a chat request: its prompt, grammar, tool and reasoning setup (the Responses
+    API builds its own subclass from the same setup)."""
     state.check_model(body.model)
     constraint = response_format_constraint(body.response_format)
     uses_harmony = harmony_replies(state)
@@ -215,10 +222,10 @@ async def chat(state: ServerState, request: Request) -> Response:
         raise bad_request(f"the prompt with its {len(setup.tools)} tools is {len(ids)} tokens, but "
                           f"the model's context holds {state.context} tokens; tool_choice "
                           f"{setup.choice!r} needs the tools in the prompt", "tools")
-    job = ChatJob(state, body, [ids], bool(body.logprobs), body.top_logprobs or 0, constraint)
+    job = job_class(state, body, [ids], bool(body.logprobs), body.top_logprobs or 0, constraint)
     if uses_harmony:
-        return await respond(request, job.with_harmony(thinks, setup))
-    return await respond(request, job.with_tools(setup).with_reasoning(reasoning_start(state, ids, constraint)))
+        return job.with_harmony(thinks, setup)
+    return job.with_tools(setup).with_reasoning(reasoning_start(state, ids, constraint))
 
 
 def harmony_replies(state: ServerState) -> bool:

@@ -107,9 +107,26 @@ class Job(abc.ABC):
     def message(self, text: str) -> dict[str, Any]:
         """The content fields of a non-streamed choice."""
 
-    def head_chunks(self) -> list[dict[str, Any]]:
-        """Chunks sent before the first token (chat: the assistant role)."""
+    def head_chunks(self, index: int) -> list[dict[str, Any]]:
+        """Chunks sent before choice ``index``'s first token (chat: the assistant role)."""
         return []
+
+    def encode_event(self, obj: Any) -> bytes:
+        """One SSE event of the stream."""
+        return sse(obj)
+
+    def tail_events(self, gen: Generation) -> list[bytes]:
+        """What ends a stream that finished: the usage chunk when asked for, then [DONE]."""
+        out = []
+        if self.body.include_usage:
+            chunk = self.envelope([], chunk=True)
+            chunk["usage"] = self.usage(gen)
+            out.append(sse(chunk))
+        return out + [b"data: [DONE]\n\n"]
+
+    def token_counts(self, gen: Generation) -> tuple[int, int]:
+        """(prompt, completion) tokens, for the access log."""
+        return sum(gen.prompt_tokens), sum(gen.completion_tokens)
 
     # ---- shared ----
     def start(self, arrival: float) -> Generation:
@@ -215,8 +232,7 @@ async def respond(request: Request, job: Job) -> Response:
                 raise engine_error(exc) from None
             job.finish(gen)
             out = job.full_response(gen, per_choice)
-            record_usage(request.scope, out["usage"]["prompt_tokens"],
-                         out["usage"]["completion_tokens"])
+            record_usage(request.scope, *job.token_counts(gen))
             return JSONBody(out)
         it = gen.pieces().__aiter__()
         try:   # errors before the first token are plain HTTP errors, not SSE
@@ -244,27 +260,22 @@ async def _stream(job: Job, gen: Generation, first: Piece, rest: AsyncIterator[P
     offsets = [0] * len(job.requests)
     try:
         for i in range(len(job.requests)):
-            for head in job.head_chunks():
-                head["choices"][0]["index"] = i
-                yield sse(head)
+            for head in job.head_chunks(i):
+                yield job.encode_event(head)
         piece: Optional[Piece] = first
         while piece is not None:
             for c in job.chunks(piece, offsets[piece.index]):
-                yield sse(c)
+                yield job.encode_event(c)
             offsets[piece.index] += len(piece.text)
             if piece.finish_reason:
                 for c in job.final_chunks(piece.index, piece.finish_reason):
-                    yield sse(c)
+                    yield job.encode_event(c)
             piece = await rest.__anext__()
     except StopAsyncIteration:
-        if job.body.include_usage:
-            out = job.envelope([], chunk=True)
-            out["usage"] = job.usage(gen)
-            yield sse(out)
-        yield b"data: [DONE]\n\n"
+        for event in job.tail_events(gen):
+            yield event
     except ENGINE_ERRORS as exc:
         yield engine_error(exc).sse_event()
     finally:
-        usage = job.usage(gen)
-        record_usage(request.scope, usage["prompt_tokens"], usage["completion_tokens"])
+        record_usage(request.scope, *job.token_counts(gen))
         job.finish(gen)   # client gone (cancelled) or done: abort whatever still runs

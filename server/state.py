@@ -12,6 +12,7 @@ from engine.client import EngineClient
 from server.defaults import GenerationDefaults
 from server.errors import APIError, bad_request
 from server.metrics import Metrics
+from server.responses_items import ResponseStore
 from server.tokenizer import TemplateError, TextTokenizer
 
 
@@ -27,6 +28,10 @@ class ServerState:
     # set when shutdown begins: open streams end with an error event instead of being cut
     shutting_down: asyncio.Event = field(default_factory=asyncio.Event)
     live: set[Any] = field(default_factory=set)   # open Generations (server.generate)
+    responses: ResponseStore = field(init=False)  # the Responses API's stored responses
+
+    def __post_init__(self) -> None:
+        self.responses = ResponseStore(self.cfg.responses_store)
 
     def begin_shutdown(self, error: BaseException) -> None:
         """Shutdown started: every open generation ends now with ``error`` (an SSE error event)

@@ -132,3 +132,25 @@ def test_response_format_writes_harmony_with_reasoning_first(server: ServerProce
 
 
 # --- scripted replies through the HTTP app ------------------------------------------------------
+
+
+def test_responses_api_calls_and_takes_the_output_back(server: ServerProcess, harmony_dir: str) -> None:
+    """gpt-oss through /v1/responses: a forced call is a function_call item; its output sent back
+    with previous_response_id renders through the harmony template and is answered."""
+    tok = TextTokenizer(harmony_dir)
+    bias = {str(tok.encode(t, add_special_tokens=False)[0]): 100 for t in ("<|end|>", "analysis")}
+    tools = [{"type": "function", "name": t["function"]["name"], **{
+        k: v for k, v in t["function"].items() if k != "name"}} for t in TOOLS]
+    r = httpx.post(server.base + "/v1/responses", timeout=120, json={
+        "input": ASK[0]["content"], "tools": tools, "tool_choice": "required", "seed": 1,
+        "max_output_tokens": 150, "logit_bias": bias})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    calls = [i for i in out["output"] if i["type"] == "function_call"]
+    assert out["status"] == "completed" and len(calls) == 1
+    jsonschema.validate(json.loads(calls[0]["arguments"]), SCHEMAS[calls[0]["name"]])
+    follow = httpx.post(server.base + "/v1/responses", timeout=120, json={
+        "previous_response_id": out["id"], "max_output_tokens": 8, "tools": tools,
+        "input": [{"type": "function_call_output", "call_id": calls[0]["call_id"], "output": "21 C"}]})
+    assert follow.status_code == 200, follow.text
+    assert follow.json()["usage"]["input_tokens"] > out["usage"]["input_tokens"]
