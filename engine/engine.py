@@ -118,7 +118,6 @@ class Engine:
             seq = self.waiting.popleft()
             seq.slot, seq.cached = self.slots.acquire(seq.req.prompt_token_ids)
             seq.in_kv = seq.cached
-            self.counters["prompt_tokens_cached"] += seq.cached
             if seq.cached:
                 log.debug("request %s: %d of %d prompt tokens reused from slot %d", seq.id,
                           seq.cached, len(seq.req.prompt_token_ids), seq.slot)
@@ -198,6 +197,8 @@ class Engine:
             s.in_kv += n
         if prefill:
             self.counters["prompt_tokens"] += n_tokens[0]
+            if start == seqs[0].cached:      # its first pass: the rest was found cached
+                self.counters["prompt_tokens_cached"] += start
         return [self._postprocess(s, c) if c.error is None else self._fail_alone(s, c.error)
                 for s, c in zip(seqs, choices)]
 
@@ -231,7 +232,8 @@ class Engine:
         if seq in self.running:
             self.running.remove(seq)
         if seq.slot >= 0:
-            self.slots.release(seq.slot, seq.tokens_in_kv() if kv_valid else ())
+            self.slots.release(seq.slot, seq.tokens_in_kv() if kv_valid else (),
+                               len(seq.req.prompt_token_ids))
             seq.slot = -1
             self.provider.end_request(seq.id, aborted=aborted)
 

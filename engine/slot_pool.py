@@ -3,12 +3,13 @@
 A finished request's slot keeps its keys and values. A new request takes the free slot whose held
 tokens share the longest prefix with its prompt, and its prompt pass starts after that prefix: a
 chat turn re-sends the whole conversation, so only the new turn is read. A slot is taken for its
-prefix only if that prefix is at least as long as the held tokens it overwrites; otherwise the
-request takes the slot freed longest ago. So a side request that shares a few template tokens
-with a conversation (a chat front end's title or tag request) does not destroy that
-conversation's cache, and the most recent conversations stay cached. This is llama.cpp's server
-(``cache_prompt``, a slot per conversation); vLLM's automatic prefix caching shares blocks between
-running requests too, which a slot cache without paging cannot.
+prefix only if that prefix covers at least half of the prompt the slot held (the reply after it
+may be dropped from the next turn, as thinking models' templates drop their reasoning, or
+regenerated). So a side request that shares a few template tokens with a conversation (a chat
+front end's title or tag request) does not destroy that conversation's cache: it takes a slot
+holding nothing, else the slot freed longest ago, so the most recent conversations stay cached.
+This is llama.cpp's server (``cache_prompt``, a slot per conversation); vLLM's automatic prefix
+caching shares blocks between running requests too, which a slot cache without paging cannot.
 
 Linear-attention layers (Qwen3-Next) carry a recurrent state that cannot go back to an earlier
 position: on such models a slot is reused only when its held tokens are all a prefix of the prompt.
@@ -19,7 +20,8 @@ from typing import Sequence
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
+    """Length of the longest common prefix of two token sequences."""
+    a, b = tuple(a), tuple(b)
     n = min(len(a), len(b))
     if a[:n] == b[:n]:      # the usual case for a chat turn: one comparison in C
         return n
@@ -41,6 +43,7 @@ class SlotPool:
         self.whole_prefix_only = whole_prefix_only
         self._free: list[int] = list(range(slots))
         self._held: list[tuple[int, ...]] = [()] * slots
+        self._held_prompt = [0] * slots      # how many of the held tokens were a prompt
 
     def __len__(self) -> int:
         return len(self._free)
@@ -49,27 +52,30 @@ class SlotPool:
         """Prompt tokens whose keys and values ``slot`` already holds and a pass may skip; the
         last prompt token is always computed, since its logits give the first output token."""
         held = self._held[slot]
-        n = min(common_prefix(held, tuple(prompt)), len(prompt) - 1)
+        n = min(common_prefix(held, prompt), len(prompt) - 1)
         return 0 if self.whole_prefix_only and n < len(held) else n
 
     def acquire(self, prompt: Sequence[int]) -> tuple[int, int]:
         """(slot, prompt tokens reused) for a new request; the pool must not be empty."""
         if not self._free:
             raise RuntimeError("no free KV-cache slot")
-        best, reused = self._free[0], 0
+        # nothing worth reusing: a slot holding nothing, else the one freed longest ago
+        best = next((s for s in self._free if not self._held[s]), self._free[0])
+        reused = 0
         if self.reuse:
             for s in self._free:
                 n = self.reusable(s, prompt)
-                if n > reused and n >= len(self._held[s]) - n:   # gains at least what it loses
+                if n > reused and 2 * n >= self._held_prompt[s]:   # half its prompt at least
                     best, reused = s, n
         self._free.remove(best)
-        self._held[best] = ()
+        self._held[best], self._held_prompt[best] = (), 0
         return best, reused
 
-    def release(self, slot: int, held: Sequence[int]) -> None:
-        """Free ``slot``, whose cache holds the keys and values of ``held`` (empty: nothing
-        usable, e.g. after a failed pass)."""
+    def release(self, slot: int, held: Sequence[int], prompt: int) -> None:
+        """Free ``slot``, whose cache holds the keys and values of ``held``, the first ``prompt``
+        of them a prompt (empty: nothing usable, e.g. after a failed pass)."""
         self._held[slot] = tuple(held) if self.reuse else ()
+        self._held_prompt[slot] = min(prompt, len(self._held[slot]))
         self._free.append(slot)
 
     def held(self, slot: int) -> tuple[int, ...]:

@@ -34,38 +34,46 @@ def test_common_prefix_against_a_plain_scan() -> None:
         assert common_prefix(a, b) == want
 
 
-def test_pool_takes_the_longest_match_else_the_slot_freed_longest_ago() -> None:
-    """A match is taken when it reuses at least as many tokens as it overwrites."""
+def test_pool_takes_the_longest_match_else_an_empty_or_the_oldest_slot() -> None:
+    """A match is taken when it covers at least half of the prompt its slot held."""
     pool = SlotPool(3, reuse=True)
     taken = [pool.acquire((1, 2, 3))[0] for _ in range(3)]
     assert sorted(taken) == [0, 1, 2] and len(pool) == 0
-    pool.release(taken[0], (1, 2, 3, 4, 5))
-    pool.release(taken[1], (1, 2, 9))
-    pool.release(taken[2], (7, 7))
+    pool.release(taken[0], (1, 2, 3, 4, 5), prompt=3)
+    pool.release(taken[1], (1, 2, 9), prompt=3)
+    pool.release(taken[2], (7, 7), prompt=2)
     assert pool.acquire((1, 2, 3, 4, 5, 6)) == (taken[0], 5)
-    assert pool.acquire((1, 2, 3, 4, 5, 6)) == (taken[1], 2)   # the best left: (1, 2) of (1, 2, 9)
-    pool.release(taken[0], (1, 2, 3))
+    assert pool.acquire([1, 2, 3, 4, 5, 6]) == (taken[1], 2)   # the best left: (1, 2) of (1, 2, 9)
+    pool.release(taken[0], (1, 2, 3), prompt=3)
     assert pool.acquire((1, 2, 3)) == (taken[0], 2)            # the last prompt token is computed
-    pool.release(taken[0], (8,))
-    pool.release(taken[1], (9,))
+    pool.release(taken[0], (8,), prompt=1)
+    pool.release(taken[1], (9,), prompt=1)
     assert pool.acquire((4, 4)) == (taken[2], 0)               # no match: freed longest ago
     assert pool.held(taken[2]) == ()                           # a taken slot holds nothing reusable
-    pool.release(taken[2], (1, 2, 3, 4, 5, 6, 7))
-    # (1, 2) of 7 held tokens would overwrite 5 to save 2: the slot freed longest ago instead
+    pool.release(taken[2], (1, 2, 3, 4, 5, 6, 7), prompt=7)
+    # (1, 2) of a 7-token prompt: the slot freed longest ago instead
     assert pool.acquire((1, 2, 8, 8)) == (taken[0], 0)
     assert pool.acquire((1, 2, 3, 4, 8, 8)) == (taken[2], 4)
+    # a thinking model's next turn drops the reply: its prompt's 2 tokens are worth the slot
+    pool.release(taken[2], (1, 2, 5, 5, 5, 5), prompt=2)
+    assert pool.acquire((1, 2, 9)) == (taken[2], 2)
+    # a slot holding nothing goes before the one freed longest ago
+    pool.release(taken[0], (5, 5), prompt=2)
+    pool.release(taken[2], (), prompt=3)                       # e.g. after a failed pass
+    pool.release(taken[1], (6, 6), prompt=2)
+    assert pool.acquire((9,)) == (taken[2], 0)
 
 
 def test_pool_rules_for_linear_state_and_when_off() -> None:
     linear = SlotPool(1, reuse=True, whole_prefix_only=True)
     slot, _ = linear.acquire((1,))
-    linear.release(slot, (1, 2, 3))
+    linear.release(slot, (1, 2, 3), prompt=2)
     assert linear.reusable(slot, (1, 2, 3, 4)) == 3
     assert linear.reusable(slot, (1, 2, 5, 6)) == 0            # the state is past position 2
     assert linear.reusable(slot, (1, 2, 3)) == 0               # it would have to go back one
     off = SlotPool(1, reuse=False)
     slot, _ = off.acquire((1,))
-    off.release(slot, (1, 2, 3))
+    off.release(slot, (1, 2, 3), prompt=2)
     assert off.acquire((1, 2, 3, 4)) == (slot, 0)
 
 
@@ -114,8 +122,8 @@ def test_follow_up_turns_read_only_new_tokens_and_answer_as_recomputed(
         out2, n = both(turn2, "turn2")
         assert n == len(P1) + len(out1) - 1
         assert cached.counters["prompt_tokens"] - computed == len(turn2) - n
-        # the conversation edited at token 10: a prefix of 10 is worth less than the 55 tokens
-        # it would overwrite, so the edit takes the other slot ...
+        # the conversation edited at token 10: 10 tokens are less than half of the 57-token
+        # prompt that slot held, so the edit takes the other slot (empty) ...
         edit = P1[:10] + NEW
         out_edit, n = both(edit, "edit")
         assert n == 0
@@ -123,8 +131,14 @@ def test_follow_up_turns_read_only_new_tokens_and_answer_as_recomputed(
         _, n = both(edit + tuple(out_edit) + NEW[:4], "edit2")
         assert n == len(edit) + len(out_edit) - 1
         # turn 2's slot still holds turn 2
-        _, n = both(turn2 + tuple(out2) + NEW[:5], "turn3")
+        turn3 = turn2 + tuple(out2) + NEW[:5]
+        _, n = both(turn3, "turn3")
         assert n == len(turn2) + len(out2) - 1
+        # as a thinking model's template writes the next turn: turn 3's reply dropped and turn 2's
+        # too; the slot's keys and values after turn 2's prompt are overwritten. The linear state
+        # cannot go back, so a hybrid model reads it all.
+        _, n = both(turn2 + NEW[::-1], "think")
+        assert n == (0 if lm.model.kv_spec.linear is not None else len(turn2))
     finally:
         cached.close()
         whole.close()
@@ -135,20 +149,30 @@ def mixtral(family_checkpoint: FamilyCheckpoint) -> LoadedModel:
     return load_model(family_checkpoint("mixtral"), CPU, torch.float32, context_length=128)
 
 
-def test_an_aborted_request_leaves_what_it_read(mixtral: LoadedModel) -> None:
-    cached, whole = engine(mixtral, True), engine(mixtral, False)
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_next"])
+@pytest.mark.parametrize("when", ["prompt", "decode"])
+def test_an_aborted_request_leaves_what_it_read(family_checkpoint: FamilyCheckpoint, family: str,
+                                                when: str) -> None:
+    """Aborted after the first of its prompt chunks, or after 5 tokens: the slot holds exactly
+    the tokens that were computed, and a follow-up continues from there."""
+    lm = load_model(engine_dir(family_checkpoint(family)), CPU, torch.float32, context_length=128)
+    cached, whole = engine(lm, True, chunk=8), engine(lm, False, chunk=8)
     try:
         cached.add_request(GenerateRequest("a", P1, dataclasses.replace(SAMPLED, max_tokens=30)))
         out: list[int] = []
-        while len(out) < 5:
+        cached.step()                                   # one prompt chunk of 8
+        while when == "decode" and len(out) < 5:
             out += [t for d in cached.step() for t in d.token_ids]
+        (slot,) = [s.slot for s in cached.running]
         cached.abort("a")
         while cached.has_work():
             cached.step()
-        follow = P1 + tuple(out) + NEW
+        held = P1[:8] if when == "prompt" else P1 + tuple(out[:4])
+        assert cached.slots.held(slot) == held
+        follow = held + NEW
         got, got_lp, n = answer(cached, follow, "b")
         want, want_lp, _ = answer(whole, follow, "b")
-        assert n == len(P1) + 4 and got == want and got_lp == pytest.approx(want_lp, abs=1e-4)
+        assert n == len(held) and got == want and got_lp == pytest.approx(want_lp, abs=1e-4)
     finally:
         cached.close()
         whole.close()
