@@ -124,6 +124,10 @@ class Job(abc.ABC):
             out.append(sse(chunk))
         return out + [b"data: [DONE]\n\n"]
 
+    def error_event(self, err: APIError) -> bytes:
+        """How a stream that fails after it began ends."""
+        return err.sse_event()
+
     def token_counts(self, gen: Generation) -> tuple[int, int]:
         """(prompt, completion) tokens, for the access log."""
         return sum(gen.prompt_tokens), sum(gen.completion_tokens)
@@ -275,7 +279,7 @@ async def _stream(job: Job, gen: Generation, first: Piece, rest: AsyncIterator[P
         for event in job.tail_events(gen):
             yield event
     except ENGINE_ERRORS as exc:
-        yield engine_error(exc).sse_event()
+        yield job.error_event(engine_error(exc))
     finally:
         record_usage(request.scope, *job.token_counts(gen))
         job.finish(gen)   # client gone (cancelled) or done: abort whatever still runs

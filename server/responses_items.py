@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import Field
 
-from server.errors import bad_request
+from server.errors import APIError, bad_request, dumps
 from server.schemas import SEED_MAX, SEED_MIN, _Liberal
 
 METADATA_MAX = 16         # OpenAI's limit: 16 pairs, keys up to 64 characters, values up to 512
@@ -25,15 +25,17 @@ TEXT_PARTS = ("input_text", "output_text", "text")
 
 class ResponsesRequest(_Liberal):
     model: Optional[str] = None
-    input: Union[str, list[dict[str, Any]]] = Field(min_length=1)
+    # shapes checked by the functions below, so that a 400 names the Responses field
+    input: Union[str, list[Any]] = Field(min_length=1)
     instructions: Optional[str] = None
     previous_response_id: Optional[str] = None
-    tools: Optional[list[dict[str, Any]]] = None
-    tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    tools: Optional[list[Any]] = None
+    tool_choice: Any = None
     parallel_tool_calls: Optional[bool] = None
     max_output_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     # not in OpenAI's Responses API; accepted as in chat completions (vLLM takes them too)
     top_k: Optional[int] = Field(default=None, ge=-1, le=1_000_000)
     min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
@@ -42,13 +44,25 @@ class ResponsesRequest(_Liberal):
     logit_bias: Optional[dict[str, float]] = None
     stream: Optional[bool] = False
     store: Optional[bool] = True
-    text: Optional[dict[str, Any]] = None
-    reasoning: Optional[dict[str, Any]] = None
+    text: Any = None
+    reasoning: Any = None
     metadata: Optional[dict[str, str]] = None
     user: Optional[str] = None
     truncation: Optional[Literal["disabled", "auto"]] = None
     background: Optional[bool] = None
     include: Optional[list[str]] = None
+
+    @property
+    def effort(self) -> Optional[str]:
+        """reasoning.effort, in the values chat completions take ('xhigh' and 'max' as 'high')."""
+        effort = self.reasoning.get("effort") if isinstance(self.reasoning, dict) else None
+        if effort is not None and effort not in EFFORTS:
+            raise bad_request(f"reasoning.effort must be one of {', '.join(EFFORTS)}",
+                              "reasoning.effort")
+        return "high" if effort in ("xhigh", "max") else effort
+
+
+EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 
 
 def check_supported(body: ResponsesRequest) -> None:
@@ -60,6 +74,11 @@ def check_supported(body: ResponsesRequest) -> None:
         if getattr(body, name, None) is not None:
             raise bad_request(f"'{name}' is not supported: send the input itself, or "
                               f"previous_response_id", name)
+    if body.top_logprobs or "message.output_text.logprobs" in (body.include or []):
+        raise bad_request("logprobs are not served on /v1/responses; /v1/chat/completions has "
+                          "them", "top_logprobs" if body.top_logprobs else "include")
+    if body.reasoning is not None and not isinstance(body.reasoning, dict):
+        raise bad_request("reasoning must be an object", "reasoning")
     if body.metadata is not None and (len(body.metadata) > METADATA_MAX or any(
             len(k) > 64 or not isinstance(v, str) or len(v) > 512 for k, v in body.metadata.items())):
         raise bad_request(f"metadata takes at most {METADATA_MAX} pairs, keys of at most 64 and "
@@ -83,63 +102,89 @@ def _text(content: Any, i: int) -> str:
     return "\n".join(texts)
 
 
-def input_messages(items: Union[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Input items as chat messages: a message each; consecutive function calls as one assistant
-    message with tool calls; a function call's output as a tool message; a reasoning item as
-    the reasoning_content of the assistant message after it."""
+def _parts_text(parts: Any, param: str) -> str:
+    """The text of a reasoning item's summary or content parts."""
+    if not isinstance(parts, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("text"), str) for p in parts):
+        raise bad_request(f"{param} must be a list of parts with text", param)
+    return "\n".join(p["text"] for p in parts)
+
+
+def input_messages(items: Union[str, list[Any]]) -> list[dict[str, Any]]:
+    """Input items as chat messages: a message each; function calls join the assistant message
+    before them (one assistant turn: its text, then its calls); a function call's output is a
+    tool message; reasoning items are the reasoning_content of the assistant turn they open.
+    Output items sent back as input give the message history_message stores for them."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     out: list[dict[str, Any]] = []
-    thought: Optional[str] = None
+    thoughts: list[str] = []          # reasoning waiting for its assistant turn
+
+    def assistant(open_new: bool) -> dict[str, Any]:
+        if open_new or not out or out[-1]["role"] != "assistant":
+            out.append({"role": "assistant", "content": ""})
+        msg = out[-1]
+        if thoughts:
+            prior = msg.get("reasoning_content")
+            msg["reasoning_content"] = "\n".join(([prior] if prior else []) + thoughts)
+            thoughts.clear()
+        return msg
+
     for i, item in enumerate(items):
-        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise bad_request(f"input[{i}] must be an object (an input item)", f"input.{i}")
         kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
-                raise bad_request(f"{where}.role must be user, assistant, system or developer",
+                raise bad_request(f"input[{i}].role must be user, assistant, system or developer",
                                   f"input.{i}.role")
-            msg = {"role": "system" if role == "developer" else role,
-                   "content": _text(item.get("content"), i)}
-            if role == "assistant" and thought is not None:
-                msg["reasoning_content"], thought = thought, None
-            out.append(msg)
+            text = _text(item.get("content"), i)
+            if role == "assistant":
+                # a new assistant turn unless it continues reasoning or a turn of calls
+                msg = assistant(open_new=not thoughts and not (
+                    out and out[-1]["role"] == "assistant" and not out[-1]["content"]))
+                msg["content"] = (msg["content"] or "") + text
+            else:
+                out.append({"role": "system" if role == "developer" else role, "content": text})
         elif kind == "reasoning":
             parts = item.get("content") or item.get("summary") or []
-            thought = "\n".join(p.get("text", "") for p in parts if isinstance(p, dict))
+            field = "content" if item.get("content") else "summary"
+            thoughts.append(_parts_text(parts, f"input.{i}.{field}"))
         elif kind == "function_call":
             if not all(isinstance(item.get(k), str) for k in ("call_id", "name", "arguments")):
-                raise bad_request(f"{where}: a function_call needs call_id, name and arguments "
+                raise bad_request(f"input[{i}]: a function_call needs call_id, name and arguments "
                                   "(strings)", f"input.{i}")
-            call = {"id": item["call_id"], "type": "function",
-                    "function": {"name": item["name"], "arguments": item["arguments"]}}
-            last = out[-1] if out else None
-            if last is not None and last["role"] == "assistant" and "tool_calls" in last:
-                last["tool_calls"].append(call)
-            else:
-                msg = {"role": "assistant", "content": None, "tool_calls": [call]}
-                if thought is not None:
-                    msg["reasoning_content"], thought = thought, None
-                out.append(msg)
+            msg = assistant(open_new=False)
+            msg.setdefault("tool_calls", []).append(
+                {"id": item["call_id"], "type": "function",
+                 "function": {"name": item["name"], "arguments": item["arguments"]}})
         elif kind == "function_call_output":
             output = item.get("output")
             if not isinstance(item.get("call_id"), str) or output is None:
-                raise bad_request(f"{where}: a function_call_output needs call_id and output",
+                raise bad_request(f"input[{i}]: a function_call_output needs call_id and output",
                                   f"input.{i}")
             out.append({"role": "tool", "tool_call_id": item["call_id"],
                         "content": output if isinstance(output, str) else _text(output, i)})
         else:
-            raise bad_request(f"{where}: items of type {kind!r} are not supported (message, "
+            raise bad_request(f"input[{i}]: items of type {kind!r} are not supported (message, "
                               "function_call, function_call_output and reasoning are)", f"input.{i}")
+    if thoughts:                      # reasoning that no text or call followed (a cut reply)
+        assistant(open_new=True)
+    for msg in out:
+        if msg.get("tool_calls") and not msg["content"]:
+            msg["content"] = None     # as the chat route reads a turn of calls
     return out
 
 
-def chat_tools(tools: Optional[list[dict[str, Any]]]) -> Optional[list[dict[str, Any]]]:
+def chat_tools(tools: Optional[list[Any]]) -> Optional[list[dict[str, Any]]]:
     """Responses' flat function tools in chat-completions form."""
     if tools is None:
         return None
     out = []
     for i, t in enumerate(tools):
+        if not isinstance(t, dict):
+            raise bad_request(f"tools[{i}] must be an object", f"tools.{i}")
         if t.get("type") != "function":
             raise bad_request(f"tools[{i}]: tools of type {t.get('type')!r} are not supported; "
                               "only function tools are", f"tools.{i}.type")
@@ -148,18 +193,22 @@ def chat_tools(tools: Optional[list[dict[str, Any]]]) -> Optional[list[dict[str,
     return out
 
 
-def chat_tool_choice(choice: Union[str, dict[str, Any], None]) -> Any:
-    if choice is None or isinstance(choice, str):
+def chat_tool_choice(choice: Any) -> Any:
+    if choice is None or choice in ("auto", "none", "required"):
         return choice
-    if choice.get("type") == "function" and isinstance(choice.get("name"), str):
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
     raise bad_request("tool_choice must be 'auto', 'none', 'required' or "
                       "{'type': 'function', 'name': ...}", "tool_choice")
 
 
-def chat_response_format(text: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+def chat_response_format(text: Any) -> Optional[dict[str, Any]]:
     """text.format in chat-completions form (response_format)."""
+    if text is not None and not isinstance(text, dict):
+        raise bad_request("text must be an object", "text")
     fmt = (text or {}).get("format")
+    if fmt is not None and not isinstance(fmt, dict):
+        raise bad_request("text.format must be an object", "text.format")
     if fmt is None or fmt.get("type") == "text":
         return None
     if fmt.get("type") == "json_object":
@@ -168,6 +217,35 @@ def chat_response_format(text: Optional[dict[str, Any]]) -> Optional[dict[str, A
         return {"type": "json_schema", "json_schema": {
             k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}}
     raise bad_request("text.format.type must be text, json_object or json_schema", "text.format.type")
+
+
+_PARAMS = (("reasoning_effort", "reasoning.effort"), ("response_format.json_schema", "text.format"),
+           ("response_format", "text.format"), ("max_tokens", "max_output_tokens"),
+           ("messages", "input"))
+
+
+def responses_param(exc: APIError) -> APIError:
+    """An error of the chat request a Responses request became, naming the Responses field."""
+    p = exc.param or ""
+    for chat, ours in _PARAMS:
+        if p == chat or p.startswith(chat + "."):
+            # messages.N counts the merged system message: it names the input as a whole
+            exc.param = ours if chat == "messages" else ours + p[len(chat):]
+            break
+    parts = p.split(".")
+    if len(parts) >= 3 and parts[0] == "tools" and parts[2] == "function":
+        exc.param = ".".join(parts[:2] + parts[3:])
+    return exc
+
+
+def with_instructions(instructions: Optional[str], history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``instructions`` and the system/developer messages the history starts with, as one system
+    message first: several would be dropped by gpt-oss's template and refused by others."""
+    lead = [m["content"] for m in history[:next((i for i, m in enumerate(history)
+                                                 if m["role"] != "system"), len(history))]]
+    texts = [t for t in [instructions or "", *lead] if t]
+    rest = history[len(lead):]
+    return ([{"role": "system", "content": "\n\n".join(texts)}] if texts else []) + rest
 
 
 def new_id(prefix: str) -> str:
@@ -207,44 +285,43 @@ def call_item(call_id: str, name: str, arguments: str, status: str,
             "name": name, "arguments": arguments, "status": status}
 
 
-def history_message(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """The assistant message that output ``items`` are, for the next turn's history (as the
-    chat route reads a reply sent back)."""
-    text = "".join(p["text"] for i in items if i["type"] == "message" for p in i["content"])
-    calls = [{"id": i["call_id"], "type": "function",
-              "function": {"name": i["name"], "arguments": i["arguments"]}}
-             for i in items if i["type"] == "function_call"]
-    msg: dict[str, Any] = {"role": "assistant", "content": (text or None) if calls else text}
-    if calls:
-        msg["tool_calls"] = calls
-    thought = "".join(p["text"] for i in items if i["type"] == "reasoning" for p in i["content"])
-    if thought:
-        msg["reasoning_content"] = thought
-    return msg
+def history_message(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What output ``items`` add to the conversation's history: the messages they give when a
+    client sends them back as input, so a stored conversation and a resent one render alike."""
+    return input_messages([{**i, "role": "assistant"} if i["type"] == "message" else i
+                           for i in items])
 
 
 @dataclass(frozen=True)
 class Stored:
     response: dict[str, Any]
     history: list[dict[str, Any]]       # the chat messages up to and including this reply
+    nbytes: int = 0
+
+
+STORE_BYTES = 256 * 2**20   # all stored responses together, as JSON text
 
 
 class ResponseStore:
-    """The last ``capacity`` stored responses, in memory (lost at restart, as documented)."""
+    """The last ``capacity`` stored responses, at most STORE_BYTES of them, in memory (lost at
+    restart, as documented)."""
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
+    def __init__(self, capacity: int, max_bytes: int = STORE_BYTES) -> None:
+        self.capacity, self.max_bytes = capacity, max_bytes
         self._items: OrderedDict[str, Stored] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
 
-    def put(self, entry: Stored) -> None:
+    def put(self, response: dict[str, Any], history: list[dict[str, Any]]) -> None:
         if self.capacity <= 0:
             return
+        entry = Stored(response, history, len(dumps(response)) + len(dumps(history)))
         with self._lock:
-            self._items[entry.response["id"]] = entry
-            self._items.move_to_end(entry.response["id"])
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+            old = self._items.pop(response["id"], None)
+            self._bytes += entry.nbytes - (old.nbytes if old else 0)
+            self._items[response["id"]] = entry
+            while self._items and (len(self._items) > self.capacity or self._bytes > self.max_bytes):
+                self._bytes -= self._items.popitem(last=False)[1].nbytes
 
     def get(self, response_id: str) -> Optional[Stored]:
         with self._lock:
@@ -252,4 +329,6 @@ class ResponseStore:
 
     def delete(self, response_id: str) -> bool:
         with self._lock:
-            return self._items.pop(response_id, None) is not None
+            entry = self._items.pop(response_id, None)
+            self._bytes -= entry.nbytes if entry else 0
+            return entry is not None

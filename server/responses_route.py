@@ -24,7 +24,7 @@ from server.responses import respond
 from server.responses_items import (ResponsesRequest, Stored, call_item, chat_response_format,
                                     chat_tool_choice, chat_tools, check_supported, history_message,
                                     input_messages, message_item, new_id, output_items, output_text,
-                                    reasoning_item)
+                                    reasoning_item, responses_param, with_instructions)
 from server.schemas import ChatCompletionRequest, parse
 from server.state import ServerState
 
@@ -54,7 +54,7 @@ class ResponsesJob(ChatJob):
                 "model": self.state.model_name, "output": items,
                 "parallel_tool_calls": r.parallel_tool_calls is not False,
                 "previous_response_id": r.previous_response_id,
-                "reasoning": {"effort": (r.reasoning or {}).get("effort"), "summary": None},
+                "reasoning": {"effort": r.effort, "summary": None},
                 "store": r.store is not False, "temperature": r.temperature,
                 "text": {"format": (r.text or {}).get("format") or {"type": "text"}},
                 "tool_choice": r.tool_choice or "auto", "tools": r.tools or [], "top_p": r.top_p,
@@ -64,17 +64,18 @@ class ResponsesJob(ChatJob):
     def usage_of(self, gen: Generation, items: list[dict[str, Any]]) -> dict[str, Any]:
         p, c = self.token_counts(gen)
         thought = "".join(part["text"] for i in items if i["type"] == "reasoning" for part in i["content"])
-        return {"input_tokens": p, "input_tokens_details": {"cached_tokens": sum(gen.cached_tokens)},
+        return {"input_tokens": p, "input_tokens_details": {"cached_tokens": sum(gen.cached_tokens),
+                                                             "cache_write_tokens": 0},
                 "output_tokens": c,
                 # the reasoning text tokenized again: a count of its tokens, within the reply's
-                "output_tokens_details": {"reasoning_tokens": min(c, len(self.state.tokenizer.encode(thought)))
-                                          if thought else 0},
+                "output_tokens_details": {"reasoning_tokens": min(c, len(self.state.tokenizer.encode(
+                    thought, add_special_tokens=False))) if thought else 0},
                 "total_tokens": p + c}
 
     def _finished(self, items: list[dict[str, Any]], reason: Optional[str], gen: Generation) -> dict[str, Any]:
         out = self.response_object(items, reason, gen)
         if self.request.store is not False:
-            self.state.responses.put(Stored(out, [*self.history, history_message(items)]))
+            self.state.responses.put(out, [*self.history, *history_message(items)])
         return out
 
     def full_response(self, gen: Any, per_choice: list[list[Piece]]) -> dict[str, Any]:
@@ -102,6 +103,14 @@ class ResponsesJob(ChatJob):
         events = [e for c in super().final_chunks(index, reason) for e in self._from_chunk(c)]
         self._reason = reason
         return events + self._close()
+
+    def error_event(self, err: APIError) -> bytes:
+        """An error event, then response.failed with the output so far (not stored)."""
+        failed = self.response_object(self._items, None, None)
+        failed.update(status="failed", error={"code": "server_error", "message": err.message})
+        return (self.encode_event(self._event("error", code=err.code or err.type, message=err.message,
+                                              param=err.param))
+                + self.encode_event(self._event("response.failed", response=failed)))
 
     def tail_events(self, gen: Generation) -> list[bytes]:
         out = self._finished(self._items, self._reason, gen)
@@ -191,26 +200,29 @@ async def create(state: ServerState, request: Request) -> Response:
     history: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
         prev = state.responses.get(body.previous_response_id)
-        if prev is None:
-            raise APIError(404, f"Previous response with id '{body.previous_response_id}' not "
+        if prev is None:   # OpenAI's answer: a 400 with this code
+            raise APIError(400, f"Previous response with id '{body.previous_response_id}' not "
                                 f"found (this server keeps the last {state.cfg.responses_store} "
                                 f"stored responses, in memory)", param="previous_response_id",
                            code="previous_response_not_found")
         history = list(prev.history)
     history += input_messages(body.input)
-    system = [{"role": "system", "content": body.instructions}] if body.instructions else []
-    chat = {"model": body.model, "messages": system + history, "stream": body.stream,
+    chat = {"model": body.model, "messages": with_instructions(body.instructions, history),
+            "stream": body.stream,
             "max_tokens": body.max_output_tokens, "temperature": body.temperature,
             "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p, "seed": body.seed,
             "ignore_eos": body.ignore_eos, "logit_bias": body.logit_bias,
             "tools": chat_tools(body.tools), "tool_choice": chat_tool_choice(body.tool_choice),
             "parallel_tool_calls": body.parallel_tool_calls,
             "response_format": chat_response_format(body.text),
-            "reasoning_effort": (body.reasoning or {}).get("effort")}
+            "reasoning_effort": body.effort}
     if not chat["messages"]:
         raise APIError(400, "the input is empty", param="input")
-    job = await chat_job(state, parse(ChatCompletionRequest, {k: v for k, v in chat.items()
-                                                              if v is not None}), ResponsesJob)
+    try:
+        job = await chat_job(state, parse(ChatCompletionRequest, {k: v for k, v in chat.items()
+                                                                  if v is not None}), ResponsesJob)
+    except APIError as exc:
+        raise responses_param(exc) from None
     assert isinstance(job, ResponsesJob)
     return await respond(request, job.for_request(body, history))
 
@@ -233,7 +245,7 @@ def add_responses_routes(app: FastAPI, state: ServerState) -> None:
     async def delete_route(response_id: str) -> Response:
         _stored(state, response_id)
         state.responses.delete(response_id)
-        return JSONBody({"id": response_id, "object": "response.deleted", "deleted": True})
+        return JSONBody({"id": response_id, "object": "response", "deleted": True})
 
     for prefix in ("/v1", ""):
         shown = prefix == "/v1"

@@ -133,7 +133,7 @@ def test_store_retrieve_delete(client: openai.OpenAI) -> None:
     unstored = client.responses.create(model=model(client), input="Hi", max_output_tokens=3, store=False)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(unstored.id)
-    with pytest.raises(openai.NotFoundError) as e:
+    with pytest.raises(openai.BadRequestError) as e:      # OpenAI's answer: a 400 with this code
         client.responses.create(model=model(client), input="Hi", previous_response_id=unstored.id)
     assert e.value.body["code"] == "previous_response_not_found"
 
