@@ -161,6 +161,27 @@ def harmony_dir(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -
     return make_harmony_model(str(tmp_path_factory.mktemp("harmony") / "model"), tiny_model_dir)
 
 
+@pytest.fixture(scope="module")
+def scripted_dir(harmony_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("harmony-tok")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{harmony_dir}/{name}", path / name)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def gptoss_like_dir(harmony_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny model's tokenizer with a chat template written like gpt-oss's (harmony_model.py)."""
+    path = tmp_path_factory.mktemp("gptoss-like")
+    shutil.copy(f"{harmony_dir}/tokenizer.json", path / "tokenizer.json")
+    from tests.server.harmony_model import GPT_OSS_LIKE_TEMPLATE
+    with open(f"{harmony_dir}/tokenizer_config.json") as f:
+        cfg = json.load(f)
+    with open(path / "tokenizer_config.json", "w") as f:
+        json.dump({**cfg, "chat_template": GPT_OSS_LIKE_TEMPLATE}, f)
+    return str(path)
+
+
 def parser_client(style: str, model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
     """A server on ``model_dir`` with ``--tool-parser style`` and an OpenAI client for it."""
     import openai

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from typing import Any, AsyncIterator
 
 import httpx
@@ -17,7 +16,6 @@ from engine.protocol import (FINISH_LENGTH, FINISH_STOP, EngineStats, GenerateRe
                              TokenDelta)
 from server.app import create_app
 from server.tokenizer import HARMONY_TAGS, TextTokenizer
-from tests.server.harmony_model import GPT_OSS_LIKE_TEMPLATE
 from tests.server.test_tools import ASK, SCHEMAS, TOOLS
 
 
@@ -129,14 +127,6 @@ def joined(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-@pytest.fixture(scope="module")
-def scripted_dir(harmony_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("harmony-tok")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(f"{harmony_dir}/{name}", path / name)
-    return str(path)
-
-
 def test_scripted_reasoning_preamble_and_call(scripted_dir: str) -> None:
     body = {"tools": TOOLS, "logprobs": True}
     full, _ = scripted(scripted_dir, THINK + PREAMBLE + CALL, body, stream=False)
@@ -234,18 +224,6 @@ def test_scripted_replies_without_full_headers(scripted_dir: str, reply: str, re
     full, chunks = scripted(scripted_dir, reply, {}, stream)
     got = joined(chunks) if stream else {**full["choices"][0]["message"], **full["choices"][0]}
     assert got.get("reasoning_content") == reasoning and got["content"] == content
-
-
-@pytest.fixture(scope="module")
-def gptoss_like_dir(harmony_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The tiny model's tokenizer with a chat template written like gpt-oss's (harmony_model.py)."""
-    path = tmp_path_factory.mktemp("gptoss-like")
-    shutil.copy(f"{harmony_dir}/tokenizer.json", path / "tokenizer.json")
-    with open(f"{harmony_dir}/tokenizer_config.json") as f:
-        cfg = json.load(f)
-    with open(path / "tokenizer_config.json", "w") as f:
-        json.dump({**cfg, "chat_template": GPT_OSS_LIKE_TEMPLATE}, f)
-    return str(path)
 
 
 def test_the_servers_own_replies_go_back_to_a_gpt_oss_like_template(gptoss_like_dir: str) -> None:

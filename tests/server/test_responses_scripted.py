@@ -21,8 +21,8 @@ from engine.protocol import GenerateRequest, ModelInfo, TokenDelta
 from server.app import create_app
 from server.responses_items import history_message, input_messages, with_instructions
 from server.tokenizer import TextTokenizer
-from tests.server.test_harmony_scripted import (ANSWER, CALL, PREAMBLE, THINK, ScriptedClient,  # noqa: F401
-                                                ScriptedStream, gptoss_like_dir, scripted_dir)
+from tests.server.test_harmony_scripted import (ANSWER, CALL, PREAMBLE, THINK, ScriptedClient,
+                                                ScriptedStream)
 from tests.server.test_tools import TOOLS as CHAT_TOOLS
 
 TOOLS = [{"type": "function", **t["function"]} for t in CHAT_TOOLS]
