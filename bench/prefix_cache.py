@@ -15,7 +15,8 @@ but the chat template's first tokens is cached from an earlier repeat.
 
 TTFT is timed at the client: request sent -> first content chunk. Per turn: prompt tokens, the
 tokens the server reports as cached (usage.prompt_tokens_details.cached_tokens), each server's
-median TTFT with min-max over repeats, and the median over repeats of without / with.
+median TTFT with min-max over repeats, the median over repeats of without / with, and each
+server's median decode ms/token ((last content chunk - first) / (reply tokens - 1)).
 Writes bench/results/prefix_cache.json and prefix_cache.png.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ def turn(base: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str
     """One streamed chat turn: TTFT (ms), the reply's text and the usage the server reports."""
     body = {"messages": messages, "stream": True, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
-    sent, first, text, usage = time.perf_counter(), None, [], None
+    sent, first, last, text, usage = time.perf_counter(), None, None, [], None
     with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=1800) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -48,11 +49,14 @@ def turn(base: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str
             usage = chunk.get("usage") or usage
             for c in chunk.get("choices", []):
                 if c.get("delta", {}).get("content"):
-                    first = first or time.perf_counter()
+                    last = time.perf_counter()
+                    first = first or last
                     text.append(c["delta"]["content"])
-    if first is None or usage is None:
+    if first is None or last is None or usage is None:
         raise SystemExit("a turn streamed no content or no usage")
-    return {"ttft_ms": (first - sent) * 1e3, "text": "".join(text),
+    decoded = max(usage["completion_tokens"] - 1, 1)
+    return {"ttft_ms": (first - sent) * 1e3, "decode_ms_per_token": (last - first) * 1e3 / decoded,
+            "text": "".join(text),
             "prompt_tokens": usage["prompt_tokens"],
             "cached_tokens": usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)}
 
@@ -90,6 +94,8 @@ def summarize(samples: list[dict[str, Any]], turns: int) -> list[dict[str, Any]]
             row.update({f"ttft_ms_{key}": median(ms), f"ttft_ms_{key}_min": min(ms),
                         f"ttft_ms_{key}_max": max(ms)})
         row.update(speedup=median(ratios), speedup_min=min(ratios), speedup_max=max(ratios))
+        for s, key in zip(SYSTEMS, ("cache", "no_cache")):
+            row[f"decode_ms_{key}"] = median([x["decode_ms_per_token"] for x in at[s]])
         rows.append(row)
     return rows
 
@@ -133,7 +139,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(table([{**r, "no cache / cache (min-max)": f"{r['speedup']:.2f} ({r['speedup_min']:.2f}-"
                   f"{r['speedup_max']:.2f})"} for r in rows],
                 ["turn", "prompt_tokens", "cached_tokens", "ttft_ms_cache", "ttft_ms_no_cache",
-                 "no cache / cache (min-max)"]))
+                 "no cache / cache (min-max)", "decode_ms_cache", "decode_ms_no_cache"]))
     _plot(path.replace(".json", ".png"), rows)
     print(f"wrote {path}")
 
