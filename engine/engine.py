@@ -30,6 +30,10 @@ from engine.sampling import Choice, SamplerState, sample
 from engine.slot_pool import SlotPool
 
 log = logging.getLogger("moeserve.engine")
+# a hybrid model's slot keeps a copy of its linear-attention state this many tokens before its
+# prompt's end: a thinking template's next turn drops the reply and differs from this prompt in
+# its last few tokens (the generation prompt, e.g. "<|im_start|>assistant\n<think>\n")
+SAVE_MARGIN = 16
 
 
 @dataclass
@@ -65,11 +69,15 @@ class Engine:
         self.model.set_provider(provider)
         spec = self.model.kv_spec
         self.context = loaded.info.context_length
-        self.kv = KVCache.for_model(spec, max_batch, self.context, loaded.dtype, loaded.device)
+        self.kv = KVCache.for_model(spec, max_batch, self.context, loaded.dtype, loaded.device,
+                                    saved_states=prefix_cache)
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
-        # a linear-attention state cannot go back to an earlier position (slot_pool.py)
-        self.slots = SlotPool(max_batch, prefix_cache, whole_prefix_only=spec.linear is not None)
+        # a linear-attention state cannot go back to an earlier position, but to its saved copy
+        # (slot_pool.py, linear_state.py)
+        linear = self.kv.linear
+        self.slots = SlotPool(max_batch, prefix_cache, whole_prefix_only=linear is not None,
+                              saved=None if linear is None else linear.saved_at.__getitem__)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.pending_aborts: list[str] = []
@@ -118,6 +126,10 @@ class Engine:
             seq = self.waiting.popleft()
             seq.slot, seq.cached = self.slots.acquire(seq.req.prompt_token_ids)
             seq.in_kv = seq.cached
+            if self.kv.linear is not None:
+                if seq.cached and seq.cached != self.kv.linear.reached[seq.slot]:
+                    self.kv.linear.restore(seq.slot)        # back to the copy the pool chose
+                self.kv.linear.forget(seq.slot, seq.cached)
             if seq.cached:
                 log.debug("request %s: %d of %d prompt tokens reused from slot %d", seq.id,
                           seq.cached, len(seq.req.prompt_token_ids), seq.slot)
@@ -151,10 +163,15 @@ class Engine:
         """One forward over ``seqs`` (one chunk of one prompt, or one decode token each) and
         sampling (none after a chunk that does not end its prompt)."""
         dev = self.device
+        save_at = -1
         if prefill:
             (seq,) = seqs
             start = seq.in_kv
-            chunk = seq.req.prompt_token_ids[start:start + self.prefill_chunk]
+            end = start + self.prefill_chunk
+            if self.kv.linear is not None and self.kv.linear.saves:
+                save_at = len(seq.req.prompt_token_ids) - SAVE_MARGIN
+                end = save_at if start < save_at < end else end   # a pass ends where it saves
+            chunk = seq.req.prompt_token_ids[start:end]
             ids = torch.tensor([chunk], dtype=torch.long, device=dev)
             pos = torch.arange(start, start + len(chunk), device=dev)[None]
             n_tokens = [len(chunk)]
@@ -196,6 +213,8 @@ class Engine:
         for s, n in zip(seqs, n_tokens):
             s.in_kv += n
         if prefill:
+            if start + n_tokens[0] == save_at:
+                self.kv.linear.save(seqs[0].slot)       # type: ignore[union-attr]
             self.counters["prompt_tokens"] += n_tokens[0]
             if start == seqs[0].cached:      # its first pass: the rest was found cached
                 self.counters["prompt_tokens_cached"] += start

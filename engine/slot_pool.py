@@ -16,7 +16,7 @@ position: on such models a slot is reused only when its held tokens are all a pr
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -38,9 +38,13 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class SlotPool:
     """Free slots in release order (oldest first), each with the tokens its cache holds."""
 
-    def __init__(self, slots: int, reuse: bool, whole_prefix_only: bool = False) -> None:
+    def __init__(self, slots: int, reuse: bool, whole_prefix_only: bool = False,
+                 saved: Optional[Callable[[int], int]] = None) -> None:
         self.reuse = reuse
         self.whole_prefix_only = whole_prefix_only
+        # whole_prefix_only: the position of a slot's saved linear state (-1: none), which a
+        # prompt sharing the tokens up to there may also restart from
+        self._saved = saved
         self._free: list[int] = list(range(slots))
         self._held: list[tuple[int, ...]] = [()] * slots
         self._held_prompt = [0] * slots      # how many of the held tokens were a prompt
@@ -53,7 +57,10 @@ class SlotPool:
         last prompt token is always computed, since its logits give the first output token."""
         held = self._held[slot]
         n = min(common_prefix(held, prompt), len(prompt) - 1)
-        return 0 if self.whole_prefix_only and n < len(held) else n
+        if not self.whole_prefix_only or n >= len(held):
+            return n
+        at = self._saved(slot) if self._saved is not None else -1
+        return at if 0 < at <= n else 0
 
     def acquire(self, prompt: Sequence[int]) -> tuple[int, int]:
         """(slot, prompt tokens reused) for a new request; the pool must not be empty."""

@@ -49,20 +49,22 @@ class KVCache:
 
     def __init__(self, num_layers: int, slots: int, context: int, kv_heads: int, k_dim: int,
                  v_dim: int, dtype: torch.dtype, device: torch.device,
-                 linear: Optional[LinearSpec] = None) -> None:
+                 linear: Optional[LinearSpec] = None, saved_states: bool = False) -> None:
         skip = set(linear.layers) if linear is not None else set()
         self.k = [torch.zeros(0 if i in skip else slots, kv_heads, context, k_dim, dtype=dtype, device=device)
                   for i in range(num_layers)]
         self.v = [torch.zeros(0 if i in skip else slots, kv_heads, context, v_dim, dtype=dtype, device=device)
                   for i in range(num_layers)]
-        self.linear = LinearStates(linear, slots, dtype, device) if linear is not None else None
+        self.linear = (LinearStates(linear, slots, dtype, device, saved_states)
+                       if linear is not None else None)
 
     @classmethod
     def for_model(cls, spec: Any, slots: int, context: int, dtype: torch.dtype,
-                  device: torch.device) -> "KVCache":
-        """The cache a model's KVSpec asks for (engine/models/base.py)."""
+                  device: torch.device, saved_states: bool = False) -> "KVCache":
+        """The cache a model's KVSpec asks for (engine/models/base.py); ``saved_states``: room
+        for a saved copy of each slot's linear-attention state (prefix caching)."""
         return cls(spec.num_layers, slots, context, spec.kv_heads, spec.k_dim, spec.v_dim, dtype,
-                   device, spec.linear)
+                   device, spec.linear, saved_states)
 
     @property
     def nbytes(self) -> int:

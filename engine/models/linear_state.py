@@ -27,9 +27,15 @@ class LinearSpec:
 
 
 class LinearStates:
-    """conv [slots, C, K-1] (model dtype) and state [slots, Hv, Dk, Dv] (fp32) per linear layer."""
+    """conv [slots, C, K-1] (model dtype) and state [slots, Hv, Dk, Dv] (fp32) per linear layer.
 
-    def __init__(self, spec: LinearSpec, slots: int, dtype: torch.dtype, device: torch.device) -> None:
+    With ``saved``, each slot has room for one more copy of its state, taken during a prompt pass
+    (the engine saves it a few tokens before the prompt's end): a later request whose prompt
+    shares the tokens up to there restarts from that copy, although the slot's live state went on
+    through the reply (prefix caching on a thinking model, whose next turn drops the reply)."""
+
+    def __init__(self, spec: LinearSpec, slots: int, dtype: torch.dtype, device: torch.device,
+                 saved: bool = False) -> None:
         self.spec = spec
         # per slot, the position its state has reached (on the host): a pass must continue from
         # there or start a new sequence at 0, so a state is never read out of order
@@ -38,10 +44,41 @@ class LinearStates:
                      for i in spec.layers}
         self.state = {i: torch.zeros(slots, spec.heads, spec.k_dim, spec.v_dim, dtype=torch.float32,
                                      device=device) for i in spec.layers}
+        # per slot, the position of its saved copy (-1: none)
+        self.saved_at = [-1] * slots
+        self._saved = ({i: (torch.zeros_like(self.conv[i]), torch.zeros_like(self.state[i]))
+                        for i in spec.layers} if saved else {})
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.conv.values(), *self.state.values()))
+        tensors = (*self.conv.values(), *self.state.values(), *(t for p in self._saved.values() for t in p))
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def saves(self) -> bool:
+        return bool(self._saved)
+
+    def save(self, slot: int) -> None:
+        """Keep a copy of ``slot``'s state where it has reached."""
+        for i, (conv, state) in self._saved.items():
+            conv[slot].copy_(self.conv[i][slot])
+            state[slot].copy_(self.state[i][slot])
+        self.saved_at[slot] = self.reached[slot]
+
+    def restore(self, slot: int) -> None:
+        """Take ``slot``'s state back to its saved copy."""
+        if self.saved_at[slot] < 0:
+            raise RuntimeError(f"slot {slot} has no saved linear-attention state")
+        for i, (conv, state) in self._saved.items():
+            self.conv[i][slot].copy_(conv[slot])
+            self.state[i][slot].copy_(state[slot])
+        self.reached[slot] = self.saved_at[slot]
+
+    def forget(self, slot: int, beyond: int) -> None:
+        """Drop ``slot``'s saved copy if it is past position ``beyond`` (a new sequence's tokens
+        differ from there on)."""
+        if self.saved_at[slot] > beyond:
+            self.saved_at[slot] = -1
 
     @staticmethod
     def starts(batch: "Batch") -> list[tuple[int, int]]:

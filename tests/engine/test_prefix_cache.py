@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cache.provider import ResidentExpertProvider
-from engine.engine import Engine, run_to_completion
+from engine.engine import SAVE_MARGIN, Engine, run_to_completion
 from engine.loader import LoadedModel, load_model
 from engine.protocol import FINISH_ERROR, GenerateRequest, SamplingParams
 from engine.slot_pool import SlotPool, common_prefix
@@ -65,12 +65,16 @@ def test_pool_takes_the_longest_match_else_an_empty_or_the_oldest_slot() -> None
 
 
 def test_pool_rules_for_linear_state_and_when_off() -> None:
-    linear = SlotPool(1, reuse=True, whole_prefix_only=True)
+    saved = [-1]
+    linear = SlotPool(1, reuse=True, whole_prefix_only=True, saved=saved.__getitem__)
     slot, _ = linear.acquire((1,))
     linear.release(slot, (1, 2, 3), prompt=2)
     assert linear.reusable(slot, (1, 2, 3, 4)) == 3
     assert linear.reusable(slot, (1, 2, 5, 6)) == 0            # the state is past position 2
     assert linear.reusable(slot, (1, 2, 3)) == 0               # it would have to go back one
+    saved[0] = 1                                               # a copy saved at position 1
+    assert linear.reusable(slot, (1, 2, 5, 6)) == 1 and linear.reusable(slot, (1, 2, 3)) == 1
+    assert linear.reusable(slot, (2, 2)) == 0
     off = SlotPool(1, reuse=False)
     slot, _ = off.acquire((1,))
     off.release(slot, (1, 2, 3), prompt=2)
@@ -135,10 +139,11 @@ def test_follow_up_turns_read_only_new_tokens_and_answer_as_recomputed(
         _, n = both(turn3, "turn3")
         assert n == len(turn2) + len(out2) - 1
         # as a thinking model's template writes the next turn: turn 3's reply dropped and turn 2's
-        # too; the slot's keys and values after turn 2's prompt are overwritten. The linear state
-        # cannot go back, so a hybrid model reads it all.
+        # too; the slot's keys and values after turn 2's prompt are overwritten. A linear state
+        # cannot go back: a hybrid model restarts from the copy saved SAVE_MARGIN tokens before
+        # the end of turn 2's prompt (turn 3's pass began after its own save point)
         _, n = both(turn2 + NEW[::-1], "think")
-        assert n == (0 if lm.model.kv_spec.linear is not None else len(turn2))
+        assert n == len(turn2) - (SAVE_MARGIN if lm.model.kv_spec.linear is not None else 0)
     finally:
         cached.close()
         whole.close()
