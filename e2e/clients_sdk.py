@@ -154,6 +154,47 @@ def openai_checks(run: Run) -> None:
                f"parsed_arguments {calls[0].function.parsed_arguments!r}")
         return repr(calls[0].function.parsed_arguments)
 
+    # the Responses API (/v1/responses), as OpenAI's docs call it first
+    flat_tool = {"type": "function", **WEATHER_TOOL["function"]}
+
+    def responses_create() -> str:
+        r = client.responses.create(model=m, input=ask[0]["content"], max_output_tokens=MAX_TOKENS,
+                                    temperature=0)
+        expect(r.status in ("completed", "incomplete") and r.output_text.strip() != "",
+               f"status {r.status}, text {r.output_text!r}")
+        expect(r.usage is not None and r.usage.output_tokens > 0, "no usage")
+        return r.output_text
+
+    def responses_stream() -> str:
+        with client.responses.stream(model=m, input=ask[0]["content"],
+                                     max_output_tokens=MAX_TOKENS) as s:
+            events = list(s)
+        text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        expect(text.strip() != "", "no streamed text")
+        expect(events[-1].type in ("response.completed", "response.incomplete"),
+               f"last event {events[-1].type}")
+        return text
+
+    def responses_tools() -> str:
+        r = client.responses.create(model=m, input=ASK_WEATHER, tools=[flat_tool],
+                                    tool_choice="required", parallel_tool_calls=False,
+                                    max_output_tokens=TOOL_MAX_TOKENS)
+        calls = [o for o in r.output if o.type == "function_call"]
+        expect(bool(calls), "no function_call item")
+        check_weather_args(calls[0].arguments)
+        follow = client.responses.create(
+            model=m, previous_response_id=r.id, tools=[flat_tool], max_output_tokens=MAX_TOKENS,
+            input=[{"type": "function_call_output", "call_id": calls[0].call_id,
+                    "output": json.dumps({"temperature": 21, "sky": "sunny"})}])
+        expect(follow.output_text.strip() != "", "no answer after the function output")
+        return f"{calls[0].arguments} -> {follow.output_text}"
+
+    def responses_parse() -> str:
+        r = client.responses.parse(model=m, input="Invent a person: a name and an age.",
+                                   text_format=Person, max_output_tokens=MAX_TOKENS)
+        expect(isinstance(r.output_parsed, Person), f"output_parsed {r.output_parsed!r}")
+        return repr(r.output_parsed)
+
     run.record("openai-py", "chat", chat)
     run.record("openai-py", "stream (include_usage)", stream)
     run.record("openai-py", "tool call (required)", tool_call(None))
@@ -168,6 +209,11 @@ def openai_checks(run: Run) -> None:
         run.record("openai-py", "chat.completions.parse",
                    lambda: parse_with(client.chat.completions.parse))
         run.record("openai-py", "parse + pydantic_function_tool", parse_tool)
+    if hasattr(client, "responses"):
+        run.record("openai-py", "responses.create", responses_create)
+        run.record("openai-py", "responses.stream", responses_stream)
+        run.record("openai-py", "responses tool call + previous_response_id", responses_tools)
+        run.record("openai-py", "responses.parse (text_format)", responses_parse)
 
 
 # ---------------------------------------------------------------- OpenAI Node SDK
