@@ -126,10 +126,16 @@ class Engine:
             seq = self.waiting.popleft()
             seq.slot, seq.cached = self.slots.acquire(seq.req.prompt_token_ids)
             seq.in_kv = seq.cached
-            if self.kv.linear is not None:
-                if seq.cached and seq.cached != self.kv.linear.reached[seq.slot]:
-                    self.kv.linear.restore(seq.slot)        # back to the copy the pool chose
-                self.kv.linear.forget(seq.slot, seq.cached)
+            linear = self.kv.linear
+            if linear is not None:
+                if seq.cached and seq.cached != linear.reached[seq.slot]:
+                    if seq.cached == linear.saved_at[seq.slot]:
+                        linear.restore(seq.slot)            # back to the copy the pool chose
+                    else:                                   # never expected: read it all
+                        log.warning("slot %d: no linear state at %d; the prompt is read whole",
+                                    seq.slot, seq.cached)
+                        seq.cached = seq.in_kv = 0
+                linear.forget(seq.slot, seq.cached)
             if seq.cached:
                 log.debug("request %s: %d of %d prompt tokens reused from slot %d", seq.id,
                           seq.cached, len(seq.req.prompt_token_ids), seq.slot)
@@ -168,8 +174,10 @@ class Engine:
             (seq,) = seqs
             start = seq.in_kv
             end = start + self.prefill_chunk
-            if self.kv.linear is not None and self.kv.linear.saves:
-                save_at = len(seq.req.prompt_token_ids) - SAVE_MARGIN
+            n_prompt = len(seq.req.prompt_token_ids)
+            # saved only where the pool would reuse it: half of the prompt at least (slot_pool.py)
+            if self.kv.linear is not None and self.kv.linear.saves and n_prompt >= 2 * SAVE_MARGIN:
+                save_at = n_prompt - SAVE_MARGIN
                 end = save_at if start < save_at < end else end   # a pass ends where it saves
             chunk = seq.req.prompt_token_ids[start:end]
             ids = torch.tensor([chunk], dtype=torch.long, device=dev)
@@ -251,6 +259,8 @@ class Engine:
         if seq in self.running:
             self.running.remove(seq)
         if seq.slot >= 0:
+            if not kv_valid and self.kv.linear is not None:
+                self.kv.linear.forget(seq.slot, 0)
             self.slots.release(seq.slot, seq.tokens_in_kv() if kv_valid else (),
                                len(seq.req.prompt_token_ids))
             seq.slot = -1

@@ -12,7 +12,8 @@ This is llama.cpp's server (``cache_prompt``, a slot per conversation); vLLM's a
 caching shares blocks between running requests too, which a slot cache without paging cannot.
 
 Linear-attention layers (Qwen3-Next) carry a recurrent state that cannot go back to an earlier
-position: on such models a slot is reused only when its held tokens are all a prefix of the prompt.
+position: on such models a slot is reused when its held tokens are all a prefix of the prompt, or
+up to the copy of its state saved during its prompt pass (engine/models/linear_state.py).
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Prefix caching: a request reads only the prompt tokens after what a free slot holds, and answers
 as if it had read the whole prompt (the same seeded tokens, fp32 logprobs within rounding), on
 every kind of cache layer: grouped-query attention, MLA, sinks with a sliding window, and linear
-attention (whose state cannot go back, so only a whole held prefix is reused)."""
+attention (whose state cannot go back: a whole held prefix is reused, or the prefix up to a
+saved copy of the state)."""
 from __future__ import annotations
 
 import dataclasses
@@ -198,5 +199,27 @@ def test_a_failed_pass_leaves_nothing_to_reuse(mixtral: LoadedModel) -> None:
         assert [eng.slots.held(s) for s in range(2)] == [(), ()]
         _, _, n = answer(eng, P1 + NEW, "c")
         assert n == 0
+    finally:
+        eng.close()
+
+
+def test_a_hybrid_slot_saves_its_state_only_where_it_can_be_reused(family_checkpoint: FamilyCheckpoint) -> None:
+    """The copy is taken SAVE_MARGIN tokens before the prompt's end, in prompts of 2 x SAVE_MARGIN
+    tokens or more (a shorter one could not reuse it); a failed pass drops it."""
+    lm = load_model(engine_dir(family_checkpoint("qwen3_next")), CPU, torch.float32, context_length=128)
+    eng = engine(lm, True)
+    linear = eng.kv.linear
+    try:
+        answer(eng, P1[:2 * SAVE_MARGIN - 1], "short")
+        assert linear.saved_at == [-1, -1]
+        answer(eng, P1 + NEW[:2], "long")
+        assert sorted(linear.saved_at) == [-1, len(P1) + 2 - SAVE_MARGIN]
+        slot = linear.saved_at.index(len(P1) + 2 - SAVE_MARGIN)
+        eng.provider.armed = True
+        eng.add_request(GenerateRequest("fails", P1 + NEW, SAMPLED))   # takes that slot, and fails
+        while eng.has_work():
+            eng.step()
+        eng.provider.armed = False
+        assert linear.saved_at[slot] == -1 and eng.slots.held(slot) == ()
     finally:
         eng.close()
