@@ -123,23 +123,7 @@ class Engine:
     def step(self) -> list[TokenDelta]:
         out = self._apply_aborts()
         while self.waiting and len(self.slots):
-            seq = self.waiting.popleft()
-            seq.slot, seq.cached = self.slots.acquire(seq.req.prompt_token_ids)
-            seq.in_kv = seq.cached
-            linear = self.kv.linear
-            if linear is not None:
-                if seq.cached and seq.cached != linear.reached[seq.slot]:
-                    if seq.cached == linear.saved_at[seq.slot]:
-                        linear.restore(seq.slot)            # back to the copy the pool chose
-                    else:                                   # never expected: read it all
-                        log.warning("slot %d: no linear state at %d; the prompt is read whole",
-                                    seq.slot, seq.cached)
-                        seq.cached = seq.in_kv = 0
-                linear.forget(seq.slot, seq.cached)
-            if seq.cached:
-                log.debug("request %s: %d of %d prompt tokens reused from slot %d", seq.id,
-                          seq.cached, len(seq.req.prompt_token_ids), seq.slot)
-            self.running.append(seq)
+            self._admit(self.waiting.popleft())
         # decoders are chosen before the prompt pass, so a request whose prompt ends now gets
         # its first token from that pass and its second from the next step
         decoding = [s for s in self.running if s.output]
@@ -149,6 +133,25 @@ class Engine:
         if decoding:
             out += self._run(decoding, prefill=False)
         return out
+
+    def _admit(self, seq: Sequence) -> None:
+        """Give ``seq`` a slot, and the prompt tokens that slot already holds."""
+        seq.slot, seq.cached = self.slots.acquire(seq.req.prompt_token_ids)
+        linear = self.kv.linear
+        if linear is not None:
+            if seq.cached and seq.cached != linear.reached[seq.slot]:
+                if seq.cached == linear.saved_at[seq.slot]:
+                    linear.restore(seq.slot)            # back to the copy the pool chose
+                else:                                   # never expected: read it all
+                    log.warning("slot %d: no linear state at %d; the prompt is read whole",
+                                seq.slot, seq.cached)
+                    seq.cached = 0
+            linear.forget(seq.slot, seq.cached)
+        seq.in_kv = seq.cached
+        if seq.cached:
+            log.debug("request %s: %d of %d prompt tokens reused from slot %d", seq.id,
+                      seq.cached, len(seq.req.prompt_token_ids), seq.slot)
+        self.running.append(seq)
 
     def _apply_aborts(self) -> list[TokenDelta]:
         out = []
