@@ -3,8 +3,9 @@ chat history the template reads, its tools and formats in chat-completions form,
 message as output items, and the bounded store behind ``previous_response_id``.
 
 Only what a local model can do is accepted: function tools, text input, JSON output formats.
-Anything else (built-in tools, images, files, background mode, the Conversations API) is a 400
-that names the field, never silently dropped.
+Anything else (built-in tools, images, files, background mode, the Conversations API, logprobs)
+is a 400 that names the field. Two options are accepted with no effect, as the README says:
+reasoning.summary (no summaries are written) and truncation "auto" (nothing is truncated).
 """
 from __future__ import annotations
 
