@@ -152,7 +152,7 @@ class Job(abc.ABC):
                 "system_fingerprint": FINGERPRINT, "choices": choices}
 
     def usage(self, gen: Generation) -> dict[str, Any]:
-        p, c = sum(gen.prompt_tokens), sum(gen.completion_tokens)
+        p, c = self.token_counts(gen)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
                 "prompt_tokens_details": {"cached_tokens": sum(gen.cached_tokens)}}
 
