@@ -6,7 +6,7 @@ string is held until it is known not to be one. Nothing of a matched stop string
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 
 class Decoder(Protocol):
@@ -52,6 +52,7 @@ class StopMatcher:
         self.text = ""
         self._sent = 0
         self.stopped = False
+        self.matched: Optional[str] = None    # the stop string that matched
 
     def feed(self, delta: str) -> str:
         """Add ``delta``; return the text that is now safe to release. Sets ``stopped`` on a match
@@ -66,7 +67,7 @@ class StopMatcher:
         for s in self.stops:
             i = self.text.find(s, self._sent)
             if i != -1 and (hit == -1 or i < hit):
-                hit = i
+                hit, self.matched = i, s
         if hit != -1:
             self.stopped = True
             out, self._sent = self.text[self._sent:hit], hit

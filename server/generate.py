@@ -40,6 +40,7 @@ class Piece:
     # the expert stream, for watching requests: (the token's index in the choice, what the
     # pass that produced it did); a piece is one engine delta, so one token at most
     experts: Optional[tuple[int, TokenExperts]] = None
+    stop_sequence: Optional[str] = None     # on the last piece: the stop string that ended it
 
 
 class _End:
@@ -114,7 +115,8 @@ class Generation:
                 tokens = self._token_infos(d) if self._want_logprobs else []
                 if stops.stopped:
                     stream.close()   # a stop string matched: the engine request is aborted
-                    self._queue.put_nowait(Piece(index, text, tokens, FINISH_STOP, experts))
+                    self._queue.put_nowait(Piece(index, text, tokens, FINISH_STOP, experts,
+                                                 stops.matched))
                     return
                 if d.finished:
                     if d.finish_reason not in (FINISH_STOP, FINISH_LENGTH):
@@ -122,7 +124,7 @@ class Generation:
                     text += stops.feed(detok.flush())
                     text += stops.flush()
                     reason = FINISH_STOP if stops.stopped else d.finish_reason
-                    self._queue.put_nowait(Piece(index, text, tokens, reason, experts))
+                    self._queue.put_nowait(Piece(index, text, tokens, reason, experts, stops.matched))
                     return
                 if text or tokens or experts is not None:
                     self._queue.put_nowait(Piece(index, text, tokens, None, experts))

@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from server.body import read_json
 from server.errors import bad_request
-from engine.protocol import FINISH_STOP
+from engine.protocol import FINISH_STOP, Constraint
 from server.generate import Piece, chat_logprobs, completion_logprobs
 from server import harmony
 from server.harmony import HarmonySplit, template_harmony
@@ -172,10 +172,20 @@ async def chat(state: ServerState, request: Request) -> Response:
     return await respond(request, await chat_job(state, body))
 
 
-async def chat_job(state: ServerState, body: ChatCompletionRequest,
-                   job_class: type[ChatJob] = ChatJob) -> ChatJob:
-    """The job of a chat request: its prompt, grammar, tool and reasoning setup (the Responses
-    API builds its own subclass from the same setup)."""
+@dataclasses.dataclass(frozen=True)
+class ChatPrompt:
+    """A chat request's prompt and how its reply is read."""
+
+    ids: list[int]
+    setup: ToolSetup
+    constraint: Optional[Constraint]
+    harmony: bool           # replies are read as harmony (gpt-oss)
+    thinks: bool            # --reasoning-parser is not none
+
+
+async def chat_prompt(state: ServerState, body: ChatCompletionRequest, prefill: str = "") -> ChatPrompt:
+    """The prompt of a chat request, with its grammar and tool setup; ``prefill``: the start of
+    the reply, written after the generation prompt (the Messages API's final assistant turn)."""
     state.check_model(body.model)
     constraint = response_format_constraint(body.response_format)
     uses_harmony = harmony_replies(state)
@@ -206,13 +216,13 @@ async def chat_job(state: ServerState, body: ChatCompletionRequest,
             extra["tools"] = harmony.template_tools(extra["tools"])
         return messages, {**kwargs, **extra}
 
-    ids = await state.encode_chat(*template_input(setup))
+    ids = await state.encode_chat(*template_input(setup), prefill)
     if setup.active and not setup.forced and len(ids) >= state.context:
         # tool_choice auto with a tool listing the context cannot hold (Open WebUI sends its 36
         # built-in tools, ~7,000 tokens, with every chat): a 400 would fail every message of such
         # a front end, so the request is served as with tool_choice none, saying so in the log
         without = dataclasses.replace(setup, choice="none")
-        plain = await state.encode_chat(*template_input(without))
+        plain = await state.encode_chat(*template_input(without), prefill)
         if len(plain) < state.context:
             log.warning("a prompt with its %d tools is %d tokens, more than the context of %d: "
                         "served without the tools (as tool_choice 'none'; %d tokens)",
@@ -222,10 +232,18 @@ async def chat_job(state: ServerState, body: ChatCompletionRequest,
         raise bad_request(f"the prompt with its {len(setup.tools)} tools is {len(ids)} tokens, but "
                           f"the model's context holds {state.context} tokens; tool_choice "
                           f"{setup.choice!r} needs the tools in the prompt", "tools")
-    job = job_class(state, body, [ids], bool(body.logprobs), body.top_logprobs or 0, constraint)
-    if uses_harmony:
-        return job.with_harmony(thinks, setup)
-    return job.with_tools(setup).with_reasoning(reasoning_start(state, ids, constraint))
+    return ChatPrompt(ids, setup, constraint, uses_harmony, thinks)
+
+
+async def chat_job(state: ServerState, body: ChatCompletionRequest,
+                   job_class: type[ChatJob] = ChatJob, prefill: str = "") -> ChatJob:
+    """The job of a chat request (the Responses and Messages APIs build their own subclasses
+    from the same setup)."""
+    p = await chat_prompt(state, body, prefill)
+    job = job_class(state, body, [p.ids], bool(body.logprobs), body.top_logprobs or 0, p.constraint)
+    if p.harmony:
+        return job.with_harmony(p.thinks, p.setup)
+    return job.with_tools(p.setup).with_reasoning(reasoning_start(state, p.ids, p.constraint))
 
 
 def harmony_replies(state: ServerState) -> bool:

@@ -74,9 +74,10 @@ class ServerState:
         return await asyncio.to_thread(self.tokenizer.encode, text)
 
     async def encode_chat(self, messages: list[dict[str, Any]],
-                          variables: Optional[dict[str, Any]] = None) -> list[int]:
-        self._check_chars(sum(len(m.get("content") or "") for m in messages), "messages")
+                          variables: Optional[dict[str, Any]] = None, prefill: str = "") -> list[int]:
+        self._check_chars(sum(len(m.get("content") or "") for m in messages) + len(prefill),
+                          "messages")
         try:
-            return await asyncio.to_thread(self.tokenizer.encode_chat, messages, variables)
+            return await asyncio.to_thread(self.tokenizer.encode_chat, messages, variables, prefill)
         except (TemplateError, TypeError) as exc:   # TypeError: a template choking on a value
             raise bad_request(str(exc), "messages") from None

@@ -158,7 +158,10 @@ class TextTokenizer:
             raise TemplateError(f"the chat template failed to render: {exc}") from exc
 
     def encode_chat(self, messages: list[dict[str, Any]],
-                    variables: Optional[dict[str, Any]] = None) -> list[int]:
+                    variables: Optional[dict[str, Any]] = None, prefill: str = "") -> list[int]:
+        """The prompt's tokens; ``prefill``: the start of the reply, written after the generation
+        prompt (encoded with it, so that tokens merge across the boundary as in a reply)."""
         # apply_chat_template(tokenize=True) encodes without adding special tokens: the template
         # already holds them
-        return self.encode(self.render_chat(messages, variables=variables), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, variables=variables) + prefill,
+                           add_special_tokens=False)
