@@ -21,7 +21,8 @@ class ServerConfig:
         "help": "address to bind; 127.0.0.1 keeps the server private to this machine"})
     port: int = field(default=8000, metadata={"help": "TCP port"})
     api_key: Optional[str] = field(default=None, metadata={
-        "help": "require 'Authorization: Bearer KEY' on every route but /health", "metavar": "KEY"})
+        "help": "require the key ('Authorization: Bearer KEY' or 'x-api-key: KEY') on every "
+                "route but /health", "metavar": "KEY"})
     served_model_name: Optional[str] = field(default=None, metadata={
         "help": "model id shown by /v1/models and accepted in requests; default: the model "
                 "directory's name", "metavar": "NAME"})

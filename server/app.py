@@ -19,6 +19,7 @@ from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from server.metrics import Metrics
 from server.openai_routes import add_openai_routes
 from server.responses_route import add_responses_routes
+from server.anthropic_route import add_messages_routes
 from server.openapi import install_openapi
 from server.security import (AuthMiddleware, HostCheckMiddleware, OriginCheckMiddleware,
                              OriginPolicy)
@@ -28,8 +29,8 @@ from server.webui import add_web_ui
 
 log = logging.getLogger("moeserve.server")
 
-KNOWN_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/health", "/metrics",
-                "/openapi.json", "/ui")
+KNOWN_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
+                "/v1/models", "/health", "/metrics", "/openapi.json", "/ui")
 
 
 class MetricsMiddleware:
@@ -83,18 +84,18 @@ def create_app(cfg: ServerConfig, client: EngineClient, tokenizer: TextTokenizer
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
-        return exc.response()
+        return exc.response(request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         msg = (f"Unknown route {request.method} {request.url.path}" if exc.status_code == 404
                else str(exc.detail))
-        return APIError(exc.status_code, msg, headers=exc.headers).response()   # keeps Allow
+        return APIError(exc.status_code, msg, headers=exc.headers).response(request.url.path)   # keeps Allow
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return APIError(500, f"internal error: {type(exc).__name__}").response()
+        return APIError(500, f"internal error: {type(exc).__name__}").response(request.url.path)
 
     @app.get("/health", summary="Readiness", responses={503: {"description": "not ready"}})
     async def health() -> Response:
@@ -122,6 +123,7 @@ def create_app(cfg: ServerConfig, client: EngineClient, tokenizer: TextTokenizer
 
     add_openai_routes(app, state)
     add_responses_routes(app, state)
+    add_messages_routes(app, state)
     if cfg.web_ui:
         add_web_ui(app)
     install_openapi(app)

@@ -1,5 +1,6 @@
-"""The OpenAI error envelope: {"error": {"message", "type", "param", "code"}} with a matching status,
-and the one JSON encoder every response uses (never NaN/Infinity, never a lone surrogate)."""
+"""The OpenAI error envelope: {"error": {"message", "type", "param", "code"}} with a matching status
+(Anthropic's {"type": "error", "error": {"type", "message"}} on the Messages API's routes), and the
+one JSON encoder every response uses (never NaN/Infinity, never a lone surrogate)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,16 @@ from starlette.responses import JSONResponse
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
           429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+# Anthropic's error types by status (its 529 "overloaded" is our 503)
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                    429: "rate_limit_error", 500: "api_error", 503: "overloaded_error"}
+ANTHROPIC_ROUTES = ("/v1/messages", "/messages")
+
+
+def anthropic_route(path: str) -> bool:
+    """Whether ``path`` is one of the Messages API's (its errors take Anthropic's shape)."""
+    return any(path == r or path.startswith(r + "/") for r in ANTHROPIC_ROUTES)
 
 
 def finite(obj: Any) -> Any:
@@ -67,11 +78,22 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
 
-    def response(self) -> JSONResponse:
+    def anthropic_body(self) -> dict[str, Any]:
+        """Anthropic's envelope; the field a 400 is about is named in the message (first, as
+        Anthropic's own messages name it, unless the message names it already)."""
+        kind = _ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500
+                                    else "invalid_request_error")
+        named = self.param and self.param not in self.message
+        return {"type": "error", "error": {"type": kind, "message": f"{self.param}: {self.message}"
+                                           if named else self.message}}
+
+    def response(self, path: str = "") -> JSONResponse:
+        """The error's response; on the Messages API's routes in Anthropic's shape."""
         headers = dict(self.headers)
         if self.retry_after is not None:
             headers["Retry-After"] = str(self.retry_after)
-        return JSONBody(self.body(), status_code=self.status, headers=headers or None)
+        body = self.anthropic_body() if anthropic_route(path) else self.body()
+        return JSONBody(body, status_code=self.status, headers=headers or None)
 
     def sse_event(self) -> bytes:
         """The error as an SSE event, for failures after streaming began."""
@@ -80,3 +102,23 @@ class APIError(Exception):
 
 def bad_request(message: str, param: Optional[str] = None) -> APIError:
     return APIError(400, message, param=param)
+
+
+def renamed(exc: APIError, names: tuple[tuple[str, str], ...],
+            tool_fields: Mapping[str, str] = {}) -> APIError:
+    """An error of the chat request that another API's request became, naming that API's field:
+    ``names`` maps chat fields (and their subfields) to its own, ``messages`` as a whole (its
+    indices count turns the conversion merged or split); ``tools.N.function.F`` is
+    ``tools.N.F``, with F renamed by ``tool_fields``."""
+    p = exc.param or ""
+    for chat, ours in names:
+        if p == chat or p.startswith(chat + "."):
+            exc.param = ours if chat == "messages" else ours + p[len(chat):]
+            break
+    parts = p.split(".")
+    if len(parts) >= 3 and parts[0] == "tools" and parts[2] == "function":
+        rest = parts[3:]
+        if rest:
+            rest[0] = tool_fields.get(rest[0], rest[0])
+        exc.param = ".".join(parts[:2] + rest)
+    return exc

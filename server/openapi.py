@@ -18,6 +18,13 @@ ERROR_SCHEMA: dict[str, Any] = {
                                             "type": {"type": "string"},
                                             "param": {"type": ["string", "null"]},
                                             "code": {"type": ["string", "null"]}}}}}
+# Anthropic's envelope, on the Messages API's routes
+ANTHROPIC_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["type", "error"],
+    "properties": {"type": {"const": "error"},
+                   "error": {"type": "object", "required": ["type", "message"],
+                             "properties": {"type": {"type": "string"},
+                                            "message": {"type": "string"}}}}}
 
 _STATUS = {"400": "invalid request (the error names the field in `param`)",
            "401": "missing or wrong API key", "403": "Host or Origin not allowed",
@@ -35,7 +42,9 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
         "schema": {"$ref": _REF.format(model=model.__name__)}}}}}
 
 
-def error_responses(*statuses: str) -> dict[str, Any]:
+def error_responses(*statuses: str, envelope: str = "ErrorResponse") -> dict[str, Any]:
+    """The responses of a generation route; ``envelope``: its errors' schema (ErrorResponse,
+    or AnthropicErrorResponse)."""
     out: dict[str, Any] = {"200": {"description": "the completion (JSON, or SSE when stream is "
                                                   "true)",
                                    "content": {"application/json": {"schema": {"type": "object"}},
@@ -45,7 +54,7 @@ def error_responses(*statuses: str) -> dict[str, Any]:
     for code in statuses or tuple(_STATUS):
         out[code] = {"description": _STATUS[code],
                      "content": {"application/json": {"schema": {"$ref": _REF.format(
-                         model="ErrorResponse")}}}}
+                         model=envelope)}}}}
     return out
 
 
@@ -58,6 +67,7 @@ def install_openapi(app: FastAPI) -> None:
             schemas = doc.setdefault("components", {}).setdefault("schemas", {})
             schemas.update(_DEFS)
             schemas["ErrorResponse"] = ERROR_SCHEMA
+            schemas["AnthropicErrorResponse"] = ANTHROPIC_ERROR_SCHEMA
             app.openapi_schema = doc
         return app.openapi_schema
     app.openapi = openapi   # type: ignore[method-assign]

@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import Field
 
-from server.errors import APIError, bad_request, dumps
+from server.errors import APIError, bad_request, dumps, renamed
 from server.schemas import SEED_MAX, SEED_MIN, _Liberal
 
 METADATA_MAX = 16         # OpenAI's limit: 16 pairs, keys up to 64 characters, values up to 512
@@ -227,16 +227,7 @@ _PARAMS = (("reasoning_effort", "reasoning.effort"), ("response_format.json_sche
 
 def responses_param(exc: APIError) -> APIError:
     """An error of the chat request a Responses request became, naming the Responses field."""
-    p = exc.param or ""
-    for chat, ours in _PARAMS:
-        if p == chat or p.startswith(chat + "."):
-            # messages.N counts the merged system message: it names the input as a whole
-            exc.param = ours if chat == "messages" else ours + p[len(chat):]
-            break
-    parts = p.split(".")
-    if len(parts) >= 3 and parts[0] == "tools" and parts[2] == "function":
-        exc.param = ".".join(parts[:2] + parts[3:])
-    return exc
+    return renamed(exc, _PARAMS)
 
 
 def with_instructions(instructions: Optional[str], history: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -69,7 +69,7 @@ class HostCheckMiddleware:
         if scope["type"] == "http" and not self.ok(_header(scope, b"host")):
             err = APIError(403, "this Host is not allowed; start the server with "
                                 "--allowed-hosts NAME to serve it", code="host_not_allowed")
-            await err.response()(scope, receive, send)
+            await err.response(scope["path"])(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -111,14 +111,15 @@ class OriginCheckMiddleware:
                 err = APIError(403, "requests from this web origin are not allowed; start the "
                                     "server with --cors-origins ORIGIN to allow it",
                                code="origin_not_allowed")
-                await err.response()(scope, receive, send)
+                await err.response(scope["path"])(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
 
 class AuthMiddleware:
-    """Bearer key on every route but /health, the chat page's files and CORS preflights
-    (OPTIONS); compared as UTF-8 bytes, so a non-ASCII key works."""
+    """The key on every route but /health, the chat page's files and CORS preflights (OPTIONS),
+    as a Bearer token or in ``x-api-key`` (Anthropic's SDKs and Claude Code send that); compared
+    as UTF-8 bytes, so a non-ASCII key works."""
 
     def __init__(self, app: ASGIApp, api_key: Optional[str]) -> None:
         self.app = app
@@ -128,9 +129,10 @@ class AuthMiddleware:
         if (scope["type"] == "http" and self.key and scope["method"] != "OPTIONS"
                 and scope["path"] != "/health" and not is_page_path(scope["method"], scope["path"])):
             scheme, _, token = (_header(scope, b"authorization") or b"").partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
-                err = APIError(401, "Invalid or missing API key: send 'Authorization: Bearer KEY'",
-                               code="invalid_api_key")
-                await err.response()(scope, receive, send)
+            bearer = scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+            if not bearer and not hmac.compare_digest(_header(scope, b"x-api-key") or b"", self.key):
+                err = APIError(401, "Invalid or missing API key: send 'Authorization: Bearer KEY' "
+                                    "or 'x-api-key: KEY'", code="invalid_api_key")
+                await err.response(scope["path"])(scope, receive, send)
                 return
         await self.app(scope, receive, send)
