@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from pydantic import Field
 
@@ -33,7 +33,7 @@ class MessagesRequest(_Liberal):
     # shapes checked by the functions below, so that a 400 names the Messages field
     messages: list[Any] = Field(min_length=1)
     max_tokens: Optional[int] = Field(default=None, ge=1)     # required on create, not on count
-    system: Union[str, list[Any], None] = None
+    system: Any = None
     stop_sequences: Optional[list[str]] = Field(default=None, max_length=16)
     stream: Optional[bool] = False
     temperature: Optional[float] = Field(default=None, ge=0.0, le=1.0)    # Anthropic's range
@@ -50,11 +50,22 @@ class MessagesRequest(_Liberal):
     output_format: Any = None     # the structured-outputs beta's name for output_config.format
 
 
+# chat completions' names that would look accepted here but are not the Messages API's
+OPENAI_FIELDS = {"stop": "stop_sequences", "response_format": "output_config.format",
+                 "max_completion_tokens": "max_tokens", "reasoning_effort": "output_config.effort",
+                 "n": None, "logit_bias": None, "logprobs": None, "top_logprobs": None,
+                 "frequency_penalty": None, "presence_penalty": None, "stream_options": None}
+
+
 def check_supported(body: MessagesRequest) -> None:
-    """400s for what moeserve cannot do, naming the field."""
+    """400s for what moeserve cannot do, and for chat completions' fields, naming the field."""
     for name in ("mcp_servers", "container"):
         if getattr(body, name, None):
             raise bad_request(f"'{name}' is not supported by this server", name)
+    for name, ours in OPENAI_FIELDS.items():
+        if name in (body.model_extra or {}):
+            raise bad_request(f"'{name}' is a chat completions field, not the Messages API's"
+                              + (f"; send {ours}" if ours else ""), name)
 
 
 def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
@@ -79,10 +90,12 @@ def _unsupported(kind: Any, param: str, allowed: str) -> Exception:
                        f"{param}.type")
 
 
-def system_text(system: Union[str, list[Any], None]) -> Optional[str]:
+def system_text(system: Any) -> Optional[str]:
     """The system prompt: a string, or its text blocks joined by newlines."""
     if system is None or isinstance(system, str):
         return system or None
+    if not isinstance(system, list):
+        raise bad_request("system must be a string or a list of text blocks", "system")
     texts = []
     for j, block in enumerate(system):
         if not isinstance(block, dict) or block.get("type") != "text":
@@ -99,9 +112,11 @@ def _tool_result(block: dict[str, Any], param: str) -> dict[str, Any]:
     elif isinstance(content, list):
         parts = []
         for k, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise _unsupported(part.get("type") if isinstance(part, dict) else part,
-                                   f"{param}.content.{k}", "a tool result holds text")
+            if not isinstance(part, dict):
+                raise bad_request("a tool result's content blocks must be objects",
+                                  f"{param}.content.{k}")
+            if part.get("type") != "text":
+                raise _unsupported(part.get("type"), f"{param}.content.{k}", "a tool result holds text")
             parts.append(_text(part, "text", f"{param}.content.{k}"))
         text = "\n".join(parts)
     else:
@@ -159,26 +174,20 @@ def chat_messages(body: MessagesRequest) -> tuple[list[dict[str, Any]], str]:
     into one, as Anthropic merges them."""
     system = system_text(body.system)
     out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-    last = len(body.messages) - 1
-    prefill = ""
     for i, m in enumerate(body.messages):
         where = f"messages.{i}"
         role = m.get("role") if isinstance(m, dict) else None
         if role not in ("user", "assistant"):
             raise bad_request(f"{where}.role must be 'user' or 'assistant'", f"{where}.role")
         blocks = _blocks(m.get("content"), where)
-        if role == "user":
-            out += _user(blocks, where)
-            continue
-        turn = _assistant(blocks, where)
-        if i == last:
-            if turn.get("tool_calls") or turn.get(REASONING):
-                raise bad_request("a final assistant turn (a prefill) may hold text only",
-                                  f"{where}.content")
-            prefill = turn["content"]
-            break
-        out.append(turn)
-    return _merged(out), prefill
+        out += _user(blocks, where) if role == "user" else [_assistant(blocks, where)]
+    out = _merged(out)
+    if not out or out[-1]["role"] != "assistant":
+        return out, ""
+    if out[-1].get("tool_calls") or out[-1].get(REASONING):
+        raise bad_request("a final assistant turn (a prefill) may hold text only",
+                          f"messages.{len(body.messages) - 1}.content")
+    return out[:-1], out[-1]["content"]
 
 
 def _merged(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -189,7 +198,9 @@ def _merged(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 or (m["role"] == "assistant" and prev.get("tool_calls")):
             out.append(dict(m))
             continue
-        prev["content"] = "\n\n".join(t for t in (prev["content"], m["content"]) if t)
+        # an assistant turn's text blocks join as written; user turns are paragraphs
+        sep = "" if m["role"] == "assistant" else "\n\n"
+        prev["content"] = sep.join(t for t in (prev["content"], m["content"]) if t)
         if m.get("tool_calls"):
             prev["tool_calls"] = m["tool_calls"]
         if m.get(REASONING):
@@ -207,8 +218,8 @@ def chat_tools(tools: Optional[list[Any]]) -> Optional[list[dict[str, Any]]]:
             raise bad_request(f"tools.{i} must be an object", f"tools.{i}")
         kind = tool.get("type", "custom")
         if kind != "custom":
-            raise bad_request(f"tools.{i}: only custom tools (a name and an input_schema) are "
-                              f"supported, got type {kind!r}", f"tools.{i}.type")
+            raise bad_request(f"only custom tools (a name and an input_schema) are supported, got "
+                              f"type {kind!r}", f"tools.{i}.type")
         fn: dict[str, Any] = {"name": _text(tool, "name", f"tools.{i}"),
                               "parameters": tool.get("input_schema")}
         if not isinstance(fn["parameters"], dict):
@@ -264,7 +275,7 @@ def chat_response_format(body: MessagesRequest) -> Optional[dict[str, Any]]:
 def reasoning_effort(body: MessagesRequest) -> Optional[str]:
     """output_config.effort in chat completions' values ('xhigh' and 'max' as 'high')."""
     effort = _config(body).get("effort")
-    if effort is not None and effort not in EFFORTS:
+    if effort is not None and (not isinstance(effort, str) or effort not in EFFORTS):
         raise bad_request(f"output_config.effort must be one of {', '.join(EFFORTS)}",
                           "output_config.effort")
     return EFFORTS.get(effort) if effort is not None else None
@@ -314,7 +325,7 @@ def content_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
     blocks: list[dict[str, Any]] = []
     if message.get(REASONING):
         blocks.append({"type": "thinking", "thinking": message[REASONING], "signature": ""})
-    if message.get("content"):
+    if (message.get("content") or "").strip():    # whitespace around calls is no block
         blocks.append({"type": "text", "text": message["content"]})
     for call in message.get("tool_calls") or []:
         blocks.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],

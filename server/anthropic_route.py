@@ -16,11 +16,11 @@ from starlette.responses import Response
 
 from engine.protocol import FINISH_STOP
 from server.anthropic_items import (STOP_REASONS, MessagesRequest, chat_request, check_supported,
-                                    content_blocks, messages_param)
+                                    content_blocks, messages_param, tool_input)
 from server.body import read_json
-from server.errors import APIError, JSONBody, encode
+from server.errors import APIError, JSONBody, dumps, encode
 from server.generate import Generation, Piece
-from server.openai_routes import ChatJob, chat_job, chat_prompt, harmony_replies
+from server.openai_routes import ChatJob, ChatPrompt, chat_prompt, job_for, reasoning_start
 from server.openapi import body_schema, error_responses
 from server.reasoning import REASONING
 from server.responses import respond
@@ -35,6 +35,8 @@ class MessagesJob(ChatJob):
     def for_request(self) -> "MessagesJob":
         self._blocks = 0                     # content blocks started in the stream
         self._open: Optional[str] = None     # the open block's type
+        self._args = ""                      # the open tool_use block's arguments
+        self._space = ""                     # whitespace that may yet start a text block
         self._reason: Optional[str] = None
         self._stop_sequence: Optional[str] = None
         return self
@@ -116,9 +118,8 @@ class MessagesJob(ChatJob):
                 if call.get("id"):     # a new call: its id and name come first, then its input
                     events += self._begin({"type": "tool_use", "id": call["id"],
                                            "name": fn.get("name", ""), "input": {}})
-                if fn.get("arguments") and self._open == "tool_use":
-                    events.append(self._event("content_block_delta", delta={
-                        "type": "input_json_delta", "partial_json": fn["arguments"]}))
+                if self._open == "tool_use":    # sent whole at the block's end, as an object
+                    self._args += fn.get("arguments") or ""
         return events
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
@@ -132,16 +133,30 @@ class MessagesJob(ChatJob):
 
     def _delta(self, kind: str, delta: dict[str, Any]) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
+        if kind == "text" and self._open != kind:
+            # whitespace between blocks (before a call) is no text block, as in the whole reply
+            text = self._space + delta["text"]
+            if not text.strip():
+                self._space = text
+                return []
+            self._space, delta = "", {**delta, "text": text}
         if self._open != kind:
             events += self._begin({"type": "thinking", "thinking": "", "signature": ""}
                                   if kind == "thinking" else {"type": "text", "text": ""})
         return events + [self._event("content_block_delta", delta=delta)]
 
     def _close(self) -> list[dict[str, Any]]:
+        self._space = ""
         if self._open is None:
             return []
+        events = []
+        if self._open == "tool_use":
+            args, self._args = tool_input(self._args), ""
+            if args:
+                events.append(self._event("content_block_delta", delta={
+                    "type": "input_json_delta", "partial_json": dumps(args)}))
         self._open = None
-        return [self._event("content_block_stop")]
+        return events + [self._event("content_block_stop")]
 
 
 async def _chat_body(state: ServerState, request: Request) -> tuple[MessagesRequest, ChatCompletionRequest, str]:
@@ -150,11 +165,32 @@ async def _chat_body(state: ServerState, request: Request) -> tuple[MessagesRequ
     chat, prefill = chat_request(body)
     if not chat["messages"]:
         raise APIError(400, "the messages hold no turn to answer", param="messages")
-    if prefill and harmony_replies(state):
-        raise APIError(400, "a final assistant turn (a prefill) is not supported with harmony "
-                            "models (gpt-oss)", param="messages")
     try:
         return body, parse(ChatCompletionRequest, chat), prefill
+    except APIError as exc:
+        raise messages_param(exc) from None
+
+
+async def _prompt(state: ServerState, chat: ChatCompletionRequest, prefill: str) -> ChatPrompt:
+    """The prompt; a prefill only where the reply is free text the prefill can start."""
+    try:
+        prompt = await chat_prompt(state, chat, prefill)
+        if not prefill:
+            return prompt
+        if prompt.harmony:
+            raise APIError(400, "a final assistant turn (a prefill) is not supported with "
+                                "harmony models (gpt-oss)", param="messages")
+        if prompt.constraint is not None:   # the grammar would start after the prefill
+            raise APIError(400, "a final assistant turn (a prefill) cannot be combined with "
+                                "output_config.format or a tool_choice that forces a call",
+                           param="messages")
+        plain = await chat_prompt(state, chat)
+        if reasoning_start(state, plain.ids, plain.constraint):
+            raise APIError(400, "this model's chat template opens a thinking block for the reply: "
+                                "a final assistant turn (a prefill) would be read as thinking; "
+                                "send thinking {\"type\": \"disabled\"} or no prefill",
+                           param="thinking")
+        return prompt
     except APIError as exc:
         raise messages_param(exc) from None
 
@@ -163,21 +199,14 @@ async def create(state: ServerState, request: Request) -> Response:
     body, chat, prefill = await _chat_body(state, request)
     if body.max_tokens is None:
         raise APIError(400, "max_tokens: Field required", param="max_tokens")
-    try:
-        job = await chat_job(state, chat, MessagesJob, prefill)
-    except APIError as exc:
-        raise messages_param(exc) from None
+    job = job_for(state, chat, await _prompt(state, chat, prefill), MessagesJob)
     assert isinstance(job, MessagesJob)
     return await respond(request, job.for_request())
 
 
 async def count_tokens(state: ServerState, request: Request) -> Response:
     _, chat, prefill = await _chat_body(state, request)
-    try:
-        prompt = await chat_prompt(state, chat, prefill)
-    except APIError as exc:
-        raise messages_param(exc) from None
-    return JSONBody({"input_tokens": len(prompt.ids)})
+    return JSONBody({"input_tokens": len((await _prompt(state, chat, prefill)).ids)})
 
 
 def add_messages_routes(app: FastAPI, state: ServerState) -> None:

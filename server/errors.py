@@ -79,13 +79,16 @@ class APIError(Exception):
                           "code": self.code}}
 
     def anthropic_body(self) -> dict[str, Any]:
-        """Anthropic's envelope; the field a 400 is about is named in the message (first, as
-        Anthropic's own messages name it, unless the message names it already)."""
+        """Anthropic's envelope; a message about a field starts with its name, as Anthropic's
+        own messages do ("FIELD: ...")."""
         kind = _ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500
                                     else "invalid_request_error")
-        named = self.param and self.param not in self.message
-        return {"type": "error", "error": {"type": kind, "message": f"{self.param}: {self.message}"
-                                           if named else self.message}}
+        message = self.message
+        if self.param:
+            message = message.removeprefix(f"invalid '{self.param}': ")   # the schema's form
+            if not message.startswith(self.param):
+                message = f"{self.param}: {message}"
+        return {"type": "error", "error": {"type": kind, "message": message}}
 
     def response(self, path: str = "") -> JSONResponse:
         """The error's response; on the Messages API's routes in Anthropic's shape."""

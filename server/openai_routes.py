@@ -236,10 +236,14 @@ async def chat_prompt(state: ServerState, body: ChatCompletionRequest, prefill: 
 
 
 async def chat_job(state: ServerState, body: ChatCompletionRequest,
-                   job_class: type[ChatJob] = ChatJob, prefill: str = "") -> ChatJob:
-    """The job of a chat request (the Responses and Messages APIs build their own subclasses
-    from the same setup)."""
-    p = await chat_prompt(state, body, prefill)
+                   job_class: type[ChatJob] = ChatJob) -> ChatJob:
+    """The job of a chat request (the Responses API builds its own subclass from the same setup)."""
+    return job_for(state, body, await chat_prompt(state, body), job_class)
+
+
+def job_for(state: ServerState, body: ChatCompletionRequest, p: ChatPrompt,
+            job_class: type[ChatJob] = ChatJob) -> ChatJob:
+    """The job that generates the reply to prompt ``p`` of ``body``."""
     job = job_class(state, body, [p.ids], bool(body.logprobs), body.top_logprobs or 0, p.constraint)
     if p.harmony:
         return job.with_harmony(p.thinks, p.setup)

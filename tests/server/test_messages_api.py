@@ -181,7 +181,7 @@ def test_x_api_key_is_accepted_and_errors_are_anthropics(auth_server: ServerProc
     with pytest.raises(anthropic.NotFoundError) as e:
         ok.messages.create(model="claude-sonnet-4-5", max_tokens=3, messages=[{"role": "user", "content": "hi"}])
     assert e.value.body == {"type": "error", "error": {"type": "not_found_error", "message": (
-        f"The model 'claude-sonnet-4-5' does not exist; this server serves '{name}'")}}
+        f"model: The model 'claude-sonnet-4-5' does not exist; this server serves '{name}'")}}
 
 
 @pytest.mark.parametrize("body,field", [

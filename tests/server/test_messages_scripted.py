@@ -6,6 +6,8 @@ Also: the conversion of content blocks to chat messages."""
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 from typing import Any
 
 import anthropic
@@ -15,6 +17,7 @@ import pytest
 from anthropic.types import ErrorResponse, Message, RawMessageStreamEvent
 
 from server.anthropic_items import MessagesRequest, chat_messages
+from tests.server.conftest import THINKING_TEMPLATE
 from tests.server.test_harmony_scripted import ANSWER, CALL, PREAMBLE, THINK
 from tests.server.test_responses_scripted import CALL2, THINK2, app_for, call, events
 from tests.server.test_tools import TOOLS as CHAT_TOOLS
@@ -121,8 +124,8 @@ def test_content_blocks_become_chat_messages() -> None:
                                           {"type": "text", "text": "Checking."}, use]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "12:00"},
                                      {"type": "text", "text": "and now?"}]},
-        {"role": "assistant", "content": "It is"}])
-    assert prefill == "It is"
+        {"role": "assistant", "content": "It is"}, {"role": "assistant", "content": " noon"}])
+    assert prefill == "It is noon"     # consecutive final turns merged, then continued
     assert messages == [
         {"role": "system", "content": "Be brief.\nIn French."},
         {"role": "user", "content": "hi\n\nagain"},       # consecutive user turns merged
@@ -146,6 +149,11 @@ def test_content_blocks_become_chat_messages() -> None:
     ({"output_format": {"type": "json_object"}}, "output_format"),
     ({"mcp_servers": [{"url": "http://x"}]}, "mcp_servers"),
     ({"stop_sequences": ["a"] * 17}, "stop_sequences"),
+    ({"stop": ["a"]}, "stop"),                         # chat completions' name, not silently ignored
+    ({"output_config": {"effort": ["low"]}}, "output_config.effort"),
+    ({"system": 5}, "system"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
+                                                  "content": ["x"]}]}]}, "messages.0.content.0.content.0"),
     ({"tools": [{"name": "f", "input_schema": {"type": "object", "properties": 5}}],
       "tool_choice": {"type": "any"}}, "tools"),     # the grammar's error: no index
 ])
@@ -168,3 +176,52 @@ def test_unknown_route_and_unknown_model_in_anthropics_shape(scripted_dir: str) 
         assert ErrorResponse.model_validate(r.json(), strict=True).type == "error"
     r = call(app, "POST", "/v1/chat/completions", {"model": "claude-opus-4", "messages": ASK})
     assert r.json()["error"]["code"] == "model_not_found"     # OpenAI's shape off these routes
+
+
+HERMES_CALL = '<tool_call>\n{"name": "get_weather", "arguments": %s}\n</tool_call>'
+
+
+@pytest.mark.parametrize("args,expected", [('{"city": "Paris", "days": 2}', {"city": "Paris", "days": 2}),
+                                           ('"Paris"', {}), ("[1, 2]", {})])
+def test_tool_input_is_the_same_object_whole_and_streamed(tiny_model_dir: str, args: str,
+                                                          expected: dict[str, Any]) -> None:
+    app = app_for(tiny_model_dir, "\n\n" + HERMES_CALL % args)
+    whole = call(app, "POST", "/v1/messages", body()).json()
+    assert [(b["type"], b["input"]) for b in whole["content"]] == [("tool_use", expected)]
+    streamed = events(call(app, "POST", "/v1/messages", body(stream=True)).text)
+    # the whitespace before the call is no text block, as in the whole reply
+    assert [e["content_block"]["type"] for e in streamed if e["type"] == "content_block_start"] == ["tool_use"]
+    sdk = through_sdk(app, body())        # the SDK's accumulator parses the input JSON
+    assert [(b.type, b.input) for b in sdk.content] == [("tool_use", expected)]
+
+
+@pytest.fixture(scope="module")
+def thinking_dir(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny model's tokenizer with a template whose generation prompt opens <think>."""
+    path = tmp_path_factory.mktemp("thinking-tok")
+    shutil.copy(f"{tiny_model_dir}/tokenizer.json", path / "tokenizer.json")
+    with open(f"{tiny_model_dir}/tokenizer_config.json") as f:
+        cfg = json.load(f)
+    with open(path / "tokenizer_config.json", "w") as f:
+        json.dump({**cfg, "chat_template": THINKING_TEMPLATE}, f)
+    return str(path)
+
+
+PREFILL = [*ASK, {"role": "assistant", "content": "{"}]
+
+
+def test_a_prefill_only_where_the_reply_is_free_text(tiny_model_dir: str, scripted_dir: str,
+                                                     thinking_dir: str) -> None:
+    plain = {"model": "tiny", "max_tokens": 5, "messages": PREFILL}
+    fmt = {"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}
+    for where, request, field in [
+            (tiny_model_dir, {**plain, **fmt}, "messages"),          # the grammar would start after it
+            (tiny_model_dir, {**plain, "tools": TOOLS, "tool_choice": {"type": "any"}}, "messages"),
+            (scripted_dir, plain, "messages"),                       # harmony
+            (thinking_dir, plain, "thinking")]:                      # it would be read as thinking
+        for path in ("/v1/messages", "/v1/messages/count_tokens"):
+            r = call(app_for(where, "x"), "POST", path, request)
+            assert r.status_code == 400 and r.json()["error"]["message"].startswith(field), r.text
+    for where, request in [(tiny_model_dir, plain), (thinking_dir, {**plain, "thinking": {"type": "disabled"}})]:
+        r = call(app_for(where, "x"), "POST", "/v1/messages", request)
+        assert r.status_code == 200 and r.json()["content"] == [{"type": "text", "text": "x"}], r.text
