@@ -34,7 +34,7 @@ from typing import Iterator, Optional
 
 from client_kit import REPO, Check, Run, short
 from clients_libs import langchain_checks, litellm_checks, llm_checks
-from clients_sdk import node_checks, openai_checks
+from clients_sdk import anthropic_checks, node_checks, openai_checks
 from launch import free_port, get_json, launched
 
 RESULTS = os.path.join(REPO, "bench", "results", "clients_check.json")
@@ -54,7 +54,8 @@ def started_server(python: str, port: int, extra: list[str]) -> Iterator[str]:
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for dist in ("openai", "langchain-openai", "langchain-core", "litellm", "llm", "pydantic"):
+    for dist in ("openai", "anthropic", "langchain-openai", "langchain-core", "litellm", "llm",
+                 "pydantic"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -66,8 +67,8 @@ def versions() -> dict[str, str]:
     return out
 
 
-SUITES = {"openai": openai_checks, "langchain": langchain_checks, "litellm": litellm_checks,
-          "llm": llm_checks}
+SUITES = {"openai": openai_checks, "anthropic": anthropic_checks, "langchain": langchain_checks,
+          "litellm": litellm_checks, "llm": llm_checks}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -129,7 +130,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def table(checks: list[Check], vers: dict[str, str]) -> str:
-    ver_of = {"openai-py": vers.get("openai"), "langchain": vers.get("langchain-openai"),
+    ver_of = {"openai-py": vers.get("openai"), "anthropic-py": vers.get("anthropic"),
+              "langchain": vers.get("langchain-openai"),
               "litellm": vers.get("litellm"), "llm": vers.get("llm"),
               "openai-node": vers.get("openai (npm)")}
     rows = [("client", "check", "result", "s", "error")]
