@@ -9,7 +9,6 @@ cache_control (the prefix cache needs no marks), thinking.budget_tokens, metadat
 """
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any, Optional
 
@@ -18,6 +17,7 @@ from pydantic import Field
 from server.errors import APIError, bad_request, dumps, renamed
 from server.reasoning import REASONING
 from server.schemas import SEED_MAX, SEED_MIN, _Liberal
+from server.tool_setup import arguments_object
 
 # Anthropic's stop reasons for the chat route's finish reasons
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
@@ -311,15 +311,6 @@ def new_id(prefix: str) -> str:
     return prefix + uuid.uuid4().hex[:24]
 
 
-def tool_input(arguments: str) -> dict[str, Any]:
-    """A call's arguments as tool_use input; arguments cut by max_tokens are {}."""
-    try:
-        value = json.loads(arguments or "{}")
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def content_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
     """A chat reply's message as content blocks: thinking, text, then tool uses."""
     blocks: list[dict[str, Any]] = []
@@ -329,7 +320,7 @@ def content_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
         blocks.append({"type": "text", "text": message["content"]})
     for call in message.get("tool_calls") or []:
         blocks.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
-                       "input": tool_input(call["function"]["arguments"])})
+                       "input": arguments_object(call["function"]["arguments"])})
     return blocks
 
 

@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from engine.protocol import FINISH_STOP
 from server.anthropic_items import (STOP_REASONS, MessagesRequest, chat_request, check_supported,
-                                    content_blocks, messages_param, tool_input)
+                                    content_blocks, messages_param)
 from server.body import read_json
 from server.errors import APIError, JSONBody, dumps, encode
 from server.generate import Generation, Piece
@@ -26,6 +26,7 @@ from server.reasoning import REASONING
 from server.responses import respond
 from server.schemas import ChatCompletionRequest, parse
 from server.state import ServerState
+from server.tool_setup import arguments_object
 
 
 class MessagesJob(ChatJob):
@@ -151,7 +152,7 @@ class MessagesJob(ChatJob):
             return []
         events = []
         if self._open == "tool_use":
-            args, self._args = tool_input(self._args), ""
+            args, self._args = arguments_object(self._args), ""
             if args:
                 events.append(self._event("content_block_delta", delta={
                     "type": "input_json_delta", "partial_json": dumps(args)}))

@@ -20,6 +20,7 @@ from server.metrics import Metrics
 from server.openai_routes import add_openai_routes
 from server.responses_route import add_responses_routes
 from server.anthropic_route import add_messages_routes
+from server.ollama_route import add_ollama_routes
 from server.openapi import install_openapi
 from server.security import (AuthMiddleware, HostCheckMiddleware, OriginCheckMiddleware,
                              OriginPolicy)
@@ -30,7 +31,8 @@ from server.webui import add_web_ui
 log = logging.getLogger("moeserve.server")
 
 KNOWN_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
-                "/v1/models", "/health", "/metrics", "/openapi.json", "/ui")
+                "/v1/models", "/health", "/metrics", "/openapi.json", "/ui", "/api/chat",
+                "/api/generate", "/api/tags", "/api/show", "/api/ps", "/api/version")
 
 
 class MetricsMiddleware:
@@ -124,6 +126,7 @@ def create_app(cfg: ServerConfig, client: EngineClient, tokenizer: TextTokenizer
     add_openai_routes(app, state)
     add_responses_routes(app, state)
     add_messages_routes(app, state)
+    add_ollama_routes(app, state)
     if cfg.web_ui:
         add_web_ui(app)
     install_openapi(app)

@@ -1,6 +1,7 @@
 """The OpenAI error envelope: {"error": {"message", "type", "param", "code"}} with a matching status
-(Anthropic's {"type": "error", "error": {"type", "message"}} on the Messages API's routes), and the
-one JSON encoder every response uses (never NaN/Infinity, never a lone surrogate)."""
+(Anthropic's {"type": "error", "error": {"type", "message"}} on the Messages API's routes, Ollama's
+{"error": "..."} on its /api/ routes), and the one JSON encoder every response uses (never
+NaN/Infinity, never a lone surrogate)."""
 from __future__ import annotations
 
 import json
@@ -22,6 +23,11 @@ ANTHROPIC_ROUTES = ("/v1/messages", "/messages")
 def anthropic_route(path: str) -> bool:
     """Whether ``path`` is one of the Messages API's (its errors take Anthropic's shape)."""
     return any(path == r or path.startswith(r + "/") for r in ANTHROPIC_ROUTES)
+
+
+def ollama_route(path: str) -> bool:
+    """Whether ``path`` is one of Ollama's API (its errors are {"error": "..."})."""
+    return path.startswith("/api/")
 
 
 def finite(obj: Any) -> Any:
@@ -78,24 +84,30 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
 
-    def anthropic_body(self) -> dict[str, Any]:
-        """Anthropic's envelope; a message about a field starts with its name, as Anthropic's
-        own messages do ("FIELD: ...")."""
-        kind = _ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500
-                                    else "invalid_request_error")
+    @property
+    def named_message(self) -> str:
+        """The message starting with the field it is about ("FIELD: ..."), as Anthropic's and
+        Ollama's envelopes, which have no field of their own for it, carry it."""
         message = self.message
         if self.param:
             message = message.removeprefix(f"invalid '{self.param}': ")   # the schema's form
             if not message.startswith(self.param):
                 message = f"{self.param}: {message}"
-        return {"type": "error", "error": {"type": kind, "message": message}}
+        return message
+
+    def anthropic_body(self) -> dict[str, Any]:
+        kind = _ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500
+                                    else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": self.named_message}}
 
     def response(self, path: str = "") -> JSONResponse:
-        """The error's response; on the Messages API's routes in Anthropic's shape."""
+        """The error's response; on the Messages API's routes in Anthropic's shape, on Ollama's
+        in its."""
         headers = dict(self.headers)
         if self.retry_after is not None:
             headers["Retry-After"] = str(self.retry_after)
-        body = self.anthropic_body() if anthropic_route(path) else self.body()
+        body = (self.anthropic_body() if anthropic_route(path) else
+                {"error": self.named_message} if ollama_route(path) else self.body())
         return JSONBody(body, status_code=self.status, headers=headers or None)
 
     def sse_event(self) -> bytes:
@@ -124,4 +136,6 @@ def renamed(exc: APIError, names: tuple[tuple[str, str], ...],
         if rest:
             rest[0] = tool_fields.get(rest[0], rest[0])
         exc.param = ".".join(parts[:2] + rest)
+    if exc.param != p:   # the schema's message names the field too
+        exc.message = exc.message.replace(f"invalid '{p}'", f"invalid '{exc.param}'")
     return exc

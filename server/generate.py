@@ -54,7 +54,8 @@ class Generation:
                  requests: list[GenerateRequest], stops: list[str], arrival: float,
                  want_logprobs: bool) -> None:
         self._tok, self._metrics, self._stops = tokenizer, metrics, stops
-        self._arrival, self._want_logprobs = arrival, want_logprobs
+        self.arrival, self._want_logprobs = arrival, want_logprobs
+        self.first_token_at: Optional[float] = None    # perf_counter() of the first token
         self.prompt_tokens = [len(r.prompt_token_ids) for r in requests]
         self.completion_tokens = [0] * len(requests)
         self.cached_tokens = [0] * len(requests)     # prompt tokens the engine found cached
@@ -105,7 +106,9 @@ class Generation:
                 if d.token_ids:
                     now = time.perf_counter()
                     if last is None:
-                        self._metrics.ttft.observe(now - self._arrival)
+                        self._metrics.ttft.observe(now - self.arrival)
+                        if self.first_token_at is None:
+                            self.first_token_at = now
                     else:
                         self._metrics.itl.observe(now - last)
                     last = now

@@ -18,6 +18,9 @@ ERROR_SCHEMA: dict[str, Any] = {
                                             "type": {"type": "string"},
                                             "param": {"type": ["string", "null"]},
                                             "code": {"type": ["string", "null"]}}}}}
+# Ollama's envelope, on its /api/ routes
+OLLAMA_ERROR_SCHEMA: dict[str, Any] = {"type": "object", "required": ["error"],
+                                       "properties": {"error": {"type": "string"}}}
 # Anthropic's envelope, on the Messages API's routes
 ANTHROPIC_ERROR_SCHEMA: dict[str, Any] = {
     "type": "object", "required": ["type", "error"],
@@ -42,13 +45,14 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
         "schema": {"$ref": _REF.format(model=model.__name__)}}}}}
 
 
-def error_responses(*statuses: str, envelope: str = "ErrorResponse") -> dict[str, Any]:
+def error_responses(*statuses: str, envelope: str = "ErrorResponse",
+                    stream_type: str = "text/event-stream") -> dict[str, Any]:
     """The responses of a generation route; ``envelope``: its errors' schema (ErrorResponse,
-    or AnthropicErrorResponse)."""
+    AnthropicErrorResponse or OllamaErrorResponse); ``stream_type``: its streams' media type."""
     out: dict[str, Any] = {"200": {"description": "the completion (JSON, or SSE when stream is "
                                                   "true)",
                                    "content": {"application/json": {"schema": {"type": "object"}},
-                                               "text/event-stream": {"schema": {
+                                               stream_type: {"schema": {
                                                    "type": "object", "properties": {
                                                        "data": {"type": "string"}}}}}}}
     for code in statuses or tuple(_STATUS):
@@ -68,6 +72,7 @@ def install_openapi(app: FastAPI) -> None:
             schemas.update(_DEFS)
             schemas["ErrorResponse"] = ERROR_SCHEMA
             schemas["AnthropicErrorResponse"] = ANTHROPIC_ERROR_SCHEMA
+            schemas["OllamaErrorResponse"] = OLLAMA_ERROR_SCHEMA
             app.openapi_schema = doc
         return app.openapi_schema
     app.openapi = openapi   # type: ignore[method-assign]

@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator, Awaitable, Optional, TypeVar
 
 from starlette.requests import Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from engine.client import EngineFailure, EngineNotReady, RequestRejected
 from engine.protocol import FINISH_STOP, Constraint, GenerateRequest
@@ -61,6 +61,8 @@ class Job(abc.ABC):
     object_name: str
     chunk_object: str
     prompt_param: str
+    # a stream's media type: SSE (None), or e.g. Ollama's newline-delimited JSON
+    stream_media_type: Optional[str] = None
 
     def __init__(self, state: ServerState, body: _SamplingFields, prompts: list[list[int]],
                  logprobs: bool, top_logprobs: int, constraint: Optional[Constraint] = None) -> None:
@@ -250,6 +252,9 @@ async def respond(request: Request, job: Job) -> Response:
         job.finish(gen)
         raise
     cfg = job.state.cfg
+    if job.stream_media_type is not None:   # Starlette cancels the generator when the client goes
+        return StreamingResponse(_stream(job, gen, first, it, request),
+                                 media_type=job.stream_media_type)
     # sse-starlette: keep-alive comments while a long prompt is read, disconnect detection (the
     # generator is cancelled, which aborts the engine requests); at shutdown the stream gets the
     # grace period, within which state.begin_shutdown ends it with an error event

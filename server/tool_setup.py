@@ -56,6 +56,16 @@ class ToolCall:
                 "function": {"name": self.name, "arguments": self.arguments}}
 
 
+def arguments_object(arguments: str) -> dict[str, Any]:
+    """A call's JSON arguments as an object, for the APIs that send them as one (Anthropic's,
+    Ollama's): arguments that are not a JSON object (cut by max_tokens) are {}."""
+    try:
+        value = json.loads(arguments or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 @dataclass(frozen=True)
 class ToolSetup:
     """What a chat request asked of its tools, validated."""

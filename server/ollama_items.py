@@ -1,0 +1,197 @@
+"""Ollama's API in terms of chat completions: the /api/chat and /api/generate bodies, their
+options as sampling fields, messages (tool calls with object arguments, tool results named by
+tool_name) as the chat history the template reads, format and think, and the model's listing.
+
+What Ollama does that one loaded model cannot (pulling, creating, copying, deleting models,
+embeddings) is a 501 in server/ollama_route.py; images are a 400.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+from typing import Any, Optional, Union
+
+
+from server.errors import APIError, bad_request, dumps, renamed
+from server.reasoning import REASONING
+from server.schemas import _Liberal
+
+# the Ollama release whose API these routes follow (clients gate tools and thinking on it)
+OLLAMA_VERSION = "0.12.0"
+THINK_LEVELS = ("low", "medium", "high")
+# Ollama's options that have a sampling field here; the others (num_ctx, num_thread, mirostat,
+# typical_p, ...) set things this server fixes at start, and are ignored
+OPTIONS = {"num_predict": "max_tokens", "temperature": "temperature", "top_p": "top_p",
+           "top_k": "top_k", "min_p": "min_p", "seed": "seed", "stop": "stop",
+           "repeat_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+           "frequency_penalty": "frequency_penalty"}
+_PARAMS = (*((chat, f"options.{ours}") for ours, chat in OPTIONS.items()),
+           ("response_format", "format"), ("chat_template_kwargs", "think"),
+           ("reasoning_effort", "think"), ("messages", "messages"))
+
+
+class _OllamaRequest(_Liberal):
+    model: Optional[str] = None
+    format: Union[str, dict[str, Any], None] = None
+    options: Optional[dict[str, Any]] = None
+    stream: Optional[bool] = True          # Ollama streams unless told not to
+    think: Union[bool, str, None] = None
+    keep_alive: Union[int, float, str, None] = None
+
+
+class OllamaChatRequest(_OllamaRequest):
+    messages: Optional[list[Any]] = None
+    tools: Optional[list[Any]] = None
+
+
+class OllamaShowRequest(_Liberal):
+    model: Optional[str] = None
+    name: Optional[str] = None      # the older clients' name for it
+
+
+class OllamaGenerateRequest(_OllamaRequest):
+    prompt: Optional[str] = None
+    system: Optional[str] = None
+    raw: Optional[bool] = False
+    suffix: Optional[str] = None
+    template: Optional[str] = None
+    context: Optional[list[int]] = None
+    images: Optional[list[Any]] = None
+
+
+def check_model(requested: Optional[str], served: str) -> None:
+    """Ollama names carry a tag: the served name, with or without ':latest', is this model."""
+    if not requested:
+        raise APIError(400, "model is required", param="model")
+    if requested not in (served, tag_name(served)):
+        raise APIError(404, f"model '{requested}' not found; this server serves "
+                            f"'{tag_name(served)}'", param="model")
+
+
+def tag_name(served: str) -> str:
+    return served if ":" in served else served + ":latest"
+
+
+def ollama_param(exc: APIError) -> APIError:
+    """An error of the chat request an Ollama request became, naming Ollama's field."""
+    return renamed(exc, _PARAMS)
+
+
+def sampling(options: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """Ollama's options as chat-completions sampling fields."""
+    out: dict[str, Any] = {}
+    for name, value in (options or {}).items():
+        field = OPTIONS.get(name)
+        if field is None or value is None:
+            continue
+        if name == "num_predict":   # -1: until the context is full; -2: fill it
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise bad_request("options.num_predict must be an integer", "options.num_predict")
+            if value <= 0:
+                continue
+        out[field] = value
+    return out
+
+
+def response_format(fmt: Union[str, dict[str, Any], None]) -> Optional[dict[str, Any]]:
+    """format: "json" or a JSON schema."""
+    if fmt is None or fmt == "":
+        return None
+    if fmt == "json":
+        return {"type": "json_object"}
+    if isinstance(fmt, dict):
+        return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt, "strict": True}}
+    raise bad_request('format must be "json" or a JSON schema object', "format")
+
+
+def thinking(think: Union[bool, str, None]) -> dict[str, Any]:
+    """think as the chat template's enable_thinking (Qwen3's and GLM-4.5's templates read it)
+    and, for a level, reasoning_effort (gpt-oss's)."""
+    if think is None:
+        return {}
+    if isinstance(think, bool):
+        return {"chat_template_kwargs": {"enable_thinking": think}}
+    if think not in THINK_LEVELS:
+        raise bad_request(f"think must be true, false or one of {', '.join(THINK_LEVELS)}", "think")
+    return {"chat_template_kwargs": {"enable_thinking": True}, "reasoning_effort": think}
+
+
+def chat_messages(messages: list[Any]) -> list[dict[str, Any]]:
+    """Ollama's messages as chat messages: an assistant turn's tool calls get ids (Ollama's have
+    none), and a tool result answers the earliest unanswered call of its tool_name (else the
+    earliest unanswered call)."""
+    out: list[dict[str, Any]] = []
+    open_calls: list[tuple[str, str]] = []      # (id, name) of calls not yet answered
+    for i, m in enumerate(messages):
+        where = f"messages.{i}"
+        if not isinstance(m, dict):
+            raise bad_request(f"{where} must be an object", where)
+        role, content = m.get("role"), m.get("content")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise bad_request(f"{where}.role must be system, user, assistant or tool", f"{where}.role")
+        if content is not None and not isinstance(content, str):
+            raise bad_request(f"{where}.content must be a string", f"{where}.content")
+        if m.get("images"):
+            raise bad_request("images are not supported: this server's models read text",
+                              f"{where}.images")
+        turn: dict[str, Any] = {"role": role, "content": content or ""}
+        if role == "assistant":
+            if m.get("thinking"):
+                turn[REASONING] = str(m["thinking"])
+            calls = _calls(m.get("tool_calls"), f"{where}.tool_calls", len(out))
+            if calls:
+                turn["tool_calls"] = calls
+                open_calls = [(c["id"], c["function"]["name"]) for c in calls]
+        elif role == "tool":
+            name = m.get("tool_name") or m.get("name")
+            match = next((c for c in open_calls if c[1] == name), open_calls[0] if open_calls else None)
+            if match is not None:
+                open_calls.remove(match)
+                turn["tool_call_id"] = match[0]
+        out.append(turn)
+    return out
+
+
+def _calls(calls: Any, where: str, turn: int) -> list[dict[str, Any]]:
+    if calls is None:
+        return []
+    if not isinstance(calls, list):
+        raise bad_request(f"{where} must be a list", where)
+    out = []
+    for k, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad_request(f"{where}.{k}.function must name a function", f"{where}.{k}.function")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):   # some clients send the JSON text, as OpenAI's API has it
+            text = args
+        elif isinstance(args, dict):
+            text = dumps(args)
+        else:
+            raise bad_request(f"{where}.{k}.function.arguments must be an object",
+                              f"{where}.{k}.function.arguments")
+        out.append({"id": call.get("id") or f"call_{turn}_{k}", "type": "function",
+                    "function": {"name": fn["name"], "arguments": text}})
+    return out
+
+
+def now_iso() -> str:
+    """Ollama's created_at: UTC, RFC 3339 with microseconds."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def model_files(path: str) -> tuple[int, str, str]:
+    """(bytes of the model's weights, a digest that names this build, its modification time)."""
+    size, stamp = 0, 0.0
+    h = hashlib.sha256()
+    for root, _, files in os.walk(path):
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            st = os.stat(full)
+            if name.endswith(".safetensors"):
+                size += st.st_size
+            stamp = max(stamp, st.st_mtime)
+            h.update(f"{os.path.relpath(full, path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    when = datetime.datetime.fromtimestamp(stamp or 0, datetime.timezone.utc)
+    return size, h.hexdigest(), when.isoformat().replace("+00:00", "Z")
