@@ -36,7 +36,8 @@ class ServerConfig:
     cors_origins: tuple[str, ...] = field(default=(), metadata={
         "help": "web origins allowed to use the API from a browser (CORS and the Origin check), "
                 "e.g. https://app.example; '*' allows any. Default: pages served from loopback "
-                "(http://localhost:*, http://127.0.0.1:*) only. Space-separated on the CLI, "
+                "(http://localhost:*, http://127.0.0.1:*) and desktop apps (app://, file://, "
+                "tauri://, vscode-webview://, vscode-file://) only. Space-separated on the CLI, "
                 "comma-separated in the env"})
     allowed_hosts: tuple[str, ...] = field(default=(), metadata={
         "help": "extra names accepted in the Host header ('*' accepts any). The bound address, "

@@ -20,7 +20,7 @@ from server.anthropic_items import (STOP_REASONS, MessagesRequest, chat_request,
 from server.body import read_json
 from server.errors import APIError, JSONBody, dumps, encode
 from server.generate import Generation, Piece
-from server.openai_routes import ChatJob, ChatPrompt, chat_prompt, job_for, reasoning_start
+from server.openai_routes import ChatJob, ChatPrompt, job_for, prefilled_prompt
 from server.openapi import body_schema, error_responses
 from server.reasoning import REASONING
 from server.responses import respond
@@ -173,25 +173,8 @@ async def _chat_body(state: ServerState, request: Request) -> tuple[MessagesRequ
 
 
 async def _prompt(state: ServerState, chat: ChatCompletionRequest, prefill: str) -> ChatPrompt:
-    """The prompt; a prefill only where the reply is free text the prefill can start."""
     try:
-        prompt = await chat_prompt(state, chat, prefill)
-        if not prefill:
-            return prompt
-        if prompt.harmony:
-            raise APIError(400, "a final assistant turn (a prefill) is not supported with "
-                                "harmony models (gpt-oss)", param="messages")
-        if prompt.constraint is not None:   # the grammar would start after the prefill
-            raise APIError(400, "a final assistant turn (a prefill) cannot be combined with "
-                                "output_config.format or a tool_choice that forces a call",
-                           param="messages")
-        plain = await chat_prompt(state, chat)
-        if reasoning_start(state, plain.ids, plain.constraint):
-            raise APIError(400, "this model's chat template opens a thinking block for the reply: "
-                                "a final assistant turn (a prefill) would be read as thinking; "
-                                "send thinking {\"type\": \"disabled\"} or no prefill",
-                           param="thinking")
-        return prompt
+        return await prefilled_prompt(state, chat, prefill, "thinking")
     except APIError as exc:
         raise messages_param(exc) from None
 

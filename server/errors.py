@@ -120,18 +120,18 @@ def bad_request(message: str, param: Optional[str] = None) -> APIError:
 
 
 def renamed(exc: APIError, names: tuple[tuple[str, str], ...],
-            tool_fields: Mapping[str, str] = {}) -> APIError:
+            tool_fields: Mapping[str, str] = {}, flatten_tools: bool = True) -> APIError:
     """An error of the chat request that another API's request became, naming that API's field:
     ``names`` maps chat fields (and their subfields) to its own, ``messages`` as a whole (its
     indices count turns the conversion merged or split); ``tools.N.function.F`` is
-    ``tools.N.F``, with F renamed by ``tool_fields``."""
+    ``tools.N.F`` (unless not ``flatten_tools``), with F renamed by ``tool_fields``."""
     p = exc.param or ""
     for chat, ours in names:
         if p == chat or p.startswith(chat + "."):
             exc.param = ours if chat == "messages" else ours + p[len(chat):]
             break
     parts = p.split(".")
-    if len(parts) >= 3 and parts[0] == "tools" and parts[2] == "function":
+    if flatten_tools and len(parts) >= 3 and parts[0] == "tools" and parts[2] == "function":
         rest = parts[3:]
         if rest:
             rest[0] = tool_fields.get(rest[0], rest[0])

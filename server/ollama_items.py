@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 from server.errors import APIError, bad_request, dumps, renamed
 from server.reasoning import REASONING
 from server.schemas import _Liberal
+from server.structured import closed
 
 # the Ollama release whose API these routes follow (clients gate tools and thinking on it)
 OLLAMA_VERSION = "0.12.0"
@@ -26,15 +27,17 @@ OPTIONS = {"num_predict": "max_tokens", "temperature": "temperature", "top_p": "
            "top_k": "top_k", "min_p": "min_p", "seed": "seed", "stop": "stop",
            "repeat_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
            "frequency_penalty": "frequency_penalty"}
+# chat fields -> Ollama's: messages keep their index (the conversion is one to one)
 _PARAMS = (*((chat, f"options.{ours}") for ours, chat in OPTIONS.items()),
            ("response_format", "format"), ("chat_template_kwargs", "think"),
-           ("reasoning_effort", "think"), ("messages", "messages"))
+           ("reasoning_effort", "think"))
+_GENERATE_PARAMS = (*_PARAMS, ("messages", "prompt"))
 
 
 class _OllamaRequest(_Liberal):
     model: Optional[str] = None
     format: Union[str, dict[str, Any], None] = None
-    options: Optional[dict[str, Any]] = None
+    options: Any = None
     stream: Optional[bool] = True          # Ollama streams unless told not to
     think: Union[bool, str, None] = None
     keep_alive: Union[int, float, str, None] = None
@@ -73,24 +76,49 @@ def tag_name(served: str) -> str:
     return served if ":" in served else served + ":latest"
 
 
-def ollama_param(exc: APIError) -> APIError:
-    """An error of the chat request an Ollama request became, naming Ollama's field."""
-    return renamed(exc, _PARAMS)
+def ollama_param(exc: APIError, generate: bool = False) -> APIError:
+    """An error of the chat request an Ollama request became, naming Ollama's field (tools
+    keep the chat shape, which Ollama's have)."""
+    return renamed(exc, _GENERATE_PARAMS if generate else _PARAMS, flatten_tools=False)
 
 
-def sampling(options: Optional[dict[str, Any]]) -> dict[str, Any]:
-    """Ollama's options as chat-completions sampling fields."""
+# Ollama takes any number for these and keeps it in range (or, for top_p 0, turns it off); the
+# chat fields' ranges would refuse them
+_RANGES = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "min_p": (0.0, 1.0),
+           "repeat_penalty": (0.01, 10.0), "presence_penalty": (-2.0, 2.0),
+           "frequency_penalty": (-2.0, 2.0)}
+_INTEGERS = ("num_predict", "top_k", "seed")
+
+
+def sampling(options: Any, context: int) -> dict[str, Any]:
+    """Ollama's options as chat-completions sampling fields, read as Ollama reads them: integers
+    given as floats are truncated, values out of range are clamped, num_predict -1 and -2 run
+    until the context is full, a negative seed is no seed, top_k 0 or less is no top-k."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise bad_request("options must be an object", "options")
     out: dict[str, Any] = {}
-    for name, value in (options or {}).items():
+    for name, value in options.items():
         field = OPTIONS.get(name)
         if field is None or value is None:
             continue
-        if name == "num_predict":   # -1: until the context is full; -2: fill it
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise bad_request("options.num_predict must be an integer", "options.num_predict")
-            if value <= 0:
+        param = f"options.{name}"
+        if name in _INTEGERS or name in _RANGES:
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise bad_request(f"{param} must be a number", param)
+        if name in _INTEGERS:
+            value = int(value)
+            if value < 0 and name == "seed":
                 continue
-        out[field] = value
+            if name == "num_predict" and value <= 0:
+                value = context       # the room left after the prompt caps it
+        if name in _RANGES:
+            low, high = _RANGES[name]
+            if name == "top_p" and value <= 0:
+                continue
+            value = min(max(float(value), low), high)
+        out[field] = max(value, 0) if name == "top_k" else value
     return out
 
 
@@ -101,7 +129,10 @@ def response_format(fmt: Union[str, dict[str, Any], None]) -> Optional[dict[str,
     if fmt == "json":
         return {"type": "json_object"}
     if isinstance(fmt, dict):
-        return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt, "strict": True}}
+        # closed objects (a small model would invent properties), keywords the grammar cannot
+        # enforce ignored, as Ollama's converter ignores them
+        return {"type": "json_schema", "json_schema": {"name": "output", "schema": closed(fmt),
+                                                       "strict": False}}
     raise bad_request('format must be "json" or a JSON schema object', "format")
 
 

@@ -24,7 +24,7 @@ from server.ollama_items import (OLLAMA_VERSION, OllamaChatRequest, OllamaGenera
                                  OllamaShowRequest,
                                  chat_messages, check_model, model_files, now_iso, ollama_param,
                                  response_format, sampling, tag_name, thinking)
-from server.openai_routes import ChatJob, chat_prompt, harmony_replies, job_for
+from server.openai_routes import ChatJob, chat_prompt, harmony_replies, job_for, prefilled_prompt
 from server.openapi import body_schema, error_responses
 from server.reasoning import REASONING, template_thinks
 from server.responses import respond
@@ -40,7 +40,8 @@ class OllamaJob(ChatJob):
     stream_media_type = "application/x-ndjson"
     field = "message"
 
-    def for_request(self) -> "OllamaJob":
+    def for_request(self, model: str) -> "OllamaJob":
+        self.model = model       # as the request named it, as Ollama echoes it
         self._calls: list[dict[str, Any]] = []     # the stream's calls, sent when complete
         self._reason: Optional[str] = None
         return self
@@ -56,8 +57,7 @@ class OllamaJob(ChatJob):
             body: dict[str, Any] = {"message": message}
         else:
             body = {"response": content, **({"thinking": thought} if thought else {})}
-        return {"model": tag_name(self.state.model_name), "created_at": now_iso(), **body,
-                "done": done}
+        return {"model": self.model, "created_at": now_iso(), **body, "done": done}
 
     def _finished(self, out: dict[str, Any], reason: Optional[str], gen: Generation) -> dict[str, Any]:
         """The last object: why it ended, Ollama's counts and durations (nanoseconds)."""
@@ -134,17 +134,20 @@ def _ns(seconds: float) -> int:
     return max(0, int(seconds * 1e9))
 
 
-def _loaded(state: ServerState, field: str) -> Response:
-    """Ollama's answer to a request without input, which clients send to load a model: this
-    server's one model is always loaded."""
-    body: dict[str, Any] = ({"message": {"role": "assistant", "content": ""}} if field == "message"
-                            else {"response": ""})
-    return JSONBody({"model": tag_name(state.model_name), "created_at": now_iso(), **body,
-                     "done_reason": "load", "done": True})
+def _loaded(state: ServerState, body: Any, field: str) -> Response:
+    """Ollama's answer to a request without input, which clients send to load a model (or, with
+    keep_alive 0, to unload it): this server's one model stays loaded; while it loads, a 503."""
+    state.require_ready()
+    out: dict[str, Any] = ({"message": {"role": "assistant", "content": ""}} if field == "message"
+                           else {"response": ""})
+    reason = "unload" if body.keep_alive in (0, "0", "0s") else "load"
+    return JSONBody({"model": body.model, "created_at": now_iso(), **out, "done_reason": reason,
+                     "done": True})
 
 
-def _chat_fields(body: Any) -> dict[str, Any]:
-    return {"model": None, "stream": body.stream, **sampling(body.options),
+def _chat_fields(state: ServerState, body: Any) -> dict[str, Any]:
+    return {"model": None, "stream": body.stream is not False,   # null streams, as in Ollama
+            **sampling(body.options, state.context),
             "response_format": response_format(body.format), **thinking(body.think)}
 
 
@@ -152,16 +155,20 @@ async def chat(state: ServerState, request: Request) -> Response:
     body = parse(OllamaChatRequest, await read_json(request, state.cfg.max_request_bytes))
     check_model(body.model, state.model_name)
     if not body.messages:
-        return _loaded(state, "message")
+        return _loaded(state, body, "message")
     messages = chat_messages(body.messages)     # its 400s name Ollama's own indices
+    prefill = ""
+    if messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls") \
+            and not messages[-1].get(REASONING):
+        prefill = messages.pop()["content"]     # Ollama's templates continue it
     try:
-        fields = {**_chat_fields(body), "messages": messages, "tools": body.tools}
+        fields = {**_chat_fields(state, body), "messages": messages, "tools": body.tools}
         req = parse(ChatCompletionRequest, {k: v for k, v in fields.items() if v is not None})
-        job = job_for(state, req, await chat_prompt(state, req), OllamaJob)
+        job = job_for(state, req, await prefilled_prompt(state, req, prefill, "think"), OllamaJob)
     except APIError as exc:
         raise ollama_param(exc) from None
     assert isinstance(job, OllamaJob)
-    return await respond(request, job.for_request())
+    return await respond(request, job.for_request(body.model or ""))
 
 
 async def generate(state: ServerState, request: Request) -> Response:
@@ -171,12 +178,15 @@ async def generate(state: ServerState, request: Request) -> Response:
         if getattr(body, name):
             raise APIError(400, f"{name} is not supported on this server; use /api/chat for a "
                                 f"conversation", param=name)
+    if body.raw and body.system:
+        raise APIError(400, "raw mode does not take a system prompt: the prompt is sent as "
+                            "written", param="system")
     if not body.prompt:
-        return _loaded(state, "response")
+        return _loaded(state, body, "response")
     messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
         {"role": "user", "content": body.prompt}]
     try:
-        fields = {**_chat_fields(body), "messages": messages}
+        fields = {**_chat_fields(state, body), "messages": messages}
         req = parse(ChatCompletionRequest, {k: v for k, v in fields.items() if v is not None})
         if body.raw:   # the prompt as written, no template (the messages above only carry it)
             ids = await state.encode(body.prompt)
@@ -185,9 +195,9 @@ async def generate(state: ServerState, request: Request) -> Response:
         else:
             job = job_for(state, req, await chat_prompt(state, req), OllamaGenerateJob)
     except APIError as exc:
-        raise ollama_param(exc) from None
+        raise ollama_param(exc, generate=True) from None
     assert isinstance(job, OllamaGenerateJob)
-    return await respond(request, job.for_request())
+    return await respond(request, job.for_request(body.model or ""))
 
 
 def _details(state: ServerState) -> dict[str, Any]:
@@ -217,8 +227,9 @@ def _entry(state: ServerState) -> dict[str, Any]:
 def show(state: ServerState) -> dict[str, Any]:
     info = state.client.model_info if state.client.ready else None
     caps = ["completion", "tools"]
-    if harmony_replies(state) or template_thinks(state.tokenizer.template_source):
-        caps.append("thinking")
+    if harmony_replies(state) or (state.cfg.reasoning_parser != "none" and (
+            state.cfg.reasoning_parser != "auto" or template_thinks(state.tokenizer.template_source))):
+        caps.append("thinking")    # replies are split into thinking and content
     arch = info.model_type if info else ""
     model_info: dict[str, Any] = {"general.architecture": arch}
     if info is not None:
@@ -245,9 +256,10 @@ def add_ollama_routes(app: FastAPI, state: ServerState) -> None:
         return JSONBody({"models": [_entry(state)]})
 
     async def ps_route() -> Response:
-        entry = {**_entry(state), "expires_at": "2318-01-01T00:00:00Z", "size_vram": 0,
-                 "context_length": state.context}
-        return JSONBody({"models": [entry] if state.client.ready else []})
+        if not state.client.ready:
+            return JSONBody({"models": []})
+        return JSONBody({"models": [{**_entry(state), "expires_at": "2318-01-01T00:00:00Z",
+                                     "size_vram": 0, "context_length": state.context}]})
 
     async def show_route(request: Request) -> Response:
         body = parse(OllamaShowRequest, await read_json(request, state.cfg.max_request_bytes))

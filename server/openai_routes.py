@@ -235,6 +235,27 @@ async def chat_prompt(state: ServerState, body: ChatCompletionRequest, prefill: 
     return ChatPrompt(ids, setup, constraint, uses_harmony, thinks)
 
 
+async def prefilled_prompt(state: ServerState, body: ChatCompletionRequest, prefill: str,
+                           thinking_param: str) -> ChatPrompt:
+    """The prompt with the start of the reply (a final assistant turn, which the Messages and
+    Ollama APIs continue); a prefill only where the reply is free text it can start."""
+    prompt = await chat_prompt(state, body, prefill)
+    if not prefill:
+        return prompt
+    if prompt.harmony:
+        raise bad_request("a final assistant turn (a prefill) is not supported with harmony "
+                          "models (gpt-oss)", "messages")
+    if prompt.constraint is not None:   # the grammar would start after the prefill
+        raise bad_request("a final assistant turn (a prefill) cannot be combined with a JSON "
+                          "output format or a forced tool call", "messages")
+    plain = await chat_prompt(state, body)
+    if reasoning_start(state, plain.ids, plain.constraint):
+        raise bad_request("this model's chat template opens a thinking block for the reply: a "
+                          "final assistant turn (a prefill) would be read as thinking; turn "
+                          "thinking off or send no prefill", thinking_param)
+    return prompt
+
+
 async def chat_job(state: ServerState, body: ChatCompletionRequest,
                    job_class: type[ChatJob] = ChatJob) -> ChatJob:
     """The job of a chat request (the Responses API builds its own subclass from the same setup)."""

@@ -191,6 +191,17 @@ class Job(abc.ABC):
         return out
 
 
+class ClosingStream(StreamingResponse):
+    """A plain streamed body whose generator is always closed when the response ends (a client
+    gone while a send waits would otherwise leave it, and the engine requests, to the GC)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()   # type: ignore[attr-defined]
+
+
 def with_experts(chunk: dict[str, Any], piece: Piece) -> dict[str, Any]:
     """The expert stream's entry of the piece's token, on its chunk."""
     if piece.experts is not None:
@@ -252,9 +263,8 @@ async def respond(request: Request, job: Job) -> Response:
         job.finish(gen)
         raise
     cfg = job.state.cfg
-    if job.stream_media_type is not None:   # Starlette cancels the generator when the client goes
-        return StreamingResponse(_stream(job, gen, first, it, request),
-                                 media_type=job.stream_media_type)
+    if job.stream_media_type is not None:
+        return ClosingStream(_stream(job, gen, first, it, request), media_type=job.stream_media_type)
     # sse-starlette: keep-alive comments while a long prompt is read, disconnect detection (the
     # generator is cancelled, which aborts the engine requests); at shutdown the stream gets the
     # grace period, within which state.begin_shutdown ends it with an error event

@@ -15,6 +15,9 @@ from server.webui import is_page_path
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 # http(s)://localhost, 127.x.y.z or [::1], any port: pages served from this machine
 LOOPBACK_ORIGIN = r"https?://(localhost|127(\.[0-9]{1,3}){3}|\[::1\])(:[0-9]{1,5})?"
+# desktop apps and editor extensions (Electron, Tauri, VS Code webviews), which Ollama allows by
+# default: no web page can send these origins (a file:// page sends "null")
+APP_ORIGIN = r"(app|file|tauri|vscode-webview|vscode-file)://[^\s]*"
 
 
 def is_loopback(host: str) -> bool:
@@ -75,12 +78,13 @@ class HostCheckMiddleware:
 
 
 class OriginPolicy:
-    """Which browser origins may use the API: loopback pages by default, else --cors-origins."""
+    """Which browser origins may use the API: loopback pages and desktop apps by default, else
+    --cors-origins."""
 
     def __init__(self, origins: Sequence[str]) -> None:
         self.origins = tuple(origins)
         self.any = "*" in self.origins
-        self.regex = None if self.origins else LOOPBACK_ORIGIN
+        self.regex = None if self.origins else f"{LOOPBACK_ORIGIN}|{APP_ORIGIN}"
 
     def allows(self, origin: str) -> bool:
         if self.any or origin in self.origins:

@@ -55,11 +55,15 @@ class ServerState:
             raise APIError(404, f"The model '{requested}' does not exist; this server serves "
                                 f"'{self.model_name}'", param="model", code="model_not_found")
 
-    @property
-    def context(self) -> int:
+    def require_ready(self) -> None:
+        """A 503 (with Retry-After) while the engine starts."""
         if not self.client.ready:
             raise APIError(503, "the engine is starting; retry shortly", retry_after=5,
                            code="engine_loading")
+
+    @property
+    def context(self) -> int:
+        self.require_ready()
         return self.client.model_info.context_length
 
     def _check_chars(self, n_chars: int, param: str) -> None:

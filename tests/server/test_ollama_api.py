@@ -141,7 +141,7 @@ def test_a_load_request_and_errors(client: ollama.Client, name: str, srv: Server
     with pytest.raises(ollama.ResponseError) as e:
         client.pull("llama3.2")
     assert e.value.status_code == 501
-    for body, field in [({"messages": ASK, "options": {"temperature": 5}}, "options.temperature"),
+    for body, field in [({"messages": ASK, "options": {"temperature": "hot"}}, "options.temperature"),
                         ({"messages": [{"role": "user", "content": "hi", "images": ["aGk="]}]},
                          "messages.0.images"),
                         ({"messages": ASK, "format": "xml"}, "format"),

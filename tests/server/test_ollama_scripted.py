@@ -13,7 +13,9 @@ import ollama
 import pytest
 from ollama import ChatResponse, GenerateResponse
 
-from server.ollama_items import chat_messages
+from server.errors import APIError
+from server.ollama_items import chat_messages, sampling
+from server.tokenizer import TextTokenizer
 from tests.server.test_harmony_scripted import ANSWER, CALL, PREAMBLE, THINK
 from tests.server.test_responses_scripted import CALL2, app_for, call
 from tests.server.test_tools import TOOLS
@@ -118,4 +120,46 @@ def test_load_requests_answer_at_once(scripted_dir: str) -> None:
     for path, body in [("/api/chat", {"model": "tiny:latest", "messages": []}),
                        ("/api/generate", {"model": "tiny", "keep_alive": "5m"})]:
         r = call(app, "POST", path, body).json()
-        assert r["done"] is True and r["done_reason"] == "load" and r["model"] == "tiny:latest"
+        assert r["done"] is True and r["done_reason"] == "load" and r["model"] == body["model"]
+
+
+def test_options_are_read_as_ollama_reads_them() -> None:
+    assert sampling({"num_predict": -1, "seed": -1, "top_p": 0, "top_k": -5}, 1000) == {
+        "max_tokens": 1000, "top_k": 0}                  # until the context is full; no seed
+    assert sampling({"num_predict": 64.0, "temperature": 3, "presence_penalty": -7,
+                     "num_ctx": 8192, "mirostat": 2}, 1000) == {
+        "max_tokens": 64, "temperature": 2.0, "presence_penalty": -2.0}   # clamped; others ignored
+    for bad in ({"temperature": "hot"}, {"seed": True}):
+        with pytest.raises(APIError, match="options"):
+            sampling(bad, 1000)
+    with pytest.raises(APIError, match="options must be an object"):
+        sampling([1], 1000)
+
+
+def test_a_final_assistant_message_is_continued(tiny_model_dir: str) -> None:
+    app = app_for(tiny_model_dir, "x")
+    tok = TextTokenizer(tiny_model_dir)
+    r = call(app, "POST", "/api/chat", {"model": "tiny", "stream": None, "messages": [
+        *ASK, {"role": "assistant", "content": "The answer is"}]})
+    parts = lines(r.text)          # stream null streams, as in Ollama
+    assert parts[-1]["done"] and parts[-1]["prompt_eval_count"] == len(tok.encode(
+        tok.render_chat(ASK) + "The answer is", add_special_tokens=False))
+    r = call(app, "POST", "/api/chat", {"model": "tiny", "format": "json", "messages": [
+        *ASK, {"role": "assistant", "content": "{"}]})
+    assert r.status_code == 400 and r.json()["error"].startswith("messages:")
+
+
+def test_unload_raw_system_and_app_origins(scripted_dir: str) -> None:
+    app = app_for(scripted_dir, ANSWER)
+    r = call(app, "POST", "/api/generate", {"model": "tiny", "keep_alive": 0}).json()
+    assert r["done_reason"] == "unload" and r["model"] == "tiny"       # the name as sent
+    r = call(app, "POST", "/api/generate", {"model": "tiny", "prompt": "hi", "raw": True, "system": "x"})
+    assert r.status_code == 400 and r.json()["error"].startswith("system:")
+
+    async def tags(origin: str) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as h:
+            return await h.get("/api/tags", headers={"Origin": origin})
+    for origin in ("app://obsidian.md", "vscode-webview://abc", "http://localhost:3000"):
+        r = asyncio.run(tags(origin))
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+    assert asyncio.run(tags("https://evil.example")).status_code == 403
