@@ -169,17 +169,29 @@ def scripted_dir(harmony_dir: str, tmp_path_factory: pytest.TempPathFactory) -> 
     return str(path)
 
 
+def tokenizer_with_template(model_dir: str, path: Any, template: str) -> str:
+    """``model_dir``'s tokenizer in ``path``, with ``template`` as its chat template."""
+    shutil.copy(f"{model_dir}/tokenizer.json", path / "tokenizer.json")
+    with open(f"{model_dir}/tokenizer_config.json") as f:
+        cfg = json.load(f)
+    with open(path / "tokenizer_config.json", "w") as f:
+        json.dump({**cfg, "chat_template": template}, f)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def gptoss_like_dir(harmony_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The tiny model's tokenizer with a chat template written like gpt-oss's (harmony_model.py)."""
-    path = tmp_path_factory.mktemp("gptoss-like")
-    shutil.copy(f"{harmony_dir}/tokenizer.json", path / "tokenizer.json")
     from tests.server.harmony_model import GPT_OSS_LIKE_TEMPLATE
-    with open(f"{harmony_dir}/tokenizer_config.json") as f:
-        cfg = json.load(f)
-    with open(path / "tokenizer_config.json", "w") as f:
-        json.dump({**cfg, "chat_template": GPT_OSS_LIKE_TEMPLATE}, f)
-    return str(path)
+    return tokenizer_with_template(harmony_dir, tmp_path_factory.mktemp("gptoss-like"),
+                                   GPT_OSS_LIKE_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def thinking_dir(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny model's tokenizer with a template whose generation prompt opens <think>."""
+    return tokenizer_with_template(tiny_model_dir, tmp_path_factory.mktemp("thinking-tok"),
+                                   THINKING_TEMPLATE)
 
 
 def parser_client(style: str, model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:

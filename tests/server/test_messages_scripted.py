@@ -6,8 +6,6 @@ Also: the conversion of content blocks to chat messages."""
 from __future__ import annotations
 
 import asyncio
-import json
-import shutil
 from typing import Any
 
 import anthropic
@@ -17,7 +15,6 @@ import pytest
 from anthropic.types import ErrorResponse, Message, RawMessageStreamEvent
 
 from server.anthropic_items import MessagesRequest, chat_messages
-from tests.server.conftest import THINKING_TEMPLATE
 from tests.server.test_harmony_scripted import ANSWER, CALL, PREAMBLE, THINK
 from tests.server.test_responses_scripted import CALL2, THINK2, app_for, call, events
 from tests.server.test_tools import TOOLS as CHAT_TOOLS
@@ -193,18 +190,6 @@ def test_tool_input_is_the_same_object_whole_and_streamed(tiny_model_dir: str, a
     assert [e["content_block"]["type"] for e in streamed if e["type"] == "content_block_start"] == ["tool_use"]
     sdk = through_sdk(app, body())        # the SDK's accumulator parses the input JSON
     assert [(b.type, b.input) for b in sdk.content] == [("tool_use", expected)]
-
-
-@pytest.fixture(scope="module")
-def thinking_dir(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The tiny model's tokenizer with a template whose generation prompt opens <think>."""
-    path = tmp_path_factory.mktemp("thinking-tok")
-    shutil.copy(f"{tiny_model_dir}/tokenizer.json", path / "tokenizer.json")
-    with open(f"{tiny_model_dir}/tokenizer_config.json") as f:
-        cfg = json.load(f)
-    with open(path / "tokenizer_config.json", "w") as f:
-        json.dump({**cfg, "chat_template": THINKING_TEMPLATE}, f)
-    return str(path)
 
 
 PREFILL = [*ASK, {"role": "assistant", "content": "{"}]
