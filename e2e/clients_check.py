@@ -34,7 +34,8 @@ from typing import Iterator, Optional
 
 from client_kit import REPO, Check, Run, short
 from clients_libs import langchain_checks, litellm_checks, llm_checks
-from clients_sdk import anthropic_checks, node_checks, openai_checks
+from clients_native import anthropic_checks, langchain_native_checks, ollama_checks
+from clients_sdk import node_checks, openai_checks
 from launch import free_port, get_json, launched
 
 RESULTS = os.path.join(REPO, "bench", "results", "clients_check.json")
@@ -54,8 +55,8 @@ def started_server(python: str, port: int, extra: list[str]) -> Iterator[str]:
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for dist in ("openai", "anthropic", "langchain-openai", "langchain-core", "litellm", "llm",
-                 "pydantic"):
+    for dist in ("openai", "anthropic", "ollama", "langchain-openai", "langchain-anthropic",
+                 "langchain-ollama", "langchain-core", "litellm", "llm", "pydantic"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -67,7 +68,8 @@ def versions() -> dict[str, str]:
     return out
 
 
-SUITES = {"openai": openai_checks, "anthropic": anthropic_checks, "langchain": langchain_checks,
+SUITES = {"openai": openai_checks, "anthropic": anthropic_checks, "ollama": ollama_checks,
+          "langchain": langchain_checks, "langchain-native": langchain_native_checks,
           "litellm": litellm_checks, "llm": llm_checks}
 
 
@@ -131,7 +133,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def table(checks: list[Check], vers: dict[str, str]) -> str:
     ver_of = {"openai-py": vers.get("openai"), "anthropic-py": vers.get("anthropic"),
-              "langchain": vers.get("langchain-openai"),
+              "ollama-py": vers.get("ollama"), "lc-anthropic": vers.get("langchain-anthropic"),
+              "lc-ollama": vers.get("langchain-ollama"), "langchain": vers.get("langchain-openai"),
               "litellm": vers.get("litellm"), "llm": vers.get("llm"),
               "openai-node": vers.get("openai (npm)")}
     rows = [("client", "check", "result", "s", "error")]

@@ -1,5 +1,4 @@
-"""The OpenAI SDKs as their users call them: Python (in this process) and Node (e2e/clients_node.cjs);
-Anthropic's Python SDK on the Messages API."""
+"""The OpenAI SDKs as their users call them: Python (in this process) and Node (e2e/clients_node.cjs)."""
 from __future__ import annotations
 
 import json
@@ -8,8 +7,8 @@ import shutil
 import subprocess
 from typing import Any, Callable, Optional
 
-from client_kit import (ASK_WEATHER, MAX_TOKENS, PERSON_SCHEMA, REPO, TOOL_MAX_TOKENS, WEATHER_TOOL,
-                        Check, Run, check_weather_args, expect, short)
+from client_kit import (ASK_WEATHER, MAX_TOKENS, REPO, TOOL_MAX_TOKENS, WEATHER_TOOL, Check, Run,
+                        check_weather_args, expect, short)
 
 
 # ---------------------------------------------------------------- OpenAI Python SDK
@@ -215,72 +214,6 @@ def openai_checks(run: Run) -> None:
         run.record("openai-py", "responses.stream", responses_stream)
         run.record("openai-py", "responses tool call + previous_response_id", responses_tools)
         run.record("openai-py", "responses.parse (text_format)", responses_parse)
-
-
-# ---------------------------------------------------------------- Anthropic Python SDK
-
-def anthropic_checks(run: Run) -> None:
-    """Anthropic's SDK on /v1/messages, as Claude Code's and agents' requests come."""
-    import anthropic
-
-    # its base URL has no /v1: the SDK adds it
-    client = anthropic.Anthropic(base_url=run.base_url.removesuffix("/v1"), api_key="unused",
-                                 max_retries=0, timeout=300)
-    m = run.model
-    ask = [{"role": "user", "content": "What is the capital of France?"}]
-    tool = {"name": "get_weather", "description": WEATHER_TOOL["function"]["description"],
-            "input_schema": WEATHER_TOOL["function"]["parameters"]}
-
-    def text_of(msg: Any) -> str:
-        return "".join(b.text for b in msg.content if b.type == "text")
-
-    def create() -> str:
-        r = client.messages.create(model=m, max_tokens=MAX_TOKENS, messages=ask,
-                                   system="Answer in one sentence.")
-        expect(r.stop_reason in ("end_turn", "max_tokens") and text_of(r).strip() != "",
-               f"stop_reason {r.stop_reason}, content {r.content!r}")
-        expect(r.usage.output_tokens > 0, "no usage")
-        return text_of(r)
-
-    def stream() -> str:
-        with client.messages.stream(model=m, max_tokens=MAX_TOKENS, messages=ask) as s:
-            text = "".join(s.text_stream)
-            final = s.get_final_message()
-        expect(text.strip() != "" and text == text_of(final), f"streamed {text!r}, final {final!r}")
-        return text
-
-    def tool_round_trip() -> str:
-        weather = [{"role": "user", "content": ASK_WEATHER}]
-        r = client.messages.create(model=m, max_tokens=TOOL_MAX_TOKENS, messages=weather,
-                                   tools=[tool], tool_choice={"type": "any",
-                                                              "disable_parallel_tool_use": True})
-        uses = [b for b in r.content if b.type == "tool_use"]
-        expect(r.stop_reason == "tool_use" and bool(uses), f"{r.stop_reason}: {r.content!r}")
-        check_weather_args(uses[0].input)
-        follow = [*weather, {"role": "assistant", "content": r.content},
-                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id,
-                                                "content": json.dumps({"temperature": 21})}]}]
-        counted = client.messages.count_tokens(model=m, messages=follow, tools=[tool])
-        answer = client.messages.create(model=m, max_tokens=MAX_TOKENS, messages=follow, tools=[tool])
-        got = answer.usage.input_tokens + (answer.usage.cache_read_input_tokens or 0)
-        expect(got == counted.input_tokens, f"count_tokens {counted.input_tokens}, used {got}")
-        expect(text_of(answer).strip() != "" or any(b.type == "tool_use" for b in answer.content),
-               f"empty answer {answer.content!r}")
-        return f"{uses[0].input} -> {text_of(answer)}"
-
-    def structured() -> str:
-        r = client.messages.create(model=m, max_tokens=MAX_TOKENS, messages=[
-            {"role": "user", "content": "Invent a person: a name and an age."}],
-            output_config={"format": {"type": "json_schema", "schema": PERSON_SCHEMA}})
-        person = json.loads(text_of(r))
-        expect(isinstance(person, dict) and set(person) >= set(PERSON_SCHEMA["required"]),
-               f"{person!r}")
-        return json.dumps(person)
-
-    run.record("anthropic-py", "messages.create", create)
-    run.record("anthropic-py", "messages.stream", stream)
-    run.record("anthropic-py", "tool_use + tool_result + count", tool_round_trip)
-    run.record("anthropic-py", "output_config json_schema", structured)
 
 
 # ---------------------------------------------------------------- OpenAI Node SDK
