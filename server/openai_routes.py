@@ -169,7 +169,22 @@ class CompletionJob(Job):
 
 async def chat(state: ServerState, request: Request) -> Response:
     body = parse(ChatCompletionRequest, await read_json(request, state.cfg.max_request_bytes))
-    return await respond(request, await chat_job(state, body))
+    if body.add_generation_prompt is False and not body.continue_final_message:
+        raise bad_request("add_generation_prompt false is only taken with continue_final_message "
+                          "true", "add_generation_prompt")
+    if not body.continue_final_message:
+        return await respond(request, await chat_job(state, body))
+    if body.add_generation_prompt:
+        raise bad_request("continue_final_message continues the final message: it cannot be "
+                          "combined with add_generation_prompt true", "add_generation_prompt")
+    *history, last = body.messages
+    prefill = message_dicts([last])[0]
+    if last.role != "assistant" or prefill.get("tool_calls") or prefill.get(REASONING) or not history:
+        raise bad_request("continue_final_message needs a final assistant message of text after "
+                          "the conversation", "messages")
+    body = body.model_copy(update={"messages": history})
+    prompt = await prefilled_prompt(state, body, prefill["content"], "chat_template_kwargs")
+    return await respond(request, job_for(state, body, prompt))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -104,6 +104,10 @@ class ChatCompletionRequest(_SamplingFields):
     # chat template as the variable reasoning_effort (gpt-oss's template reads it) unless
     # chat_template_kwargs sets that variable itself
     reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high"]] = None
+    # vLLM's: the final assistant message is the start of the reply, which the model continues
+    # (with add_generation_prompt false; the route refuses true)
+    continue_final_message: Optional[bool] = False
+    add_generation_prompt: Optional[bool] = None
 
     @field_validator("chat_template_kwargs")
     @classmethod
