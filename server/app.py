@@ -113,7 +113,9 @@ def create_app(cfg: ServerConfig, client: EngineClient, tokenizer: TextTokenizer
     for prefix in ("/v1", ""):
         @app.get(prefix + "/models", include_in_schema=prefix == "/v1", summary="List models")
         async def list_models() -> Response:
-            return JSONBody({"object": "list", "data": [state.model_card()]})
+            # OpenAI's list, with Anthropic's paging fields (one page)
+            return JSONBody({"object": "list", "data": [state.model_card()], "has_more": False,
+                             "first_id": model_name, "last_id": model_name})
 
         @app.get(prefix + "/models/{model_id:path}", include_in_schema=prefix == "/v1",
                  summary="Retrieve a model", responses={404: {"description": "unknown model"}})

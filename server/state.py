@@ -3,6 +3,7 @@ tokenization off the event loop."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -41,8 +42,13 @@ class ServerState:
             gen.fail(error)
 
     def model_card(self) -> dict[str, Any]:
+        # OpenAI's fields, and Anthropic's (type, display_name, created_at), so that both SDKs'
+        # models.list() and retrieve read it
+        when = datetime.datetime.fromtimestamp(self.created, datetime.timezone.utc)
         card: dict[str, Any] = {"id": self.model_name, "object": "model", "created": self.created,
-                                "owned_by": "moeserve"}
+                                "owned_by": "moeserve", "type": "model",
+                                "display_name": self.model_name,
+                                "created_at": when.isoformat().replace("+00:00", "Z")}
         if self.client.ready:   # the shape the expert stream's entries have (the chat page's grid)
             info = self.client.model_info
             card["moeserve"] = {"model_type": info.model_type, "context_length": info.context_length,

@@ -169,6 +169,14 @@ def test_thinking_blocks_and_thinking_disabled(thinking: ServerProcess) -> None:
     assert follow.input_tokens > off.usage.input_tokens + off.usage.cache_read_input_tokens
 
 
+def test_the_sdks_models_list_and_retrieve(client: anthropic.Anthropic, chat: openai.OpenAI) -> None:
+    (listed,) = client.models.list().data        # Anthropic's page over the same /v1/models
+    assert listed.id == model(chat) and listed.type == "model" and listed.display_name == listed.id
+    assert client.models.retrieve(listed.id).created_at == listed.created_at
+    with pytest.raises(anthropic.NotFoundError):
+        client.models.retrieve("claude-sonnet-4-5")
+
+
 def test_x_api_key_is_accepted_and_errors_are_anthropics(auth_server: ServerProcess) -> None:
     name = httpx.get(auth_server.base + "/v1/models", headers=auth_server.headers).json()["data"][0]["id"]
     ok = anthropic.Anthropic(base_url=auth_server.base, api_key=API_KEY, max_retries=0)
