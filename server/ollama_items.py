@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import math
 import os
+import re
 from typing import Any, Optional, Union
 
 
 from server.errors import APIError, bad_request, dumps, renamed
 from server.reasoning import REASONING
-from server.schemas import _Liberal
+from server.schemas import SEED_MAX, _Liberal
 from server.structured import closed
 
 # the Ollama release whose API these routes follow (clients gate tools and thinking on it)
@@ -72,6 +74,17 @@ def check_model(requested: Optional[str], served: str) -> None:
                             f"'{tag_name(served)}'", param="model")
 
 
+_DURATION = re.compile(r"\s*(-?[0-9]*\.?[0-9]+)\s*(ns|us|µs|ms|s|m|h)?\s*")
+
+
+def unloads(keep_alive: Any) -> bool:
+    """Whether keep_alive asks to unload now: zero, as a number or a duration ("0", "0m")."""
+    if isinstance(keep_alive, (int, float)) and not isinstance(keep_alive, bool):
+        return keep_alive == 0
+    m = _DURATION.fullmatch(keep_alive) if isinstance(keep_alive, str) else None
+    return m is not None and float(m.group(1)) == 0
+
+
 def tag_name(served: str) -> str:
     return served if ":" in served else served + ":latest"
 
@@ -87,7 +100,8 @@ def ollama_param(exc: APIError, generate: bool = False) -> APIError:
 _RANGES = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "min_p": (0.0, 1.0),
            "repeat_penalty": (0.01, 10.0), "presence_penalty": (-2.0, 2.0),
            "frequency_penalty": (-2.0, 2.0)}
-_INTEGERS = ("num_predict", "top_k", "seed")
+_INT_MAX = {"num_predict": 2**31, "top_k": 1_000_000, "seed": SEED_MAX}
+_INTEGERS = tuple(_INT_MAX)
 
 
 def sampling(options: Any, context: int) -> dict[str, Any]:
@@ -105,10 +119,11 @@ def sampling(options: Any, context: int) -> dict[str, Any]:
             continue
         param = f"options.{name}"
         if name in _INTEGERS or name in _RANGES:
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise bad_request(f"{param} must be a number", param)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) \
+                    or not math.isfinite(value):
+                raise bad_request(f"{param} must be a finite number", param)
         if name in _INTEGERS:
-            value = int(value)
+            value = min(int(value), _INT_MAX[name])
             if value < 0 and name == "seed":
                 continue
             if name == "num_predict" and value <= 0:

@@ -23,8 +23,9 @@ from server.generate import Generation, Piece
 from server.ollama_items import (OLLAMA_VERSION, OllamaChatRequest, OllamaGenerateRequest,
                                  OllamaShowRequest,
                                  chat_messages, check_model, model_files, now_iso, ollama_param,
-                                 response_format, sampling, tag_name, thinking)
-from server.openai_routes import ChatJob, chat_prompt, harmony_replies, job_for, prefilled_prompt
+                                 response_format, sampling, tag_name, thinking, unloads)
+from server.openai_routes import (ChatJob, ChatPrompt, PrefillRefused, chat_prompt, harmony_replies,
+                                  job_for, prefilled_prompt)
 from server.openapi import body_schema, error_responses
 from server.reasoning import REASONING, template_thinks
 from server.responses import respond
@@ -140,7 +141,7 @@ def _loaded(state: ServerState, body: Any, field: str) -> Response:
     state.require_ready()
     out: dict[str, Any] = ({"message": {"role": "assistant", "content": ""}} if field == "message"
                            else {"response": ""})
-    reason = "unload" if body.keep_alive in (0, "0", "0s") else "load"
+    reason = "unload" if unloads(body.keep_alive) else "load"
     return JSONBody({"model": body.model, "created_at": now_iso(), **out, "done_reason": reason,
                      "done": True})
 
@@ -157,18 +158,29 @@ async def chat(state: ServerState, request: Request) -> Response:
     if not body.messages:
         return _loaded(state, body, "message")
     messages = chat_messages(body.messages)     # its 400s name Ollama's own indices
-    prefill = ""
-    if messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls") \
-            and not messages[-1].get(REASONING):
-        prefill = messages.pop()["content"]     # Ollama's templates continue it
     try:
         fields = {**_chat_fields(state, body), "messages": messages, "tools": body.tools}
         req = parse(ChatCompletionRequest, {k: v for k, v in fields.items() if v is not None})
-        job = job_for(state, req, await prefilled_prompt(state, req, prefill, "think"), OllamaJob)
+        job = job_for(state, req, await _prompt(state, req), OllamaJob)
     except APIError as exc:
         raise ollama_param(exc) from None
     assert isinstance(job, OllamaJob)
     return await respond(request, job.for_request(body.model or ""))
+
+
+async def _prompt(state: ServerState, req: ChatCompletionRequest) -> ChatPrompt:
+    """A final assistant message of text after the conversation is continued, as Ollama's
+    templates leave it open; where no prefill can start the reply (a format, harmony, a template
+    that opens thinking), it is a finished turn, as it was before this server continued it."""
+    *history, last = req.messages
+    if last.role != "assistant" or not history or last.model_extra.get("tool_calls") \
+            or last.model_extra.get(REASONING) or not isinstance(last.content, str):
+        return await chat_prompt(state, req)
+    try:
+        return await prefilled_prompt(state, req.model_copy(update={"messages": history}),
+                                      last.content, "think")
+    except PrefillRefused:
+        return await chat_prompt(state, req)
 
 
 async def generate(state: ServerState, request: Request) -> Response:
@@ -227,8 +239,9 @@ def _entry(state: ServerState) -> dict[str, Any]:
 def show(state: ServerState) -> dict[str, Any]:
     info = state.client.model_info if state.client.ready else None
     caps = ["completion", "tools"]
-    if harmony_replies(state) or (state.cfg.reasoning_parser != "none" and (
-            state.cfg.reasoning_parser != "auto" or template_thinks(state.tokenizer.template_source))):
+    mode = state.cfg.reasoning_parser
+    if mode != "none" and (harmony_replies(state) or mode != "auto"
+                           or template_thinks(state.tokenizer.template_source)):
         caps.append("thinking")    # replies are split into thinking and content
     arch = info.model_type if info else ""
     model_info: dict[str, Any] = {"general.architecture": arch}

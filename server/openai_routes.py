@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from server.body import read_json
-from server.errors import bad_request
+from server.errors import APIError, bad_request
 from engine.protocol import FINISH_STOP, Constraint
 from server.generate import Piece, chat_logprobs, completion_logprobs
 from server import harmony
@@ -169,16 +169,13 @@ class CompletionJob(Job):
 
 async def chat(state: ServerState, request: Request) -> Response:
     body = parse(ChatCompletionRequest, await read_json(request, state.cfg.max_request_bytes))
-    if body.add_generation_prompt is False and not body.continue_final_message:
-        raise bad_request("add_generation_prompt false is only taken with continue_final_message "
-                          "true", "add_generation_prompt")
-    if not body.continue_final_message:
+    if not body.continue_final_message:     # (add_generation_prompt alone is ignored)
         return await respond(request, await chat_job(state, body))
     if body.add_generation_prompt:
         raise bad_request("continue_final_message continues the final message: it cannot be "
                           "combined with add_generation_prompt true", "add_generation_prompt")
     *history, last = body.messages
-    prefill = message_dicts([last])[0]
+    prefill = message_dicts(body.messages)[-1]
     if last.role != "assistant" or prefill.get("tool_calls") or prefill.get(REASONING) or not history:
         raise bad_request("continue_final_message needs a final assistant message of text after "
                           "the conversation", "messages")
@@ -250,6 +247,14 @@ async def chat_prompt(state: ServerState, body: ChatCompletionRequest, prefill: 
     return ChatPrompt(ids, setup, constraint, uses_harmony, thinks)
 
 
+class PrefillRefused(APIError):
+    """A 400: the reply cannot start with the prefill (its grammar, harmony, an open thinking
+    block)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(400, message, param=param)
+
+
 async def prefilled_prompt(state: ServerState, body: ChatCompletionRequest, prefill: str,
                            thinking_param: str) -> ChatPrompt:
     """The prompt with the start of the reply (a final assistant turn, which the Messages and
@@ -258,16 +263,16 @@ async def prefilled_prompt(state: ServerState, body: ChatCompletionRequest, pref
     if not prefill:
         return prompt
     if prompt.harmony:
-        raise bad_request("a final assistant turn (a prefill) is not supported with harmony "
-                          "models (gpt-oss)", "messages")
+        raise PrefillRefused("a final assistant turn (a prefill) is not supported with harmony "
+                             "models (gpt-oss)", "messages")
     if prompt.constraint is not None:   # the grammar would start after the prefill
-        raise bad_request("a final assistant turn (a prefill) cannot be combined with a JSON "
-                          "output format or a forced tool call", "messages")
+        raise PrefillRefused("a final assistant turn (a prefill) cannot be combined with a JSON "
+                             "output format or a forced tool call", "messages")
     plain = await chat_prompt(state, body)
     if reasoning_start(state, plain.ids, plain.constraint):
-        raise bad_request("this model's chat template opens a thinking block for the reply: a "
-                          "final assistant turn (a prefill) would be read as thinking; turn "
-                          "thinking off or send no prefill", thinking_param)
+        raise PrefillRefused("this model's chat template opens a thinking block for the reply: a "
+                             "final assistant turn (a prefill) would be read as thinking; turn "
+                             "thinking off or send no prefill", thinking_param)
     return prompt
 
 

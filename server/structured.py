@@ -29,7 +29,7 @@ def closed(node: Any) -> Any:
         return node
     out = {k: (closed(v) if k not in ("enum", "const", "default", "examples", "required") else v)
            for k, v in node.items()}
-    if "properties" in node:           # property names map to schemas, not keywords
+    if isinstance(node.get("properties"), dict):   # names map to schemas, not keywords
         out["properties"] = {k: closed(v) for k, v in node["properties"].items()}
     kinds = node.get("type")
     is_object = kinds == "object" or (isinstance(kinds, list) and "object" in kinds) or "properties" in node

@@ -103,6 +103,8 @@ def test_tool_results_answer_calls_by_tool_name() -> None:
      "options.num_predict"),
     ("/api/chat", {"model": "tiny", "messages": ASK, "tools": [{"type": "function"}]}, 400, "tools.0"),
     ("/api/generate", {"model": "tiny", "prompt": "hi", "context": [1, 2]}, 400, "context"),
+    ("/api/chat", {"model": "tiny", "messages": ASK, "format": {"type": "object", "properties": ["a"]}},
+     400, "format"),
     ("/api/generate", {"model": "tiny", "prompt": "hi", "images": ["aGk="]}, 400, "images"),
     ("/api/show", {"model": "other"}, 404, "model"),
     ("/api/embed", {"model": "tiny", "input": "hi"}, 501, None),
@@ -113,6 +115,17 @@ def test_errors_are_ollamas(scripted_dir: str, path: str, body: dict[str, Any], 
     r = call(app_for(scripted_dir, ANSWER), "POST", path, body)
     assert r.status_code == status, r.text
     assert list(r.json()) == ["error"] and r.json()["error"].startswith(field or "/api/")
+
+
+def test_an_overflowing_number_is_a_400(scripted_dir: str) -> None:
+    async def post(raw: bytes) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app_for(scripted_dir, ANSWER)),
+                                     base_url="http://127.0.0.1") as h:
+            return await h.post("/api/chat", content=raw)
+    for name in ("seed", "num_predict", "top_k"):     # JSON's 1e400 reads as inf
+        r = asyncio.run(post(b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], '
+                             b'"options": {"%s": 1e400}}' % name.encode()))
+        assert r.status_code == 400 and r.json()["error"].startswith(f"options.{name}"), r.text
 
 
 def test_load_requests_answer_at_once(scripted_dir: str) -> None:
@@ -126,10 +139,10 @@ def test_load_requests_answer_at_once(scripted_dir: str) -> None:
 def test_options_are_read_as_ollama_reads_them() -> None:
     assert sampling({"num_predict": -1, "seed": -1, "top_p": 0, "top_k": -5}, 1000) == {
         "max_tokens": 1000, "top_k": 0}                  # until the context is full; no seed
-    assert sampling({"num_predict": 64.0, "temperature": 3, "presence_penalty": -7,
+    assert sampling({"num_predict": 64.0, "temperature": 3, "presence_penalty": -7, "top_k": 10**9,
                      "num_ctx": 8192, "mirostat": 2}, 1000) == {
-        "max_tokens": 64, "temperature": 2.0, "presence_penalty": -2.0}   # clamped; others ignored
-    for bad in ({"temperature": "hot"}, {"seed": True}):
+        "max_tokens": 64, "temperature": 2.0, "presence_penalty": -2.0, "top_k": 1_000_000}
+    for bad in ({"temperature": "hot"}, {"seed": True}, {"num_predict": float("inf")}):
         with pytest.raises(APIError, match="options"):
             sampling(bad, 1000)
     with pytest.raises(APIError, match="options must be an object"):
@@ -144,15 +157,21 @@ def test_a_final_assistant_message_is_continued(tiny_model_dir: str) -> None:
     parts = lines(r.text)          # stream null streams, as in Ollama
     assert parts[-1]["done"] and parts[-1]["prompt_eval_count"] == len(tok.encode(
         tok.render_chat(ASK) + "The answer is", add_special_tokens=False))
-    r = call(app, "POST", "/api/chat", {"model": "tiny", "format": "json", "messages": [
-        *ASK, {"role": "assistant", "content": "{"}]})
-    assert r.status_code == 400 and r.json()["error"].startswith("messages:")
+    # where no prefill can start the reply (here a format's grammar), a finished turn, as before
+    turn = [*ASK, {"role": "assistant", "content": "{"}]
+    r = call(app, "POST", "/api/chat", {"model": "tiny", "format": "json", "stream": False, "messages": turn})
+    assert r.status_code == 200 and r.json()["prompt_eval_count"] == len(tok.encode(
+        tok.render_chat(turn), add_special_tokens=False))
+    only = call(app, "POST", "/api/chat", {"model": "tiny", "stream": False, "messages": turn[1:]})
+    assert only.json()["prompt_eval_count"] == len(tok.encode(tok.render_chat(turn[1:]), add_special_tokens=False))
 
 
 def test_unload_raw_system_and_app_origins(scripted_dir: str) -> None:
     app = app_for(scripted_dir, ANSWER)
-    r = call(app, "POST", "/api/generate", {"model": "tiny", "keep_alive": 0}).json()
-    assert r["done_reason"] == "unload" and r["model"] == "tiny"       # the name as sent
+    for zero in (0, "0", "0m", "0.0s"):
+        r = call(app, "POST", "/api/generate", {"model": "tiny", "keep_alive": zero}).json()
+        assert r["done_reason"] == "unload" and r["model"] == "tiny"       # the name as sent
+    assert call(app, "POST", "/api/generate", {"model": "tiny", "keep_alive": "5m"}).json()["done_reason"] == "load"
     r = call(app, "POST", "/api/generate", {"model": "tiny", "prompt": "hi", "raw": True, "system": "x"})
     assert r.status_code == 400 and r.json()["error"].startswith("system:")
 

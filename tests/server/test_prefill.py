@@ -50,7 +50,15 @@ def test_a_template_that_opens_thinking_needs_it_off(thinking_dir: str) -> None:
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "x"
 
 
-def test_add_generation_prompt_false_alone_is_refused(tiny_model_dir: str) -> None:
-    r = call(app_for(tiny_model_dir, "x"), "POST", "/v1/chat/completions",
-             {"messages": ASK, "add_generation_prompt": False})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "add_generation_prompt"
+def test_add_generation_prompt_alone_is_ignored(tiny_model_dir: str) -> None:
+    app = app_for(tiny_model_dir, "x")
+    plain = call(app, "POST", "/v1/chat/completions", {"messages": PREFILLED}).json()
+    r = call(app, "POST", "/v1/chat/completions", {"messages": PREFILLED, "add_generation_prompt": False})
+    assert r.status_code == 200 and r.json()["usage"] == plain["usage"]
+
+
+def test_a_refused_part_names_its_own_index(tiny_model_dir: str) -> None:
+    r = call(app_for(tiny_model_dir, "x"), "POST", "/v1/chat/completions", {
+        "continue_final_message": True, "messages": [*ASK, {"role": "assistant", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x"}}]}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.1.content"
