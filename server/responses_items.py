@@ -9,15 +9,12 @@ reasoning.summary (no summaries are written) and truncation "auto" (nothing is t
 """
 from __future__ import annotations
 
-import threading
 import uuid
-from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 from pydantic import Field
 
-from server.errors import APIError, bad_request, dumps, renamed
+from server.errors import APIError, bad_request, renamed
 from server.schemas import SEED_MAX, SEED_MIN, _Liberal
 
 METADATA_MAX = 16         # OpenAI's limit: 16 pairs, keys up to 64 characters, values up to 512
@@ -282,45 +279,3 @@ def history_message(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     client sends them back as input, so a stored conversation and a resent one render alike."""
     return input_messages([{**i, "role": "assistant"} if i["type"] == "message" else i
                            for i in items])
-
-
-@dataclass(frozen=True)
-class Stored:
-    response: dict[str, Any]
-    history: list[dict[str, Any]]       # the chat messages up to and including this reply
-    nbytes: int = 0
-
-
-STORE_BYTES = 256 * 2**20   # all stored responses together, as JSON text
-
-
-class ResponseStore:
-    """The last ``capacity`` stored responses, at most STORE_BYTES of them, in memory (lost at
-    restart, as documented)."""
-
-    def __init__(self, capacity: int, max_bytes: int = STORE_BYTES) -> None:
-        self.capacity, self.max_bytes = capacity, max_bytes
-        self._items: OrderedDict[str, Stored] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def put(self, response: dict[str, Any], history: list[dict[str, Any]]) -> None:
-        if self.capacity <= 0:
-            return
-        entry = Stored(response, history, len(dumps(response)) + len(dumps(history)))
-        with self._lock:
-            old = self._items.pop(response["id"], None)
-            self._bytes += entry.nbytes - (old.nbytes if old else 0)
-            self._items[response["id"]] = entry
-            while self._items and (len(self._items) > self.capacity or self._bytes > self.max_bytes):
-                self._bytes -= self._items.popitem(last=False)[1].nbytes
-
-    def get(self, response_id: str) -> Optional[Stored]:
-        with self._lock:
-            return self._items.get(response_id)
-
-    def delete(self, response_id: str) -> bool:
-        with self._lock:
-            entry = self._items.pop(response_id, None)
-            self._bytes -= entry.nbytes if entry else 0
-            return entry is not None

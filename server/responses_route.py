@@ -8,6 +8,7 @@ response.completed), each as an SSE event named after its type.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -21,10 +22,11 @@ from server.openai_routes import ChatJob, chat_job
 from server.openapi import body_schema, error_responses
 from server.reasoning import REASONING
 from server.responses import respond
-from server.responses_items import (ResponsesRequest, Stored, call_item, chat_response_format,
+from server.responses_items import (ResponsesRequest, call_item, chat_response_format,
                                     chat_tool_choice, chat_tools, check_supported, history_message,
                                     input_messages, message_item, new_id, output_items, output_text,
                                     reasoning_item, responses_param, with_instructions)
+from server.responses_store import Stored, input_items, page
 from server.schemas import ChatCompletionRequest, parse
 from server.state import ServerState
 
@@ -34,8 +36,9 @@ class ResponsesJob(ChatJob):
     request: ResponsesRequest
     history: list[dict[str, Any]]
 
-    def for_request(self, request: ResponsesRequest, history: list[dict[str, Any]]) -> "ResponsesJob":
-        self.request, self.history = request, history
+    def for_request(self, request: ResponsesRequest, history: list[dict[str, Any]],
+                    inputs: list[dict[str, Any]]) -> "ResponsesJob":
+        self.request, self.history, self.inputs = request, history, inputs
         self._items: list[dict[str, Any]] = []     # the stream's finished output items
         self._open: Optional[dict[str, Any]] = None
         self._seq = 0
@@ -75,7 +78,7 @@ class ResponsesJob(ChatJob):
     def _finished(self, items: list[dict[str, Any]], reason: Optional[str], gen: Generation) -> dict[str, Any]:
         out = self.response_object(items, reason, gen)
         if self.request.store is not False:
-            self.state.responses.put(out, [*self.history, *history_message(items)])
+            self.state.responses.put(out, [*self.history, *history_message(items)], self.inputs)
         return out
 
     def full_response(self, gen: Any, per_choice: list[list[Piece]]) -> dict[str, Any]:
@@ -198,6 +201,7 @@ async def create(state: ServerState, request: Request) -> Response:
     body = parse(ResponsesRequest, await read_json(request, state.cfg.max_request_bytes))
     check_supported(body)
     history: list[dict[str, Any]] = []
+    inputs: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
         prev = state.responses.get(body.previous_response_id)
         if prev is None:   # OpenAI's answer: a 400 with this code
@@ -206,7 +210,9 @@ async def create(state: ServerState, request: Request) -> Response:
                                 f"stored responses, in memory)", param="previous_response_id",
                            code="previous_response_not_found")
         history = list(prev.history)
+        inputs = [*prev.inputs, *prev.response["output"]]
     history += input_messages(body.input)
+    inputs += input_items(body.input)
     chat = {"model": body.model, "messages": with_instructions(body.instructions, history),
             "stream": body.stream,
             "max_tokens": body.max_output_tokens, "temperature": body.temperature,
@@ -224,7 +230,7 @@ async def create(state: ServerState, request: Request) -> Response:
     except APIError as exc:
         raise responses_param(exc) from None
     assert isinstance(job, ResponsesJob)
-    return await respond(request, job.for_request(body, history))
+    return await respond(request, job.for_request(body, history, inputs))
 
 
 def _stored(state: ServerState, response_id: str) -> Stored:
@@ -242,6 +248,14 @@ def add_responses_routes(app: FastAPI, state: ServerState) -> None:
     async def get_route(response_id: str) -> Response:
         return JSONBody(_stored(state, response_id).response)
 
+    async def input_items_route(response_id: str, request: Request) -> Response:
+        q = request.query_params
+        limit = q.get("limit", "20")
+        if not re.fullmatch(r"[0-9]{1,4}", limit):     # (str.isdigit takes "²")
+            raise APIError(400, "limit must be an integer in 1..100", param="limit")
+        return JSONBody(page(_stored(state, response_id).inputs, int(limit), q.get("order", "desc"),
+                             q.get("after"), q.get("before")))
+
     async def delete_route(response_id: str) -> Response:
         _stored(state, response_id)
         state.responses.delete(response_id)
@@ -255,6 +269,9 @@ def add_responses_routes(app: FastAPI, state: ServerState) -> None:
         missing = {404: {"description": "no stored response has this id"}}
         app.add_api_route(prefix + "/responses/{response_id}", get_route, methods=["GET"],
                           include_in_schema=shown, summary="Get a stored response", responses=missing)
+        app.add_api_route(prefix + "/responses/{response_id}/input_items", input_items_route,
+                          methods=["GET"], include_in_schema=shown,
+                          summary="List a stored response's input items", responses=missing)
         app.add_api_route(prefix + "/responses/{response_id}", delete_route, methods=["DELETE"],
                           include_in_schema=shown, summary="Delete a stored response",
                           responses=missing)

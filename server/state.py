@@ -13,7 +13,7 @@ from engine.client import EngineClient
 from server.defaults import GenerationDefaults
 from server.errors import APIError, bad_request
 from server.metrics import Metrics
-from server.responses_items import ResponseStore
+from server.responses_store import ResponseStore
 from server.tokenizer import TemplateError, TextTokenizer
 
 

@@ -174,3 +174,22 @@ def test_a_thinking_models_reasoning_is_a_reasoning_item(thinking: ServerProcess
     assert text == item.content[0].text
     assert [e.type for e in events if e.type.startswith("response.output_item")] == [
         "response.output_item.added", "response.output_item.done"]
+
+
+def test_input_items_list_the_conversation_a_response_answered(client: openai.OpenAI) -> None:
+    first = client.responses.create(model=model(client), input="Hello.", max_output_tokens=4, **EXACT)
+    second = client.responses.create(model=model(client), input=[{"role": "user", "content": "More."}],
+                                     previous_response_id=first.id, max_output_tokens=4, **EXACT)
+    items = list(client.responses.input_items.list(second.id))      # newest first, OpenAI's default
+    assert [i.type for i in items] == ["message"] * 3
+    assert [(i.role, i.content[0].text) for i in items] == [
+        ("user", "More."), ("assistant", first.output_text), ("user", "Hello.")]
+    assert items[1].id == first.output[0].id                # the previous reply's own item
+    asc = client.responses.input_items.list(second.id, order="asc", limit=1)
+    assert [i.id for i in asc.data] == [items[-1].id] and asc.has_more
+    nxt = client.responses.input_items.list(second.id, order="asc", limit=5, after=asc.data[0].id)
+    assert [i.id for i in nxt.data] == [i.id for i in reversed(items[:2])] and not nxt.has_more
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list("resp_unknown")
+    with pytest.raises(openai.BadRequestError):
+        client.responses.input_items.list(second.id, limit=0)

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pydantic
 import pytest
-from openai.types.responses import Response, ResponseStreamEvent
+from openai.types.responses import Response, ResponseItem, ResponseStreamEvent
 
 from configs import ServerConfig
 from engine.client import EngineFailure
@@ -30,6 +30,7 @@ CALL2 = ('<|start|>assistant<|channel|>commentary to=functions.get_time <|constr
          '{"zone": "CET"}<|call|>')
 THINK2 = "<|start|>assistant<|channel|>analysis<|message|>Now the time.<|end|>"
 EVENTS = pydantic.TypeAdapter(ResponseStreamEvent)
+ITEMS = pydantic.TypeAdapter(ResponseItem)
 
 
 class _Failing(ScriptedClient):
@@ -140,6 +141,23 @@ def test_previous_response_id_renders_as_the_conversation_resent(gptoss_like_dir
     whole = call(app, "POST", "/v1/responses", {"input": [{"role": "user", "content": ask}, *sent_back, *outs],
                                                 "tools": TOOLS, "instructions": "Be brief.", "store": False}).json()
     assert follow["usage"]["input_tokens"] == whole["usage"]["input_tokens"] > first["usage"]["input_tokens"]
+
+
+@pytest.mark.parametrize("reply", [THINK + PREAMBLE + CALL + CALL2, THINK + ANSWER])
+def test_input_items_are_the_sdks_types(gptoss_like_dir: str, reply: str) -> None:
+    app = app_for(gptoss_like_dir, reply)
+    first = call(app, "POST", "/v1/responses", {"input": "What is the weather?", "tools": TOOLS}).json()
+    outs = [{"type": "function_call_output", "call_id": i["call_id"], "output": "sunny"}
+            for i in first["output"] if i["type"] == "function_call"] or [{"role": "user", "content": "thanks"}]
+    second = call(app, "POST", "/v1/responses", {"previous_response_id": first["id"], "input": outs,
+                                                 "tools": TOOLS}).json()
+    listed = call(app, "GET", f"/v1/responses/{second['id']}/input_items?order=asc&limit=100").json()
+    for item in listed["data"]:
+        ITEMS.validate_python(item, strict=True)
+    assert [i["type"] for i in listed["data"]] == ["message", *(o["type"] for o in first["output"]),
+                                                   *(o.get("type", "message") for o in outs)]
+    assert listed["data"][1:1 + len(first["output"])] == first["output"]     # the items themselves
+    assert listed["first_id"] == listed["data"][0]["id"] and not listed["has_more"]
 
 
 def test_sent_back_items_are_one_assistant_turn() -> None:
