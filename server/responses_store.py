@@ -96,6 +96,8 @@ def page(items: list[dict[str, Any]], limit: int, order: str, after: Optional[st
             raise bad_request(f"{name}: no item with id '{cursor}' in this response's input", name)
     start = ids.index(after) + 1 if after is not None else 0
     end = ids.index(before) if before is not None else len(seq)
-    data = seq[start:end][:limit]
+    window = seq[start:end]
+    # before alone pages backwards: the last items before the cursor
+    data = window[-limit:] if before is not None and after is None else window[:limit]
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None, "has_more": start + len(data) < end}
+            "last_id": data[-1]["id"] if data else None, "has_more": len(window) > limit}

@@ -189,6 +189,9 @@ def test_input_items_list_the_conversation_a_response_answered(client: openai.Op
     assert [i.id for i in asc.data] == [items[-1].id] and asc.has_more
     nxt = client.responses.input_items.list(second.id, order="asc", limit=5, after=asc.data[0].id)
     assert [i.id for i in nxt.data] == [i.id for i in reversed(items[:2])] and not nxt.has_more
+    back = client.responses.input_items.list(second.id, order="asc", limit=1,
+                                             extra_query={"before": nxt.data[-1].id})
+    assert [i.id for i in back.data] == [nxt.data[0].id] and back.has_more    # the page before it
     with pytest.raises(openai.NotFoundError):
         client.responses.input_items.list("resp_unknown")
     with pytest.raises(openai.BadRequestError):
