@@ -9,7 +9,6 @@ cache_control (the prefix cache needs no marks), thinking.budget_tokens, metadat
 """
 from __future__ import annotations
 
-import uuid
 from typing import Any, Optional
 
 from pydantic import Field
@@ -305,10 +304,6 @@ def chat_request(body: MessagesRequest) -> tuple[dict[str, Any], str]:
             "response_format": chat_response_format(body), "reasoning_effort": reasoning_effort(body),
             "chat_template_kwargs": template_kwargs(body.thinking)}
     return {k: v for k, v in chat.items() if v is not None}, prefill
-
-
-def new_id(prefix: str) -> str:
-    return prefix + uuid.uuid4().hex[:24]
 
 
 def content_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
