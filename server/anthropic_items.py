@@ -292,8 +292,8 @@ def template_kwargs(thinking: Any) -> Optional[dict[str, Any]]:
     return {"enable_thinking": kind != "disabled"}
 
 
-def chat_request(body: MessagesRequest) -> tuple[dict[str, Any], str]:
-    """(the chat-completions body, the reply's prefill) of a Messages request."""
+def chat_fields(body: MessagesRequest) -> tuple[dict[str, Any], str]:
+    """(the chat-completions fields, the reply's prefill) of a Messages request."""
     messages, prefill = chat_messages(body)
     choice, parallel = chat_tool_choice(body.tool_choice)
     chat = {"model": body.model, "messages": messages, "stream": body.stream,
@@ -303,7 +303,7 @@ def chat_request(body: MessagesRequest) -> tuple[dict[str, Any], str]:
             "tools": chat_tools(body.tools), "tool_choice": choice, "parallel_tool_calls": parallel,
             "response_format": chat_response_format(body), "reasoning_effort": reasoning_effort(body),
             "chat_template_kwargs": template_kwargs(body.thinking)}
-    return {k: v for k, v in chat.items() if v is not None}, prefill
+    return chat, prefill
 
 
 def content_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from engine.protocol import FINISH_STOP
-from server.anthropic_items import (STOP_REASONS, MessagesRequest, chat_request, check_supported,
+from server.anthropic_items import (STOP_REASONS, MessagesRequest, chat_fields, check_supported,
                                     content_blocks, messages_param)
 from server.body import read_json
 from server.errors import APIError, JSONBody, dumps, encode
@@ -24,7 +24,7 @@ from server.openai_routes import ChatJob, ChatPrompt, job_for, prefilled_prompt
 from server.openapi import body_schema, error_responses
 from server.reasoning import REASONING
 from server.responses import respond
-from server.schemas import ChatCompletionRequest, parse
+from server.schemas import ChatCompletionRequest, chat_request, parse
 from server.state import ServerState
 from server.tool_setup import arguments_object
 
@@ -163,11 +163,11 @@ class MessagesJob(ChatJob):
 async def _chat_body(state: ServerState, request: Request) -> tuple[MessagesRequest, ChatCompletionRequest, str]:
     body = parse(MessagesRequest, await read_json(request, state.cfg.max_request_bytes))
     check_supported(body)
-    chat, prefill = chat_request(body)
+    chat, prefill = chat_fields(body)
     if not chat["messages"]:
         raise APIError(400, "the messages hold no turn to answer", param="messages")
     try:
-        return body, parse(ChatCompletionRequest, chat), prefill
+        return body, chat_request(chat), prefill
     except APIError as exc:
         raise messages_param(exc) from None
 

@@ -29,7 +29,7 @@ from server.openai_routes import (ChatJob, ChatPrompt, PrefillRefused, chat_prom
 from server.openapi import body_schema, error_responses
 from server.reasoning import REASONING, template_thinks
 from server.responses import respond
-from server.schemas import ChatCompletionRequest, parse
+from server.schemas import ChatCompletionRequest, chat_request, parse
 from server.state import ServerState
 from server.structured import response_format_constraint
 from server.tool_setup import arguments_object
@@ -159,8 +159,7 @@ async def chat(state: ServerState, request: Request) -> Response:
         return _loaded(state, body, "message")
     messages = chat_messages(body.messages)     # its 400s name Ollama's own indices
     try:
-        fields = {**_chat_fields(state, body), "messages": messages, "tools": body.tools}
-        req = parse(ChatCompletionRequest, {k: v for k, v in fields.items() if v is not None})
+        req = chat_request({**_chat_fields(state, body), "messages": messages, "tools": body.tools})
         job = job_for(state, req, await _prompt(state, req), OllamaJob)
     except APIError as exc:
         raise ollama_param(exc) from None
@@ -198,8 +197,7 @@ async def generate(state: ServerState, request: Request) -> Response:
     messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
         {"role": "user", "content": body.prompt}]
     try:
-        fields = {**_chat_fields(state, body), "messages": messages}
-        req = parse(ChatCompletionRequest, {k: v for k, v in fields.items() if v is not None})
+        req = chat_request({**_chat_fields(state, body), "messages": messages})
         if body.raw:   # the prompt as written, no template (the messages above only carry it)
             ids = await state.encode(body.prompt)
             job: ChatJob = OllamaGenerateJob(state, req, [ids], False, 0,

@@ -27,7 +27,7 @@ from server.responses_items import (ResponsesRequest, call_item, chat_response_f
                                     input_messages, message_item, new_id, output_items, output_text,
                                     reasoning_item, responses_param, with_instructions)
 from server.responses_store import Stored, input_items, page
-from server.schemas import ChatCompletionRequest, parse
+from server.schemas import chat_request, parse
 from server.state import ServerState
 
 
@@ -225,8 +225,7 @@ async def create(state: ServerState, request: Request) -> Response:
     if not chat["messages"]:
         raise APIError(400, "the input is empty", param="input")
     try:
-        job = await chat_job(state, parse(ChatCompletionRequest, {k: v for k, v in chat.items()
-                                                                  if v is not None}), ResponsesJob)
+        job = await chat_job(state, chat_request(chat), ResponsesJob)
     except APIError as exc:
         raise responses_param(exc) from None
     assert isinstance(job, ResponsesJob)

@@ -142,6 +142,12 @@ def parse(model: type[BaseModel], body: Any) -> Any:
         raise APIError(400, f"invalid '{loc}': {err['msg']}", param=loc or None) from None
 
 
+def chat_request(fields: dict[str, Any]) -> ChatCompletionRequest:
+    """The chat request another API's request becomes (Responses, Messages, Ollama): its fields,
+    those it left unset (None) dropped, validated as a chat request's."""
+    return parse(ChatCompletionRequest, {k: v for k, v in fields.items() if v is not None})
+
+
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """Messages for the chat template: content flattened to a string (text parts joined)."""
     out = []
