@@ -25,9 +25,9 @@ from server.ollama_items import (OLLAMA_VERSION, OllamaChatRequest, OllamaGenera
                                  chat_messages, check_model, model_files, now_iso, ollama_param,
                                  response_format, sampling, tag_name, thinking, unloads)
 from server.openai_routes import (ChatJob, ChatPrompt, PrefillRefused, chat_prompt, harmony_replies,
-                                  job_for, prefilled_prompt)
+                                  job_for, prefilled_prompt, split_prefill, splits_reasoning)
 from server.openapi import body_schema, error_responses
-from server.reasoning import REASONING, template_thinks
+from server.reasoning import REASONING
 from server.responses import respond
 from server.schemas import ChatCompletionRequest, chat_request, parse
 from server.state import ServerState
@@ -171,13 +171,11 @@ async def _prompt(state: ServerState, req: ChatCompletionRequest) -> ChatPrompt:
     """A final assistant message of text after the conversation is continued, as Ollama's
     templates leave it open; where no prefill can start the reply (a format, harmony, a template
     that opens thinking), it is a finished turn, as it was before this server continued it."""
-    *history, last = req.messages
-    if last.role != "assistant" or not history or last.model_extra.get("tool_calls") \
-            or last.model_extra.get(REASONING) or not isinstance(last.content, str):
+    split = split_prefill(req)
+    if split is None:
         return await chat_prompt(state, req)
     try:
-        return await prefilled_prompt(state, req.model_copy(update={"messages": history}),
-                                      last.content, "think")
+        return await prefilled_prompt(state, *split, "think")
     except PrefillRefused:
         return await chat_prompt(state, req)
 
@@ -237,9 +235,7 @@ def _entry(state: ServerState) -> dict[str, Any]:
 def show(state: ServerState) -> dict[str, Any]:
     info = state.client.model_info if state.client.ready else None
     caps = ["completion", "tools"]
-    mode = state.cfg.reasoning_parser
-    if mode != "none" and (harmony_replies(state) or mode != "auto"
-                           or template_thinks(state.tokenizer.template_source)):
+    if state.cfg.reasoning_parser != "none" and (harmony_replies(state) or splits_reasoning(state)):
         caps.append("thinking")    # replies are split into thinking and content
     arch = info.model_type if info else ""
     model_info: dict[str, Any] = {"general.architecture": arch}

@@ -174,14 +174,23 @@ async def chat(state: ServerState, request: Request) -> Response:
     if body.add_generation_prompt:
         raise bad_request("continue_final_message continues the final message: it cannot be "
                           "combined with add_generation_prompt true", "add_generation_prompt")
-    *history, last = body.messages
-    prefill = message_dicts(body.messages)[-1]
-    if last.role != "assistant" or prefill.get("tool_calls") or prefill.get(REASONING) or not history:
+    split = split_prefill(body)
+    if split is None:
         raise bad_request("continue_final_message needs a final assistant message of text after "
                           "the conversation", "messages")
-    body = body.model_copy(update={"messages": history})
-    prompt = await prefilled_prompt(state, body, prefill["content"], "chat_template_kwargs")
+    body, prefill = split
+    prompt = await prefilled_prompt(state, body, prefill, "chat_template_kwargs")
     return await respond(request, job_for(state, body, prompt))
+
+
+def split_prefill(body: ChatCompletionRequest) -> Optional[tuple[ChatCompletionRequest, str]]:
+    """(the request without its final message, that message's text) when it ends in an
+    assistant message of text (no calls or reasoning) after the conversation; else None."""
+    *history, last = body.messages
+    final = message_dicts(body.messages)[-1]    # (a 400 names the message's own index)
+    if last.role != "assistant" or final.get("tool_calls") or final.get(REASONING) or not history:
+        return None
+    return body.model_copy(update={"messages": history}), final["content"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,8 +277,8 @@ async def prefilled_prompt(state: ServerState, body: ChatCompletionRequest, pref
     if prompt.constraint is not None:   # the grammar would start after the prefill
         raise PrefillRefused("a final assistant turn (a prefill) cannot be combined with a JSON "
                              "output format or a forced tool call", "messages")
-    plain = await chat_prompt(state, body)
-    if reasoning_start(state, plain.ids, plain.constraint):
+    # only a template that thinks can open a block: the prompt without the prefill is read then
+    if splits_reasoning(state) and reasoning_start(state, (await chat_prompt(state, body)).ids, None):
         raise PrefillRefused("this model's chat template opens a thinking block for the reply: a "
                              "final assistant turn (a prefill) would be read as thinking; turn "
                              "thinking off or send no prefill", thinking_param)
@@ -305,11 +314,16 @@ def reasoning_start(state: ServerState, prompt: list[int], constraint: Any) -> O
     """None when replies are not split into reasoning and content (--reasoning-parser none, or
     auto with a template of a model that does not think; a grammar-constrained reply is all
     content); else whether the prompt left a <think> block open for the reply."""
-    mode = state.cfg.reasoning_parser
-    if constraint is not None or mode == "none" or (
-            mode == "auto" and not template_thinks(state.tokenizer.template_source)):
+    if constraint is not None or not splits_reasoning(state):
         return None
     return prompt_opens_block(state.tokenizer.decode(prompt[-8:], skip_special_tokens=False))
+
+
+def splits_reasoning(state: ServerState) -> bool:
+    """Whether free replies are split into reasoning and content (--reasoning-parser not none,
+    and with auto a template of a model that thinks)."""
+    mode = state.cfg.reasoning_parser
+    return mode != "none" and (mode != "auto" or template_thinks(state.tokenizer.template_source))
 
 
 def tool_style(state: ServerState) -> str:
