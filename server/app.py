@@ -92,7 +92,8 @@ def create_app(cfg: ServerConfig, client: EngineClient, tokenizer: TextTokenizer
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         msg = (f"Unknown route {request.method} {request.url.path}" if exc.status_code == 404
                else str(exc.detail))
-        return APIError(exc.status_code, msg, headers=exc.headers).response(request.url.path)   # keeps Allow
+        # the headers keep Allow
+        return APIError(exc.status_code, msg, headers=exc.headers).response(request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -100,6 +100,9 @@ class APIError(Exception):
                                     else "invalid_request_error")
         return {"type": "error", "error": {"type": kind, "message": self.named_message}}
 
+    def ollama_body(self) -> dict[str, Any]:
+        return {"error": self.named_message}
+
     def response(self, path: str = "") -> JSONResponse:
         """The error's response; on the Messages API's routes in Anthropic's shape, on Ollama's
         in its."""
@@ -107,7 +110,7 @@ class APIError(Exception):
         if self.retry_after is not None:
             headers["Retry-After"] = str(self.retry_after)
         body = (self.anthropic_body() if anthropic_route(path) else
-                {"error": self.named_message} if ollama_route(path) else self.body())
+                self.ollama_body() if ollama_route(path) else self.body())
         return JSONBody(body, status_code=self.status, headers=headers or None)
 
     def sse_event(self) -> bytes:

@@ -99,7 +99,7 @@ class OllamaJob(ChatJob):
         return [self.encode_event(self._finished(self._object(done=True), self._reason, gen))]
 
     def error_event(self, err: APIError) -> bytes:
-        return self.encode_event({"error": err.named_message})
+        return self.encode_event(err.ollama_body())
 
     def _from_chunk(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
