@@ -123,6 +123,15 @@ def server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 @pytest.fixture(scope="module")
+def srv(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Tiny model, every expert resident, a 1,024-token context: the server each of the API
+    modules (Responses, Messages, Ollama) talks to, one per module."""
+    with ServerProcess(tiny_model_dir, str(tmp_path_factory.mktemp("api") / "server.log"),
+                       extra=("--context-length", "1024")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
 def auth_server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Tiny model with an API key, every expert resident (the default budget)."""
     with ServerProcess(tiny_model_dir, str(tmp_path_factory.mktemp("auth") / "server.log"),

@@ -5,7 +5,7 @@ header, and Anthropic's error shape for what a local model cannot do."""
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from typing import Any
 
 import anthropic
 import httpx
@@ -21,13 +21,6 @@ TOOLS = [{"name": "get_weather", "description": "forecast", "input_schema": WEAT
 ASK = "What is the weather in Paris?"
 # greedy, full length: the SDK has no temperature parameter any more; the API still takes it
 EXACT = {"extra_body": {"temperature": 0, "ignore_eos": True}}
-
-
-@pytest.fixture(scope="module")
-def srv(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with ServerProcess(tiny_model_dir, str(tmp_path_factory.mktemp("messages") / "server.log"),
-                       extra=("--context-length", "1024")) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

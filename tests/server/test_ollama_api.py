@@ -5,7 +5,6 @@ tool_name, the model listing, and Ollama's errors."""
 from __future__ import annotations
 
 import json
-from typing import Iterator
 
 import httpx
 import jsonschema
@@ -18,13 +17,6 @@ from tests.server.test_tools import WEATHER
 
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 EXACT = {"temperature": 0, "num_predict": 9}
-
-
-@pytest.fixture(scope="module")
-def srv(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with ServerProcess(tiny_model_dir, str(tmp_path_factory.mktemp("ollama") / "server.log"),
-                       extra=("--context-length", "1024")) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

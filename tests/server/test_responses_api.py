@@ -5,7 +5,7 @@ and clear 400s for what a local model cannot do."""
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import jsonschema
@@ -20,13 +20,6 @@ TOOLS = [{"type": "function", "name": "get_weather", "description": "forecast", 
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
 ASK = "What is the weather in Paris?"
 EXACT = {"temperature": 0, "extra_body": {"ignore_eos": True}}
-
-
-@pytest.fixture(scope="module")
-def srv(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with ServerProcess(tiny_model_dir, str(tmp_path_factory.mktemp("responses") / "server.log"),
-                       extra=("--context-length", "1024")) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")
