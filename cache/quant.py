@@ -218,12 +218,31 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
         best_q = torch.where(take, q, best_q)
         best_s, best_z = torch.where(take, scale, best_s), torch.where(take, zero, best_z)
         best_err = torch.minimum(err, best_err)
+    # weights already on a 16-level grid per group (GGUF's Q4_0, Q4_1, Q4_K): its step and lowest
+    # level give the codes back exactly, up to the bf16 rounding of scale and zero
+    scale, zero = _grid(g, lo, hi)
+    q = _int4_codes(g, scale, zero)
+    err = ((q - 8) * scale.to(SCALE_DTYPE).float() + zero.to(SCALE_DTYPE).float() - g).pow(2).sum(-1, keepdim=True)
+    take = err < best_err
+    best_q = torch.where(take, q, best_q)
+    best_s, best_z = torch.where(take, scale, best_s), torch.where(take, zero, best_z)
     assert best_q is not None and best_s is not None and best_z is not None
     sz = torch.stack([best_s[..., 0], best_z[..., 0]], dim=-1).transpose(0, 1).contiguous()
     return best_q.to(torch.int32).view(o, i), sz.to(SCALE_DTYPE)
 
 
 INT4_CLIPS = (0.0, 0.03, 0.06, 0.1)     # share of the range cut off at each end, per candidate
+
+
+def _grid(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the scale and zero of the grid its values would lie on if they were 4-bit
+    codes: the smallest gap between distinct values as the step, the lowest value as code 0."""
+    v = g.sort(dim=-1).values
+    gaps = v[..., 1:] - v[..., :-1]
+    tiny = (hi - lo) * 1e-3                       # gaps below this are one level rounded twice
+    step = torch.where(gaps > tiny, gaps, torch.full_like(gaps, float("inf"))).amin(-1, keepdim=True)
+    step = torch.where(torch.isfinite(step), step, (hi - lo) / 15.0).clamp(min=1e-8)
+    return step, lo + 8 * step
 
 
 def _int4_codes(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
