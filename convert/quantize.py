@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Union
 
 import torch
 from safetensors.torch import save_file
@@ -118,9 +118,32 @@ def quantize_checkpoint(model_dir: str, out_dir: str, kind: str, group_size: Opt
     if kind == "int4" and not group_size and _is_mxfp4(cfg.raw):
         group_size = MXFP4_GROUP
     fmt = resolve_format(kind, experts.inter, experts.hidden, group_size, layout)
-    _write_tensors(out_dir, ((n, lambda ref=ref: read(ref)) for n, ref in index.items()
+    write_tensors(out_dir, ((n, lambda ref=ref: read(ref)) for n, ref in index.items()
                              if not is_expert_tensor(n, layout_info) and not (fp8 and fp8.is_scale(n))
                              and not n.startswith(skipped)))
+    write_experts(out_dir, fmt, experts, progress)
+    _write_config(model_dir, out_dir, _unquantized_config(cfg.raw), fmt,
+                  (len(layout_info.moe_layers), layout_info.num_experts))
+    return fmt
+
+
+class ExpertReader(Protocol):
+    keys: list[tuple[int, int]]          # (MoE layer, expert), in store order
+
+    def read(self, i: int) -> dict[str, torch.Tensor]: ...
+
+
+class NamedExperts(Protocol):
+    """Experts written as per-expert tensors: read in a dtype, and named."""
+    keys: list[tuple[int, int]]
+
+    def read(self, i: int, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]: ...
+
+    def expert_names(self, i: int) -> dict[str, str]: ...
+
+
+def write_experts(out_dir: str, fmt: ExpertFormat, experts: ExpertReader, progress: bool) -> None:
+    """Quantize every expert of ``experts``, one at a time, into ``out_dir``'s expert store."""
     bar = tqdm(total=len(experts.keys), unit="expert", desc=f"quantizing experts to {fmt.describe()}",
                disable=not progress)
 
@@ -135,9 +158,6 @@ def quantize_checkpoint(model_dir: str, out_dir: str, kind: str, group_size: Opt
                     {"format": "moeserve-expert-store", "quantize": fmt.kind})
     finally:
         bar.close()
-    _write_config(model_dir, out_dir, _unquantized_config(cfg.raw), fmt,
-                  (len(layout_info.moe_layers), layout_info.num_experts))
-    return fmt
 
 
 def _is_mxfp4(raw: dict[str, Any]) -> bool:
@@ -159,24 +179,31 @@ def unstack_checkpoint(model_dir: str, out_dir: str, progress: bool = True) -> N
     experts = _experts(index, layout_info)
     dense = [(n, lambda ref=ref: read_tensor(ref)) for n, ref in index.items()
              if not is_expert_tensor(n, layout_info) and not n.startswith(skipped)]
+    write_per_expert(out_dir, dense, experts, progress)
+    write_json(os.path.join(out_dir, "config.json"), _unquantized_config(cfg.raw))
+    _copy_side_files(model_dir, out_dir)
+
+
+def write_per_expert(out_dir: str, dense: Iterable[tuple[str, Callable[[], torch.Tensor]]],
+                     experts: NamedExperts, progress: bool, dtype: Optional[torch.dtype] = None) -> None:
+    """The dense tensors, then every expert as per-expert tensors (``experts.expert_names``),
+    read one expert at a time (in ``dtype``, or as read)."""
     bar = tqdm(total=len(experts.keys), unit="expert", desc="writing experts one by one",
                disable=not progress)
 
     def expert_tensors() -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
         for i in range(len(experts.keys)):
-            weights = experts.read(i)
+            weights = experts.read(i, dtype)
             bar.update(1)
             for proj, name in experts.expert_names(i).items():
                 yield name, lambda w=weights[proj]: w
     try:
-        _write_tensors(out_dir, itertools.chain(dense, expert_tensors()))   # lazily: one shard in memory
+        write_tensors(out_dir, itertools.chain(dense, expert_tensors()))   # lazily: one shard in memory
     finally:
         bar.close()
-    write_json(os.path.join(out_dir, "config.json"), _unquantized_config(cfg.raw))
-    _copy_side_files(model_dir, out_dir)
 
 
-def _write_tensors(out_dir: str, items: Iterable[tuple[str, Callable[[], torch.Tensor]]]) -> None:
+def write_tensors(out_dir: str, items: Iterable[tuple[str, Callable[[], torch.Tensor]]]) -> None:
     """Tensors (name, read) as model.safetensors, or, when they are larger than DENSE_SHARD_BYTES
     (a DeepSeek-V3's dense weights are ~34 GB in bf16), in shards of at most that with an index,
     one shard in memory at a time."""
@@ -245,14 +272,18 @@ def _write_config(model_dir: str, out_dir: str, raw: dict, fmt: ExpertFormat,
                   counts: tuple[int, int]) -> None:
     """config.json with ``quantization_config`` (counts: MoE layers, experts per layer), and
     every non-weight file of ``model_dir`` (tokenizer, chat template, card)."""
-    qc = {"quant_method": QUANT_METHOD, "version": QUANT_VERSION, "format": fmt.kind,
-          "bits": BITS[fmt.kind], "group_size": fmt.group_size or None,
-          "layout": fmt.layout if fmt.kind == "int4" else None,
-          "symmetric": fmt.kind == "int8", "modules": ["routed_experts"],
-          "expert_shape": [fmt.inter, fmt.hidden], "expert_store": STORE_FILE,
-          "num_moe_layers": counts[0], "num_experts": counts[1]}
-    write_json(os.path.join(out_dir, "config.json"), {**raw, "quantization_config": qc})
+    write_json(os.path.join(out_dir, "config.json"), {**raw, "quantization_config": quant_config(fmt, counts)})
     _copy_side_files(model_dir, out_dir)
+
+
+def quant_config(fmt: ExpertFormat, counts: tuple[int, int]) -> dict[str, Any]:
+    """config.json's ``quantization_config`` of an expert store (counts: MoE layers, experts)."""
+    return {"quant_method": QUANT_METHOD, "version": QUANT_VERSION, "format": fmt.kind,
+            "bits": BITS[fmt.kind], "group_size": fmt.group_size or None,
+            "layout": fmt.layout if fmt.kind == "int4" else None,
+            "symmetric": fmt.kind == "int8", "modules": ["routed_experts"],
+            "expert_shape": [fmt.inter, fmt.hidden], "expert_store": STORE_FILE,
+            "num_moe_layers": counts[0], "num_experts": counts[1]}
 
 
 def _copy_side_files(model_dir: str, out_dir: str) -> None:
