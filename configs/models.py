@@ -3,6 +3,7 @@ conversions, and the shape of a Hugging Face repo id (``org/name``) that --model
 of a directory. Standard library only."""
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Optional
@@ -21,11 +22,22 @@ def _snapshot(model_dir: str) -> Optional[tuple[str, str]]:
     return repo[len("models--"):].replace("--", "/", 1), revision
 
 
+SERVED_NAME_KEY = "moeserve_served_name"     # config.json of a conversion: the source's own name
+
+
 def model_name(model_dir: str) -> str:
-    """The served name: a cache snapshot's repo id (``org/name``, as the user asks for it), else
-    the directory's name."""
+    """The served name: a cache snapshot's repo id (``org/name``, as the user asks for it), the
+    name a conversion recorded (a GGUF's file name, an Ollama model's name:tag), else the
+    directory's name."""
     snap = _snapshot(model_dir)
-    return snap[0] if snap else os.path.basename(os.path.normpath(model_dir))
+    if snap:
+        return snap[0]
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            recorded = json.load(f).get(SERVED_NAME_KEY)
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    return recorded if isinstance(recorded, str) and recorded else os.path.basename(os.path.normpath(model_dir))
 
 
 def storage_name(model_dir: str) -> str:

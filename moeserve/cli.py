@@ -132,7 +132,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     scfg = from_args(ServerConfig, args)
     from configs.presets import load_preset
     builtin = not ecfg.model
-    model_dir = resolve_model(ecfg.model or _default_model_dir(ecfg.default_preset))
+    model_dir = resolve_model(ecfg.model or _default_model_dir(ecfg.default_preset), ecfg.quantize,
+                              ecfg.group_size)
     ecfg = EngineConfig(**{**ecfg.__dict__, "model": model_dir})
     client = ProcessEngineClient(LazyFactory("moeserve.wiring:build_engine", ecfg, ccfg),
                                  log_level=scfg.log_level)
@@ -165,13 +166,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_serve(args)
         if args.command == "quantize":
             from convert.quantize import run_quantize
-            args.model = resolve_model(args.model)
+            args.model = resolve_model(args.model, args.quantize, args.group_size, args.progress)
             return run_quantize(args)
         from convert.default_model import run_build
         return run_build(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"moeserve: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:        # a conversion that cannot be made (a GGUF's, on first use)
+        from convert.model_store import BuildError
+        if not isinstance(e, BuildError):
+            raise
+        print(f"moeserve: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

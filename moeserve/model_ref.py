@@ -1,18 +1,31 @@
-"""--model as a user gives it: a checkpoint directory, or a Hugging Face repo id (``org/name``)
-already in the local Hugging Face cache (``hf download org/name`` puts it there). moeserve never
-downloads: the lookup runs offline through huggingface_hub, the library that writes that cache."""
+"""--model as a user gives it: a checkpoint directory, a Hugging Face repo id (``org/name``)
+already in the local Hugging Face cache (``hf download org/name`` puts it there), a GGUF file, or
+the ``name:tag`` of a model Ollama has pulled. moeserve never downloads: the Hugging Face lookup runs
+offline through huggingface_hub, the library that writes that cache; a GGUF is converted once
+(convert/gguf_model.py)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+from typing import Optional
 
 from configs.models import REPO_ID
 
 log = logging.getLogger("moeserve")
+OLLAMA_NAME = re.compile(r"(?:([a-z0-9][a-z0-9_.\-]*)/)?([a-z0-9][a-z0-9_.\-]*)(?::([A-Za-z0-9_][A-Za-z0-9_.\-]*))?")
+OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
 
 
-def resolve_model(arg: str) -> str:
-    """The checkpoint directory ``arg`` names; FileNotFoundError saying what was looked for."""
+def resolve_model(arg: str, quantize: Optional[str] = None, group_size: Optional[int] = None,
+                  progress: bool = True) -> str:
+    """The checkpoint directory ``arg`` names (a GGUF converted with its experts in ``quantize``);
+    FileNotFoundError saying what was looked for."""
+    gguf, name, served = _gguf_source(arg)
+    if gguf is not None:
+        from convert.gguf_model import ensure_gguf
+        return ensure_gguf(gguf, quantize, group_size, name=name, served=served, progress=progress)
     if os.path.exists(arg) or not REPO_ID.fullmatch(arg):
         return check_model_dir(arg)
     from huggingface_hub import snapshot_download
@@ -31,18 +44,49 @@ def resolve_model(arg: str) -> str:
     return check_model_dir(path)
 
 
+def _gguf_source(arg: str) -> tuple[Optional[str], Optional[str], Optional[str]]:
+    """(GGUF path, name for its conversion, served name) when ``arg`` is a GGUF file or a model
+    Ollama has pulled (served by its Ollama name); Nones otherwise."""
+    if os.path.isfile(arg) and arg.lower().endswith(".gguf"):
+        return arg, None, None
+    m = OLLAMA_NAME.fullmatch(arg)
+    if m is None or os.path.exists(arg):
+        return None, None, None
+    namespace, model, tag = m.group(1) or "library", m.group(2), m.group(3) or "latest"
+    manifest = os.path.join(ollama_models(), "manifests", "registry.ollama.ai", namespace, model, tag)
+    if not os.path.isfile(manifest) and m.group(3) is None:
+        return None, None, None         # a plain name: a directory or repo id that is not there
+    if not os.path.isfile(manifest):
+        raise FileNotFoundError(f"--model {arg!r}: no such directory, and not a model Ollama has "
+                                f"pulled (no manifest {manifest}; OLLAMA_MODELS sets where Ollama "
+                                "keeps its models)")
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            layers = json.load(f).get("layers") or []
+        digest = next(x["digest"] for x in layers if x.get("mediaType") == OLLAMA_MODEL_LAYER)
+    except (OSError, ValueError, StopIteration, KeyError, TypeError, AttributeError):
+        raise FileNotFoundError(f"--model {arg!r}: Ollama's manifest {manifest} names no model "
+                                "file") from None
+    blob = os.path.join(ollama_models(), "blobs", str(digest).replace(":", "-"))
+    if not os.path.isfile(blob):
+        raise FileNotFoundError(f"--model {arg!r}: Ollama's model file {blob} is missing")
+    log.info("--model %s: the GGUF Ollama pulled, %s", arg, blob)
+    prefix = f"{namespace}/" if namespace != "library" else ""
+    return blob, "ollama--" + prefix.replace("/", "--") + f"{model}-{tag}", f"{prefix}{model}:{tag}"
+
+
+def ollama_models() -> str:
+    """Where Ollama keeps its models: $OLLAMA_MODELS, else ~/.ollama/models."""
+    return os.environ.get("OLLAMA_MODELS") or os.path.join(os.path.expanduser("~"), ".ollama", "models")
+
+
 def check_model_dir(path: str) -> str:
-    if os.path.isfile(path) and path.lower().endswith(".gguf"):
-        raise FileNotFoundError(f"--model {path!r}: a GGUF file (llama.cpp, Ollama); moeserve reads "
-                                "Hugging Face checkpoints (config.json + safetensors), which also "
-                                "hold the experts in the layout its cache streams: fetch the model's "
-                                "safetensors release (hf download org/name) and quantize it with "
-                                "--quantize int4 or int8")
     if not os.path.isdir(path):
         what = "not a directory" if os.path.exists(path) else "no such directory"
         raise FileNotFoundError(f"--model {path!r}: {what} (a Hugging Face checkpoint "
                                 "directory with config.json, safetensors weights and tokenizer, "
-                                "or the org/name of one in the local Hugging Face cache)")
+                                "the org/name of one in the local Hugging Face cache, a GGUF "
+                                "file, or the name:tag of a model Ollama has pulled)")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"--model {path!r}: no config.json in this directory")
     return path

@@ -30,7 +30,7 @@ log = logging.getLogger("moeserve")
 def resolve_model_dir(ecfg: EngineConfig) -> str:
     """--model, or the built-in default model (built on first use)."""
     if ecfg.model:
-        return resolve_model(ecfg.model)
+        return resolve_model(ecfg.model, ecfg.quantize, ecfg.group_size)
     from convert.default_model import ensure_default_model
     return ensure_default_model(ecfg.default_preset)
 

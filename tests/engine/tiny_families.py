@@ -101,11 +101,12 @@ SEEDS: dict[str, int] = {"glm4_moe": 1}
 
 
 def make_family_checkpoint(name: str, path: str, dtype: torch.dtype = torch.float32,
-                           seed: Optional[int] = None) -> str:
-    """Write the tiny ``name`` checkpoint (see FAMILIES) to ``path`` in ``dtype``; returns path."""
+                           seed: Optional[int] = None, overrides: Optional[dict[str, Any]] = None) -> str:
+    """Write the tiny ``name`` checkpoint (see FAMILIES; config fields replaced by ``overrides``)
+    to ``path`` in ``dtype``; returns path."""
     import transformers
     cls_name, kwargs, _ = FAMILIES[name]
-    cfg = getattr(transformers, cls_name)(**{**COMMON, **kwargs})
+    cfg = getattr(transformers, cls_name)(**{**COMMON, **kwargs, **(overrides or {})})
     torch.manual_seed(SEEDS.get(name, 0) if seed is None else seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():

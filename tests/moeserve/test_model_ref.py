@@ -46,12 +46,15 @@ def test_a_repo_id_resolves_to_its_cached_snapshot(hub_cache: str) -> None:
         resolve_model("org/bad..name")
 
 
-def test_a_gguf_file_gets_told_what_moeserve_reads(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_gguf_file_is_read_as_one_even_where_its_path_looks_like_a_repo_id(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from convert.model_store import BuildError
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "model-Q4_K_M.gguf").write_bytes(b"GGUF")
     monkeypatch.chdir(tmp_path)          # models/x.gguf is also shaped like a repo id
+    monkeypatch.setenv("MOESERVE_HOME", str(tmp_path / "home"))
     for arg in ("models/model-Q4_K_M.gguf", str(tmp_path / "models" / "model-Q4_K_M.gguf")):
-        with pytest.raises(FileNotFoundError, match="a GGUF file .*hf download"):
+        with pytest.raises(BuildError, match="model-Q4_K_M.gguf: not a readable GGUF file"):
             resolve_model(arg)
 
 

@@ -1,0 +1,119 @@
+"""Tiny GGUF files written from tiny HF checkpoints as llama.cpp's converter writes them: tensor
+names from gguf-py's own name table (not moeserve's), experts stacked per layer, q/k rows permuted
+for the llama architecture, metadata under llama.cpp's keys, and the tokenizer of the packaged
+SmolLM2 GGUF (vocabulary, merges, chat template)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe",
+        "llama": "llama"}
+STACKED = {"mixtral": ("block_sparse_moe", {"w1": "w1", "w3": "w3", "w2": "w2"}),
+           "default": ("mlp", {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"})}
+TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
+                  "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id",
+                  "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
+                  "tokenizer.ggml.padding_token_id", "tokenizer.chat_template")
+
+
+def smollm2_tokenizer() -> dict[str, Any]:
+    """The tokenizer metadata of the packaged SmolLM2 GGUF (49152 tokens)."""
+    import gguf
+
+    from convert.gguf_import import find_packaged_gguf
+    reader = gguf.GGUFReader(find_packaged_gguf())
+    return {k: (reader.fields[k].contents(), reader.fields[k].types) for k in TOKENIZER_KEYS}
+
+
+def permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter's q/k row permutation into GGML's rotary layout."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "F32",
+               expert_qtype: str | None = None) -> str:
+    """Write the checkpoint in ``hf_dir`` as a GGUF at ``path``: dense matrices in ``qtype``, expert
+    matrices in ``expert_qtype`` (default: ``qtype``); 1-D tensors stay F32, as llama.cpp keeps them."""
+    import gguf
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        cfg = json.load(f)
+    model_type = cfg["model_type"]
+    arch = ARCH[model_type]
+    layers = cfg["num_hidden_layers"]
+    names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), layers)
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(layers)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 10000.0))
+    if cfg.get("head_dim"):
+        w.add_key_length(cfg["head_dim"])
+        w.add_value_length(cfg["head_dim"])
+    if cfg.get("clip_qkv") is not None:                 # written by llama.cpp's OLMo(E) converters
+        w.add_clamp_kqv(cfg["clip_qkv"])
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts")
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+        if cfg.get("moe_intermediate_size"):
+            w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        if cfg.get("shared_expert_intermediate_size"):
+            w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+    for key, (value, types) in tokenizer.items():
+        if types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_array(key, value)
+        else:
+            w.add_key_value(key, value, types[0])
+    for name, t in _stacked(load_file(os.path.join(hf_dir, "model.safetensors")), model_type).items():
+        base = name.removesuffix(".weight").removesuffix(".bias")
+        target = names.get_name(base)
+        assert target is not None, f"gguf-py has no GGUF name for {base}"
+        arr = t.float().numpy()
+        if arch == "llama" and base.endswith(("q_proj", "k_proj")):
+            arr = permute(arr, cfg["num_attention_heads" if base.endswith("q_proj") else "num_key_value_heads"])
+        if base.endswith("shared_expert_gate"):
+            arr = arr.reshape(-1)                       # llama.cpp stores it as a vector
+        kind = (expert_qtype or qtype) if re.search(r"\.experts\.", name) else qtype
+        _add(w, f"{target}{name[len(base):]}", np.ascontiguousarray(arr), "F32" if arr.ndim == 1 else kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _add(w: Any, name: str, arr: np.ndarray, qtype: str) -> None:
+    import gguf
+    t = gguf.GGMLQuantizationType[qtype]
+    if t == gguf.GGMLQuantizationType.F32:
+        w.add_tensor(name, arr.astype(np.float32))
+    else:
+        w.add_tensor(name, gguf.quants.quantize(arr, t), raw_dtype=t)
+
+
+def _stacked(tensors: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
+    """Per-expert tensors merged per layer and projection ([E, out, in]), as llama.cpp merges them."""
+    module, projs = STACKED.get(model_type, STACKED["default"])
+    out: dict[str, torch.Tensor] = {}
+    groups: dict[str, dict[int, torch.Tensor]] = {}
+    pattern = re.compile(rf"(model\.layers\.\d+\.{module}\.experts)\.(\d+)\.(\w+)\.weight")
+    for name, t in tensors.items():
+        m = pattern.fullmatch(name)
+        if m and m.group(3) in projs:
+            groups.setdefault(f"{m.group(1)}.{m.group(3)}.weight", {})[int(m.group(2))] = t
+        else:
+            out[name] = t
+    for name, per in groups.items():
+        out[name] = torch.stack([per[e] for e in sorted(per)])
+    return out

@@ -1,0 +1,184 @@
+"""GGUF files served as checkpoints (convert/gguf_model.py): tiny GGUFs written as llama.cpp writes
+them (tests/convert/gguf_writer.py), and the packaged SmolLM2 GGUF read against transformers."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from configs.models import model_name
+from convert.gguf_model import GgufModel, default_quantize, ensure_gguf
+from convert.model_store import BuildError
+from cache.provider import ResidentExpertProvider
+from engine.loader import load_model
+from engine.models.common import Batch, KVCache
+from moeserve.model_ref import resolve_model
+from tests.convert.gguf_writer import smollm2_tokenizer, write_gguf
+from tests.engine.tiny_families import make_family_checkpoint
+
+CPU = torch.device("cpu")
+VOCAB = 49152                   # the SmolLM2 tokenizer's, which the tiny GGUFs carry
+# all layers MoE, as llama.cpp's qwen2moe/qwen3moe graphs have them
+OVERRIDES = {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+ALL_MOE = {"mlp_only_layers": []}
+FAMILIES = {"mixtral": {}, "qwen2_moe": ALL_MOE, "qwen3_moe": ALL_MOE, "olmoe": {}}
+PROMPT = (1, 17, 402, 9, 2211, 88, 3016, 5, 44)
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> dict[str, Any]:
+    return smollm2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, tokenizer: dict[str, Any]) -> Callable[..., tuple[str, str]]:
+    """tiny(family, qtype, expert_qtype) -> (HF checkpoint dir, GGUF path), written once."""
+    made: dict[tuple[str, str, Any], tuple[str, str]] = {}
+
+    def get(name: str, qtype: str = "F32", expert_qtype: Any = None) -> tuple[str, str]:
+        key = (name, qtype, expert_qtype)
+        if key not in made:
+            base = tmp_path_factory.mktemp(f"{name}-{qtype}-{expert_qtype}")
+            hf = make_family_checkpoint(name, str(base / "hf"), overrides={**OVERRIDES, **FAMILIES[name]})
+            made[key] = (hf, write_gguf(hf, str(base / f"{name}.gguf"), tokenizer, qtype, expert_qtype))
+        return made[key]
+    return get
+
+
+def logits(model_dir: str) -> torch.Tensor:
+    """Prompt logits [T, V] of the model in ``model_dir``, fp32, all experts resident."""
+    loaded = load_model(model_dir, CPU, torch.float32, context_length=32)
+    kv = KVCache.for_model(loaded.model.kv_spec, 1, 32, torch.float32, CPU)
+    batch = Batch(torch.arange(len(PROMPT))[None], torch.tensor([0]), len(PROMPT), single_slot=0)
+    loaded.model.set_provider(ResidentExpertProvider(loaded.experts, CPU, torch.float32))
+    with torch.inference_mode():
+        return loaded.model(torch.tensor([PROMPT]), batch, kv, all_logits=True)[0]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_f32_gguf_converts_to_the_checkpoint_it_was_written_from(name: str, tiny: Callable[..., tuple[str, str]],
+                                                                  tmp_path: Any) -> None:
+    hf, path = tiny(name)
+    out = ensure_gguf(path, home=str(tmp_path), progress=False)      # F32 experts: kept unquantized
+    assert out.endswith("-float32")
+    theirs = load_file(os.path.join(hf, "model.safetensors"))
+    ours = load_file(os.path.join(out, "model.safetensors"))
+    assert sorted(ours) == sorted(theirs)
+    for k, t in theirs.items():
+        assert torch.equal(ours[k], t), k              # names, stacking and the q/k permutation undone
+    with open(os.path.join(hf, "config.json")) as f:
+        want = json.load(f)
+    with open(os.path.join(out, "config.json")) as f:
+        got = json.load(f)
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "vocab_size", "rms_norm_eps", "num_experts_per_tok", "tie_word_embeddings", "norm_topk_prob",
+                "moe_intermediate_size", "shared_expert_intermediate_size", "clip_qkv", "max_position_embeddings"):
+        if key in want and (key != "norm_topk_prob" or name != "mixtral"):
+            assert got[key] == want[key], key
+    count = ("num_local_experts", "num_experts")        # transformers 5 writes both for some families
+    assert next(got[k] for k in count if k in got) == next(want[k] for k in count if k in want)
+    torch.testing.assert_close(logits(out), logits(hf), rtol=0, atol=1e-5)
+
+
+def test_packaged_smollm2_gguf_reads_as_transformers_reads_it(tmp_path: Any) -> None:
+    """A real llama.cpp file (Q4_1, Q8_0 embeddings, q/k permuted): the same weights as
+    transformers' GGUF loader gives, and the same chat prompt ids."""
+    from convert.gguf_import import find_packaged_gguf, load_gguf_llama
+    from server.tokenizer import TextTokenizer
+    path = find_packaged_gguf()
+    out = ensure_gguf(path, home=str(tmp_path), progress=False)
+    model, tok = load_gguf_llama(path)
+    theirs = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    ours = load_file(os.path.join(out, "model.safetensors"))
+    assert sorted(ours) == sorted(theirs)
+    for k, t in theirs.items():
+        torch.testing.assert_close(ours[k].float(), t, rtol=2 ** -8, atol=1e-6, msg=k)
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    assert (cfg["model_type"], cfg["tie_word_embeddings"], cfg["num_key_value_heads"]) == ("llama", True, 3)
+    messages = [{"role": "user", "content": "Name three MoE models."}]
+    assert TextTokenizer(out).encode_chat(messages) == tok.apply_chat_template(messages, add_generation_prompt=True,
+                                                                             tokenize=True, return_dict=False)
+
+
+@pytest.mark.parametrize("expert_qtype,kind,bound", [("Q8_0", "int8", 0.02), ("Q4_1", "int4", 0.02),
+                                                     ("Q4_0", "int4", 0.01)])
+def test_quantized_experts_go_into_the_expert_store_near_the_files_values(
+        expert_qtype: str, kind: str, bound: float, tiny: Callable[..., tuple[str, str]], tmp_path: Any) -> None:
+    from cache.expert_store import locate_experts
+    from cache.provider import read_tensor
+    from cache.quant import format_from_config, dequantize_int4, unpack_int4_cpu
+    _, path = tiny("qwen3_moe", "Q8_0", expert_qtype)
+    model = GgufModel(path)
+    assert default_quantize(model.expert_type()) == kind
+    out = ensure_gguf(path, home=str(tmp_path), progress=False)
+    with open(os.path.join(out, "config.json")) as f:
+        qc = json.load(f)["quantization_config"]
+    assert (qc["format"], qc["group_size"]) == (kind, 32 if kind == "int4" else None)
+    fmt = format_from_config(qc, model.inter, model.hidden, torch.bfloat16)
+    slots = locate_experts(os.path.join(out, qc["expert_store"]), fmt, qc["num_moe_layers"], qc["num_experts"])
+    assert len(slots) == len(model.keys)
+    worst = 0.0
+    for i, s in enumerate(slots):
+        want = model.read(i)
+        views = fmt.views(read_tensor(s.packed).clone())
+        for proj, w in want.items():
+            v = getattr(views, proj)
+            if kind == "int8":
+                got = v.q.float() * v.scales.float()[:, None]
+            else:
+                got = dequantize_int4(unpack_int4_cpu(v.q, *w.shape), v.scales, fmt.group_size)
+            worst = max(worst, float((got - w).norm() / w.norm()))
+    assert worst < bound
+
+
+def test_served_from_an_ollama_store_by_name(tiny: Callable[..., tuple[str, str]], tmp_path: Any,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    _, path = tiny("olmoe")
+    store = tmp_path / "ollama"
+    digest = "sha256:" + "ab" * 32
+    (store / "blobs").mkdir(parents=True)
+    os.link(path, store / "blobs" / digest.replace(":", "-"))
+    manifest = store / "manifests" / "registry.ollama.ai" / "library" / "tiny-olmoe" / "q8"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"layers": [{"mediaType": "application/vnd.ollama.image.template", "digest": "x"},
+                                               {"mediaType": "application/vnd.ollama.image.model", "digest": digest}]}))
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    monkeypatch.setenv("MOESERVE_HOME", str(tmp_path / "home"))
+    out = resolve_model("tiny-olmoe:q8", progress=False)
+    assert os.path.basename(out) == "ollama--tiny-olmoe-q8-float32"
+    assert model_name(out) == "tiny-olmoe:q8"            # served under the name Ollama's clients use
+    assert resolve_model("tiny-olmoe:q8", progress=False) == out          # converted once, reused
+    with pytest.raises(FileNotFoundError, match="not a model Ollama has pulled"):
+        resolve_model("tiny-olmoe:latest")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        resolve_model("tiny-olmoe")                  # no tag and no 'latest': not Ollama's
+
+
+def test_files_that_cannot_be_served_are_refused_naming_why(tiny: Callable[..., tuple[str, str]],
+                                                            tmp_path: Any) -> None:
+    import gguf
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(BuildError, match="not a readable GGUF"):
+        ensure_gguf(str(bad), home=str(tmp_path))
+    other = tmp_path / "gemma.gguf"
+    w = gguf.GGUFWriter(str(other), "gemma3")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(BuildError, match="'gemma3' is not supported"):
+        ensure_gguf(str(other), home=str(tmp_path))
+    from convert.gguf_import import find_packaged_gguf
+    with pytest.raises(BuildError, match="no routed experts"):
+        ensure_gguf(find_packaged_gguf(), "int4", home=str(tmp_path))
