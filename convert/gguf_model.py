@@ -1,6 +1,7 @@
-"""GGUF files (llama.cpp's format: what Ollama and LM Studio download) served as checkpoints.
+"""GGUF files (llama.cpp's format: what Ollama and LM Studio download) read as checkpoints.
 
-A GGUF is converted once, on first use, into $MOESERVE_HOME/models (``ensure_gguf``):
+A GGUF is converted once, on first use, into $MOESERVE_HOME/models (convert/gguf_convert.py), from
+what this module reads of it:
 - config.json from the file's metadata, under llama.cpp's key names (``{arch}.block_count``...);
 - tokenizer.json and the chat template from its vocabulary, by transformers' GGUF tokenizer
   conversion (the one the built-in default model is made with);
@@ -14,16 +15,12 @@ experts), qwen2moe, qwen3moe, olmoe.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
-from configs.models import SERVED_NAME_KEY
 from convert.model_store import BuildError
 
 log = logging.getLogger(__name__)
@@ -46,9 +43,6 @@ BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")      # gate [E, I, H], up, down [E, H, I]
 FLOAT_TYPES = ("F32", "F16", "BF16")
 STORED = {"F32": torch.float32, "F16": torch.float16}    # kept as they are; bf16 for the rest
-BITS4 = ("Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_XXS",
-         "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "MXFP4", "TQ1_0", "TQ2_0")
-
 
 class GgufFile:
     """One GGUF file: metadata values by key, tensors by name (memory-mapped by gguf-py)."""
@@ -66,6 +60,24 @@ class GgufFile:
             raise BuildError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
         self.tensors = {t.name: t for t in self._reader.tensors}
         self.arch = str(self.meta("general.architecture"))
+        if int(self.meta("split.count", 1)) > 1:
+            raise BuildError(f"{path}: one part of a split GGUF ({self.meta('split.count')} files); "
+                             "merge them into one first (llama.cpp's llama-gguf-split --merge)")
+        self._check_types()
+
+    def _check_types(self) -> None:
+        """Every ggml type in the file is one gguf-py can dequantize (found now, not an hour
+        into a conversion)."""
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize
+        for qtype in {t.tensor_type for t in self.tensors.values()}:
+            if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+                continue
+            block, size = GGML_QUANT_SIZES[qtype]
+            try:
+                dequantize(np.zeros((1, size), dtype=np.uint8), qtype)
+            except NotImplementedError:
+                raise BuildError(f"{self.path}: tensors of ggml type {qtype.name}, which gguf-py "
+                                 "cannot dequantize") from None
 
     def meta(self, key: str, default: Any = KeyError) -> Any:
         field = self._reader.fields.get(key)
@@ -78,17 +90,23 @@ class GgufFile:
     def arch_meta(self, key: str, default: Any = KeyError) -> Any:
         return self.meta(f"{self.arch}.{key}", default)
 
+    def tensor(self, name: str) -> Any:
+        t = self.tensors.get(name)
+        if t is None:
+            raise BuildError(f"{self.path}: the file has no tensor {name!r}")
+        return t
+
     def type_name(self, name: str) -> str:
-        return self.tensors[name].tensor_type.name
+        return self.tensor(name).tensor_type.name
 
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape in torch order (ggml lists dimensions innermost first)."""
-        return tuple(int(d) for d in reversed(self.tensors[name].shape))
+        return tuple(int(d) for d in reversed(self.tensor(name).shape))
 
     def read(self, name: str, index: Optional[int] = None) -> torch.Tensor:
         """The tensor (or its ``index``-th slice along the first dimension), dequantized, fp32."""
         from gguf import GGMLQuantizationType, dequantize
-        t = self.tensors[name]
+        t = self.tensor(name)
         data = t.data if index is None else t.data[index]
         shape = self.shape(name) if index is None else self.shape(name)[1:]
         if t.tensor_type == GGMLQuantizationType.F32:
@@ -121,6 +139,9 @@ def hf_config(g: GgufFile) -> dict[str, Any]:
         raise BuildError(f"{g.path}: experts stored one tensor each (GGUF files from before "
                          "llama.cpp merged them, early 2024); convert the model again with a current "
                          "llama.cpp, or give its safetensors release")
+    if "rope_freqs.weight" in g.tensors:
+        raise BuildError(f"{g.path}: per-dimension rope factors (rope_freqs, Llama 3.1's rope "
+                         "scaling) are not supported; give the model's safetensors release")
     model_type = "mixtral" if g.arch == "llama" and experts else ARCHS[g.arch]
     vocab, emb_hidden = g.shape("token_embd.weight")
     raw: dict[str, Any] = {
@@ -161,8 +182,17 @@ def _rope_scaling(g: GgufFile) -> Optional[dict[str, Any]]:
     if kind == "linear":
         return {"rope_type": "linear", "factor": factor}
     if kind == "yarn":
-        return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings":
-                int(g.arch_meta("rope.scaling.original_context_length"))}
+        ext = g.arch_meta("rope.scaling.yarn_ext_factor", None)
+        if ext is not None and float(ext) != 1.0:
+            raise BuildError(f"{g.path}: yarn with extrapolation factor {ext} is not supported")
+        out = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings":
+               int(g.arch_meta("rope.scaling.original_context_length"))}
+        for key, name in (("yarn_attn_factor", "attention_factor"), ("yarn_beta_fast", "beta_fast"),
+                          ("yarn_beta_slow", "beta_slow")):       # as llama.cpp's converter writes them
+            value = g.arch_meta(f"rope.scaling.{key}", None)
+            if value is not None:
+                out[name] = float(value)
+        return out
     raise BuildError(f"{g.path}: rope scaling {kind!r} is not supported (linear and yarn are)")
 
 
@@ -178,9 +208,10 @@ def _moe_config(g: GgufFile, model_type: str, experts: int, layers: int) -> dict
         if len(moe) != layers:
             raise BuildError(f"{g.path}: Mixtral-style layers without experts are not supported")
         return {"num_local_experts": experts, "num_experts_per_tok": top_k, "intermediate_size": inter}
+    # llama.cpp normalises the top-k weights of qwen3moe, not of qwen2moe/olmoe, unless the file says
+    norm = g.arch_meta("expert_weights_norm", None)
     out: dict[str, Any] = {"num_experts": experts, "num_experts_per_tok": top_k,
-                           # llama.cpp normalises the top-k weights of qwen3moe, not of qwen2moe/olmoe
-                           "norm_topk_prob": model_type == "qwen3_moe"}
+                           "norm_topk_prob": bool(norm) if norm is not None else model_type == "qwen3_moe"}
     if model_type == "olmoe":
         if len(moe) != layers:
             raise BuildError(f"{g.path}: OLMoE layers without experts are not supported")
@@ -211,8 +242,6 @@ def hf_name(gguf_name: str, moe_module: str) -> Optional[str]:
             return None
         if parts[2] in BLOCK and parts[3] in ("weight", "bias"):
             return f"model.layers.{parts[1]}.{BLOCK[parts[2]].format(moe=moe_module)}.{parts[3]}"
-    if gguf_name == "rope_freqs.weight":           # llama 3's rope factors: computed from the config
-        return ""
     raise BuildError(f"tensor {gguf_name!r} has no counterpart in moeserve's models")
 
 
@@ -238,6 +267,12 @@ class GgufModel:
             return None
         return self.file.type_name(f"blk.{self.layout.moe_layers[0]}.ffn_gate_exps.weight")
 
+    def expert_bits(self) -> float:
+        """Bits per weight of the routed experts in the file, on average (a Q4_K_M file mixes
+        Q4_K with Q6_K, and falls back to Q5_0 where rows are not a multiple of 256)."""
+        tensors = [t for n, t in self.file.tensors.items() if n.split(".")[2:3] and n.split(".")[2] in EXPERTS]
+        return 8 * sum(int(t.n_bytes) for t in tensors) / max(1, sum(int(t.n_elements) for t in tensors))
+
     def dense(self) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
         """(HF name, read) of every dense tensor, in its ``stored_dtype``."""
         for name in self.file.tensors:
@@ -247,8 +282,9 @@ class GgufModel:
 
     def _dense(self, name: str, target: str) -> torch.Tensor:
         w = self.file.read(name)
-        if self.file.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
-            heads = self.config["num_attention_heads" if "attn_q" in name else "num_key_value_heads"]
+        if self.file.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias",
+                                                        "attn_k.bias")):           # biases are permuted too
+            heads = self.config["num_attention_heads" if ".attn_q." in name else "num_key_value_heads"]
             w = _unpermute(w, heads)
         if target.endswith("shared_expert_gate.weight"):
             w = w.reshape(1, -1)                        # [H] in GGUF, a [1, H] linear in HF
@@ -275,103 +311,3 @@ class GgufModel:
         mi, e = self.keys[i]
         p = self.layout.prefix(self.layout.moe_layers[mi])
         return {proj: f"{p}.{e}.{name}.weight" for proj, name in zip(("gate", "up", "down"), self.layout.names)}
-
-
-def default_quantize(expert_type: Optional[str]) -> str:
-    """The expert format a GGUF's experts keep about their quality in: none for float files,
-    int4 for 4 bits and fewer, int8 otherwise (Q5, Q6_K, Q8_0)."""
-    if expert_type is None or expert_type in FLOAT_TYPES:
-        return "none"
-    return "int4" if expert_type in BITS4 else "int8"
-
-
-def save_tokenizer(path: str, out_dir: str) -> None:
-    """tokenizer.json, tokenizer_config.json and the chat template, by transformers."""
-    try:
-        from transformers import PreTrainedTokenizerFast
-    except ImportError as e:  # pragma: no cover - depends on the installation
-        raise BuildError("reading a GGUF's tokenizer needs transformers: pip install "
-                         "'moeserve[build]'") from e
-    folder, name = os.path.split(os.path.abspath(path))
-    try:
-        tok = PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name)
-    except (ValueError, KeyError, NotImplementedError) as e:
-        raise BuildError(f"{path}: its tokenizer cannot be converted ({e})") from None
-    if not getattr(tok, "chat_template", None):
-        log.warning("%s carries no chat template (tokenizer.chat_template): only /v1/completions "
-                    "will work", path)
-    tok.save_pretrained(out_dir)
-
-
-def source_id(path: str) -> dict[str, Any]:
-    st = os.stat(path)
-    sig = hashlib.sha256(json.dumps([st.st_size, int(st.st_mtime)]).encode()).hexdigest()[:16]
-    return {"source": os.path.abspath(path), "source_signature": sig}
-
-
-def convert_gguf(model: GgufModel, out_dir: str, kind: str, group_size: Optional[int],
-                 served: str, progress: bool = True) -> None:
-    """Write ``model`` as a checkpoint directory into the existing, empty ``out_dir``: experts in
-    ``kind`` (int8, int4: the expert store; none: per-expert tensors), served as ``served``."""
-    from convert.gguf_import import write_json
-    from convert.quantize import quant_config, resolve_format, write_experts, write_per_expert, write_tensors
-    save_tokenizer(model.file.path, out_dir)
-    raw = {**model.config, SERVED_NAME_KEY: served}
-    if kind == "none" or not model.keys:
-        write_per_expert(out_dir, model.dense(), model, progress, model.stored_dtype())
-    else:
-        fmt = resolve_format(kind, model.inter, model.hidden, group_size)
-        write_tensors(out_dir, model.dense())
-        write_experts(out_dir, fmt, model, progress)
-        raw = {**raw, "quantization_config": quant_config(fmt, (len(model.layout.moe_layers),
-                                                                model.layout.num_experts))}
-    write_json(os.path.join(out_dir, "config.json"), raw)
-    gen = {k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in raw}
-    write_json(os.path.join(out_dir, "generation_config.json"), gen)
-
-
-def ensure_gguf(path: str, quantize: Optional[str] = None, group_size: Optional[int] = None,
-                name: Optional[str] = None, served: Optional[str] = None, home: Optional[str] = None,
-                progress: bool = True) -> str:
-    """The checkpoint directory of GGUF ``path`` with its experts in ``quantize`` (by default the
-    format that keeps their quality: ``default_quantize``), converted once into
-    $MOESERVE_HOME/models under ``name`` (by default the file's name without .gguf) and reused;
-    served as ``served`` (by default that name too)."""
-    from convert.model_store import build_atomically, moeserve_home
-    from convert.quantize import BITS, resolve_format
-    from engine.loader import QUANT_VERSION
-    model = GgufModel(path)
-    expert_type = model.expert_type()
-    if expert_type is None and quantize not in (None, "none"):
-        raise BuildError(f"{path}: a dense model ({model.config['model_type']}) has no routed experts "
-                         f"to quantize (--quantize {quantize})")
-    kind = quantize or default_quantize(expert_type)
-    if expert_type is not None:
-        log.info("%s: %s experts in %s, served as %s%s", path, model.config["model_type"], expert_type,
-                 kind, "" if quantize else " (--quantize int8, int4 or none to choose)")
-    if kind == "int4" and not group_size:
-        # ggml's blocks and K-quant sub-blocks cover 32 (or 16) weights: groups of 32 follow them
-        try:
-            group_size = resolve_format("int4", model.inter, model.hidden, GGUF_GROUP).group_size
-        except BuildError:              # dimensions that groups of 32 do not divide
-            group_size = resolve_format("int4", model.inter, model.hidden, None).group_size
-    if kind != "int4":
-        group_size = None
-    tag = {"none": str(model.stored_dtype()).removeprefix("torch.")}.get(kind, kind) + \
-        (f"-g{group_size}" if group_size else "")
-    stem = name or os.path.basename(path).removesuffix(".gguf")
-    served = served or stem
-    target = os.path.join(moeserve_home(home), "models", f"{stem}-{tag}")
-    params = {"quantize": kind, "group_size": group_size, "layout": "cpu" if kind == "int4" else None,
-              "version": QUANT_VERSION, "from": "gguf", "served": served, **source_id(path)}
-    dense, expert = model.weight_count()
-    per_weight = {"none": model.stored_dtype().itemsize}.get(kind, BITS.get(kind, 16) / 8 * 1.1)
-    need = int(dense * 2 + expert * per_weight) + 50_000_000
-
-    def build(tmp: str) -> None:
-        log.info("converting %s to %s into %s (first use; reused afterwards)", path, tag, target)
-        convert_gguf(model, tmp, kind, group_size, served, progress)
-    return build_atomically(target, params, build, need_bytes=need)
-
-
-GGUF_GROUP = 32

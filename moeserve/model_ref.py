@@ -14,7 +14,10 @@ from typing import Optional
 from configs.models import REPO_ID
 
 log = logging.getLogger("moeserve")
-OLLAMA_NAME = re.compile(r"(?:([a-z0-9][a-z0-9_.\-]*)/)?([a-z0-9][a-z0-9_.\-]*)(?::([A-Za-z0-9_][A-Za-z0-9_.\-]*))?")
+# [host/][namespace/]model[:tag], as `ollama pull` takes it (hf.co/org/repo:quant included)
+_PART = r"[A-Za-z0-9][A-Za-z0-9_.\-]*"
+OLLAMA_NAME = re.compile(rf"((?:{_PART}/){{0,2}}{_PART})(?::([A-Za-z0-9_][A-Za-z0-9_.\-]*))?")
+OLLAMA_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
 
 
@@ -24,7 +27,7 @@ def resolve_model(arg: str, quantize: Optional[str] = None, group_size: Optional
     FileNotFoundError saying what was looked for."""
     gguf, name, served = _gguf_source(arg)
     if gguf is not None:
-        from convert.gguf_model import ensure_gguf
+        from convert.gguf_convert import ensure_gguf
         return ensure_gguf(gguf, quantize, group_size, name=name, served=served, progress=progress)
     if os.path.exists(arg) or not REPO_ID.fullmatch(arg):
         return check_model_dir(arg)
@@ -47,19 +50,24 @@ def resolve_model(arg: str, quantize: Optional[str] = None, group_size: Optional
 def _gguf_source(arg: str) -> tuple[Optional[str], Optional[str], Optional[str]]:
     """(GGUF path, name for its conversion, served name) when ``arg`` is a GGUF file or a model
     Ollama has pulled (served by its Ollama name); Nones otherwise."""
-    if os.path.isfile(arg) and arg.lower().endswith(".gguf"):
+    if os.path.isfile(arg) and (arg.lower().endswith(".gguf") or _has_gguf_magic(arg)):
         return arg, None, None
     m = OLLAMA_NAME.fullmatch(arg)
     if m is None or os.path.exists(arg):
         return None, None, None
-    namespace, model, tag = m.group(1) or "library", m.group(2), m.group(3) or "latest"
-    manifest = os.path.join(ollama_models(), "manifests", "registry.ollama.ai", namespace, model, tag)
-    if not os.path.isfile(manifest) and m.group(3) is None:
+    parts = m.group(1).split("/")
+    host, namespace = ("registry.ollama.ai", "library") if len(parts) == 1 else \
+        ("registry.ollama.ai", parts[0]) if len(parts) == 2 else (parts[0], parts[1])
+    model, tag = parts[-1], m.group(2) or "latest"
+    rel = os.path.join("manifests", host, namespace, model, tag)
+    stores = [d for d in ollama_stores() if os.path.isfile(os.path.join(d, rel))]
+    if not stores and m.group(2) is None:
         return None, None, None         # a plain name: a directory or repo id that is not there
-    if not os.path.isfile(manifest):
+    if not stores:
         raise FileNotFoundError(f"--model {arg!r}: no such directory, and not a model Ollama has "
-                                f"pulled (no manifest {manifest}; OLLAMA_MODELS sets where Ollama "
-                                "keeps its models)")
+                                f"pulled (no {rel} in {' or '.join(ollama_stores())}; "
+                                "OLLAMA_MODELS sets where Ollama keeps its models)")
+    manifest = os.path.join(stores[0], rel)
     try:
         with open(manifest, encoding="utf-8") as f:
             layers = json.load(f).get("layers") or []
@@ -67,17 +75,31 @@ def _gguf_source(arg: str) -> tuple[Optional[str], Optional[str], Optional[str]]
     except (OSError, ValueError, StopIteration, KeyError, TypeError, AttributeError):
         raise FileNotFoundError(f"--model {arg!r}: Ollama's manifest {manifest} names no model "
                                 "file") from None
-    blob = os.path.join(ollama_models(), "blobs", str(digest).replace(":", "-"))
+    if not isinstance(digest, str) or not OLLAMA_DIGEST.fullmatch(digest):
+        raise FileNotFoundError(f"--model {arg!r}: Ollama's manifest {manifest} names the model file "
+                                f"{digest!r}, not a sha256 digest")
+    blob = os.path.join(stores[0], "blobs", digest.replace(":", "-"))
     if not os.path.isfile(blob):
         raise FileNotFoundError(f"--model {arg!r}: Ollama's model file {blob} is missing")
     log.info("--model %s: the GGUF Ollama pulled, %s", arg, blob)
-    prefix = f"{namespace}/" if namespace != "library" else ""
-    return blob, "ollama--" + prefix.replace("/", "--") + f"{model}-{tag}", f"{prefix}{model}:{tag}"
+    shown = f"{m.group(1)}:{tag}"                       # the name as the user pulled it
+    return blob, "ollama--" + shown.replace("/", "--").replace(":", "-"), shown
 
 
-def ollama_models() -> str:
-    """Where Ollama keeps its models: $OLLAMA_MODELS, else ~/.ollama/models."""
-    return os.environ.get("OLLAMA_MODELS") or os.path.join(os.path.expanduser("~"), ".ollama", "models")
+def _has_gguf_magic(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def ollama_stores() -> list[str]:
+    """Where Ollama keeps its models: $OLLAMA_MODELS; else ~/.ollama/models, or the Linux
+    service's /usr/share/ollama/.ollama/models."""
+    if os.environ.get("OLLAMA_MODELS"):
+        return [os.environ["OLLAMA_MODELS"]]
+    return [os.path.join(os.path.expanduser("~"), ".ollama", "models"), "/usr/share/ollama/.ollama/models"]
 
 
 def check_model_dir(path: str) -> str:

@@ -60,8 +60,8 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
     if cfg.get("head_dim"):
         w.add_key_length(cfg["head_dim"])
         w.add_value_length(cfg["head_dim"])
-    if cfg.get("clip_qkv") is not None:                 # written by llama.cpp's OLMo(E) converters
-        w.add_clamp_kqv(cfg["clip_qkv"])
+    if cfg.get("clip_qkv") is not None:    # as llama.cpp's OLMo converter writes it (its OLMoE one
+        w.add_clamp_kqv(cfg["clip_qkv"])   # omits it: OLMoE's released configs have none)
     experts = cfg.get("num_local_experts") or cfg.get("num_experts")
     if experts:
         w.add_expert_count(experts)

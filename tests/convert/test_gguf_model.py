@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from configs.models import model_name
-from convert.gguf_model import GgufModel, default_quantize, ensure_gguf
+from convert.gguf_convert import default_quantize, ensure_gguf
+from convert.gguf_model import GgufModel
 from convert.model_store import BuildError
 from cache.provider import ResidentExpertProvider
 from engine.loader import load_model
@@ -26,7 +27,8 @@ VOCAB = 49152                   # the SmolLM2 tokenizer's, which the tiny GGUFs 
 # all layers MoE, as llama.cpp's qwen2moe/qwen3moe graphs have them
 OVERRIDES = {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
 ALL_MOE = {"mlp_only_layers": []}
-FAMILIES = {"mixtral": {}, "qwen2_moe": ALL_MOE, "qwen3_moe": ALL_MOE, "olmoe": {}}
+# llama with q/k/v biases: llama.cpp permutes the q/k biases with the weights
+FAMILIES = {"mixtral": {}, "qwen2_moe": ALL_MOE, "qwen3_moe": ALL_MOE, "olmoe": {}, "llama": {"attention_bias": True}}
 PROMPT = (1, 17, 402, 9, 2211, 88, 3016, 5, 44)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -79,11 +81,12 @@ def test_f32_gguf_converts_to_the_checkpoint_it_was_written_from(name: str, tiny
         got = json.load(f)
     for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "vocab_size", "rms_norm_eps", "num_experts_per_tok", "tie_word_embeddings", "norm_topk_prob",
-                "moe_intermediate_size", "shared_expert_intermediate_size", "clip_qkv", "max_position_embeddings"):
+                "moe_intermediate_size", "shared_expert_intermediate_size", "clip_qkv", "max_position_embeddings",
+                "attention_bias", "intermediate_size"):
         if key in want and (key != "norm_topk_prob" or name != "mixtral"):
             assert got[key] == want[key], key
     count = ("num_local_experts", "num_experts")        # transformers 5 writes both for some families
-    assert next(got[k] for k in count if k in got) == next(want[k] for k in count if k in want)
+    assert next((got[k] for k in count if k in got), 0) == next((want[k] for k in count if k in want), 0)
     torch.testing.assert_close(logits(out), logits(hf), rtol=0, atol=1e-5)
 
 
@@ -117,7 +120,7 @@ def test_quantized_experts_go_into_the_expert_store_near_the_files_values(
     from cache.quant import format_from_config, dequantize_int4, unpack_int4_cpu
     _, path = tiny("qwen3_moe", "Q8_0", expert_qtype)
     model = GgufModel(path)
-    assert default_quantize(model.expert_type()) == kind
+    assert default_quantize(model) == kind
     out = ensure_gguf(path, home=str(tmp_path), progress=False)
     with open(os.path.join(out, "config.json")) as f:
         qc = json.load(f)["quantization_config"]
@@ -158,6 +161,14 @@ def test_served_from_an_ollama_store_by_name(tiny: Callable[..., tuple[str, str]
     assert resolve_model("tiny-olmoe:q8", progress=False) == out          # converted once, reused
     with pytest.raises(FileNotFoundError, match="not a model Ollama has pulled"):
         resolve_model("tiny-olmoe:latest")
+    hf = store / "manifests" / "hf.co" / "Org" / "Tiny-GGUF" / "Q8_0"     # `ollama pull hf.co/Org/Tiny-GGUF:Q8_0`
+    hf.parent.mkdir(parents=True)
+    hf.write_text(manifest.read_text())
+    assert model_name(resolve_model("hf.co/Org/Tiny-GGUF:Q8_0", progress=False)) == "hf.co/Org/Tiny-GGUF:Q8_0"
+    manifest.write_text(json.dumps({"layers": [{"mediaType": "application/vnd.ollama.image.model",
+                                                "digest": "sha256:../../etc/passwd"}]}))
+    with pytest.raises(FileNotFoundError, match="not a sha256 digest"):
+        resolve_model("tiny-olmoe:q8")
     with pytest.raises(FileNotFoundError, match="no such directory"):
         resolve_model("tiny-olmoe")                  # no tag and no 'latest': not Ollama's
 
@@ -179,6 +190,37 @@ def test_files_that_cannot_be_served_are_refused_naming_why(tiny: Callable[..., 
     w.close()
     with pytest.raises(BuildError, match="'gemma3' is not supported"):
         ensure_gguf(str(other), home=str(tmp_path))
+    llama3 = tmp_path / "llama3.gguf"                   # Llama 3.1's rope factors: not silently dropped
+    w = gguf.GGUFWriter(str(llama3), "llama")
+    for add, value in ((w.add_block_count, 1), (w.add_embedding_length, 8), (w.add_head_count, 2)):
+        add(value)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.add_tensor("rope_freqs.weight", np.ones(2, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(BuildError, match="rope_freqs"):
+        ensure_gguf(str(llama3), home=str(tmp_path))
     from convert.gguf_import import find_packaged_gguf
     with pytest.raises(BuildError, match="no routed experts"):
         ensure_gguf(find_packaged_gguf(), "int4", home=str(tmp_path))
+
+
+def test_generate_from_a_gguf_path_offloaded_equals_resident(tiny: Callable[..., tuple[str, str]], tmp_path: Any,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI as a user runs it on a GGUF with Q4_0 experts: converted to int4 on first use, and
+    the same greedy tokens with a quarter of the experts in memory as with all of them."""
+    from moeserve.cli import main
+    _, path = tiny("qwen3_moe", "Q8_0", "Q4_0")
+    monkeypatch.setenv("MOESERVE_HOME", str(tmp_path))
+    outs = []
+    for budget in ("all", "25%"):
+        assert main(["generate", "--model", path, "--prompt", "Tell me about experts", "--chat",
+                     "--max-tokens", "8", "--ignore-eos", "--json", "--expert-budget", budget]) == 0
+        outs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert len(outs[0]["token_ids"]) == 8 and outs[0]["token_ids"] == outs[1]["token_ids"]
+    built = [n for n in os.listdir(tmp_path / "models") if not n.startswith(".")]   # not the lock
+    assert len(built) == 1 and built[0].startswith(os.path.basename(path)[:-5] + "-")   # converted once
+    assert built[0].endswith("-int4-g32")
