@@ -18,9 +18,10 @@ class EngineConfig:
     """Engine: model, device, dtype, batching and context."""
 
     model: Optional[str] = field(default=None, metadata={
-        "help": "checkpoint directory (config.json + safetensors + tokenizer), or the org/name "
-                "of a Hugging Face repo in the local Hugging Face cache (never downloaded); "
-                "omitted: the built-in default model, built on first use", "metavar": "DIR"})
+        "help": "checkpoint directory (config.json + safetensors + tokenizer), the org/name "
+                "of a Hugging Face repo in the local Hugging Face cache (never downloaded), a GGUF "
+                "file, or the name:tag of a model Ollama has pulled (GGUFs are converted once); "
+                "omitted: the built-in default model, built on first use", "metavar": "MODEL"})
     default_preset: str = field(default="smollm2-moe-8x", metadata={
         "help": "built-in default model preset used when --model is omitted",
         "choices": ("smollm2-moe-8x", "smollm2-moe-64x")})
@@ -36,7 +37,8 @@ class EngineConfig:
                 "unquantized checkpoint once into MOESERVE_HOME and serves that; none serves it "
                 "as it is; omitted: the checkpoint's own format (FP8 and gpt-oss MXFP4 "
                 "checkpoints: int8; gpt-oss's stacked bf16 experts: converted once per expert, "
-                "unquantized)", "choices": QUANT_FORMATS})
+                "unquantized; GGUF experts of 4 bits or fewer: int4 in groups of 32, of 5-8 "
+                "bits: int8, F16/BF16/F32: none)", "choices": QUANT_FORMATS})
     group_size: Optional[int] = field(default=None, metadata={
         "help": "int4 group size (32, 64 or 128); default: the largest that divides every "
                 "expert input dimension"})
