@@ -1,8 +1,9 @@
 """Quality of the quantized formats: held-out perplexity (MT-Bench 121-160, every turn) of a default
 preset at none/int8/int4 in moeserve, beside llama.cpp's own Q8_0 and Q4_K_M (and its BF16) GGUFs
-of the same checkpoint, scored on the same token ids.
+of the same checkpoint, and those same GGUF files served by moeserve (``moeserve-gguf``: converted
+as ``--model FILE.gguf`` converts them), scored on the same token ids.
 
-    python -m bench.quality [--preset smollm2-moe-8x] [--json OUT] [--systems moeserve,llama.cpp]
+    python -m bench.quality [--preset smollm2-moe-8x] [--json OUT] [--systems moeserve,llama.cpp,moeserve-gguf]
 
 moeserve quantizes only the routed experts (dense weights stay in the compute dtype), or with
 ``+dense`` every linear layer but the routers and the LM head in int4 too; llama.cpp's Q8_0/Q4_K_M
@@ -12,6 +13,7 @@ quantize every weight matrix, as its users get them. Writes
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -67,6 +69,13 @@ def moeserve_logits(model_dir: str, context: int,
     return run
 
 
+def expert_format(model_dir: str) -> str:
+    """none, int8 or int4:G: the routed experts' format of a checkpoint directory."""
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        qc = json.load(f).get("quantization_config") or {}
+    return f"{qc['format']}:{qc['group_size']}" if qc.get("group_size") else str(qc.get("format", "none"))
+
+
 def llama_gguf(model_dir: str, qtype: str) -> str:
     """The checkpoint's GGUF in ``qtype``: the BF16 conversion, or llama.cpp's own quantization."""
     from bench.e2e_gguf import ensure_gguf, ensure_llama_quantized
@@ -88,7 +97,9 @@ def llama_logits(gguf: str, context: int, threads: int) -> Callable[[list[int]],
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="smollm2-moe-8x", help="built-in default model preset")
-    p.add_argument("--systems", default="moeserve,llama.cpp", help="comma-separated: moeserve, llama.cpp")
+    p.add_argument("--systems", default="moeserve,llama.cpp,moeserve-gguf",
+                   help="comma-separated: moeserve, llama.cpp, moeserve-gguf (llama.cpp's GGUF files "
+                   "served by moeserve)")
     p.add_argument("--formats", default="none,int8,int4,int4:32,int4+dense,int4:32+dense",
                    help="moeserve expert formats; int4:G sets the int4 group size (int4 alone: "
                    "the default group); +dense: the dense linear layers in int4 too "
@@ -118,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
                 fn = moeserve_logits(path, context, dense)
                 if fmt == "int4" and not group:                              # name the default
                     kind = f"int4:{os.path.basename(path).rsplit('-g', 1)[-1]}" + kind[len(spec):]
+            elif system == "moeserve-gguf":
+                from convert.gguf_convert import ensure_gguf
+                path = ensure_gguf(llama_gguf(base, kind))       # the experts' default format
+                fn = moeserve_logits(path, context)
+                kind = f"{kind} as {expert_format(path)}"
             else:
                 fn = llama_logits(llama_gguf(base, kind), context, args.threads)
             ppl = perplexity(seqs, fn)
@@ -140,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             b = by[("llama.cpp", "q4_k_m")]
             goals.append(f"target moeserve {kind} no worse than llama.cpp Q4_K_M: "
                          f"{'met' if v <= b else 'NOT met'} ({v:.4f} vs {b:.4f})")
+    for (system, kind), v in by.items():
+        src = kind.split(" as ")[0]
+        if system == "moeserve-gguf" and ("llama.cpp", src) in by:
+            b = by[("llama.cpp", src)]
+            goals.append(f"target moeserve serving llama.cpp's {src.upper()} file within 1% of llama.cpp "
+                         f"on it: {'met' if v / b - 1 <= 0.01 else 'NOT met'} ({v / b - 1:+.2%})")
     tokens = sum(len(s) - 1 for s in seqs)
     note = (f"{len(seqs)} held-out MT-Bench turns (ids 121-160), {tokens} scored tokens, same ids "
             "for every system; moeserve quantizes the routed experts only (+dense: every linear "
