@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 from configs import CacheConfig, ConfigError, EngineConfig, ServerConfig, add_arguments, from_args
 from configs.presets import add_build_arguments
 from moeserve import runtime_env
-from moeserve.model_ref import resolve_model
+from moeserve.model_ref import resolve_in_child, resolve_model
 
 log = logging.getLogger("moeserve")
 
@@ -132,8 +132,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     scfg = from_args(ServerConfig, args)
     from configs.presets import load_preset
     builtin = not ecfg.model
-    model_dir = resolve_model(ecfg.model or _default_model_dir(ecfg.default_preset), ecfg.quantize,
-                              ecfg.group_size)
+    model_dir = resolve_in_child(ecfg.model or _default_model_dir(ecfg.default_preset), ecfg.quantize,
+                                 ecfg.group_size)
     ecfg = EngineConfig(**{**ecfg.__dict__, "model": model_dir})
     client = ProcessEngineClient(LazyFactory("moeserve.wiring:build_engine", ecfg, ccfg),
                                  log_level=scfg.log_level)

@@ -11,6 +11,7 @@ import os
 import re
 from typing import Optional
 
+from configs.engine import QUANT_FORMATS
 from configs.models import REPO_ID
 
 log = logging.getLogger("moeserve")
@@ -117,3 +118,41 @@ def check_model_dir(path: str) -> str:
 def _hub_cache() -> str:
     from huggingface_hub import constants
     return constants.HF_HUB_CACHE
+
+
+def resolve_in_child(arg: str, quantize: Optional[str] = None, group_size: Optional[int] = None) -> str:
+    """``resolve_model`` for the HTTP process, which must not import torch: a GGUF is converted
+    in a child process (``python -m moeserve.model_ref``); anything else is resolved here."""
+    if _gguf_source(arg)[0] is None:
+        return resolve_model(arg, quantize, group_size)
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "moeserve.model_ref", arg] + (["--quantize", quantize] if quantize else []) + \
+        (["--group-size", str(group_size)] if group_size else [])
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"moeserve: converting {arg} failed (exit {proc.returncode})")
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def main() -> int:
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(prog="python -m moeserve.model_ref",
+                                description="Resolve --model (converting a GGUF once) and print the directory.")
+    p.add_argument("model", help="as moeserve serve --model takes it")
+    p.add_argument("--quantize", choices=QUANT_FORMATS, help="the experts' format")
+    p.add_argument("--group-size", type=int, help="int4 group size")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from convert.model_store import BuildError
+    try:
+        print(resolve_model(args.model, args.quantize, args.group_size))
+    except (FileNotFoundError, BuildError) as e:
+        print(f"moeserve: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

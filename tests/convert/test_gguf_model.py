@@ -224,3 +224,21 @@ def test_generate_from_a_gguf_path_offloaded_equals_resident(tiny: Callable[...,
     built = [n for n in os.listdir(tmp_path / "models") if not n.startswith(".")]   # not the lock
     assert len(built) == 1 and built[0].startswith(os.path.basename(path)[:-5] + "-")   # converted once
     assert built[0].endswith("-int4-g32")
+
+
+def test_serve_converts_a_gguf_in_a_child_so_the_http_process_never_imports_torch(
+        tiny: Callable[..., tuple[str, str]], tmp_path: Any) -> None:
+    import subprocess
+    import sys
+    _, path = tiny("olmoe")
+    code = ("import sys; from moeserve.model_ref import resolve_in_child; "
+            f"print(resolve_in_child({path!r})); print('torch' in sys.modules)")
+    env = {**os.environ, "MOESERVE_HOME": str(tmp_path), "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    converted, torch_loaded = out.stdout.strip().splitlines()[-2:]
+    assert torch_loaded == "False" and os.path.isfile(os.path.join(converted, "config.json"))
+    assert converted.startswith(str(tmp_path))
+    bad = subprocess.run([sys.executable, "-m", "moeserve.model_ref", str(tmp_path / "none.gguf")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "no such directory" in bad.stderr
