@@ -37,8 +37,8 @@ class EngineConfig:
                 "unquantized checkpoint once into MOESERVE_HOME and serves that; none serves it "
                 "as it is; omitted: the checkpoint's own format (FP8 and gpt-oss MXFP4 "
                 "checkpoints: int8; gpt-oss's stacked bf16 experts: converted once per expert, "
-                "unquantized; GGUF experts of 4 bits or fewer: int4 in groups of 32, of 5-8 "
-                "bits: int8, F16/BF16/F32: none)", "choices": QUANT_FORMATS})
+                "unquantized; GGUF experts of at most 5 bits per weight on average: int4 in "
+                "groups of 32, more bits and MXFP4: int8, F16/BF16/F32: none)", "choices": QUANT_FORMATS})
     group_size: Optional[int] = field(default=None, metadata={
         "help": "int4 group size (32, 64 or 128); default: the largest that divides every "
                 "expert input dimension"})

@@ -22,10 +22,12 @@ GGUF_GROUP = 32         # ggml's blocks and K-quant sub-blocks: int4 groups of 3
 def default_quantize(model: GgufModel) -> str:
     """The expert format a GGUF's experts keep about their quality in: none for float files, int4
     where they average at most INT4_MAX_BITS bits per weight (Q4_K_M, Q4_0, Q3_K...), int8 above
-    (Q5, Q6_K, Q8_0)."""
+    (Q5, Q6_K, Q8_0) and for gpt-oss's MXFP4, as its safetensors release is served."""
     expert_type = model.expert_type()
     if expert_type is None or expert_type in FLOAT_TYPES:
         return "none"
+    if expert_type == "MXFP4":          # e2m1 levels are not evenly spaced: int8 keeps them (1.3% off)
+        return "int8"
     return "int4" if model.expert_bits() <= INT4_MAX_BITS else "int8"
 
 

@@ -11,7 +11,7 @@ what this module reads of it:
   aligned expert store, int8 or int4 (cache/quant.py), or per-expert tensors (``none``).
 llama.cpp's converter permutes the q/k rows of llama-architecture models for its rotary layout;
 they are permuted back, as transformers does. Architectures: llama (dense, or Mixtral when it has
-experts), qwen2moe, qwen3moe, olmoe.
+experts), qwen2moe, qwen3moe, olmoe, gpt-oss (experts in MXFP4, gate and up split, biases apart).
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ from convert.model_store import BuildError
 log = logging.getLogger(__name__)
 
 # GGUF general.architecture -> model_type (llama with experts is Mixtral)
-ARCHS = {"llama": "llama", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe"}
+ARCHS = {"llama": "llama", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "gpt-oss": "gpt_oss"}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
                  "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                 "olmoe": "OlmoeForCausalLM"}
+                 "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}
 TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
        "output.weight": "lm_head.weight"}
 # per block: GGUF name -> HF name under model.layers.{i}; "{moe}" is the MoE block's module
@@ -40,6 +40,11 @@ BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
          "ffn_down": "mlp.down_proj", "ffn_gate_inp": "{moe}.gate",
          "ffn_gate_inp_shexp": "mlp.shared_expert_gate", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
          "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj"}
+# gpt-oss's own names: the post-attention norm, the attention sinks ([heads], a bare parameter in
+# HF) and the router (with a bias)
+BLOCK_BY_ARCH = {"gpt-oss": {"post_attention_norm": "post_attention_layernorm", "attn_sinks": "self_attn.sinks",
+                             "ffn_gate_inp": "mlp.router"}}
+BARE = ("self_attn.sinks",)             # HF parameters without a .weight suffix
 EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")      # gate [E, I, H], up, down [E, H, I]
 FLOAT_TYPES = ("F32", "F16", "BF16")
 STORED = {"F32": torch.float32, "F16": torch.float16}    # kept as they are; bf16 for the rest
@@ -167,6 +172,8 @@ def hf_config(g: GgufFile) -> dict[str, Any]:
         if value is not None:
             raw[key] = int(value)
     rope = _rope_scaling(g)
+    if rope and model_type == "gpt_oss" and rope["rope_type"] == "yarn":
+        rope["truncate"] = False        # gpt-oss's config: no rounding of yarn's ramp (not in the GGUF)
     if rope:
         raw["rope_scaling"] = rope
     if experts:
@@ -204,10 +211,13 @@ def _moe_config(g: GgufFile, model_type: str, experts: int, layers: int) -> dict
         raise BuildError(f"{g.path}: the metadata says {experts} experts, but no layer has a router")
     _, inter, _ = g.shape(f"blk.{moe[0]}.ffn_gate_exps.weight")
     top_k = int(g.arch_meta("expert_used_count"))
-    if model_type == "mixtral":
+    if model_type in ("mixtral", "gpt_oss"):
         if len(moe) != layers:
-            raise BuildError(f"{g.path}: Mixtral-style layers without experts are not supported")
-        return {"num_local_experts": experts, "num_experts_per_tok": top_k, "intermediate_size": inter}
+            raise BuildError(f"{g.path}: {model_type} layers without experts are not supported")
+        out = {"num_local_experts": experts, "num_experts_per_tok": top_k, "intermediate_size": inter}
+        if model_type == "gpt_oss":     # every other layer slides (transformers' default layer_types)
+            out["sliding_window"] = int(g.arch_meta("attention.sliding_window"))
+        return out
     # llama.cpp normalises the top-k weights of qwen3moe, not of qwen2moe/olmoe, unless the file says
     norm = g.arch_meta("expert_weights_norm", None)
     out: dict[str, Any] = {"num_experts": experts, "num_experts_per_tok": top_k,
@@ -232,16 +242,19 @@ def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def hf_name(gguf_name: str, moe_module: str) -> Optional[str]:
-    """The HF name of a dense GGUF tensor; None for an expert tensor; BuildError if unknown."""
+def hf_name(gguf_name: str, moe_module: str, arch: str = "") -> Optional[str]:
+    """The HF name of a dense GGUF tensor; None for an expert tensor (weights, and gpt-oss's
+    biases, which GgufModel.dense stacks); BuildError if unknown."""
     if gguf_name in TOP:
         return TOP[gguf_name]
     parts = gguf_name.split(".")
+    table = {**BLOCK, **BLOCK_BY_ARCH.get(arch, {})}
     if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit():
         if parts[2] in EXPERTS:
             return None
-        if parts[2] in BLOCK and parts[3] in ("weight", "bias"):
-            return f"model.layers.{parts[1]}.{BLOCK[parts[2]].format(moe=moe_module)}.{parts[3]}"
+        if parts[2] in table and parts[3] in ("weight", "bias"):
+            base = f"model.layers.{parts[1]}.{table[parts[2]].format(moe=moe_module)}"
+            return base if base.endswith(BARE) else f"{base}.{parts[3]}"
     raise BuildError(f"tensor {gguf_name!r} has no counterpart in moeserve's models")
 
 
@@ -276,9 +289,19 @@ class GgufModel:
     def dense(self) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
         """(HF name, read) of every dense tensor, in its ``stored_dtype``."""
         for name in self.file.tensors:
-            target = hf_name(name, self.moe_module)
+            target = hf_name(name, self.moe_module, self.file.arch)
             if target:
                 yield target, (lambda n=name, t=target: self._dense(n, t))
+        if self.config["model_type"] == "gpt_oss":      # expert biases: dense tensors of each layer
+            for layer in self.layout.moe_layers:
+                p = self.layout.prefix(layer)
+                yield f"{p}.gate_up_proj_bias", lambda b=f"blk.{layer}": self._gate_up_bias(b)
+                yield f"{p}.down_proj_bias", lambda b=f"blk.{layer}": self.file.read(f"{b}.ffn_down_exps.bias")
+
+    def _gate_up_bias(self, block: str) -> torch.Tensor:
+        """gpt-oss's gate and up biases [E, I] each, interleaved as transformers stacks them [E, 2I]."""
+        gate, up = self.file.read(f"{block}.ffn_gate_exps.bias"), self.file.read(f"{block}.ffn_up_exps.bias")
+        return torch.stack([gate, up], dim=-1).reshape(gate.shape[0], -1)
 
     def _dense(self, name: str, target: str) -> torch.Tensor:
         w = self.file.read(name)

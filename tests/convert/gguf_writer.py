@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe",
-        "llama": "llama"}
+        "llama": "llama", "gpt_oss": "gpt-oss"}
 STACKED = {"mixtral": ("block_sparse_moe", {"w1": "w1", "w3": "w3", "w2": "w2"}),
            "default": ("mlp", {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"})}
 TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
@@ -62,6 +62,15 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
         w.add_value_length(cfg["head_dim"])
     if cfg.get("clip_qkv") is not None:    # as llama.cpp's OLMo converter writes it (its OLMoE one
         w.add_clamp_kqv(cfg["clip_qkv"])   # omits it: OLMoE's released configs have none)
+    if model_type == "gpt_oss":                          # as llama.cpp's GptOssModel and its base writes
+        rope = cfg["rope_parameters"]
+        w.add_sliding_window(cfg["sliding_window"])
+        w.add_expert_feed_forward_length(cfg["intermediate_size"])
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        w.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
+        w.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
     experts = cfg.get("num_local_experts") or cfg.get("num_experts")
     if experts:
         w.add_expert_count(experts)
@@ -75,7 +84,9 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
             w.add_array(key, value)
         else:
             w.add_key_value(key, value, types[0])
-    for name, t in _stacked(load_file(os.path.join(hf_dir, "model.safetensors")), model_type).items():
+    tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
+    tensors = _gpt_oss(tensors) if model_type == "gpt_oss" else _stacked(tensors, model_type)
+    for name, t in tensors.items():
         base = name.removesuffix(".weight").removesuffix(".bias")
         target = names.get_name(base)
         assert target is not None, f"gguf-py has no GGUF name for {base}"
@@ -85,7 +96,8 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
         if base.endswith("shared_expert_gate"):
             arr = arr.reshape(-1)                       # llama.cpp stores it as a vector
         kind = (expert_qtype or qtype) if re.search(r"\.experts\.", name) else qtype
-        _add(w, f"{target}{name[len(base):]}", np.ascontiguousarray(arr), "F32" if arr.ndim == 1 else kind)
+        plain = arr.ndim == 1 or name.endswith(".bias")     # biases and vectors stay F32
+        _add(w, f"{target}{name[len(base):]}", np.ascontiguousarray(arr), "F32" if plain else kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -100,6 +112,30 @@ def _add(w: Any, name: str, arr: np.ndarray, qtype: str) -> None:
         w.add_tensor(name, arr.astype(np.float32))
     else:
         w.add_tensor(name, gguf.quants.quantize(arr, t), raw_dtype=t)
+
+
+def _gpt_oss(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' gpt-oss tensors as llama.cpp's converter splits them: gate_up [E, H, 2I]
+    (interleaved) into gate and up [E, I, H], down [E, I, H] into [E, H, I], their biases
+    likewise, and the sinks named as weights."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            t = t.transpose(-1, -2)
+            out[name.replace("gate_up_proj", "gate_proj.weight")] = t[:, ::2]
+            out[name.replace("gate_up_proj", "up_proj.weight")] = t[:, 1::2]
+        elif name.endswith("mlp.experts.gate_up_proj_bias"):
+            out[name.replace("gate_up_proj_bias", "gate_proj.bias")] = t[..., ::2]
+            out[name.replace("gate_up_proj_bias", "up_proj.bias")] = t[..., 1::2]
+        elif name.endswith("mlp.experts.down_proj"):
+            out[name + ".weight"] = t.transpose(-1, -2)
+        elif name.endswith("mlp.experts.down_proj_bias"):
+            out[name.replace("down_proj_bias", "down_proj.bias")] = t
+        elif name.endswith("self_attn.sinks"):
+            out[name + ".weight"] = t
+        else:
+            out[name] = t
+    return out
 
 
 def _stacked(tensors: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from engine.loader import load_model
 from engine.models.common import Batch, KVCache
 from moeserve.model_ref import resolve_model
 from tests.convert.gguf_writer import smollm2_tokenizer, write_gguf
-from tests.engine.tiny_families import make_family_checkpoint
+from tests.engine.tiny_families import engine_dir, make_family_checkpoint
 
 CPU = torch.device("cpu")
 VOCAB = 49152                   # the SmolLM2 tokenizer's, which the tiny GGUFs carry
@@ -28,7 +28,9 @@ VOCAB = 49152                   # the SmolLM2 tokenizer's, which the tiny GGUFs 
 OVERRIDES = {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
 ALL_MOE = {"mlp_only_layers": []}
 # llama with q/k/v biases: llama.cpp permutes the q/k biases with the weights
-FAMILIES = {"mixtral": {}, "qwen2_moe": ALL_MOE, "qwen3_moe": ALL_MOE, "olmoe": {}, "llama": {"attention_bias": True}}
+# gpt-oss: the SwiGLU limit every gpt-oss GGUF has (llama.cpp does not store it)
+FAMILIES = {"mixtral": {}, "qwen2_moe": ALL_MOE, "qwen3_moe": ALL_MOE, "olmoe": {}, "llama": {"attention_bias": True},
+            "gpt_oss": {"swiglu_limit": 7.0}}
 PROMPT = (1, 17, 402, 9, 2211, 88, 3016, 5, 44)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -70,6 +72,7 @@ def test_f32_gguf_converts_to_the_checkpoint_it_was_written_from(name: str, tiny
     hf, path = tiny(name)
     out = ensure_gguf(path, home=str(tmp_path), progress=False)      # F32 experts: kept unquantized
     assert out.endswith("-float32")
+    hf = engine_dir(hf)                  # gpt-oss: its stacked experts one by one, as moeserve loads them
     theirs = load_file(os.path.join(hf, "model.safetensors"))
     ours = load_file(os.path.join(out, "model.safetensors"))
     assert sorted(ours) == sorted(theirs)
@@ -82,9 +85,11 @@ def test_f32_gguf_converts_to_the_checkpoint_it_was_written_from(name: str, tiny
     for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "vocab_size", "rms_norm_eps", "num_experts_per_tok", "tie_word_embeddings", "norm_topk_prob",
                 "moe_intermediate_size", "shared_expert_intermediate_size", "clip_qkv", "max_position_embeddings",
-                "attention_bias", "intermediate_size"):
-        if key in want and (key != "norm_topk_prob" or name != "mixtral"):
-            assert got[key] == want[key], key
+                "attention_bias", "intermediate_size", "sliding_window", "head_dim"):
+        if want.get(key) is None or (key == "sliding_window" and not want[key]) or \
+                (key == "norm_topk_prob" and name == "mixtral"):   # unset, off, or implied by the family
+            continue
+        assert got.get(key) == want[key], key
     count = ("num_local_experts", "num_experts")        # transformers 5 writes both for some families
     assert next((got[k] for k in count if k in got), 0) == next((want[k] for k in count if k in want), 0)
     torch.testing.assert_close(logits(out), logits(hf), rtol=0, atol=1e-5)
@@ -111,14 +116,16 @@ def test_packaged_smollm2_gguf_reads_as_transformers_reads_it(tmp_path: Any) -> 
                                                                              tokenize=True, return_dict=False)
 
 
-@pytest.mark.parametrize("expert_qtype,kind,bound", [("Q8_0", "int8", 0.02), ("Q4_1", "int4", 0.02),
-                                                     ("Q4_0", "int4", 0.01)])
+@pytest.mark.parametrize("family,expert_qtype,kind,bound", [
+    ("qwen3_moe", "Q8_0", "int8", 0.02), ("qwen3_moe", "Q4_1", "int4", 0.02), ("qwen3_moe", "Q4_0", "int4", 0.01),
+    ("gpt_oss", "MXFP4", "int8", 0.02)])       # gpt-oss as OpenAI and Ollama ship it
 def test_quantized_experts_go_into_the_expert_store_near_the_files_values(
-        expert_qtype: str, kind: str, bound: float, tiny: Callable[..., tuple[str, str]], tmp_path: Any) -> None:
+        family: str, expert_qtype: str, kind: str, bound: float, tiny: Callable[..., tuple[str, str]],
+        tmp_path: Any) -> None:
     from cache.expert_store import locate_experts
     from cache.provider import read_tensor
     from cache.quant import format_from_config, dequantize_int4, unpack_int4_cpu
-    _, path = tiny("qwen3_moe", "Q8_0", expert_qtype)
+    _, path = tiny(family, "Q8_0", expert_qtype)
     model = GgufModel(path)
     assert default_quantize(model) == kind
     out = ensure_gguf(path, home=str(tmp_path), progress=False)

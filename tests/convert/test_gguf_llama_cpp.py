@@ -1,0 +1,58 @@
+"""llama.cpp's own convert_hf_to_gguf.py (from the installed llama-cpp-python's source, as the
+benchmarks use it) on each family's tiny checkpoint, then moeserve's GGUF conversion: the same
+logits as moeserve on the checkpoint itself. Skipped unless llama-cpp-python is installed
+(`make bench-install`); the first run downloads its source distribution for the converter."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import torch
+
+from convert.gguf_convert import ensure_gguf
+from tests.convert.test_gguf_model import FAMILIES, OVERRIDES, logits
+from tests.engine.tiny_families import engine_dir, make_family_checkpoint
+
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                 reason="llama-cpp-python is not installed (make bench-install)"),
+              pytest.mark.filterwarnings("ignore::UserWarning")]
+# llama.cpp's OLMoE converter does not carry clip_qkv (OLMoE's released configs have none)
+EXTRA = {"olmoe": {"clip_qkv": None}}
+
+
+@pytest.fixture(scope="module")
+def converter() -> str:
+    from bench.e2e_gguf import converter_path
+    try:
+        return converter_path()
+    except RuntimeError as e:          # no network for the source distribution
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    """SmolLM2's tokenizer (one llama.cpp's converter knows), from the packaged GGUF."""
+    from transformers import PreTrainedTokenizerFast
+
+    from convert.gguf_import import find_packaged_gguf
+    folder, name = os.path.split(find_packaged_gguf())
+    return PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_llama_cpp_conversion_serves_the_same_logits(name: str, converter: str, tokenizer: Any,
+                                                     tmp_path: Any) -> None:
+    hf = make_family_checkpoint(name, str(tmp_path / "hf"), overrides={**OVERRIDES, **FAMILIES[name],
+                                                                      **EXTRA.get(name, {})})
+    tokenizer.save_pretrained(hf)
+    out = str(tmp_path / "m.gguf")
+    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(converter), "gguf-py"))
+    r = subprocess.run([sys.executable, converter, "--outtype", "f32", "--outfile", out, hf],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    served = ensure_gguf(out, home=str(tmp_path / "home"), progress=False)
+    torch.testing.assert_close(logits(served), logits(engine_dir(hf)), rtol=0, atol=1e-5)
