@@ -187,28 +187,24 @@ def test_files_that_cannot_be_served_are_refused_naming_why(tiny: Callable[..., 
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(BuildError, match="not a readable GGUF"):
         ensure_gguf(str(bad), home=str(tmp_path))
-    other = tmp_path / "gemma.gguf"
-    w = gguf.GGUFWriter(str(other), "gemma3")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+
+    def write(name: str, arch: str, tensors: dict[str, np.ndarray]) -> str:
+        w = gguf.GGUFWriter(str(tmp_path / name), arch)
+        for add, value in ((w.add_block_count, 1), (w.add_embedding_length, 8), (w.add_head_count, 2)):
+            add(value)
+        for key, t in tensors.items():
+            w.add_tensor(key, t)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return str(tmp_path / name)
+    embd = {"token_embd.weight": np.zeros((4, 8), dtype=np.float32)}
     with pytest.raises(BuildError, match="'gemma3' is not supported"):
-        ensure_gguf(str(other), home=str(tmp_path))
-    llama3 = tmp_path / "llama3.gguf"                   # Llama 3.1's rope factors: not silently dropped
-    w = gguf.GGUFWriter(str(llama3), "llama")
-    for add, value in ((w.add_block_count, 1), (w.add_embedding_length, 8), (w.add_head_count, 2)):
-        add(value)
-    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    w.add_tensor("rope_freqs.weight", np.ones(2, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    with pytest.raises(BuildError, match="rope_freqs"):
-        ensure_gguf(str(llama3), home=str(tmp_path))
+        ensure_gguf(write("gemma.gguf", "gemma3", embd), home=str(tmp_path))
+    with pytest.raises(BuildError, match="rope_freqs"):     # Llama 3.1's rope factors: not silently dropped
+        ensure_gguf(write("llama3.gguf", "llama", {**embd, "rope_freqs.weight": np.ones(2, dtype=np.float32)}),
+                    home=str(tmp_path))
     from convert.gguf_import import find_packaged_gguf
     with pytest.raises(BuildError, match="no routed experts"):
         ensure_gguf(find_packaged_gguf(), "int4", home=str(tmp_path))
