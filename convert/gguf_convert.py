@@ -31,8 +31,9 @@ def default_quantize(model: GgufModel) -> str:
     return "int4" if model.expert_bits() <= INT4_MAX_BITS else "int8"
 
 
-def save_tokenizer(path: str, out_dir: str) -> None:
-    """tokenizer.json, tokenizer_config.json and the chat template, by transformers."""
+def save_tokenizer(path: str, out_dir: str, pre: Optional[str] = None) -> None:
+    """tokenizer.json, tokenizer_config.json and the chat template, by transformers (``pre``: the
+    file's tokenizer.ggml.pre)."""
     try:
         from transformers import PreTrainedTokenizerFast
     except ImportError as e:  # pragma: no cover - depends on the installation
@@ -43,10 +44,27 @@ def save_tokenizer(path: str, out_dir: str) -> None:
         tok = PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name)
     except Exception as e:      # noqa: BLE001 - whatever transformers raises on this file's vocabulary
         raise BuildError(f"{path}: its tokenizer cannot be converted ({type(e).__name__}: {e})") from None
+    _split_like_llama_cpp(tok, path, pre)
     if not getattr(tok, "chat_template", None):
         log.warning("%s carries no chat template (tokenizer.chat_template): only /v1/completions "
                     "will work", path)
     tok.save_pretrained(out_dir)
+
+
+# pre-tokenizers llama.cpp splits with another's regex, which transformers' table lacks
+PRE_ALIASES = {"glm4": "llama-bpe"}
+
+
+def _split_like_llama_cpp(tok: Any, path: str, pre: Optional[str]) -> None:
+    """Give ``tok`` the split regex llama.cpp uses for the file's pre-tokenizer where transformers
+    knows it under another name (GLM-4.5's "glm4" is Llama 3's)."""
+    if pre not in PRE_ALIASES:
+        return
+    from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
+    splits = getattr(mapping, "GGUF_PRE_TOKENIZER_SPLITS", {})
+    if pre in PRE_ALIASES and pre not in splits and PRE_ALIASES[pre] in splits:
+        mapping.set_split_regex(tok, {"pre_tokenizer_type": PRE_ALIASES[pre]})
+        log.info("%s: pre-tokenizer %r split as %r, as llama.cpp splits it", path, pre, PRE_ALIASES[pre])
 
 
 def source_id(path: str) -> dict[str, Any]:
@@ -61,7 +79,7 @@ def convert_gguf(model: GgufModel, out_dir: str, kind: str, group_size: Optional
     ``kind`` (int8, int4: the expert store; none: per-expert tensors), served as ``served``."""
     from convert.gguf_import import write_json
     from convert.quantize import quant_config, resolve_format, write_experts, write_per_expert, write_tensors
-    save_tokenizer(model.file.path, out_dir)
+    save_tokenizer(model.file.path, out_dir, model.file.meta("tokenizer.ggml.pre", None))
     raw = {**model.config, SERVED_NAME_KEY: served}
     if kind == "none" or not model.keys:
         write_per_expert(out_dir, model.dense(), model, progress, model.stored_dtype())

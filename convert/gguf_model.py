@@ -11,7 +11,8 @@ what this module reads of it:
   aligned expert store, int8 or int4 (cache/quant.py), or per-expert tensors (``none``).
 llama.cpp's converter permutes the q/k rows of llama-architecture models for its rotary layout;
 they are permuted back, as transformers does. Architectures: llama (dense, or Mixtral when it has
-experts), qwen2moe, qwen3moe, olmoe, gpt-oss (experts in MXFP4, gate and up split, biases apart).
+experts), qwen2moe, qwen3moe, olmoe, gpt-oss (experts in MXFP4, gate and up split, biases apart),
+glm4moe (GLM-4.5, its multi-token-prediction layers left out).
 """
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ from convert.model_store import BuildError
 log = logging.getLogger(__name__)
 
 # GGUF general.architecture -> model_type (llama with experts is Mixtral)
-ARCHS = {"llama": "llama", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "gpt-oss": "gpt_oss"}
+ARCHS = {"llama": "llama", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "gpt-oss": "gpt_oss",
+         "glm4moe": "glm4_moe"}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
                  "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                 "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}
+                 "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
 TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
        "output.weight": "lm_head.weight"}
 # per block: GGUF name -> HF name under model.layers.{i}; "{moe}" is the MoE block's module
@@ -42,9 +44,15 @@ BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
          "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj"}
 # gpt-oss's own names: the post-attention norm, the attention sinks ([heads], a bare parameter in
 # HF) and the router (with a bias)
+# GLM-4.5's: the post-attention norm, shared_experts (plural), the router's selection bias
 BLOCK_BY_ARCH = {"gpt-oss": {"post_attention_norm": "post_attention_layernorm", "attn_sinks": "self_attn.sinks",
-                             "ffn_gate_inp": "mlp.router"}}
-BARE = ("self_attn.sinks",)             # HF parameters without a .weight suffix
+                             "ffn_gate_inp": "mlp.router"},
+                 "glm4moe": {"post_attention_norm": "post_attention_layernorm",
+                             "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
+                             "ffn_up_shexp": "mlp.shared_experts.up_proj",
+                             "ffn_down_shexp": "mlp.shared_experts.down_proj",
+                             "exp_probs_b": "mlp.gate.e_score_correction_bias"}}
+BARE = ("self_attn.sinks", "e_score_correction_bias")      # HF parameters without a .weight suffix
 EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")      # gate [E, I, H], up, down [E, H, I]
 FLOAT_TYPES = ("F32", "F16", "BF16")
 STORED = {"F32": torch.float32, "F16": torch.float16}    # kept as they are; bf16 for the rest
@@ -136,6 +144,7 @@ def hf_config(g: GgufFile) -> dict[str, Any]:
                          "Hugging Face safetensors release)")
     a = g.arch_meta
     layers, heads, hidden = int(a("block_count")), a("attention.head_count"), int(a("embedding_length"))
+    layers -= int(a("nextn_predict_layers", 0))      # GLM-4.5's multi-token-prediction layers: not served
     kv_heads = a("attention.head_count_kv", heads)
     if isinstance(heads, list) or isinstance(kv_heads, list):
         raise BuildError(f"{g.path}: per-layer head counts are not supported")
@@ -211,6 +220,26 @@ def _moe_config(g: GgufFile, model_type: str, experts: int, layers: int) -> dict
         raise BuildError(f"{g.path}: the metadata says {experts} experts, but no layer has a router")
     _, inter, _ = g.shape(f"blk.{moe[0]}.ffn_gate_exps.weight")
     top_k = int(g.arch_meta("expert_used_count"))
+    if model_type == "glm4_moe":
+        first = int(g.arch_meta("leading_dense_block_count", 0))
+        if moe != list(range(first, layers)):
+            raise BuildError(f"{g.path}: MoE layers {moe} do not follow the {first} leading dense ones")
+        heads = int(g.arch_meta("attention.head_count"))
+        head_dim = int(g.arch_meta("attention.key_length", int(g.arch_meta("embedding_length")) // heads))
+        rot = int(g.arch_meta("rope.dimension_count", head_dim // 2))
+        shared = f"blk.{moe[0]}.ffn_gate_shexp.weight"
+        gating = g.arch_meta("expert_gating_func", 2)
+        if int(gating) != 2:
+            raise BuildError(f"{g.path}: expert gating function {gating} (GLM-4.5's is 2, sigmoid)")
+        return {"n_routed_experts": experts, "num_experts_per_tok": top_k, "moe_intermediate_size": inter,
+                "n_shared_experts": int(g.arch_meta("expert_shared_count", 1 if shared in g.tensors else 0)),
+                "first_k_dense_replace": first, "partial_rotary_factor": rot / head_dim,
+                "routed_scaling_factor": float(g.arch_meta("expert_weights_scale", 1.0)),
+                "norm_topk_prob": bool(g.arch_meta("expert_weights_norm", True)),
+                # llama.cpp's GLM-4.5 graph has no expert groups (the released configs use one)
+                "n_group": int(g.arch_meta("expert_group_count", 1) or 1),
+                "topk_group": int(g.arch_meta("expert_group_used_count", 1) or 1),
+                "use_qk_norm": f"blk.{moe[0]}.attn_q_norm.weight" in g.tensors}
     if model_type in ("mixtral", "gpt_oss"):
         if len(moe) != layers:
             raise BuildError(f"{g.path}: {model_type} layers without experts are not supported")
@@ -288,7 +317,11 @@ class GgufModel:
 
     def dense(self) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
         """(HF name, read) of every dense tensor, in its ``stored_dtype``."""
+        layers = self.config["num_hidden_layers"]
         for name in self.file.tensors:
+            parts = name.split(".")
+            if parts[0] == "blk" and int(parts[1]) >= layers:      # multi-token-prediction layers
+                continue
             target = hf_name(name, self.moe_module, self.file.arch)
             if target:
                 yield target, (lambda n=name, t=target: self._dense(n, t))

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe",
-        "llama": "llama", "gpt_oss": "gpt-oss"}
+        "llama": "llama", "gpt_oss": "gpt-oss", "glm4_moe": "glm4moe"}
 STACKED = {"mixtral": ("block_sparse_moe", {"w1": "w1", "w3": "w3", "w2": "w2"}),
            "default": ("mlp", {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"})}
 TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
@@ -47,9 +47,14 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
     model_type = cfg["model_type"]
     arch = ARCH[model_type]
     layers = cfg["num_hidden_layers"]
-    names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), layers)
+    tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
+    # GLM-4.5's multi-token-prediction layers follow the decoder's, counted in block_count
+    blocks = 1 + max(int(n.split(".")[2]) for n in tensors if n.startswith("model.layers."))
+    names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), blocks)
     w = gguf.GGUFWriter(path, arch)
-    w.add_block_count(layers)
+    w.add_block_count(blocks)
+    if blocks > layers:
+        w.add_nextn_predict_layers(blocks - layers)
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
     w.add_feed_forward_length(cfg["intermediate_size"])
@@ -71,7 +76,15 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
         w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
         w.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
         w.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
-    experts = cfg.get("num_local_experts") or cfg.get("num_experts")
+    if model_type == "glm4_moe":                         # as llama.cpp's Glm4MoeModel writes
+        w.add_rope_dimension_count(int(cfg["head_dim"] * cfg.get("partial_rotary_factor", 0.5)))
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        w.add_expert_shared_count(cfg["n_shared_experts"])
+        w.add_leading_dense_block_count(cfg["first_k_dense_replace"])
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_expert_weights_scale(cfg["routed_scaling_factor"])
+        w.add_expert_weights_norm(cfg["norm_topk_prob"])
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts")
     if experts:
         w.add_expert_count(experts)
         w.add_expert_used_count(cfg["num_experts_per_tok"])
@@ -84,10 +97,9 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
             w.add_array(key, value)
         else:
             w.add_key_value(key, value, types[0])
-    tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
     tensors = _gpt_oss(tensors) if model_type == "gpt_oss" else _stacked(tensors, model_type)
     for name, t in tensors.items():
-        base = name.removesuffix(".weight").removesuffix(".bias")
+        base = name.removesuffix(".weight").removesuffix(".bias").removesuffix("_bias")   # e_score_correction_bias
         target = names.get_name(base)
         assert target is not None, f"gguf-py has no GGUF name for {base}"
         arr = t.float().numpy()
@@ -96,8 +108,9 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
         if base.endswith("shared_expert_gate"):
             arr = arr.reshape(-1)                       # llama.cpp stores it as a vector
         kind = (expert_qtype or qtype) if re.search(r"\.experts\.", name) else qtype
-        plain = arr.ndim == 1 or name.endswith(".bias")     # biases and vectors stay F32
-        _add(w, f"{target}{name[len(base):]}", np.ascontiguousarray(arr), "F32" if plain else kind)
+        plain = arr.ndim == 1 or name.endswith("bias")      # biases and vectors stay F32
+        suffix = ".bias" if name.endswith("_bias") else name[len(base):]
+        _add(w, f"{target}{suffix}", np.ascontiguousarray(arr), "F32" if plain else kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

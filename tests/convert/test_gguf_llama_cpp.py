@@ -4,6 +4,7 @@ logits as moeserve on the checkpoint itself. Skipped unless llama-cpp-python is 
 (`make bench-install`); the first run downloads its source distribution for the converter."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import subprocess
@@ -20,8 +21,10 @@ from tests.engine.tiny_families import engine_dir, make_family_checkpoint
 pytestmark = [pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                  reason="llama-cpp-python is not installed (make bench-install)"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
-# llama.cpp's OLMoE converter does not carry clip_qkv (OLMoE's released configs have none)
-EXTRA = {"olmoe": {"clip_qkv": None}}
+# llama.cpp's OLMoE converter does not carry clip_qkv (OLMoE's released configs have none); its
+# GLM converter looks up GLM's special tokens, added here (and room for them in the vocabulary)
+EXTRA = {"olmoe": {"clip_qkv": None}, "glm4_moe": {"vocab_size": 49160}}
+ADDED = {"glm4_moe": ["[gMASK]", "<|user|>", "<|endoftext|>", "<|observation|>"]}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,10 @@ def test_llama_cpp_conversion_serves_the_same_logits(name: str, converter: str, 
                                                      tmp_path: Any) -> None:
     hf = make_family_checkpoint(name, str(tmp_path / "hf"), overrides={**OVERRIDES, **FAMILIES[name],
                                                                       **EXTRA.get(name, {})})
-    tokenizer.save_pretrained(hf)
+    tok = copy.deepcopy(tokenizer)
+    if name in ADDED:
+        tok.add_special_tokens({"additional_special_tokens": ADDED[name]})
+    tok.save_pretrained(hf)
     out = str(tmp_path / "m.gguf")
     env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(converter), "gguf-py"))
     r = subprocess.run([sys.executable, converter, "--outtype", "f32", "--outfile", out, hf],

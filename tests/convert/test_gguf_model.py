@@ -30,7 +30,9 @@ ALL_MOE = {"mlp_only_layers": []}
 # llama with q/k/v biases: llama.cpp permutes the q/k biases with the weights
 # gpt-oss: the SwiGLU limit every gpt-oss GGUF has (llama.cpp does not store it)
 FAMILIES = {"mixtral": {}, "qwen2_moe": ALL_MOE, "qwen3_moe": ALL_MOE, "olmoe": {}, "llama": {"attention_bias": True},
-            "gpt_oss": {"swiglu_limit": 7.0}}
+            "gpt_oss": {"swiglu_limit": 7.0},
+            # GLM-4.5: one expert group, as released (llama.cpp's GLM graph has none)
+            "glm4_moe": {"n_group": 1, "topk_group": 1}}
 PROMPT = (1, 17, 402, 9, 2211, 88, 3016, 5, 44)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -85,14 +87,26 @@ def test_f32_gguf_converts_to_the_checkpoint_it_was_written_from(name: str, tiny
     for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "vocab_size", "rms_norm_eps", "num_experts_per_tok", "tie_word_embeddings", "norm_topk_prob",
                 "moe_intermediate_size", "shared_expert_intermediate_size", "clip_qkv", "max_position_embeddings",
-                "attention_bias", "intermediate_size", "sliding_window", "head_dim"):
+                "attention_bias", "intermediate_size", "sliding_window", "head_dim", "n_routed_experts",
+                "n_shared_experts", "first_k_dense_replace", "routed_scaling_factor", "use_qk_norm"):
         if want.get(key) is None or (key == "sliding_window" and not want[key]) or \
                 (key == "norm_topk_prob" and name == "mixtral"):   # unset, off, or implied by the family
             continue
         assert got.get(key) == want[key], key
-    count = ("num_local_experts", "num_experts")        # transformers 5 writes both for some families
+    count = ("num_local_experts", "num_experts", "n_routed_experts")   # transformers 5 writes two for some
     assert next((got[k] for k in count if k in got), 0) == next((want[k] for k in count if k in want), 0)
     torch.testing.assert_close(logits(out), logits(hf), rtol=0, atol=1e-5)
+
+
+def test_glm_multi_token_prediction_layers_are_left_out(tokenizer: dict[str, Any], tmp_path: Any) -> None:
+    from tests.engine.tiny_families import add_mtp_layer
+    plain = make_family_checkpoint("glm4_moe", str(tmp_path / "plain"), overrides={**OVERRIDES, **FAMILIES["glm4_moe"]})
+    add_mtp_layer(plain, str(tmp_path / "mtp"))
+    path = write_gguf(str(tmp_path / "mtp"), str(tmp_path / "glm.gguf"), tokenizer)
+    out = ensure_gguf(path, home=str(tmp_path / "home"), progress=False)
+    n = json.load(open(os.path.join(plain, "config.json")))["num_hidden_layers"]
+    assert not [k for k in load_file(os.path.join(out, "model.safetensors")) if k.startswith(f"model.layers.{n}.")]
+    torch.testing.assert_close(logits(out), logits(plain), rtol=0, atol=1e-5)
 
 
 def test_packaged_smollm2_gguf_reads_as_transformers_reads_it(tmp_path: Any) -> None:
