@@ -12,6 +12,8 @@ TOOL_PARSERS = ("auto", "hermes", "glm45", "qwen3_coder", "minimax_m2", "deepsee
 # --reasoning-parser (server/reasoning.py, server/harmony.py)
 REASONING_PARSERS = ("auto", "think", "harmony", "none")
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -89,7 +91,7 @@ class ServerConfig:
         "help": "serve the built-in chat page, with its live expert view, at / (--no-web-ui: "
                 "the API only)"})
     log_level: str = field(default="info", metadata={
-        "help": "logging level", "choices": ("debug", "info", "warning", "error")})
+        "help": "logging level", "choices": LOG_LEVELS})
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():

@@ -91,11 +91,28 @@ def convert_gguf(model: GgufModel, out_dir: str, kind: str, group_size: Optional
                                                                 model.layout.num_experts))}
     write_json(os.path.join(out_dir, "config.json"), raw)
     gen = {k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in raw}
-    ends = [raw.get("eos_token_id")] + [model.file.meta(f"tokenizer.ggml.{k}_token_id", None) for k in ("eot", "eom")]
-    ends = list(dict.fromkeys(int(e) for e in ends if e is not None))     # end of turn/message stop too
+    ends = stop_ids(model, raw.get("eos_token_id"))
     if len(ends) > 1:
         gen["eos_token_id"] = ends
     write_json(os.path.join(out_dir, "generation_config.json"), gen)
+
+
+# tokens llama.cpp stops on by their text, beside the file's ids (gpt-oss's GGUF names only
+# <|return|>; a tool call ends at <|call|>)
+STOP_TEXTS = {"gpt_oss": ("<|return|>", "<|call|>", "<|endoftext|>")}
+
+
+def stop_ids(model: GgufModel, eos: Optional[int]) -> list[int]:
+    """Every token that ends a reply: eos, the file's eos list, end of turn and of message
+    (tokenizer.ggml.eot/eom_token_id), and the family's own stop tokens."""
+    meta = model.file.meta
+    ends: list[Any] = [eos, *(meta("tokenizer.ggml.eos_token_ids", None) or []),
+                       meta("tokenizer.ggml.eot_token_id", None), meta("tokenizer.ggml.eom_token_id", None)]
+    texts = STOP_TEXTS.get(model.config["model_type"], ())
+    if texts:
+        tokens = meta("tokenizer.ggml.tokens", [])
+        ends += [i for i, t in enumerate(tokens) if t in texts]
+    return list(dict.fromkeys(int(e) for e in ends if e is not None))
 
 
 def ensure_gguf(path: str, quantize: Optional[str] = None, group_size: Optional[int] = None,

@@ -70,7 +70,10 @@ class GgufFile:
             self._reader = GGUFReader(path)
         except (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError) as e:
             # gguf-py reads a truncated or foreign file until an index or a parse fails
-            raise BuildError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+            hint = ("; a tensor type gguf-py does not know, as in Ollama's own gpt-oss conversion (its "
+                    "MXFP4 under type 4): use ggml-org/gpt-oss-20b-GGUF or openai/gpt-oss-20b instead"
+                    if "GGMLQuantizationType" in str(e) else "")
+            raise BuildError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}){hint}") from None
         self.tensors = {t.name: t for t in self._reader.tensors}
         self.arch = str(self.meta("general.architecture"))
         if int(self.meta("split.count", 1)) > 1:
@@ -138,6 +141,10 @@ def stored_dtype(type_name: str) -> torch.dtype:
 
 def hf_config(g: GgufFile) -> dict[str, Any]:
     """The HF config.json of the model in ``g``; a BuildError names what cannot be served."""
+    if g.arch == "gptoss":
+        raise BuildError(f"{g.path}: Ollama's own gpt-oss conversion (architecture 'gptoss': fused gate/up "
+                         "experts, its own tensor names) is not supported; use llama.cpp's "
+                         "(ggml-org/gpt-oss-20b-GGUF) or the safetensors release (openai/gpt-oss-20b)")
     if g.arch not in ARCHS:
         raise BuildError(f"{g.path}: GGUF architecture {g.arch!r} is not supported; moeserve reads "
                          f"GGUF files of {', '.join(sorted(ARCHS))} (for other models, give their "

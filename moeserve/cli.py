@@ -133,7 +133,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from configs.presets import load_preset
     builtin = not ecfg.model
     model_dir = resolve_in_child(ecfg.model or _default_model_dir(ecfg.default_preset), ecfg.quantize,
-                                 ecfg.group_size)
+                                 ecfg.group_size, scfg.log_level)
     ecfg = EngineConfig(**{**ecfg.__dict__, "model": model_dir})
     client = ProcessEngineClient(LazyFactory("moeserve.wiring:build_engine", ecfg, ccfg),
                                  log_level=scfg.log_level)

@@ -12,6 +12,7 @@ import re
 from typing import Optional
 
 from configs.engine import QUANT_FORMATS
+from configs.server import LOG_LEVELS
 from configs.models import REPO_ID
 
 log = logging.getLogger("moeserve")
@@ -45,7 +46,24 @@ def resolve_model(arg: str, quantize: Optional[str] = None, group_size: Optional
         raise FileNotFoundError(f"--model {arg!r}: no such directory, nor a valid Hugging Face "
                                 f"repo id ({e})") from None
     log.info("--model %s: the local Hugging Face cache copy at %s", arg, path)
+    gguf = gguf_in_dir(path)
+    if gguf is not None:                 # a GGUF release (hf download ggml-org/...-GGUF)
+        from convert.gguf_convert import ensure_gguf
+        return ensure_gguf(gguf, quantize, group_size, served=arg, progress=progress)
     return check_model_dir(path)
+
+
+def gguf_in_dir(path: str) -> Optional[str]:
+    """The one GGUF file of a directory that holds no checkpoint (no config.json); None when it
+    is not such a directory; FileNotFoundError naming the files when there are several."""
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    found = sorted(n for n in os.listdir(path) if n.lower().endswith(".gguf"))
+    if len(found) > 1:
+        raise FileNotFoundError(f"--model {path!r}: no config.json, and {len(found)} GGUF files "
+                                f"({', '.join(found[:6])}{', ...' if len(found) > 6 else ''}): give one "
+                                "of them (a split model's parts must be merged first)")
+    return os.path.join(path, found[0]) if found else None
 
 
 def _gguf_source(arg: str) -> tuple[Optional[str], Optional[str], Optional[str]]:
@@ -53,6 +71,9 @@ def _gguf_source(arg: str) -> tuple[Optional[str], Optional[str], Optional[str]]
     Ollama has pulled (served by its Ollama name); Nones otherwise."""
     if os.path.isfile(arg) and (arg.lower().endswith(".gguf") or _has_gguf_magic(arg)):
         return arg, None, None
+    in_dir = gguf_in_dir(arg)
+    if in_dir is not None:
+        return in_dir, None, None
     m = OLLAMA_NAME.fullmatch(arg)
     if m is None or os.path.exists(arg):
         return None, None, None
@@ -120,18 +141,20 @@ def _hub_cache() -> str:
     return constants.HF_HUB_CACHE
 
 
-def resolve_in_child(arg: str, quantize: Optional[str] = None, group_size: Optional[int] = None) -> str:
-    """``resolve_model`` for the HTTP process, which must not import torch: a GGUF is converted
-    in a child process (``python -m moeserve.model_ref``); anything else is resolved here."""
-    if _gguf_source(arg)[0] is None:
+def resolve_in_child(arg: str, quantize: Optional[str] = None, group_size: Optional[int] = None,
+                     log_level: str = "info") -> str:
+    """``resolve_model`` for the HTTP process, which must not import torch: a GGUF (a file, an
+    Ollama model, or a folder or Hugging Face repo holding one) is converted in a child process
+    (``python -m moeserve.model_ref``); a checkpoint directory is resolved here."""
+    if _gguf_source(arg)[0] is None and (os.path.exists(arg) or not REPO_ID.fullmatch(arg)):
         return resolve_model(arg, quantize, group_size)
     import subprocess
     import sys
-    cmd = [sys.executable, "-m", "moeserve.model_ref", arg] + (["--quantize", quantize] if quantize else []) + \
-        (["--group-size", str(group_size)] if group_size else [])
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-m", "moeserve.model_ref", arg, "--log-level", log_level] + \
+        (["--quantize", quantize] if quantize else []) + (["--group-size", str(group_size)] if group_size else [])
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)     # its log and progress: stderr
     if proc.returncode != 0:
-        raise SystemExit(f"moeserve: converting {arg} failed (exit {proc.returncode})")
+        raise SystemExit(proc.returncode)    # the child printed the error
     return proc.stdout.strip().splitlines()[-1]
 
 
@@ -143,12 +166,17 @@ def main() -> int:
     p.add_argument("model", help="as moeserve serve --model takes it")
     p.add_argument("--quantize", choices=QUANT_FORMATS, help="the experts' format")
     p.add_argument("--group-size", type=int, help="int4 group size")
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS,
+                   help="log verbosity")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from convert.model_store import BuildError
     try:
         print(resolve_model(args.model, args.quantize, args.group_size))
-    except (FileNotFoundError, BuildError) as e:
+    except (ValueError, FileNotFoundError) as e:       # as `moeserve` reports them: exit 2
+        print(f"moeserve: error: {e}", file=sys.stderr)
+        return 2
+    except BuildError as e:
         print(f"moeserve: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -216,6 +216,8 @@ def test_files_that_cannot_be_served_are_refused_naming_why(tiny: Callable[..., 
     embd = {"token_embd.weight": np.zeros((4, 8), dtype=np.float32)}
     with pytest.raises(BuildError, match="'gemma3' is not supported"):
         ensure_gguf(write("gemma.gguf", "gemma3", embd), home=str(tmp_path))
+    with pytest.raises(BuildError, match="Ollama's own gpt-oss conversion .*ggml-org/gpt-oss-20b-GGUF"):
+        ensure_gguf(write("gptoss.gguf", "gptoss", embd), home=str(tmp_path))
     with pytest.raises(BuildError, match="rope_freqs"):     # Llama 3.1's rope factors: not silently dropped
         ensure_gguf(write("llama3.gguf", "llama", {**embd, "rope_freqs.weight": np.ones(2, dtype=np.float32)}),
                     home=str(tmp_path))
@@ -258,4 +260,35 @@ def test_serve_converts_a_gguf_in_a_child_so_the_http_process_never_imports_torc
     assert converted.startswith(str(tmp_path))
     bad = subprocess.run([sys.executable, "-m", "moeserve.model_ref", str(tmp_path / "none.gguf")], env=env,
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "no such directory" in bad.stderr
+    assert bad.returncode == 2 and "no such directory" in bad.stderr      # as `moeserve` exits on it
+
+
+def test_gpt_oss_stops_at_a_tool_call_as_llama_cpp_does(tokenizer: dict[str, Any], tmp_path: Any) -> None:
+    """llama.cpp's gpt-oss file names only <|return|> as eos; <|call|> ends a reply too."""
+    hf = make_family_checkpoint("gpt_oss", str(tmp_path / "hf"),
+                                overrides={**OVERRIDES, **FAMILIES["gpt_oss"], "vocab_size": VOCAB + 3})
+    tok = dict(tokenizer)                                # harmony's three, appended as control tokens
+    tokens, kinds = tokenizer["tokenizer.ggml.tokens"], tokenizer["tokenizer.ggml.token_type"]
+    tok["tokenizer.ggml.tokens"] = ([*tokens[0], "<|return|>", "<|call|>", "<|end|>"], tokens[1])
+    tok["tokenizer.ggml.token_type"] = ([*kinds[0], 3, 3, 3], kinds[1])
+    tok["tokenizer.ggml.eos_token_id"] = (VOCAB, tokenizer["tokenizer.ggml.eos_token_id"][1])
+    out = ensure_gguf(write_gguf(hf, str(tmp_path / "oss.gguf"), tok), home=str(tmp_path / "home"), progress=False)
+    with open(os.path.join(out, "generation_config.json")) as f:
+        stops = json.load(f)["eos_token_id"]
+    assert VOCAB in stops and VOCAB + 1 in stops and VOCAB + 2 not in stops   # <|end|>: not a stop in harmony
+
+
+def test_a_folder_holding_one_gguf_serves_it(tiny: Callable[..., tuple[str, str]], tmp_path: Any,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`hf download ggml-org/...-GGUF` gives a folder with a GGUF and no config.json."""
+    import shutil
+    _, path = tiny("olmoe")
+    folder = tmp_path / "release"
+    folder.mkdir()
+    shutil.copy(path, folder / "model-F32.gguf")
+    monkeypatch.setenv("MOESERVE_HOME", str(tmp_path / "home"))
+    out = resolve_model(str(folder), progress=False)
+    assert model_name(out) == "model-F32" and os.path.isfile(os.path.join(out, "config.json"))
+    shutil.copy(path, folder / "other.gguf")
+    with pytest.raises(FileNotFoundError, match="2 GGUF files \\(model-F32.gguf, other.gguf\\): give one"):
+        resolve_model(str(folder))
