@@ -278,6 +278,12 @@ def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def is_expert_weight(gguf_name: str) -> bool:
+    """A stacked routed-expert weight (blk.N.ffn_*_exps.weight; not gpt-oss's expert biases)."""
+    parts = gguf_name.split(".")
+    return len(parts) == 4 and parts[2] in EXPERTS and parts[3] == "weight"
+
+
 def hf_name(gguf_name: str, moe_module: str, arch: str = "") -> Optional[str]:
     """The HF name of a dense GGUF tensor; None for an expert tensor (weights, and gpt-oss's
     biases, which GgufModel.dense stacks); BuildError if unknown."""
@@ -319,7 +325,7 @@ class GgufModel:
     def expert_bits(self) -> float:
         """Bits per weight of the routed experts in the file, on average (a Q4_K_M file mixes
         Q4_K with Q6_K, and falls back to Q5_0 where rows are not a multiple of 256)."""
-        tensors = [t for n, t in self.file.tensors.items() if n.split(".")[2:3] and n.split(".")[2] in EXPERTS]
+        tensors = [t for n, t in self.file.tensors.items() if is_expert_weight(n)]
         return 8 * sum(int(t.n_bytes) for t in tensors) / max(1, sum(int(t.n_elements) for t in tensors))
 
     def dense(self) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
@@ -366,8 +372,7 @@ class GgufModel:
 
     def weight_count(self) -> tuple[int, int]:
         """(dense, routed expert) weights in the file."""
-        expert = sum(int(t.n_elements) for n, t in self.file.tensors.items() if n.split(".")[2:3] and
-                     n.split(".")[2] in EXPERTS)
+        expert = sum(int(t.n_elements) for n, t in self.file.tensors.items() if is_expert_weight(n))
         return sum(int(t.n_elements) for t in self.file.tensors.values()) - expert, expert
 
     def expert_names(self, i: int) -> dict[str, str]:
