@@ -129,16 +129,13 @@ def quantize_checkpoint(model_dir: str, out_dir: str, kind: str, group_size: Opt
 
 class ExpertReader(Protocol):
     keys: list[tuple[int, int]]          # (MoE layer, expert), in store order
-
     def read(self, i: int) -> dict[str, torch.Tensor]: ...
 
 
 class NamedExperts(Protocol):
     """Experts written as per-expert tensors: read in a dtype, and named."""
     keys: list[tuple[int, int]]
-
     def read(self, i: int, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]: ...
-
     def expert_names(self, i: int) -> dict[str, str]: ...
 
 
