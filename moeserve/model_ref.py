@@ -2,7 +2,7 @@
 already in the local Hugging Face cache (``hf download org/name`` puts it there), a GGUF file, or
 the ``name:tag`` of a model Ollama has pulled. moeserve never downloads: the Hugging Face lookup runs
 offline through huggingface_hub, the library that writes that cache; a GGUF is converted once
-(convert/gguf_model.py)."""
+(convert/gguf_convert.py)."""
 from __future__ import annotations
 
 import json
