@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple, Optional, Union
+from typing import Iterator, NamedTuple, Optional, Union
 
 import torch
 
@@ -198,18 +198,25 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
 
     Per group the range is clipped by each of INT4_CLIPS, the codes rounded, then scale and zero
     refitted by least squares for those codes and the codes rounded again (the idea of
-    llama.cpp's make_qkx quantizers); the candidate with the least squared error wins."""
+    llama.cpp's make_qkx quantizers); one more candidate is the 16-level grid the values may
+    already lie on (_grid); the candidate with the least squared error wins."""
     o, i = w.shape
     g = w.float().view(o, i // group_size, group_size)                  # [O, In/G, G]
     lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+
+    def candidates() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(codes, scale, zero), scale and zero bf16-rounded as stored."""
+        for clip in INT4_CLIPS:
+            span = (hi - lo) * (1 - 2 * clip)
+            scale = (span / 15.0).clamp(min=1e-8)
+            zero = lo + (hi - lo) * clip + 8 * scale
+            scale, zero = _refit(g, _int4_codes(g, scale, zero), scale, zero)
+            yield _int4_codes(g, scale, zero), scale, zero
+        scale, zero = (t.to(SCALE_DTYPE).float() for t in _grid(g, lo, hi))
+        yield _int4_codes(g, scale, zero), scale, zero
+
     best_q = best_s = best_z = best_err = None
-    for clip in INT4_CLIPS:
-        span = (hi - lo) * (1 - 2 * clip)
-        scale = (span / 15.0).clamp(min=1e-8)
-        zero = lo + (hi - lo) * clip + 8 * scale
-        q = _int4_codes(g, scale, zero)
-        scale, zero = _refit(g, q, scale, zero)
-        q = _int4_codes(g, scale, zero)
+    for q, scale, zero in candidates():
         err = ((q - 8) * scale + zero - g).pow(2).sum(-1, keepdim=True)  # [O, In/G, 1]
         if best_err is None:
             best_q, best_s, best_z, best_err = q, scale, zero, err
@@ -218,14 +225,6 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
         best_q = torch.where(take, q, best_q)
         best_s, best_z = torch.where(take, scale, best_s), torch.where(take, zero, best_z)
         best_err = torch.minimum(err, best_err)
-    # weights already on a 16-level grid per group (GGUF's Q4_0, Q4_1, Q4_K): its step and lowest
-    # level give the codes back exactly, up to the bf16 rounding of scale and zero
-    scale, zero = _grid(g, lo, hi)
-    q = _int4_codes(g, scale, zero)
-    err = ((q - 8) * scale.to(SCALE_DTYPE).float() + zero.to(SCALE_DTYPE).float() - g).pow(2).sum(-1, keepdim=True)
-    take = err < best_err
-    best_q = torch.where(take, q, best_q)
-    best_s, best_z = torch.where(take, scale, best_s), torch.where(take, zero, best_z)
     assert best_q is not None and best_s is not None and best_z is not None
     sz = torch.stack([best_s[..., 0], best_z[..., 0]], dim=-1).transpose(0, 1).contiguous()
     return best_q.to(torch.int32).view(o, i), sz.to(SCALE_DTYPE)
