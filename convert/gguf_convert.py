@@ -62,7 +62,7 @@ def _split_like_llama_cpp(tok: Any, path: str, pre: Optional[str]) -> None:
         return
     from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
     splits = getattr(mapping, "GGUF_PRE_TOKENIZER_SPLITS", {})
-    if pre in PRE_ALIASES and pre not in splits and PRE_ALIASES[pre] in splits:
+    if pre not in splits and PRE_ALIASES[pre] in splits:
         mapping.set_split_regex(tok, {"pre_tokenizer_type": PRE_ALIASES[pre]})
         log.info("%s: pre-tokenizer %r split as %r, as llama.cpp splits it", path, pre, PRE_ALIASES[pre])
 

@@ -193,7 +193,7 @@ def hf_config(g: GgufFile) -> dict[str, Any]:
     if rope:
         raw["rope_scaling"] = rope
     if experts:
-        raw.update(_moe_config(g, model_type, experts, layers))
+        raw.update(_moe_config(g, raw, experts))
     return raw
 
 
@@ -219,9 +219,10 @@ def _rope_scaling(g: GgufFile) -> Optional[dict[str, Any]]:
     raise BuildError(f"{g.path}: rope scaling {kind!r} is not supported (linear and yarn are)")
 
 
-def _moe_config(g: GgufFile, model_type: str, experts: int, layers: int) -> dict[str, Any]:
-    """The MoE fields: counts, expert sizes read off the tensors, and the dense layers (those
-    without a router)."""
+def _moe_config(g: GgufFile, raw: dict[str, Any], experts: int) -> dict[str, Any]:
+    """The MoE fields of the config ``raw`` (its dense fields): counts, expert sizes read off
+    the tensors, and the dense layers (those without a router)."""
+    model_type, layers = raw["model_type"], raw["num_hidden_layers"]
     moe = [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" in g.tensors]
     if not moe:
         raise BuildError(f"{g.path}: the metadata says {experts} experts, but no layer has a router")
@@ -231,8 +232,7 @@ def _moe_config(g: GgufFile, model_type: str, experts: int, layers: int) -> dict
         first = int(g.arch_meta("leading_dense_block_count", 0))
         if moe != list(range(first, layers)):
             raise BuildError(f"{g.path}: MoE layers {moe} do not follow the {first} leading dense ones")
-        heads = int(g.arch_meta("attention.head_count"))
-        head_dim = int(g.arch_meta("attention.key_length", int(g.arch_meta("embedding_length")) // heads))
+        head_dim = raw["head_dim"]
         rot = int(g.arch_meta("rope.dimension_count", head_dim // 2))
         shared = f"blk.{moe[0]}.ffn_gate_shexp.weight"
         gating = g.arch_meta("expert_gating_func", 2)
