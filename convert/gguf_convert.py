@@ -11,7 +11,9 @@ import os
 from typing import Any, Optional
 
 from configs.models import SERVED_NAME_KEY
-from convert.gguf_model import FLOAT_TYPES, GgufModel
+from convert.gguf_file import FLOAT_TYPES
+from convert.gguf_model import GgufModel
+from convert.gguf_parts import model_stem
 from convert.model_store import BuildError
 
 log = logging.getLogger(__name__)
@@ -53,24 +55,54 @@ def save_tokenizer(path: str, out_dir: str, pre: Optional[str] = None) -> None:
 
 # pre-tokenizers llama.cpp splits with another's regex, which transformers' table lacks
 PRE_ALIASES = {"glm4": "llama-bpe"}
+# pre-tokenizers transformers' GGUF conversion splits with GPT-2's rule: the regexes their own
+# tokenizer.json splits with, in order (as llama.cpp splits them too)
+PRE_SPLITS = {
+    "deepseek-llm": (
+        '[\r\n]',
+        '\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-Ჺ'
+        'Ჽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝ'
+        'ℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀'
+        '-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+',
+        '\\s?[!-/:-~！-／：-～‘-‟\u3000-。]+',
+        '\\s+$',
+        '[一-龥ࠀ-一가-\ud7ff]+',
+        '\\p{N}+',
+    ),
+    "deepseek-v3": (
+        '\\p{N}{1,3}',
+        '[一-龥\u3040-ゟ゠-ヿ]+',
+        '[!"#$%&\'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?['
+        '\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+',
+    ),
+}
 
 
 def _split_like_llama_cpp(tok: Any, path: str, pre: Optional[str]) -> None:
-    """Give ``tok`` the split regex llama.cpp uses for the file's pre-tokenizer where transformers
-    knows it under another name (GLM-4.5's "glm4" is Llama 3's)."""
-    if pre not in PRE_ALIASES:
-        return
+    """Give ``tok`` the split llama.cpp uses for the file's pre-tokenizer where transformers does
+    not know it: under another name (GLM-4.5's "glm4" is Llama 3's), or at all (DeepSeek's)."""
     from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
     splits = getattr(mapping, "GGUF_PRE_TOKENIZER_SPLITS", {})
-    if pre not in splits and PRE_ALIASES[pre] in splits:
+    if pre in splits or (pre not in PRE_ALIASES and pre not in PRE_SPLITS):
+        return
+    if pre in PRE_ALIASES and PRE_ALIASES[pre] in splits:
         mapping.set_split_regex(tok, {"pre_tokenizer_type": PRE_ALIASES[pre]})
         log.info("%s: pre-tokenizer %r split as %r, as llama.cpp splits it", path, pre, PRE_ALIASES[pre])
+    elif pre in PRE_SPLITS:
+        from tokenizers import Regex, pre_tokenizers
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [*(pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_SPLITS[pre]),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        log.info("%s: pre-tokenizer %r split by its own %d regexes", path, pre, len(PRE_SPLITS[pre]))
 
 
-def source_id(path: str) -> dict[str, Any]:
-    st = os.stat(path)
-    sig = hashlib.sha256(json.dumps([st.st_size, int(st.st_mtime)]).encode()).hexdigest()[:16]
-    return {"source": os.path.abspath(path), "source_signature": sig}
+def source_id(parts: list[str]) -> dict[str, Any]:
+    """The model's first file, and a signature of every part's size and time (a part replaced
+    by another download: a new conversion)."""
+    stats = [[st.st_size, int(st.st_mtime)] for st in map(os.stat, parts)]
+    # one file: its [size, mtime] alone, as before split files, so earlier conversions are reused
+    sig = hashlib.sha256(json.dumps(stats if len(stats) > 1 else stats[0]).encode()).hexdigest()[:16]
+    return {"source": os.path.abspath(parts[0]), "source_signature": sig}
 
 
 def convert_gguf(model: GgufModel, out_dir: str, kind: str, group_size: Optional[int],
@@ -126,6 +158,7 @@ def ensure_gguf(path: str, quantize: Optional[str] = None, group_size: Optional[
     from convert.quantize import BITS, resolve_format
     from engine.loader import QUANT_VERSION
     model = GgufModel(path)
+    path = model.file.path             # a split GGUF: its first part, whichever part was named
     expert_type = model.expert_type()
     if expert_type is None and quantize not in (None, "none"):
         raise BuildError(f"{path}: a dense model ({model.config['model_type']}) has no routed experts "
@@ -146,13 +179,13 @@ def ensure_gguf(path: str, quantize: Optional[str] = None, group_size: Optional[
     # unquantized: the experts' dtype (a dense model: its weights')
     plain = str(model.stored_dtype()).removeprefix("torch.") if model.keys else model.config["torch_dtype"]
     tag = (plain if kind == "none" else kind) + (f"-g{group_size}" if group_size else "")
-    stem = os.path.splitext(os.path.basename(path))[0]
+    stem = model_stem(path)
     served = served or stem
     if name is None:                # two files of one name in different folders: two conversions
         name = f"{stem}-{hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:8]}"
     target = os.path.join(moeserve_home(home), "models", f"{name}-{tag}")
     params = {"quantize": kind, "group_size": group_size, "layout": "cpu" if kind == "int4" else None,
-              "version": QUANT_VERSION, "from": "gguf", "served": served, **source_id(path)}
+              "version": QUANT_VERSION, "from": "gguf", "served": served, **source_id(model.file.parts)}
     dense, expert = model.weight_count()
     per_weight = {"none": model.stored_dtype().itemsize}.get(kind, BITS.get(kind, 16) / 8 * 1.1)
     need = int(dense * 2 + expert * per_weight) + 50_000_000

@@ -14,6 +14,7 @@ from typing import Optional
 from configs.engine import QUANT_FORMATS
 from configs.server import LOG_LEVELS
 from configs.models import REPO_ID
+from convert.gguf_parts import first_parts
 
 log = logging.getLogger("moeserve")
 # [host/][namespace/]model[:tag], as `ollama pull` takes it (hf.co/org/repo:quant included)
@@ -54,15 +55,16 @@ def resolve_model(arg: str, quantize: Optional[str] = None, group_size: Optional
 
 
 def gguf_in_dir(path: str) -> Optional[str]:
-    """The one GGUF file of a directory that holds no checkpoint (no config.json); None when it
-    is not such a directory; FileNotFoundError naming the files when there are several."""
+    """The one GGUF model of a directory that holds no checkpoint (no config.json): its file, or
+    its first part when split; None when it is not such a directory; FileNotFoundError naming
+    the files when there are several models."""
     if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
         return None
-    found = sorted(n for n in os.listdir(path) if n.lower().endswith(".gguf"))
+    found = first_parts(sorted(n for n in os.listdir(path) if n.lower().endswith(".gguf")))
     if len(found) > 1:
-        raise FileNotFoundError(f"--model {path!r}: no config.json, and {len(found)} GGUF files "
+        raise FileNotFoundError(f"--model {path!r}: no config.json, and {len(found)} GGUF models "
                                 f"({', '.join(found[:6])}{', ...' if len(found) > 6 else ''}): give one "
-                                "of them (a split model's parts must be merged first)")
+                                "of them")
     return os.path.join(path, found[0]) if found else None
 
 

@@ -4,6 +4,7 @@ for the llama architecture, metadata under llama.cpp's keys, and the tokenizer o
 SmolLM2 GGUF (vocabulary, merges, chat template)."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -14,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe",
-        "llama": "llama", "gpt_oss": "gpt-oss", "glm4_moe": "glm4moe"}
+        "llama": "llama", "gpt_oss": "gpt-oss", "glm4_moe": "glm4moe", "deepseek_v2": "deepseek2",
+        "deepseek_v3": "deepseek2"}
 STACKED = {"mixtral": ("block_sparse_moe", {"w1": "w1", "w3": "w3", "w2": "w2"}),
            "default": ("mlp", {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"})}
 TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
@@ -38,9 +40,12 @@ def permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "F32",
-               expert_qtype: str | None = None) -> str:
+               expert_qtype: str | None = None, split_max_tensors: int = 0, legacy_mla: bool = False) -> str:
     """Write the checkpoint in ``hf_dir`` as a GGUF at ``path``: dense matrices in ``qtype``, expert
-    matrices in ``expert_qtype`` (default: ``qtype``); 1-D tensors stay F32, as llama.cpp keeps them."""
+    matrices in ``expert_qtype`` (default: ``qtype``); 1-D tensors stay F32, as llama.cpp keeps them.
+    With ``split_max_tensors``, split into parts as llama.cpp's gguf-split names them (gguf-py's
+    own splitting); returns the first part's path. DeepSeek's kv_b_proj is split into k_b and
+    v_b as current llama.cpp writes it, or kept whole as files from before mid-2025 (``legacy_mla``)."""
     import gguf
     with open(os.path.join(hf_dir, "config.json")) as f:
         cfg = json.load(f)
@@ -51,7 +56,7 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
     # GLM-4.5's multi-token-prediction layers follow the decoder's, counted in block_count
     blocks = 1 + max(int(n.split(".")[2]) for n in tensors if n.startswith("model.layers."))
     names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), blocks)
-    w = gguf.GGUFWriter(path, arch)
+    w = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     w.add_block_count(blocks)
     if blocks > layers:
         w.add_nextn_predict_layers(blocks - layers)
@@ -59,10 +64,10 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
     w.add_embedding_length(cfg["hidden_size"])
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_head_count_kv(1 if arch == "deepseek2" else cfg["num_key_value_heads"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_freq_base(cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 10000.0))
-    if cfg.get("head_dim"):
+    if cfg.get("head_dim") and arch != "deepseek2":
         w.add_key_length(cfg["head_dim"])
         w.add_value_length(cfg["head_dim"])
     if cfg.get("clip_qkv") is not None:    # as llama.cpp's OLMo converter writes it (its OLMoE one
@@ -84,6 +89,8 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
         w.add_expert_weights_scale(cfg["routed_scaling_factor"])
         w.add_expert_weights_norm(cfg["norm_topk_prob"])
+    if arch == "deepseek2":
+        _deepseek_meta(w, cfg, legacy_mla)
     experts = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts")
     if experts:
         w.add_expert_count(experts)
@@ -98,6 +105,8 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
         else:
             w.add_key_value(key, value, types[0])
     tensors = _gpt_oss(tensors) if model_type == "gpt_oss" else _stacked(tensors, model_type)
+    if arch == "deepseek2" and not legacy_mla:
+        tensors = _split_kv_b(tensors, cfg)
     for name, t in tensors.items():
         base = name.removesuffix(".weight").removesuffix(".bias").removesuffix("_bias")   # e_score_correction_bias
         target = names.get_name(base)
@@ -115,6 +124,9 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    if split_max_tensors:
+        parts = sorted(glob.glob(path.removesuffix(".gguf") + "-0*-of-*.gguf"))
+        return parts[0] if parts else path
     return path
 
 
@@ -165,4 +177,60 @@ def _stacked(tensors: dict[str, torch.Tensor], model_type: str) -> dict[str, tor
             out[name] = t
     for name, per in groups.items():
         out[name] = torch.stack([per[e] for e in sorted(per)])
+    return out
+
+
+def _deepseek_meta(w: Any, cfg: dict[str, Any], legacy: bool) -> None:
+    """DeepSeek's keys as llama.cpp's DeepseekV2Model writes them: MLA as one KV head of the
+    latent's width (the heads' own widths under *_mla; a legacy file has them in key/value_length)."""
+    import gguf
+    rope, nope = cfg["qk_rope_head_dim"], cfg["qk_nope_head_dim"]
+    w.add_leading_dense_block_count(cfg["first_k_dense_replace"])
+    w.add_vocab_size(cfg["vocab_size"])
+    if cfg.get("q_lora_rank") is not None:
+        w.add_q_lora_rank(cfg["q_lora_rank"])
+    w.add_kv_lora_rank(cfg["kv_lora_rank"])
+    if legacy:
+        w.add_key_length(nope + rope)
+        w.add_value_length(cfg["v_head_dim"])
+    else:
+        w.add_key_length(cfg["kv_lora_rank"] + rope)
+        w.add_value_length(cfg["kv_lora_rank"])
+        w.add_key_length_mla(nope + rope)
+        w.add_value_length_mla(cfg["v_head_dim"])
+    w.add_expert_shared_count(cfg["n_shared_experts"])
+    w.add_expert_weights_scale(cfg["routed_scaling_factor"])
+    if cfg.get("norm_topk_prob"):
+        w.add_expert_weights_norm(True)
+    w.add_rope_dimension_count(rope)
+    if cfg.get("n_group") is not None:
+        w.add_expert_group_count(cfg["n_group"])
+    if cfg.get("topk_group") is not None:
+        w.add_expert_group_used_count(cfg["topk_group"])
+    if cfg["model_type"] == "deepseek_v3":
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    rope_cfg = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rope_cfg.get("rope_type") == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope_cfg["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope_cfg["original_max_position_embeddings"])
+        for key, add in (("beta_fast", w.add_rope_scaling_yarn_beta_fast), ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+            if rope_cfg.get(key) is not None:
+                add(rope_cfg[key])
+        if rope_cfg.get("mscale_all_dim") is not None:
+            w.add_rope_scaling_yarn_log_mul(0.1 * rope_cfg["mscale_all_dim"])
+
+
+def _split_kv_b(tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """kv_b_proj [heads * (nope + v), kv_lora] into k_b [heads, kv_lora, nope] and v_b
+    [heads, v, kv_lora], as llama.cpp's converter splits it."""
+    out: dict[str, torch.Tensor] = {}
+    heads, nope, v = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]
+    for name, t in tensors.items():
+        if name.endswith("kv_b_proj.weight"):
+            k_b, v_b = t.view(heads, nope + v, -1).split([nope, v], dim=1)
+            out[name.replace("kv_b_proj", "k_b_proj")] = k_b.transpose(1, 2).contiguous()
+            out[name.replace("kv_b_proj", "v_b_proj")] = v_b.contiguous()
+        else:
+            out[name] = t
     return out

@@ -32,7 +32,12 @@ ALL_MOE = {"mlp_only_layers": []}
 FAMILIES = {"mixtral": {}, "qwen2_moe": ALL_MOE, "qwen3_moe": ALL_MOE, "olmoe": {}, "llama": {"attention_bias": True},
             "gpt_oss": {"swiglu_limit": 7.0},
             # GLM-4.5: one expert group, as released (llama.cpp's GLM graph has none)
-            "glm4_moe": {"n_group": 1, "topk_group": 1}}
+            "glm4_moe": {"n_group": 1, "topk_group": 1},
+            # DeepSeek: mscale == mscale_all_dim, as every release has it (a GGUF carries only the latter)
+            "deepseek_v2": {}, "deepseek_v2_grouped": {},
+            "deepseek_v3": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
+                                                "original_max_position_embeddings": 32, "mscale": 0.8,
+                                                "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1}}}
 PROMPT = (1, 17, 402, 9, 2211, 88, 3016, 5, 44)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -88,9 +93,12 @@ def test_f32_gguf_converts_to_the_checkpoint_it_was_written_from(name: str, tiny
                 "vocab_size", "rms_norm_eps", "num_experts_per_tok", "tie_word_embeddings", "norm_topk_prob",
                 "moe_intermediate_size", "shared_expert_intermediate_size", "clip_qkv", "max_position_embeddings",
                 "attention_bias", "intermediate_size", "sliding_window", "head_dim", "n_routed_experts",
-                "n_shared_experts", "first_k_dense_replace", "routed_scaling_factor", "use_qk_norm"):
+                "n_shared_experts", "first_k_dense_replace", "routed_scaling_factor", "use_qk_norm",
+                "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_group",
+                "topk_group", "topk_method"):
         if want.get(key) is None or (key == "sliding_window" and not want[key]) or \
-                (key == "norm_topk_prob" and name == "mixtral"):   # unset, off, or implied by the family
+                (key == "norm_topk_prob" and name == "mixtral") or \
+                (key == "head_dim" and name.startswith("deepseek")):   # unset, off, or implied by the family
             continue
         assert got.get(key) == want[key], key
     count = ("num_local_experts", "num_experts", "n_routed_experts")   # transformers 5 writes two for some
@@ -290,5 +298,53 @@ def test_a_folder_holding_one_gguf_serves_it(tiny: Callable[..., tuple[str, str]
     out = resolve_model(str(folder), progress=False)
     assert model_name(out) == "model-F32" and os.path.isfile(os.path.join(out, "config.json"))
     shutil.copy(path, folder / "other.gguf")
-    with pytest.raises(FileNotFoundError, match="2 GGUF files \\(model-F32.gguf, other.gguf\\): give one"):
+    with pytest.raises(FileNotFoundError, match="2 GGUF models \\(model-F32.gguf, other.gguf\\): give one"):
         resolve_model(str(folder))
+
+
+def test_a_split_gguf_is_read_from_all_its_parts(tiny: Callable[..., tuple[str, str]], tokenizer: dict[str, Any],
+                                                tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Releases over ~50 GB come as <name>-00001-of-0000N.gguf parts (llama.cpp's gguf-split):
+    any part, or the folder holding them, serves the model; a missing or foreign part is named."""
+    import shutil
+    hf, whole = tiny("olmoe")
+    folder = tmp_path / "release"
+    folder.mkdir()
+    first = write_gguf(hf, str(folder / "Tiny-Q8_0.gguf"), tokenizer, split_max_tensors=8)
+    parts = sorted(os.listdir(folder))
+    assert len(parts) > 2 and first == str(folder / parts[0]) and parts[0].startswith("Tiny-Q8_0-00001-of-")
+    monkeypatch.setenv("MOESERVE_HOME", str(tmp_path / "home"))
+    out = resolve_model(str(folder / parts[1]), progress=False)            # any part names the model
+    assert model_name(out) == "Tiny-Q8_0" and resolve_model(str(folder), progress=False) == out
+    assert load_file(os.path.join(out, "model.safetensors")).keys() == \
+        load_file(os.path.join(ensure_gguf(whole, home=str(tmp_path / "h2"), progress=False),
+                               "model.safetensors")).keys()
+    torch.testing.assert_close(logits(out), logits(hf), rtol=0, atol=1e-5)
+    os.rename(folder / parts[0], tmp_path / parts[0])
+    with pytest.raises(BuildError, match=f"1 of them are missing \\({parts[0]}\\)"):
+        resolve_model(str(folder))                      # the folder's lowest part names the first
+    os.rename(tmp_path / parts[0], folder / parts[0])
+    other = tmp_path / "other"
+    other.mkdir()
+    write_gguf(hf, str(other / "x.gguf"), tokenizer, split_max_tensors=5)
+    shutil.copy(sorted(other.iterdir())[-1], folder / parts[-1])          # a part of another split
+    with pytest.raises(BuildError, match="not part .* by its metadata"):
+        ensure_gguf(first, home=str(tmp_path / "h3"))
+
+
+@pytest.mark.parametrize("pre, digits", [("deepseek-llm", ["12345"]), ("deepseek-v3", ["123", "45"])])
+def test_deepseek_files_from_before_the_kv_b_split_and_deepseeks_pre_tokenizers(
+        pre: str, digits: list[str], tokenizer: dict[str, Any], tmp_path: Any) -> None:
+    """DeepSeek GGUFs made before mid-2025 hold kv_b_proj whole (and the heads' widths in
+    key/value_length); DeepSeek's pre-tokenizers, which transformers' conversion does not know,
+    split text by their own regexes (numbers alone, V3's in groups of three; GPT-2's rule would
+    keep " 12345" whole)."""
+    from transformers import PreTrainedTokenizerFast
+    hf = make_family_checkpoint("deepseek_v2", str(tmp_path / "hf"), overrides=OVERRIDES)
+    tok = {**tokenizer, "tokenizer.ggml.pre": (pre, tokenizer["tokenizer.ggml.pre"][1])}
+    out = ensure_gguf(write_gguf(hf, str(tmp_path / "ds.gguf"), tok, legacy_mla=True),
+                      home=str(tmp_path / "home"), progress=False)
+    torch.testing.assert_close(logits(out), logits(hf), rtol=0, atol=1e-5)
+    split = PreTrainedTokenizerFast.from_pretrained(out).backend_tokenizer.pre_tokenizer
+    pieces = [p for p, _ in split.pre_tokenize_str("Tokens 12345 here!")]
+    assert [p for p in pieces if p.isdigit()] == digits, pieces

@@ -1,0 +1,200 @@
+"""The HF config.json of a GGUF model, from its metadata under llama.cpp's key names
+(``{arch}.block_count``...) and the shapes of its tensors."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from convert.gguf_file import GgufFile, stored_dtype
+from convert.model_store import BuildError
+
+# GGUF general.architecture -> model_type (llama with experts is Mixtral; deepseek2 with sigmoid
+# gating is DeepSeek-V3)
+ARCHS = {"llama": "llama", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "gpt-oss": "gpt_oss",
+         "glm4moe": "glm4_moe", "deepseek2": "deepseek_v2"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
+                 "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                 "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
+                 "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+SOFTMAX, SIGMOID = 1, 2         # llama.cpp's expert_gating_func values
+
+
+def hf_config(g: GgufFile) -> dict[str, Any]:
+    """The HF config.json of the model in ``g``; a BuildError names what cannot be served."""
+    if g.arch == "gptoss":
+        raise BuildError(f"{g.path}: Ollama's own gpt-oss conversion (architecture 'gptoss': fused gate/up "
+                         "experts, its own tensor names) is not supported; use llama.cpp's "
+                         "(ggml-org/gpt-oss-20b-GGUF) or the safetensors release (openai/gpt-oss-20b)")
+    if g.arch not in ARCHS:
+        raise BuildError(f"{g.path}: GGUF architecture {g.arch!r} is not supported; moeserve reads "
+                         f"GGUF files of {', '.join(sorted(ARCHS))} (for other models, give their "
+                         "Hugging Face safetensors release)")
+    a = g.arch_meta
+    layers, heads, hidden = int(a("block_count")), a("attention.head_count"), int(a("embedding_length"))
+    layers -= int(a("nextn_predict_layers", 0))      # GLM-4.5's multi-token-prediction layers: not served
+    kv_heads = a("attention.head_count_kv", heads)
+    if isinstance(heads, list) or isinstance(kv_heads, list):
+        raise BuildError(f"{g.path}: per-layer head counts are not supported")
+    experts = int(a("expert_count", 0))
+    if any(f"blk.0.{n}.0.weight" in g.tensors for n in ("ffn_gate", "ffn_up")) and experts:
+        raise BuildError(f"{g.path}: experts stored one tensor each (GGUF files from before "
+                         "llama.cpp merged them, early 2024); convert the model again with a current "
+                         "llama.cpp, or give its safetensors release")
+    if "rope_freqs.weight" in g.tensors:
+        raise BuildError(f"{g.path}: per-dimension rope factors (rope_freqs, Llama 3.1's rope "
+                         "scaling) are not supported; give the model's safetensors release")
+    model_type = _model_type(g, experts)
+    vocab, emb_hidden = g.shape("token_embd.weight")
+    raw: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[model_type]], "model_type": model_type, "vocab_size": vocab,
+        "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": int(heads),
+        "num_key_value_heads": int(kv_heads),
+        "head_dim": int(a("attention.key_length", hidden // int(heads))),
+        "intermediate_size": int(a("feed_forward_length", 0)),
+        "max_position_embeddings": int(a("context_length", 4096)),
+        # stored as f32: 1e-6 reads 9.99999997e-07; 7 significant digits give the config's value
+        "rms_norm_eps": float(f'{a("attention.layer_norm_rms_epsilon", 1e-6):.7g}'),
+        "rope_theta": float(a("rope.freq_base", 10000.0)), "hidden_act": "silu",
+        "tie_word_embeddings": "output.weight" not in g.tensors,
+        "torch_dtype": str(stored_dtype(g.type_name("token_embd.weight"))).removeprefix("torch."),
+        "attention_bias": "blk.0.attn_q.bias" in g.tensors,
+    }
+    if emb_hidden != hidden:
+        raise BuildError(f"{g.path}: token_embd.weight is {[vocab, emb_hidden]}, the metadata says "
+                         f"hidden size {hidden}")
+    for key, name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                      ("pad_token_id", "padding_token_id")):
+        value = g.meta(f"tokenizer.ggml.{name}", None)
+        if value is not None:
+            raw[key] = int(value)
+    rope = _rope_scaling(g)
+    if rope and model_type == "gpt_oss" and rope["rope_type"] == "yarn":
+        rope["truncate"] = False        # gpt-oss's config: no rounding of yarn's ramp (not in the GGUF)
+    if rope:
+        raw["rope_scaling"] = rope
+    if g.arch == "deepseek2":
+        raw.update(_mla_config(g, raw))
+    if experts:
+        raw.update(_moe_config(g, raw, experts))
+    return raw
+
+
+def _model_type(g: GgufFile, experts: int) -> str:
+    if g.arch == "llama" and experts:
+        return "mixtral"
+    if g.arch == "deepseek2":
+        # files from before the key are DeepSeek-V2's and V2.5's (softmax), as llama.cpp reads them
+        gating = int(g.arch_meta("expert_gating_func", SOFTMAX))
+        if gating not in (SOFTMAX, SIGMOID):
+            raise BuildError(f"{g.path}: deepseek2 with expert gating function {gating} is not supported "
+                             "(softmax: DeepSeek-V2; sigmoid: V3, R1, Kimi-K2)")
+        return "deepseek_v3" if gating == SIGMOID else "deepseek_v2"
+    return ARCHS[g.arch]
+
+
+def _mla_config(g: GgufFile, raw: dict[str, Any]) -> dict[str, Any]:
+    """DeepSeek's latent attention. llama.cpp writes it as one KV head as wide as the latent
+    (key_length: kv_lora_rank + rope), the heads' own widths under key/value_length_mla; files
+    from before that (and before kv_b_proj was split into k_b and v_b) have them in key/value_length."""
+    a = g.arch_meta
+    rope, kv_lora = int(a("rope.dimension_count")), int(a("attention.kv_lora_rank"))
+    k_len = int(a("attention.key_length_mla", None) or a("attention.key_length"))
+    v_len = int(a("attention.value_length_mla", None) or a("attention.value_length"))
+    q_lora = int(a("attention.q_lora_rank")) if "blk.0.attn_q_a.weight" in g.tensors else None
+    if k_len <= rope:
+        raise BuildError(f"{g.path}: key length {k_len} leaves no room beside the rope part ({rope})")
+    raw.pop("head_dim")
+    return {"num_key_value_heads": raw["num_attention_heads"], "qk_rope_head_dim": rope,
+            "qk_nope_head_dim": k_len - rope, "v_head_dim": v_len, "kv_lora_rank": kv_lora, "q_lora_rank": q_lora}
+
+
+def _rope_scaling(g: GgufFile) -> Optional[dict[str, Any]]:
+    kind = str(g.arch_meta("rope.scaling.type", "none"))
+    if kind == "none":
+        return None
+    factor = float(g.arch_meta("rope.scaling.factor", 1.0))
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    if kind == "yarn":
+        ext = g.arch_meta("rope.scaling.yarn_ext_factor", None)
+        if ext is not None and float(ext) != 1.0:
+            raise BuildError(f"{g.path}: yarn with extrapolation factor {ext} is not supported")
+        out = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings":
+               int(g.arch_meta("rope.scaling.original_context_length"))}
+        for key, name in (("yarn_attn_factor", "attention_factor"), ("yarn_beta_fast", "beta_fast"),
+                          ("yarn_beta_slow", "beta_slow")):       # as llama.cpp's converter writes them
+            value = g.arch_meta(f"rope.scaling.{key}", None)
+            if value is not None:
+                out[name] = float(value)
+        log_mul = g.arch_meta("rope.scaling.yarn_log_multiplier", None)
+        if log_mul is not None and g.arch == "deepseek2":
+            # llama.cpp's converter writes 0.1 * mscale_all_dim, and its graph applies no other
+            # mscale (DeepSeek's configs have mscale == mscale_all_dim: attention factor 1)
+            m = float(f"{float(log_mul) / 0.1:.6g}")
+            out.update(mscale=m, mscale_all_dim=m)
+        return out
+    raise BuildError(f"{g.path}: rope scaling {kind!r} is not supported (linear and yarn are)")
+
+
+def _moe_config(g: GgufFile, raw: dict[str, Any], experts: int) -> dict[str, Any]:
+    """The MoE fields of the config ``raw`` (its dense fields): counts, expert sizes read off
+    the tensors, and the dense layers (those without a router)."""
+    model_type, layers = raw["model_type"], raw["num_hidden_layers"]
+    moe = [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" in g.tensors]
+    if not moe:
+        raise BuildError(f"{g.path}: the metadata says {experts} experts, but no layer has a router")
+    _, inter, _ = g.shape(f"blk.{moe[0]}.ffn_gate_exps.weight")
+    top_k = int(g.arch_meta("expert_used_count"))
+    first = int(g.arch_meta("leading_dense_block_count", 0))
+    if model_type in ("glm4_moe", "deepseek_v2", "deepseek_v3") and moe != list(range(first, layers)):
+        raise BuildError(f"{g.path}: MoE layers {moe} do not follow the {first} leading dense ones")
+    if model_type in ("deepseek_v2", "deepseek_v3"):
+        groups = int(g.arch_meta("expert_group_count", 1) or 1)
+        out = {"n_routed_experts": experts, "num_experts_per_tok": top_k, "moe_intermediate_size": inter,
+               "n_shared_experts": int(g.arch_meta("expert_shared_count", 0)), "first_k_dense_replace": first,
+               "moe_layer_freq": 1, "routed_scaling_factor": float(g.arch_meta("expert_weights_scale", 1.0)),
+               "norm_topk_prob": bool(g.arch_meta("expert_weights_norm", False)), "n_group": groups,
+               "topk_group": int(g.arch_meta("expert_group_used_count", groups) or groups)}
+        if model_type == "deepseek_v3":         # llama.cpp rotates DeepSeek's rope pairs interleaved
+            return {**out, "scoring_func": "sigmoid", "topk_method": "noaux_tc", "rope_interleave": True}
+        # V2's group_limited_greedy ranks groups by their best expert, as DeepSeek's code does
+        # (llama.cpp ranks them by their two best, as for V3)
+        return {**out, "topk_method": "group_limited_greedy" if groups > 1 else "greedy"}
+    if model_type == "glm4_moe":
+        head_dim = raw["head_dim"]
+        rot = int(g.arch_meta("rope.dimension_count", head_dim // 2))
+        shared = f"blk.{moe[0]}.ffn_gate_shexp.weight"
+        gating = g.arch_meta("expert_gating_func", 2)
+        if int(gating) != 2:
+            raise BuildError(f"{g.path}: expert gating function {gating} (GLM-4.5's is 2, sigmoid)")
+        return {"n_routed_experts": experts, "num_experts_per_tok": top_k, "moe_intermediate_size": inter,
+                "n_shared_experts": int(g.arch_meta("expert_shared_count", 1 if shared in g.tensors else 0)),
+                "first_k_dense_replace": first, "partial_rotary_factor": rot / head_dim,
+                "routed_scaling_factor": float(g.arch_meta("expert_weights_scale", 1.0)),
+                "norm_topk_prob": bool(g.arch_meta("expert_weights_norm", True)),
+                # llama.cpp's GLM-4.5 graph has no expert groups (the released configs use one)
+                "n_group": int(g.arch_meta("expert_group_count", 1) or 1),
+                "topk_group": int(g.arch_meta("expert_group_used_count", 1) or 1),
+                "use_qk_norm": f"blk.{moe[0]}.attn_q_norm.weight" in g.tensors}
+    if model_type in ("mixtral", "gpt_oss"):
+        if len(moe) != layers:
+            raise BuildError(f"{g.path}: {model_type} layers without experts are not supported")
+        out = {"num_local_experts": experts, "num_experts_per_tok": top_k, "intermediate_size": inter}
+        if model_type == "gpt_oss":     # every other layer slides (transformers' default layer_types)
+            out["sliding_window"] = int(g.arch_meta("attention.sliding_window"))
+        return out
+    # llama.cpp normalises the top-k weights of qwen3moe, not of qwen2moe/olmoe, unless the file says
+    norm = g.arch_meta("expert_weights_norm", None)
+    out: dict[str, Any] = {"num_experts": experts, "num_experts_per_tok": top_k,
+                           "norm_topk_prob": bool(norm) if norm is not None else model_type == "qwen3_moe"}
+    if model_type == "olmoe":
+        if len(moe) != layers:
+            raise BuildError(f"{g.path}: OLMoE layers without experts are not supported")
+        clip = g.arch_meta("attention.clamp_kqv", None)
+        return {**out, "intermediate_size": inter, "clip_qkv": float(clip) if clip else None}
+    out.update(moe_intermediate_size=inter, decoder_sparse_step=1,
+               mlp_only_layers=[i for i in range(layers) if i not in moe])
+    if model_type == "qwen2_moe":
+        out["qkv_bias"] = "blk.0.attn_q.bias" in g.tensors
+        shared = f"blk.{moe[0]}.ffn_gate_shexp.weight"
+        out["shared_expert_intermediate_size"] = g.shape(shared)[0] if shared in g.tensors else 0
+    return out
