@@ -5,17 +5,21 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from convert.gguf_file import GgufFile, stored_dtype
+from convert.gguf_hybrid import ARCHS as HYBRID_ARCHS, linear_config
 from convert.model_store import BuildError
 
 # GGUF general.architecture -> model_type (llama with experts is Mixtral; deepseek2 with sigmoid
 # gating is DeepSeek-V3)
 ARCHS = {"llama": "llama", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "gpt-oss": "gpt_oss",
-         "glm4moe": "glm4_moe", "deepseek2": "deepseek_v2"}
+         "glm4moe": "glm4_moe", "deepseek2": "deepseek_v2", "qwen3next": "qwen3_next",
+         "qwen35moe": "qwen3_5_moe_text"}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
                  "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                  "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
-                 "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+                 "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+                 "qwen3_next": "Qwen3NextForCausalLM", "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM"}
 SOFTMAX, SIGMOID = 1, 2         # llama.cpp's expert_gating_func values
+GATE_UP = "ffn_gate_up_exps"    # gate and up in one [E, 2I, H] (llama.cpp's --fuse-gate-up-exps)
 
 
 def hf_config(g: GgufFile) -> dict[str, Any]:
@@ -73,20 +77,42 @@ def hf_config(g: GgufFile) -> dict[str, Any]:
         raw["rope_scaling"] = rope
     if g.arch == "deepseek2":
         raw.update(_mla_config(g, raw))
+    if g.arch in HYBRID_ARCHS:          # Qwen3-Next and Qwen3.5: Gated DeltaNet beside gated attention
+        raw.update(linear_config(g, layers),
+                   partial_rotary_factor=int(a("rope.dimension_count", raw["head_dim"])) / raw["head_dim"])
     if experts:
         raw.update(_moe_config(g, raw, experts))
     return raw
+
+
+def expert_gate(g: GgufFile, layer: int) -> tuple[str, int, int]:
+    """(the tensor holding ``layer``'s expert gates, I, H): ffn_gate_exps [E, I, H], or gate and
+    up fused [E, 2I, H]."""
+    fused = f"blk.{layer}.{GATE_UP}.weight"
+    if fused in g.tensors:
+        _, both, hidden = g.shape(fused)
+        return fused, both // 2, hidden
+    name = f"blk.{layer}.ffn_gate_exps.weight"
+    _, inter, hidden = g.shape(name)
+    return name, inter, hidden
 
 
 def _model_type(g: GgufFile, experts: int) -> str:
     if g.arch == "llama" and experts:
         return "mixtral"
     if g.arch == "deepseek2":
-        # files from before the key are DeepSeek-V2's and V2.5's (softmax), as llama.cpp reads them
-        gating = int(g.arch_meta("expert_gating_func", SOFTMAX))
-        if gating not in (SOFTMAX, SIGMOID):
-            raise BuildError(f"{g.path}: deepseek2 with expert gating function {gating} is not supported "
-                             "(softmax: DeepSeek-V2; sigmoid: V3, R1, Kimi-K2)")
+        # without the key: DeepSeek-V2's and V2.5's softmax, as llama.cpp reads old files, unless
+        # the routers have a selection bias, which only sigmoid routing has (GLM-4.7-Flash's
+        # files lack the key; llama.cpp recognises them by their shape)
+        biased = any(n.endswith(".exp_probs_b.bias") for n in g.tensors)
+        gating = int(g.arch_meta("expert_gating_func", SIGMOID if biased else SOFTMAX))
+        if gating not in (SOFTMAX, SIGMOID) or (gating == SOFTMAX and biased):
+            raise BuildError(f"{g.path}: deepseek2 with expert gating function {gating}"
+                             f"{' and a selection bias (exp_probs_b)' if biased else ''} is not supported "
+                             "(softmax: DeepSeek-V2; sigmoid with the bias: V3, R1, Kimi-K2)")
+        if g.arch_meta("attention.temperature_scale", None) is not None:
+            raise BuildError(f"{g.path}: deepseek2 with attention temperature scaling (Mistral Large 3's) "
+                             "is not supported")
         return "deepseek_v3" if gating == SIGMOID else "deepseek_v2"
     return ARCHS[g.arch]
 
@@ -142,7 +168,7 @@ def _moe_config(g: GgufFile, raw: dict[str, Any], experts: int) -> dict[str, Any
     moe = [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" in g.tensors]
     if not moe:
         raise BuildError(f"{g.path}: the metadata says {experts} experts, but no layer has a router")
-    _, inter, _ = g.shape(f"blk.{moe[0]}.ffn_gate_exps.weight")
+    _, inter, _ = expert_gate(g, moe[0])
     top_k = int(g.arch_meta("expert_used_count"))
     first = int(g.arch_meta("leading_dense_block_count", 0))
     if model_type in ("glm4_moe", "deepseek_v2", "deepseek_v3") and moe != list(range(first, layers)):
@@ -156,6 +182,10 @@ def _moe_config(g: GgufFile, raw: dict[str, Any], experts: int) -> dict[str, Any
                "topk_group": int(g.arch_meta("expert_group_used_count", groups) or groups)}
         if model_type == "deepseek_v3":         # llama.cpp rotates DeepSeek's rope pairs interleaved
             return {**out, "scoring_func": "sigmoid", "topk_method": "noaux_tc", "rope_interleave": True}
+        if out["norm_topk_prob"] and out["routed_scaling_factor"] != 1.0:
+            # DeepSeek's V2 code normalises instead of scaling; llama.cpp does both (no release has both)
+            raise BuildError(f"{g.path}: softmax routing with normalised weights and a scale "
+                             f"({out['routed_scaling_factor']}) is not supported")
         # V2's group_limited_greedy ranks groups by their best expert, as DeepSeek's code does
         # (llama.cpp ranks them by their two best, as for V3)
         return {**out, "topk_method": "group_limited_greedy" if groups > 1 else "greedy"}
@@ -163,8 +193,8 @@ def _moe_config(g: GgufFile, raw: dict[str, Any], experts: int) -> dict[str, Any
         head_dim = raw["head_dim"]
         rot = int(g.arch_meta("rope.dimension_count", head_dim // 2))
         shared = f"blk.{moe[0]}.ffn_gate_shexp.weight"
-        gating = g.arch_meta("expert_gating_func", 2)
-        if int(gating) != 2:
+        gating = g.arch_meta("expert_gating_func", SIGMOID)
+        if int(gating) != SIGMOID:
             raise BuildError(f"{g.path}: expert gating function {gating} (GLM-4.5's is 2, sigmoid)")
         return {"n_routed_experts": experts, "num_experts_per_tok": top_k, "moe_intermediate_size": inter,
                 "n_shared_experts": int(g.arch_meta("expert_shared_count", 1 if shared in g.tensors else 0)),
@@ -182,10 +212,12 @@ def _moe_config(g: GgufFile, raw: dict[str, Any], experts: int) -> dict[str, Any
         if model_type == "gpt_oss":     # every other layer slides (transformers' default layer_types)
             out["sliding_window"] = int(g.arch_meta("attention.sliding_window"))
         return out
-    # llama.cpp normalises the top-k weights of qwen3moe, not of qwen2moe/olmoe, unless the file says
+    # llama.cpp normalises the top-k weights of qwen3moe, qwen3next and qwen35moe, not of
+    # qwen2moe/olmoe, unless the file says
     norm = g.arch_meta("expert_weights_norm", None)
     out: dict[str, Any] = {"num_experts": experts, "num_experts_per_tok": top_k,
-                           "norm_topk_prob": bool(norm) if norm is not None else model_type == "qwen3_moe"}
+                           "norm_topk_prob": bool(norm) if norm is not None else
+                           model_type in ("qwen3_moe", "qwen3_next", "qwen3_5_moe_text")}
     if model_type == "olmoe":
         if len(moe) != layers:
             raise BuildError(f"{g.path}: OLMoE layers without experts are not supported")
@@ -193,7 +225,9 @@ def _moe_config(g: GgufFile, raw: dict[str, Any], experts: int) -> dict[str, Any
         return {**out, "intermediate_size": inter, "clip_qkv": float(clip) if clip else None}
     out.update(moe_intermediate_size=inter, decoder_sparse_step=1,
                mlp_only_layers=[i for i in range(layers) if i not in moe])
-    if model_type == "qwen2_moe":
+    if model_type == "qwen3_5_moe_text" and len(moe) != layers:
+        raise BuildError(f"{g.path}: Qwen3.5 layers without experts are not supported")
+    if model_type in ("qwen2_moe", "qwen3_next", "qwen3_5_moe_text"):
         out["qkv_bias"] = "blk.0.attn_q.bias" in g.tensors
         shared = f"blk.{moe[0]}.ffn_gate_shexp.weight"
         out["shared_expert_intermediate_size"] = g.shape(shared)[0] if shared in g.tensors else 0

@@ -22,8 +22,9 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from convert.gguf_config import hf_config
+from convert.gguf_config import GATE_UP, expert_gate, hf_config
 from convert.gguf_file import GgufFile, stored_dtype
+from convert.gguf_hybrid import handles as hybrid_handles, hybrid_dense
 from convert.model_store import BuildError
 
 TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -63,19 +64,21 @@ def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
 def is_expert_weight(gguf_name: str) -> bool:
     """A stacked routed-expert weight (blk.N.ffn_*_exps.weight; not gpt-oss's expert biases)."""
     parts = gguf_name.split(".")
-    return len(parts) == 4 and parts[2] in EXPERTS and parts[3] == "weight"
+    return len(parts) == 4 and (parts[2] in EXPERTS or parts[2] == GATE_UP) and parts[3] == "weight"
 
 
 def hf_name(gguf_name: str, moe_module: str, arch: str = "") -> Optional[str]:
     """The HF name of a dense GGUF tensor; None for an expert tensor (weights, and gpt-oss's
-    biases, which GgufModel.dense stacks) and DeepSeek's k_b/v_b (which it joins); BuildError
-    if unknown."""
+    biases, which GgufModel.dense stacks), DeepSeek's k_b/v_b (which it joins) and the hybrid
+    layers' changed tensors (convert/gguf_hybrid.py); BuildError if unknown."""
+    if hybrid_handles(arch, gguf_name):
+        return None
     if gguf_name in TOP:
         return TOP[gguf_name]
     parts = gguf_name.split(".")
     table = {**BLOCK, **BLOCK_BY_ARCH.get(arch, {})}
     if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit():
-        if parts[2] in EXPERTS or (arch == "deepseek2" and parts[2] in KV_B_PARTS):
+        if parts[2] in (*EXPERTS, GATE_UP) or (arch == "deepseek2" and parts[2] in KV_B_PARTS):
             return None
         if parts[2] in table and parts[3] in ("weight", "bias"):
             base = f"model.layers.{parts[1]}.{table[parts[2]].format(moe=moe_module)}"
@@ -97,13 +100,13 @@ class GgufModel:
         moe = self.layout.moe_layers if self.layout else ()
         self.keys = [(mi, e) for mi in range(len(moe)) for e in range(self.layout.num_experts)] if moe else []
         if self.keys:
-            _, self.inter, self.hidden = self.file.shape(f"blk.{moe[0]}.ffn_gate_exps.weight")
+            self.gate_name, self.inter, self.hidden = expert_gate(self.file, moe[0])
 
     def expert_type(self) -> Optional[str]:
         """The ggml type of the first layer's expert weights; None for a dense model."""
         if not self.keys:
             return None
-        return self.file.type_name(f"blk.{self.layout.moe_layers[0]}.ffn_gate_exps.weight")
+        return self.file.type_name(self.gate_name)
 
     def expert_bits(self) -> float:
         """Bits per weight of the routed experts in the file, on average (a Q4_K_M file mixes
@@ -126,9 +129,13 @@ class GgufModel:
                 p = self.layout.prefix(layer)
                 yield f"{p}.gate_up_proj_bias", lambda b=f"blk.{layer}": self._gate_up_bias(b)
                 yield f"{p}.down_proj_bias", lambda b=f"blk.{layer}": self.file.read(f"{b}.ffn_down_exps.bias")
+        yield from hybrid_dense(self.file, self.config)
+        tensors = self.file.tensors if self.file.arch == "deepseek2" else {}
         for layer in range(layers):
-            if f"blk.{layer}.attn_k_b.weight" in self.file.tensors and self.file.arch == "deepseek2":
-                yield f"model.layers.{layer}.self_attn.kv_b_proj.weight", lambda b=f"blk.{layer}": self._kv_b(b)
+            b = f"blk.{layer}"
+            # k_b and v_b joined, unless the file holds the whole attn_kv_b too (some do): that is read
+            if f"{b}.attn_k_b.weight" in tensors and f"{b}.attn_kv_b.weight" not in tensors:
+                yield f"model.layers.{layer}.self_attn.kv_b_proj.weight", lambda b=b: self._kv_b(b)
 
     def _kv_b(self, block: str) -> torch.Tensor:
         """DeepSeek's kv_b_proj [heads * (nope + v), kv_lora] from llama.cpp's k_b [heads, kv_lora,
@@ -156,9 +163,13 @@ class GgufModel:
     def read(self, i: int, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
         """The ``i``-th expert of ``keys``: gate [I, H], up [I, H], down [H, I], fp32 or ``dtype``."""
         mi, e = self.keys[i]
-        layer = self.layout.moe_layers[mi]
-        return {proj: self.file.read(f"blk.{layer}.{name}.weight", e).to(dtype or torch.float32)
-                for proj, name in zip(("gate", "up", "down"), EXPERTS)}
+        b = f"blk.{self.layout.moe_layers[mi]}"
+        if f"{b}.{GATE_UP}.weight" in self.file.tensors:
+            gate, up = self.file.read(f"{b}.{GATE_UP}.weight", e).split(self.inter)     # [2I, H]
+            out = {"gate": gate, "up": up, "down": self.file.read(f"{b}.ffn_down_exps.weight", e)}
+        else:
+            out = {proj: self.file.read(f"{b}.{name}.weight", e) for proj, name in zip(("gate", "up", "down"), EXPERTS)}
+        return {proj: w.to(dtype or torch.float32) for proj, w in out.items()}
 
     def stored_dtype(self) -> torch.dtype:
         """The dtype unquantized experts are written in (``stored_dtype`` of their type)."""

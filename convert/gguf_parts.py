@@ -1,7 +1,7 @@
 """The files of one GGUF model: a whole file, or the parts llama.cpp's gguf-split writes
 (``<prefix>-00001-of-00003.gguf``...: every GGUF release over ~50 GB on the Hugging Face hub is
 published so). Named here, without gguf or torch (the HTTP process finds models with it); read
-together by convert/gguf_model.py."""
+together by convert/gguf_file.py."""
 from __future__ import annotations
 
 import os

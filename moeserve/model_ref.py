@@ -65,6 +65,13 @@ def gguf_in_dir(path: str) -> Optional[str]:
         raise FileNotFoundError(f"--model {path!r}: no config.json, and {len(found)} GGUF models "
                                 f"({', '.join(found[:6])}{', ...' if len(found) > 6 else ''}): give one "
                                 "of them")
+    if not found:           # releases of several quantizations keep each in a subfolder (unsloth's)
+        subs = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))
+                      and any(n.lower().endswith(".gguf") for n in os.listdir(os.path.join(path, d))))
+        if subs:
+            raise FileNotFoundError(f"--model {path!r}: no config.json and no GGUF file; GGUF models are in "
+                                    f"its subfolders {', '.join(subs[:6])}{', ...' if len(subs) > 6 else ''}: "
+                                    f"name one (--model {os.path.join(path, subs[0])})")
     return os.path.join(path, found[0]) if found else None
 
 

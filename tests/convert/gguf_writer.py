@@ -14,9 +14,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from tests.convert.gguf_writer_hybrid import hybrid_meta, hybrid_tensors
+
 ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe",
         "llama": "llama", "gpt_oss": "gpt-oss", "glm4_moe": "glm4moe", "deepseek_v2": "deepseek2",
-        "deepseek_v3": "deepseek2"}
+        "deepseek_v3": "deepseek2", "qwen3_next": "qwen3next", "qwen3_5_moe_text": "qwen35moe"}
 STACKED = {"mixtral": ("block_sparse_moe", {"w1": "w1", "w3": "w3", "w2": "w2"}),
            "default": ("mlp", {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"})}
 TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
@@ -40,12 +42,16 @@ def permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "F32",
-               expert_qtype: str | None = None, split_max_tensors: int = 0, legacy_mla: bool = False) -> str:
+               expert_qtype: str | None = None, split_max_tensors: int = 0, legacy_mla: bool = False,
+               omit: tuple[str, ...] = (), extra: dict[str, float] | None = None, fuse_gate_up: bool = False) -> str:
     """Write the checkpoint in ``hf_dir`` as a GGUF at ``path``: dense matrices in ``qtype``, expert
     matrices in ``expert_qtype`` (default: ``qtype``); 1-D tensors stay F32, as llama.cpp keeps them.
     With ``split_max_tensors``, split into parts as llama.cpp's gguf-split names them (gguf-py's
     own splitting); returns the first part's path. DeepSeek's kv_b_proj is split into k_b and
-    v_b as current llama.cpp writes it, or kept whole as files from before mid-2025 (``legacy_mla``)."""
+    v_b as current llama.cpp writes it, or kept whole as files from before mid-2025 (``legacy_mla``).
+    Metadata keys in ``omit`` are left out (files from converters that did not write them), and
+    ``extra`` float keys added. ``fuse_gate_up``: each layer's expert gate and up in one
+    ffn_gate_up_exps [E, 2I, H], as llama.cpp's --fuse-gate-up-exps writes them."""
     import gguf
     with open(os.path.join(hf_dir, "config.json")) as f:
         cfg = json.load(f)
@@ -57,12 +63,17 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
     blocks = 1 + max(int(n.split(".")[2]) for n in tensors if n.startswith("model.layers."))
     names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), blocks)
     w = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
+    add = w.add_key_value
+    w.add_key_value = lambda key, *a, **k: None if key in omit else add(key, *a, **k)   # type: ignore[method-assign]
+    for key, value in (extra or {}).items():
+        w.add_float32(key, value)
     w.add_block_count(blocks)
     if blocks > layers:
         w.add_nextn_predict_layers(blocks - layers)
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
+    if cfg.get("intermediate_size"):                    # Qwen3.5's text config has no dense MLP
+        w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(cfg["num_attention_heads"])
     w.add_head_count_kv(1 if arch == "deepseek2" else cfg["num_key_value_heads"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
@@ -91,6 +102,8 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
         w.add_expert_weights_norm(cfg["norm_topk_prob"])
     if arch == "deepseek2":
         _deepseek_meta(w, cfg, legacy_mla)
+    if arch in ("qwen3next", "qwen35moe"):
+        hybrid_meta(w, cfg)
     experts = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts")
     if experts:
         w.add_expert_count(experts)
@@ -107,6 +120,9 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
     tensors = _gpt_oss(tensors) if model_type == "gpt_oss" else _stacked(tensors, model_type)
     if arch == "deepseek2" and not legacy_mla:
         tensors = _split_kv_b(tensors, cfg)
+    if arch in ("qwen3next", "qwen35moe"):
+        tensors = hybrid_tensors(tensors, cfg)
+    halves: dict[bool, np.ndarray] = {}                 # fuse_gate_up: a layer's gate (False) and up (True)
     for name, t in tensors.items():
         base = name.removesuffix(".weight").removesuffix(".bias").removesuffix("_bias")   # e_score_correction_bias
         target = names.get_name(base)
@@ -119,6 +135,12 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
         kind = (expert_qtype or qtype) if re.search(r"\.experts\.", name) else qtype
         plain = arr.ndim == 1 or name.endswith("bias")      # biases and vectors stay F32
         suffix = ".bias" if name.endswith("_bias") else name[len(base):]
+        if fuse_gate_up and target.endswith(("ffn_gate_exps", "ffn_up_exps")):
+            halves[target.endswith("ffn_up_exps")] = arr
+            if len(halves) < 2:
+                continue
+            target, arr = target.rsplit(".", 1)[0] + ".ffn_gate_up_exps", np.concatenate([halves[0], halves[1]], axis=1)
+            halves = {}
         _add(w, f"{target}{suffix}", np.ascontiguousarray(arr), "F32" if plain else kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()

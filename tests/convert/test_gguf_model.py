@@ -34,7 +34,7 @@ FAMILIES = {"mixtral": {}, "qwen2_moe": ALL_MOE, "qwen3_moe": ALL_MOE, "olmoe": 
             # GLM-4.5: one expert group, as released (llama.cpp's GLM graph has none)
             "glm4_moe": {"n_group": 1, "topk_group": 1},
             # DeepSeek: mscale == mscale_all_dim, as every release has it (a GGUF carries only the latter)
-            "deepseek_v2": {}, "deepseek_v2_grouped": {},
+            "deepseek_v2": {}, "deepseek_v2_grouped": {}, "qwen3_next": ALL_MOE, "qwen3_5_moe_text": {},
             "deepseek_v3": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
                                                 "original_max_position_embeddings": 32, "mscale": 0.8,
                                                 "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1}}}
@@ -83,8 +83,12 @@ def test_f32_gguf_converts_to_the_checkpoint_it_was_written_from(name: str, tiny
     theirs = load_file(os.path.join(hf, "model.safetensors"))
     ours = load_file(os.path.join(out, "model.safetensors"))
     assert sorted(ours) == sorted(theirs)
-    for k, t in theirs.items():
-        assert torch.equal(ours[k], t), k              # names, stacking and the q/k permutation undone
+    for k, t in theirs.items():                      # names, stacking and the q/k permutation undone
+        if k.endswith(("norm.weight", "A_log")) and name.startswith("qwen3_"):
+            # stored as w + 1 and -exp(A_log) in f32: back within an ulp of those
+            torch.testing.assert_close(ours[k], t, rtol=1e-6, atol=2e-7, msg=k)
+        else:
+            assert torch.equal(ours[k], t), k
     with open(os.path.join(hf, "config.json")) as f:
         want = json.load(f)
     with open(os.path.join(out, "config.json")) as f:
@@ -95,11 +99,13 @@ def test_f32_gguf_converts_to_the_checkpoint_it_was_written_from(name: str, tiny
                 "attention_bias", "intermediate_size", "sliding_window", "head_dim", "n_routed_experts",
                 "n_shared_experts", "first_k_dense_replace", "routed_scaling_factor", "use_qk_norm",
                 "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_group",
-                "topk_group", "topk_method"):
+                "topk_group", "topk_method", "layer_types", "linear_conv_kernel_dim", "linear_key_head_dim",
+                "linear_num_key_heads", "linear_num_value_heads", "linear_value_head_dim"):
         if want.get(key) is None or (key == "sliding_window" and not want[key]) or \
                 (key == "norm_topk_prob" and name == "mixtral") or \
-                (key == "head_dim" and name.startswith("deepseek")):   # unset, off, or implied by the family
-            continue
+                (key == "head_dim" and name.startswith("deepseek")) or \
+                (key == "layer_types" and not name.startswith(("qwen3_next", "qwen3_5"))):
+            continue                     # unset, off, or implied by the family (attention kinds: the window)
         assert got.get(key) == want[key], key
     count = ("num_local_experts", "num_experts", "n_routed_experts")   # transformers 5 writes two for some
     assert next((got[k] for k in count if k in got), 0) == next((want[k] for k in count if k in want), 0)
@@ -300,6 +306,11 @@ def test_a_folder_holding_one_gguf_serves_it(tiny: Callable[..., tuple[str, str]
     shutil.copy(path, folder / "other.gguf")
     with pytest.raises(FileNotFoundError, match="2 GGUF models \\(model-F32.gguf, other.gguf\\): give one"):
         resolve_model(str(folder))
+    quants = tmp_path / "quants"                  # a release of several quantizations, one per subfolder
+    (quants / "Q4_K_M").mkdir(parents=True)
+    shutil.copy(path, quants / "Q4_K_M" / "m-Q4_K_M.gguf")
+    with pytest.raises(FileNotFoundError, match="its subfolders Q4_K_M: name one"):
+        resolve_model(str(quants))
 
 
 def test_a_split_gguf_is_read_from_all_its_parts(tiny: Callable[..., tuple[str, str]], tokenizer: dict[str, Any],
@@ -348,3 +359,32 @@ def test_deepseek_files_from_before_the_kv_b_split_and_deepseeks_pre_tokenizers(
     split = PreTrainedTokenizerFast.from_pretrained(out).backend_tokenizer.pre_tokenizer
     pieces = [p for p, _ in split.pre_tokenize_str("Tokens 12345 here!")]
     assert [p for p in pieces if p.isdigit()] == digits, pieces
+
+
+def test_deepseek_files_without_the_gating_key_route_by_their_selection_bias(tokenizer: dict[str, Any],
+                                                                              tmp_path: Any) -> None:
+    """GLM-4.7-Flash's files (deepseek2) carry no expert_gating_func: a router with a selection
+    bias is sigmoid routing, not V2's softmax; attention temperature scaling (Mistral Large 3's
+    deepseek2 files) is refused rather than ignored."""
+    hf = make_family_checkpoint("deepseek_v3", str(tmp_path / "hf"), overrides={**OVERRIDES, **FAMILIES["deepseek_v3"]})
+    path = write_gguf(hf, str(tmp_path / "v3.gguf"), tokenizer, omit=("deepseek2.expert_gating_func",))
+    out = ensure_gguf(path, home=str(tmp_path / "home"), progress=False)
+    assert json.load(open(os.path.join(out, "config.json")))["model_type"] == "deepseek_v3"
+    torch.testing.assert_close(logits(out), logits(hf), rtol=0, atol=1e-5)
+    scaled = write_gguf(hf, str(tmp_path / "m3.gguf"), tokenizer, extra={"deepseek2.attention.temperature_scale": 0.1})
+    with pytest.raises(BuildError, match="temperature scaling"):
+        ensure_gguf(scaled, home=str(tmp_path / "home"))
+
+
+def test_fused_gate_up_experts_read_as_gate_and_up(tiny: Callable[..., tuple[str, str]], tokenizer: dict[str, Any],
+                                                   tmp_path: Any) -> None:
+    """llama.cpp's --fuse-gate-up-exps stores a layer's expert gates and ups as one tensor."""
+    import gguf
+    hf, whole = tiny("qwen3_moe", "F32", "Q4_0")
+    fused = write_gguf(hf, str(tmp_path / "fused.gguf"), tokenizer, expert_qtype="Q4_0", fuse_gate_up=True)
+    assert "blk.0.ffn_gate_up_exps.weight" in {t.name for t in gguf.GGUFReader(fused).tensors}
+    a, b = (ensure_gguf(p, home=str(tmp_path / h), progress=False) for p, h in ((whole, "a"), (fused, "b")))
+    assert json.load(open(os.path.join(b, "config.json")))["moe_intermediate_size"] == \
+        json.load(open(os.path.join(a, "config.json")))["moe_intermediate_size"]
+    ours, theirs = (load_file(os.path.join(d, "experts.safetensors")) for d in (a, b))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
