@@ -6,7 +6,10 @@ undone here:
 - Qwen3-Next's in_proj_qkvz (per key head: q, k, v, z) is regrouped into one q|k|v matrix of all
   heads (``attn_qkv``) and z (``attn_gate``);
 - Qwen3.5's value heads, grouped by key head in the checkpoint ([K0: v0 v1][K1: v0 v1]), are
-  tiled for ggml's broadcast ([v0: K0 K1][v1: K0 K1]) in every tensor that has them.
+  tiled for ggml's broadcast ([v0: K0 K1][v1: K0 K1]) in every tensor that has them (Ollama's
+  converter says whether it did, by ``ssm.v_head_reordered``).
+Files from llama.cpp's first Qwen3-Next support hold in_proj_qkvz unchanged (``ssm_in``).
+Ollama's Qwen3.5 files carry the vision tower (``v.*``, ``mm.*``), which is not read.
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ OFFSET_NORMS = ("attn_norm", "post_attention_norm", "attn_q_norm", "attn_k_norm"
 # GGUF tensor -> the linear attention's parameter (Qwen3-Next's in_proj_qkvz and in_proj_ba apart)
 LINEAR = {"ssm_a": "A_log", "ssm_conv1d": "conv1d.weight", "ssm_dt": "dt_bias", "ssm_norm": "norm.weight",
           "ssm_out": "out_proj.weight", "attn_qkv": "in_proj_qkv.weight", "attn_gate": "in_proj_z.weight",
-          "ssm_beta": "in_proj_b.weight", "ssm_alpha": "in_proj_a.weight", "ssm_ba": "in_proj_ba.weight"}
+          "ssm_beta": "in_proj_b.weight", "ssm_alpha": "in_proj_a.weight", "ssm_ba": "in_proj_ba.weight",
+          "ssm_in": "in_proj_qkvz.weight"}
+VISION = ("v.", "mm.")          # Ollama's Qwen3.5 files: the vision tower, in the same file
 
 
 def linear_config(g: GgufFile, layers: int) -> dict[str, Any]:
@@ -36,11 +41,26 @@ def linear_config(g: GgufFile, layers: int) -> dict[str, Any]:
                             for i in range(layers)]}
 
 
-def handles(arch: str, gguf_name: str) -> bool:
-    """Whether ``hybrid_dense`` yields the HF tensor of GGUF tensor ``gguf_name``."""
+def handles(g: GgufFile, gguf_name: str) -> bool:
+    """Whether ``hybrid_dense`` yields the HF tensor of GGUF tensor ``gguf_name`` (or leaves it
+    out on purpose: Ollama's vision tower)."""
+    if g.arch not in ARCHS:
+        return False
     parts = gguf_name.split(".")
-    return arch in ARCHS and (gguf_name == "output_norm.weight" or (      # blk.N.ssm_a has no suffix
-        len(parts) in (3, 4) and parts[0] == "blk" and (parts[2] in OFFSET_NORMS or parts[2] in LINEAR)))
+    if gguf_name == "output_norm.weight" or gguf_name.startswith(VISION):
+        return True
+    if len(parts) not in (3, 4) or parts[0] != "blk":                    # blk.N.ssm_a has no suffix
+        return False
+    # attn_qkv/attn_gate are the linear layers' (a full-attention layer's, in a --fuse-qkv file,
+    # are left to be refused as unknown)
+    linear = parts[2] in LINEAR and (parts[2] not in ("attn_qkv", "attn_gate") or f"blk.{parts[1]}.ssm_a" in g.tensors)
+    return parts[2] in OFFSET_NORMS or linear
+
+
+def tiled(g: GgufFile) -> bool:
+    """Whether the file's value heads are tiled: Qwen3.5's as llama.cpp writes them, or as
+    Ollama's converter says."""
+    return bool(g.arch_meta("ssm.v_head_reordered", g.arch == "qwen35moe"))
 
 
 def hybrid_dense(g: GgufFile, config: dict[str, Any], prefix: str = "model."
@@ -49,8 +69,8 @@ def hybrid_dense(g: GgufFile, config: dict[str, Any], prefix: str = "model."
     layers = config["num_hidden_layers"]
     for name in g.tensors:
         parts = name.split(".")
-        if not handles(g.arch, name) or (parts[0] == "blk" and int(parts[1]) >= layers):
-            continue
+        if not handles(g, name) or name.startswith(VISION) or (parts[0] == "blk" and int(parts[1]) >= layers):
+            continue                                    # the vision tower and MTP layers: not served
         if name == "output_norm.weight":
             yield f"{prefix}norm.weight", lambda n=name: _offset(g, n)
             continue
@@ -88,7 +108,7 @@ def _linear(g: GgufFile, config: dict[str, Any], name: str, kind: str) -> torch.
     qk = 2 * config["linear_num_key_heads"] * config["linear_key_head_dim"]   # conv and qkv rows before v
     if kind == "ssm_a":
         w = torch.log(-w)                               # A = -exp(A_log)
-    if g.arch == "qwen35moe":
+    if tiled(g):
         if kind in ("ssm_a", "ssm_dt", "ssm_beta", "ssm_alpha"):
             w = _untile(w, 0, config, 1)
         elif kind == "attn_gate":

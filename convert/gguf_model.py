@@ -24,7 +24,7 @@ import torch
 
 from convert.gguf_config import GATE_UP, expert_gate, hf_config
 from convert.gguf_file import GgufFile, stored_dtype
-from convert.gguf_hybrid import handles as hybrid_handles, hybrid_dense
+from convert.gguf_hybrid import VISION, handles as hybrid_handles, hybrid_dense
 from convert.model_store import BuildError
 
 TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -69,10 +69,8 @@ def is_expert_weight(gguf_name: str) -> bool:
 
 def hf_name(gguf_name: str, moe_module: str, arch: str = "") -> Optional[str]:
     """The HF name of a dense GGUF tensor; None for an expert tensor (weights, and gpt-oss's
-    biases, which GgufModel.dense stacks), DeepSeek's k_b/v_b (which it joins) and the hybrid
-    layers' changed tensors (convert/gguf_hybrid.py); BuildError if unknown."""
-    if hybrid_handles(arch, gguf_name):
-        return None
+    biases, which GgufModel.dense stacks) and DeepSeek's k_b/v_b (which it joins); BuildError
+    if unknown. The hybrid layers' changed tensors are convert/gguf_hybrid.py's."""
     if gguf_name in TOP:
         return TOP[gguf_name]
     parts = gguf_name.split(".")
@@ -102,6 +100,12 @@ class GgufModel:
         if self.keys:
             self.gate_name, self.inter, self.hidden = expert_gate(self.file, moe[0])
 
+    def served(self, name: str) -> bool:
+        """Whether GGUF tensor ``name`` belongs to the model served: not to the layers past the
+        decoder's (multi-token prediction), nor to a vision tower in the file (Ollama's Qwen3.5)."""
+        parts = name.split(".")
+        return not name.startswith(VISION) and not (parts[0] == "blk" and int(parts[1]) >= self.config["num_hidden_layers"])
+
     def expert_type(self) -> Optional[str]:
         """The ggml type of the first layer's expert weights; None for a dense model."""
         if not self.keys:
@@ -111,15 +115,14 @@ class GgufModel:
     def expert_bits(self) -> float:
         """Bits per weight of the routed experts in the file, on average (a Q4_K_M file mixes
         Q4_K with Q6_K, and falls back to Q5_0 where rows are not a multiple of 256)."""
-        tensors = [t for n, t in self.file.tensors.items() if is_expert_weight(n)]
+        tensors = [t for n, t in self.file.tensors.items() if is_expert_weight(n) and self.served(n)]
         return 8 * sum(int(t.n_bytes) for t in tensors) / max(1, sum(int(t.n_elements) for t in tensors))
 
     def dense(self) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
         """(HF name, read) of every dense tensor, in its ``stored_dtype``."""
         layers = self.config["num_hidden_layers"]
         for name in self.file.tensors:
-            parts = name.split(".")
-            if parts[0] == "blk" and int(parts[1]) >= layers:      # multi-token-prediction layers
+            if not self.served(name) or hybrid_handles(self.file, name):
                 continue
             target = hf_name(name, self.moe_module, self.file.arch)
             if target:
@@ -177,8 +180,9 @@ class GgufModel:
 
     def weight_count(self) -> tuple[int, int]:
         """(dense, routed expert) weights in the file."""
-        expert = sum(int(t.n_elements) for n, t in self.file.tensors.items() if is_expert_weight(n))
-        return sum(int(t.n_elements) for t in self.file.tensors.values()) - expert, expert
+        served = {n: int(t.n_elements) for n, t in self.file.tensors.items() if self.served(n)}
+        expert = sum(count for n, count in served.items() if is_expert_weight(n))
+        return sum(served.values()) - expert, expert
 
     def expert_names(self, i: int) -> dict[str, str]:
         mi, e = self.keys[i]

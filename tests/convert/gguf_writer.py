@@ -42,16 +42,19 @@ def permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "F32",
-               expert_qtype: str | None = None, split_max_tensors: int = 0, legacy_mla: bool = False,
-               omit: tuple[str, ...] = (), extra: dict[str, float] | None = None, fuse_gate_up: bool = False) -> str:
+               expert_qtype: str | None = None, split_max_tensors: int = 0, legacy: bool = False,
+               omit: tuple[str, ...] = (), extra: dict[str, float] | None = None, fuse_gate_up: bool = False,
+               ollama: bool = False) -> str:
     """Write the checkpoint in ``hf_dir`` as a GGUF at ``path``: dense matrices in ``qtype``, expert
     matrices in ``expert_qtype`` (default: ``qtype``); 1-D tensors stay F32, as llama.cpp keeps them.
     With ``split_max_tensors``, split into parts as llama.cpp's gguf-split names them (gguf-py's
     own splitting); returns the first part's path. DeepSeek's kv_b_proj is split into k_b and
-    v_b as current llama.cpp writes it, or kept whole as files from before mid-2025 (``legacy_mla``).
+    v_b as current llama.cpp writes it, or kept whole as files from before mid-2025 (``legacy``; so is
+    Qwen3-Next's in_proj_qkvz, as llama.cpp's first Qwen3-Next support wrote it).
     Metadata keys in ``omit`` are left out (files from converters that did not write them), and
     ``extra`` float keys added. ``fuse_gate_up``: each layer's expert gate and up in one
-    ffn_gate_up_exps [E, 2I, H], as llama.cpp's --fuse-gate-up-exps writes them."""
+    ffn_gate_up_exps [E, 2I, H], as llama.cpp's --fuse-gate-up-exps writes them. ``ollama``: a
+    Qwen3.5 file as Ollama's converter may write it (see gguf_writer_hybrid.hybrid_meta)."""
     import gguf
     with open(os.path.join(hf_dir, "config.json")) as f:
         cfg = json.load(f)
@@ -75,7 +78,8 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
     if cfg.get("intermediate_size"):                    # Qwen3.5's text config has no dense MLP
         w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(1 if arch == "deepseek2" else cfg["num_key_value_heads"])
+    if not ollama:                                    # Ollama's hybrid files: per layer
+        w.add_head_count_kv(1 if arch == "deepseek2" else cfg["num_key_value_heads"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_freq_base(cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 10000.0))
     if cfg.get("head_dim") and arch != "deepseek2":
@@ -101,9 +105,9 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
         w.add_expert_weights_scale(cfg["routed_scaling_factor"])
         w.add_expert_weights_norm(cfg["norm_topk_prob"])
     if arch == "deepseek2":
-        _deepseek_meta(w, cfg, legacy_mla)
+        _deepseek_meta(w, cfg, legacy)
     if arch in ("qwen3next", "qwen35moe"):
-        hybrid_meta(w, cfg)
+        hybrid_meta(w, cfg, ollama)
     experts = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts")
     if experts:
         w.add_expert_count(experts)
@@ -118,10 +122,10 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
         else:
             w.add_key_value(key, value, types[0])
     tensors = _gpt_oss(tensors) if model_type == "gpt_oss" else _stacked(tensors, model_type)
-    if arch == "deepseek2" and not legacy_mla:
+    if arch == "deepseek2" and not legacy:
         tensors = _split_kv_b(tensors, cfg)
     if arch in ("qwen3next", "qwen35moe"):
-        tensors = hybrid_tensors(tensors, cfg)
+        tensors = hybrid_tensors(tensors, cfg, legacy, ollama)
     halves: dict[bool, np.ndarray] = {}                 # fuse_gate_up: a layer's gate (False) and up (True)
     for name, t in tensors.items():
         base = name.removesuffix(".weight").removesuffix(".bias").removesuffix("_bias")   # e_score_correction_bias
@@ -142,6 +146,8 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
             target, arr = target.rsplit(".", 1)[0] + ".ffn_gate_up_exps", np.concatenate([halves[0], halves[1]], axis=1)
             halves = {}
         _add(w, f"{target}{suffix}", np.ascontiguousarray(arr), "F32" if plain else kind)
+    if ollama:                                          # its Qwen3.5 files hold the vision tower too
+        _add(w, "v.blk.0.attn_q.weight", np.zeros((8, 8), dtype=np.float32), "F32")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

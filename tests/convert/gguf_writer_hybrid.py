@@ -10,7 +10,14 @@ from typing import Any
 import torch
 
 
-def hybrid_meta(w: Any, cfg: dict[str, Any]) -> None:
+def hybrid_meta(w: Any, cfg: dict[str, Any], ollama: bool = False) -> None:
+    """The keys llama.cpp writes; ``ollama``: KV heads per layer (0 in the linear ones) and the
+    value heads left grouped, saying so (ssm.v_head_reordered false), as Ollama's converter may."""
+    import gguf
+    if ollama:
+        w.add_array(gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=w.arch),
+                    [0 if t == "linear_attention" else cfg["num_key_value_heads"] for t in cfg["layer_types"]])
+        w.add_bool(f"{w.arch}.ssm.v_head_reordered", False)
     w.add_ssm_conv_kernel(cfg["linear_conv_kernel_dim"])
     w.add_ssm_state_size(cfg["linear_key_head_dim"])
     w.add_ssm_group_count(cfg["linear_num_key_heads"])
@@ -30,8 +37,11 @@ def _tile(t: torch.Tensor, dim: int, cfg: dict[str, Any], head_dim: int) -> torc
     return grouped.transpose(dim, dim + 1).reshape(shape)
 
 
-def hybrid_tensors(tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
-    qwen35 = cfg["model_type"].startswith("qwen3_5")
+def hybrid_tensors(tensors: dict[str, torch.Tensor], cfg: dict[str, Any], legacy: bool = False,
+                   ollama: bool = False) -> dict[str, torch.Tensor]:
+    """``legacy``: Qwen3-Next's in_proj_qkvz kept whole (ssm_in); ``ollama``: Qwen3.5's value heads
+    left grouped."""
+    qwen35 = cfg["model_type"].startswith("qwen3_5") and not ollama
     hk, dk, dv = cfg["linear_num_key_heads"], cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
     gdv = cfg["linear_num_value_heads"] // hk * dv
     qk = 2 * hk * dk
@@ -65,7 +75,7 @@ def hybrid_tensors(tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dic
             t = t.squeeze(1)
         if kind == "dt_bias":
             name = name.replace("dt_bias", "dt_proj.bias")
-        if kind == "in_proj_qkvz":
+        if kind == "in_proj_qkvz" and not legacy:
             per = t.view(hk, 2 * dk + 2 * gdv, -1)
             q, k, v, z = per.split([dk, dk, gdv, gdv], dim=1)
             out[name.replace("in_proj_qkvz", "in_proj_qkv")] = torch.cat(

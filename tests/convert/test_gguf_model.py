@@ -353,7 +353,7 @@ def test_deepseek_files_from_before_the_kv_b_split_and_deepseeks_pre_tokenizers(
     from transformers import PreTrainedTokenizerFast
     hf = make_family_checkpoint("deepseek_v2", str(tmp_path / "hf"), overrides=OVERRIDES)
     tok = {**tokenizer, "tokenizer.ggml.pre": (pre, tokenizer["tokenizer.ggml.pre"][1])}
-    out = ensure_gguf(write_gguf(hf, str(tmp_path / "ds.gguf"), tok, legacy_mla=True),
+    out = ensure_gguf(write_gguf(hf, str(tmp_path / "ds.gguf"), tok, legacy=True),
                       home=str(tmp_path / "home"), progress=False)
     torch.testing.assert_close(logits(out), logits(hf), rtol=0, atol=1e-5)
     split = PreTrainedTokenizerFast.from_pretrained(out).backend_tokenizer.pre_tokenizer
@@ -388,3 +388,15 @@ def test_fused_gate_up_experts_read_as_gate_and_up(tiny: Callable[..., tuple[str
         json.load(open(os.path.join(a, "config.json")))["moe_intermediate_size"]
     ours, theirs = (load_file(os.path.join(d, "experts.safetensors")) for d in (a, b))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("name, kind", [("qwen3_next", "legacy"), ("qwen3_5_moe_text", "ollama")])
+def test_qwen_hybrid_files_of_older_llama_cpp_and_of_ollama(name: str, kind: str, tokenizer: dict[str, Any],
+                                                           tmp_path: Any) -> None:
+    """llama.cpp's first Qwen3-Next files hold in_proj_qkvz whole (ssm_in); Ollama's Qwen3.5 files
+    give KV heads per layer, may leave the value heads grouped (saying so), and carry the vision
+    tower: each reads back to the same model."""
+    hf = make_family_checkpoint(name, str(tmp_path / "hf"), overrides={**OVERRIDES, **FAMILIES[name]})
+    path = write_gguf(hf, str(tmp_path / "m.gguf"), tokenizer, **{kind: True})
+    out = ensure_gguf(path, home=str(tmp_path / "home"), progress=False)
+    torch.testing.assert_close(logits(out), logits(hf), rtol=0, atol=1e-5)
