@@ -34,13 +34,10 @@ def hf_config(g: GgufFile) -> dict[str, Any]:
                          "Hugging Face safetensors release)")
     a = g.arch_meta
     layers, heads, hidden = int(a("block_count")), a("attention.head_count"), int(a("embedding_length"))
-    layers -= int(a("nextn_predict_layers", 0))      # GLM-4.5's multi-token-prediction layers: not served
+    layers -= int(a("nextn_predict_layers", 0))      # multi-token-prediction layers (GLM-4.5's, Qwen's): not served
     kv_heads = a("attention.head_count_kv", heads)
     if g.arch in HYBRID_ARCHS and isinstance(kv_heads, list):     # Ollama's: 0 in the linear layers
         kv_heads = max(kv_heads)
-    if g.arch == "qwen35moe" and any(n.endswith(".ssm_ba.weight") for n in g.tensors):
-        raise BuildError(f"{g.path}: Ollama's conversion of Qwen3-Next labelled qwen35moe (ssm_ba) is not "
-                         "supported; use a llama.cpp GGUF (qwen3next) or the safetensors release")
     if isinstance(heads, list) or isinstance(kv_heads, list):
         raise BuildError(f"{g.path}: per-layer head counts are not supported")
     experts = int(a("expert_count", 0))
@@ -119,6 +116,9 @@ def _model_type(g: GgufFile, experts: int) -> str:
             raise BuildError(f"{g.path}: deepseek2 with attention temperature scaling (Mistral Large 3's) "
                              "is not supported")
         return "deepseek_v3" if gating == SIGMOID else "deepseek_v2"
+    if g.arch == "qwen35moe" and any(n.endswith(".ssm_ba.weight") for n in g.tensors):
+        raise BuildError(f"{g.path}: Ollama's conversion of Qwen3-Next labelled qwen35moe (ssm_ba) is not "
+                         "supported; use a llama.cpp GGUF (qwen3next) or the safetensors release")
     return ARCHS[g.arch]
 
 

@@ -26,7 +26,7 @@ LINEAR = {"ssm_a": "A_log", "ssm_conv1d": "conv1d.weight", "ssm_dt": "dt_bias", 
           "ssm_out": "out_proj.weight", "attn_qkv": "in_proj_qkv.weight", "attn_gate": "in_proj_z.weight",
           "ssm_beta": "in_proj_b.weight", "ssm_alpha": "in_proj_a.weight", "ssm_ba": "in_proj_ba.weight",
           "ssm_in": "in_proj_qkvz.weight"}
-VISION = ("v.", "mm.")          # Ollama's Qwen3.5 files: the vision tower, in the same file
+VISION = ("v.", "mm.")          # Ollama's Qwen3.5 files: the vision tower, in the same (not served)
 
 
 def linear_config(g: GgufFile, layers: int) -> dict[str, Any]:
@@ -42,12 +42,11 @@ def linear_config(g: GgufFile, layers: int) -> dict[str, Any]:
 
 
 def handles(g: GgufFile, gguf_name: str) -> bool:
-    """Whether ``hybrid_dense`` yields the HF tensor of GGUF tensor ``gguf_name`` (or leaves it
-    out on purpose: Ollama's vision tower)."""
+    """Whether ``hybrid_dense`` yields the HF tensor of GGUF tensor ``gguf_name``."""
     if g.arch not in ARCHS:
         return False
     parts = gguf_name.split(".")
-    if gguf_name == "output_norm.weight" or gguf_name.startswith(VISION):
+    if gguf_name == "output_norm.weight":
         return True
     if len(parts) not in (3, 4) or parts[0] != "blk":                    # blk.N.ssm_a has no suffix
         return False
@@ -69,8 +68,8 @@ def hybrid_dense(g: GgufFile, config: dict[str, Any], prefix: str = "model."
     layers = config["num_hidden_layers"]
     for name in g.tensors:
         parts = name.split(".")
-        if not handles(g, name) or name.startswith(VISION) or (parts[0] == "blk" and int(parts[1]) >= layers):
-            continue                                    # the vision tower and MTP layers: not served
+        if not handles(g, name) or (parts[0] == "blk" and int(parts[1]) >= layers):
+            continue                                    # MTP layers: not served
         if name == "output_norm.weight":
             yield f"{prefix}norm.weight", lambda n=name: _offset(g, n)
             continue
