@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from convert.gguf_convert import ensure_gguf
-from tests.convert.test_gguf_model import FAMILIES, OVERRIDES, logits
+from tests.convert.test_gguf_model import FAMILIES, OVERRIDES, PROMPT, logits
 from tests.engine.tiny_families import engine_dir, make_family_checkpoint
 
 pytestmark = [pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
@@ -34,8 +34,8 @@ ADDED = {"glm4_moe": ["[gMASK]", "<|user|>", "<|endoftext|>", "<|observation|>"]
 ARGS = {"qwen3_next": ["--no-mtp"], "qwen3_5_moe_text": ["--no-mtp"]}
 PRE = {"qwen3_5_moe_text": "qwen35"}
 NAMED_PRE = ("import runpy, sys; sys.path.insert(0, sys.argv[1]); import conversion.base as base; "
-             "base.TextModel.get_vocab_base_pre = lambda self, tok: sys.argv[2]; sys.argv = sys.argv[3:]; "
-             "runpy.run_path(sys.argv[0], run_name='__main__')")
+             "pre = sys.argv[2]; base.TextModel.get_vocab_base_pre = lambda self, tok: pre; "
+             "sys.argv = sys.argv[3:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +98,48 @@ def test_deepseek_pre_tokenizers_split_as_llama_cpp_splits(pre: str, tmp_path: A
     for text in TEXTS:
         assert ours.encode(text, add_special_tokens=False) == \
             theirs.tokenize(text.encode(), add_bos=False, special=False), text
+
+
+EQUAL_HEADS = {"linear_key_head_dim": 16, "linear_value_head_dim": 16}
+# tiny shapes llama.cpp's runtime takes: DeepSeek-V2 with a q LoRA (it reads V2 without one only at
+# V2-Lite's depth), Qwen3-Next/3.5 with equal key and value head sizes, Qwen3.5 with rope sections
+# that fit its rotary width
+RUNNABLE = {"qwen3_moe": {}, "glm4_moe": {}, "deepseek_v2": {"q_lora_rank": 32}, "deepseek_v3": {},
+            "qwen3_next": EQUAL_HEADS,
+            "qwen3_5_moe_text": {**EQUAL_HEADS, "rope_parameters": {
+                "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                "mrope_section": [2, 1, 1], "mrope_interleaved": True}}}
+
+
+@pytest.mark.parametrize("name", list(RUNNABLE))
+def test_llama_cpp_runs_its_split_q8_0_file_as_moeserve_serves_it(name: str, converter: str, tokenizer: Any,
+                                                                    tmp_path: Any) -> None:
+    """llama.cpp's converter writes a Q8_0 file split in parts; llama.cpp runs it, and moeserve
+    serves it (named by its last part): both see the same Q8_0 weights, so moeserve's logits are
+    as close to the F32 checkpoint's as llama.cpp's, and close to llama.cpp's."""
+    import glob
+
+    import llama_cpp
+    import numpy as np
+    hf = make_family_checkpoint(name, str(tmp_path / "hf"), overrides={**OVERRIDES, **FAMILIES[name],
+                                                                      **EXTRA.get(name, {}), **RUNNABLE[name]})
+    tok = copy.deepcopy(tokenizer)
+    if name in ADDED:
+        tok.add_special_tokens({"additional_special_tokens": ADDED[name]})
+    tok.save_pretrained(hf)
+    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(converter), "gguf-py"))
+    python = [sys.executable, "-c", NAMED_PRE, os.path.dirname(converter), PRE[name]] if name in PRE else [sys.executable]
+    r = subprocess.run([*python, converter, "--outtype", "q8_0", *ARGS.get(name, []), "--split-max-tensors", "20",
+                        "--outfile", str(tmp_path / "tiny-Q8_0.gguf"), hf], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    parts = sorted(glob.glob(str(tmp_path / "tiny-Q8_0-*-of-*.gguf")))
+    assert len(parts) > 1
+    llm = llama_cpp.Llama(model_path=parts[0], logits_all=True, verbose=False, n_ctx=64)
+    llm.eval(list(PROMPT))
+    theirs = torch.tensor(np.array(llm.scores[:len(PROMPT)]))
+    ours = logits(ensure_gguf(parts[-1], home=str(tmp_path / "home"), progress=False))
+    ref = logits(engine_dir(hf))
+    off = {"ours": (ours - ref).abs().max().item(), "theirs": (theirs - ref).abs().max().item(),
+           "between": (ours - theirs).abs().max().item()}
+    assert off["ours"] <= 1.25 * off["theirs"] and off["between"] <= 2 * off["theirs"], off
