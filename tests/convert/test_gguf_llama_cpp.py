@@ -143,3 +143,50 @@ def test_llama_cpp_runs_its_split_q8_0_file_as_moeserve_serves_it(name: str, con
     off = {"ours": (ours - ref).abs().max().item(), "theirs": (theirs - ref).abs().max().item(),
            "between": (ours - theirs).abs().max().item()}
     assert off["ours"] <= 1.25 * off["theirs"] and off["between"] <= 2 * off["theirs"], off
+
+
+def add_qwen_mtp(src: str, dst: str) -> None:
+    """Copy checkpoint ``src`` to ``dst`` with Qwen3-Next/3.5's multi-token-prediction block: a
+    full-attention decoder layer (the checkpoint's layer 1, copied) under ``mtp.layers.0``, the fc
+    joining embedding and hidden state, and its norms, as the released checkpoints carry them."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    hidden = tensors["model.embed_tokens.weight"].shape[1]
+    mtp = {k.replace("model.layers.1.", "mtp.layers.0."): v.clone() for k, v in tensors.items()
+           if k.startswith("model.layers.1.")}
+    mtp["mtp.fc.weight"] = torch.randn(hidden, 2 * hidden) * 0.05
+    for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        mtp[f"mtp.{norm}.weight"] = torch.randn(hidden) * 0.1
+    save_file({**tensors, **mtp}, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump({**cfg, "mtp_num_hidden_layers": 1}, f)
+
+
+@pytest.mark.parametrize("name", ["qwen3_next", "qwen3_5_moe_text"])
+def test_llama_cpp_conversion_with_the_mtp_block_serves_the_same_logits(name: str, converter: str, tokenizer: Any,
+                                                                         tmp_path: Any) -> None:
+    """llama.cpp's converter exports Qwen's multi-token-prediction block by default, as the
+    released GGUFs hold it: it is left out, and the logits are the checkpoint's."""
+    import gguf
+    plain = make_family_checkpoint(name, str(tmp_path / "plain"), overrides={**OVERRIDES, **FAMILIES[name]})
+    hf = str(tmp_path / "mtp")
+    add_qwen_mtp(plain, hf)
+    copy.deepcopy(tokenizer).save_pretrained(hf)
+    out = str(tmp_path / "m.gguf")
+    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(converter), "gguf-py"))
+    python = [sys.executable, "-c", NAMED_PRE, os.path.dirname(converter), PRE[name]] if name in PRE else [sys.executable]
+    r = subprocess.run([*python, converter, "--outtype", "f32", "--outfile", out, hf], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    reader = gguf.GGUFReader(out)
+    arch = reader.fields["general.architecture"].contents()
+    assert reader.fields[f"{arch}.nextn_predict_layers"].contents() == 1
+    assert any(t.name.startswith("blk.3.") for t in reader.tensors)          # the block, after the 3 layers
+    served = ensure_gguf(out, home=str(tmp_path / "home"), progress=False)
+    torch.testing.assert_close(logits(served), logits(engine_dir(plain)), rtol=0, atol=1e-5)
