@@ -12,12 +12,13 @@ from convert.model_store import BuildError
 # gating is DeepSeek-V3)
 ARCHS = {"llama": "llama", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "gpt-oss": "gpt_oss",
          "glm4moe": "glm4_moe", "deepseek2": "deepseek_v2", "qwen3next": "qwen3_next",
-         "qwen35moe": "qwen3_5_moe_text"}
+         "qwen35moe": "qwen3_5_moe_text", "ernie4_5-moe": "ernie4_5_moe"}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
                  "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                  "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
                  "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
-                 "qwen3_next": "Qwen3NextForCausalLM", "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM"}
+                 "qwen3_next": "Qwen3NextForCausalLM", "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
+                 "ernie4_5_moe": "Ernie4_5_MoeForCausalLM"}
 SOFTMAX, SIGMOID = 1, 2         # llama.cpp's expert_gating_func values
 GATE_UP = "ffn_gate_up_exps"    # gate and up in one [E, 2I, H] (llama.cpp's --fuse-gate-up-exps)
 
@@ -194,6 +195,16 @@ def _moe_config(g: GgufFile, raw: dict[str, Any], experts: int) -> dict[str, Any
         # V2's group_limited_greedy ranks groups by their best expert, as DeepSeek's code does
         # (llama.cpp ranks them by their two best, as for V3)
         return {**out, "topk_method": "group_limited_greedy" if groups > 1 else "greedy"}
+    if model_type == "ernie4_5_moe":
+        every = int(g.arch_meta("interleave_moe_layer_step", 1) or 1)
+        if moe != [i for i in range(first, layers) if (i + 1) % every == 0]:
+            raise BuildError(f"{g.path}: MoE layers {moe} are not every {every}th from layer {first}")
+        # the selection bias (moe_statics) of checkpoints trained without an auxiliary loss
+        return {"moe_num_experts": experts, "moe_k": top_k, "moe_intermediate_size": inter,
+                "moe_num_shared_experts": int(g.arch_meta("expert_shared_count", 0)),
+                "moe_layer_start_index": first, "moe_layer_end_index": -1, "moe_layer_interval": every,
+                "moe_use_aux_free": f"blk.{moe[0]}.exp_probs_b.bias" in g.tensors,
+                "use_bias": raw["attention_bias"]}
     if model_type == "glm4_moe":
         head_dim = raw["head_dim"]
         rot = int(g.arch_meta("rope.dimension_count", head_dim // 2))

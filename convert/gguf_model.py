@@ -13,7 +13,8 @@ llama.cpp's converter permutes the q/k rows of llama-architecture models for its
 they are permuted back, as transformers does. Architectures: llama (dense, or Mixtral when it has
 experts), qwen2moe, qwen3moe, olmoe, gpt-oss (experts in MXFP4, gate and up split, biases apart),
 glm4moe (GLM-4.5, its multi-token-prediction layers left out), deepseek2 (DeepSeek-V2 and V2-Lite;
-V3, R1 and Kimi-K2 by their sigmoid gating; kv_b_proj rebuilt from llama.cpp's k_b and v_b).
+V3, R1 and Kimi-K2 by their sigmoid gating; kv_b_proj rebuilt from llama.cpp's k_b and v_b),
+qwen3next and qwen35moe (convert/gguf_hybrid.py), ernie4_5-moe (ERNIE-4.5's MoE models).
 A split GGUF is read from all its parts (convert/gguf_file.py).
 """
 from __future__ import annotations
@@ -48,7 +49,8 @@ BLOCK_BY_ARCH = {"gpt-oss": {"post_attention_norm": "post_attention_layernorm", 
                  "deepseek2": {"attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn.q_a_layernorm",
                                "attn_q_b": "self_attn.q_b_proj", "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
                                "attn_kv_a_norm": "self_attn.kv_a_layernorm", "attn_kv_b": "self_attn.kv_b_proj",
-                               **SHARED_EXPERTS}}
+                               **SHARED_EXPERTS},
+                 "ernie4_5-moe": {**SHARED_EXPERTS, "exp_probs_b": "mlp.moe_statics.e_score_correction_bias"}}
 # kv_b_proj as current llama.cpp files hold it: split per head into k_b (transposed) and v_b
 KV_B_PARTS = ("attn_k_b", "attn_v_b")
 BARE = ("self_attn.sinks", "e_score_correction_bias")      # HF parameters without a .weight suffix
@@ -159,8 +161,8 @@ class GgufModel:
                                                         "attn_k.bias")):           # biases are permuted too
             heads = self.config["num_attention_heads" if ".attn_q." in name else "num_key_value_heads"]
             w = _unpermute(w, heads)
-        if target.endswith("shared_expert_gate.weight"):
-            w = w.reshape(1, -1)                        # [H] in GGUF, a [1, H] linear in HF
+        if target.endswith(("shared_expert_gate.weight", "moe_statics.e_score_correction_bias")):
+            w = w.reshape(1, -1)                        # [H] in GGUF, a [1, H] linear in HF (ERNIE's [1, E])
         return w.to(stored_dtype(self.file.type_name(name)))
 
     def read(self, i: int, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:

@@ -18,7 +18,8 @@ from tests.convert.gguf_writer_hybrid import hybrid_meta, hybrid_tensors
 
 ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe",
         "llama": "llama", "gpt_oss": "gpt-oss", "glm4_moe": "glm4moe", "deepseek_v2": "deepseek2",
-        "deepseek_v3": "deepseek2", "qwen3_next": "qwen3next", "qwen3_5_moe_text": "qwen35moe"}
+        "deepseek_v3": "deepseek2", "qwen3_next": "qwen3next", "qwen3_5_moe_text": "qwen35moe",
+        "ernie4_5_moe": "ernie4_5-moe"}
 STACKED = {"mixtral": ("block_sparse_moe", {"w1": "w1", "w3": "w3", "w2": "w2"}),
            "default": ("mlp", {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"})}
 TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
@@ -108,10 +109,15 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
         _deepseek_meta(w, cfg, legacy)
     if arch in ("qwen3next", "qwen35moe"):
         hybrid_meta(w, cfg, ollama)
-    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts")
+    if model_type == "ernie4_5_moe":                     # as llama.cpp's Ernie4_5MoeModel writes
+        w.add_leading_dense_block_count(cfg["moe_layer_start_index"])
+        w.add_interleave_moe_layer_step(cfg["moe_layer_interval"])
+        w.add_expert_shared_count(cfg["moe_num_shared_experts"])
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts") \
+        or cfg.get("moe_num_experts")
     if experts:
         w.add_expert_count(experts)
-        w.add_expert_used_count(cfg["num_experts_per_tok"])
+        w.add_expert_used_count(cfg.get("num_experts_per_tok") or cfg["moe_k"])
         if cfg.get("moe_intermediate_size"):
             w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
         if cfg.get("shared_expert_intermediate_size"):
@@ -134,8 +140,8 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
         arr = t.float().numpy()
         if arch == "llama" and base.endswith(("q_proj", "k_proj")):
             arr = permute(arr, cfg["num_attention_heads" if base.endswith("q_proj") else "num_key_value_heads"])
-        if base.endswith("shared_expert_gate"):
-            arr = arr.reshape(-1)                       # llama.cpp stores it as a vector
+        if base.endswith(("shared_expert_gate", "moe_statics.e_score_correction")):
+            arr = arr.reshape(-1)                       # llama.cpp stores them as vectors
         kind = (expert_qtype or qtype) if re.search(r"\.experts\.", name) else qtype
         plain = arr.ndim == 1 or name.endswith("bias")      # biases and vectors stay F32
         suffix = ".bias" if name.endswith("_bias") else name[len(base):]

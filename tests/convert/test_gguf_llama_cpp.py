@@ -29,13 +29,27 @@ EXTRA = {"olmoe": {"clip_qkv": None}, "glm4_moe": {"vocab_size": 49160}, "deepse
 ADDED = {"glm4_moe": ["[gMASK]", "<|user|>", "<|endoftext|>", "<|observation|>"]}
 # the tiny Qwen3-Next/3.5 checkpoints have no multi-token-prediction layers, which the converter
 # otherwise counts on; transformers loads any tokenizer beside a Qwen3.5 config as Qwen3.5's own,
-# whose split the converter cannot match to a known hash: the file names Qwen3.5's pre-tokenizer
-# (the tensors are what this test checks)
+# whose split the converter cannot match to a known hash: the file names Qwen3.5's pre-tokenizer;
+# ERNIE's converter reads only SentencePiece vocabularies: SmolLM2's BPE one is read as GPT-2's
+# (the tensors are what these tests check)
 ARGS = {"qwen3_next": ["--no-mtp"], "qwen3_5_moe_text": ["--no-mtp"]}
 PRE = {"qwen3_5_moe_text": "qwen35"}
-NAMED_PRE = ("import runpy, sys; sys.path.insert(0, sys.argv[1]); import conversion.base as base; "
-             "pre = sys.argv[2]; base.TextModel.get_vocab_base_pre = lambda self, tok: pre; "
-             "sys.argv = sys.argv[3:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+GPT2_VOCAB = {"ernie4_5_moe": "ernie.Ernie4_5Model"}
+PATCHED = ("import importlib, runpy, sys; sys.path.insert(0, sys.argv[1]); import conversion.base as base; "
+           "pre, cls = sys.argv[2], sys.argv[3]; "
+           "pre == '-' or setattr(base.TextModel, 'get_vocab_base_pre', lambda self, tok: pre); "
+           "mod, _, name = cls.partition('.'); "
+           "cls == '-' or setattr(getattr(importlib.import_module('conversion.' + mod), name), 'set_vocab', "
+           "base.TextModel._set_vocab_gpt2); "
+           "sys.argv = sys.argv[4:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def converter_command(name: str, converter: str) -> list[str]:
+    """python and llama.cpp's converter, patched as ``name``'s tiny checkpoint needs (PRE, GPT2_VOCAB)."""
+    if name not in PRE and name not in GPT2_VOCAB:
+        return [sys.executable, converter]
+    return [sys.executable, "-c", PATCHED, os.path.dirname(converter), PRE.get(name, "-"),
+            GPT2_VOCAB.get(name, "-"), converter]
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +82,7 @@ def test_llama_cpp_conversion_serves_the_same_logits(name: str, converter: str, 
     tok.save_pretrained(hf)
     out = str(tmp_path / "m.gguf")
     env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(converter), "gguf-py"))
-    python = [sys.executable, "-c", NAMED_PRE, os.path.dirname(converter), PRE[name]] if name in PRE else [sys.executable]
-    r = subprocess.run([*python, converter, "--outtype", "f32", *ARGS.get(name, []), "--outfile", out, hf],
+    r = subprocess.run([*converter_command(name, converter), "--outtype", "f32", *ARGS.get(name, []), "--outfile", out, hf],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     served = ensure_gguf(out, home=str(tmp_path / "home"), progress=False)
@@ -103,8 +116,10 @@ def test_deepseek_pre_tokenizers_split_as_llama_cpp_splits(pre: str, tmp_path: A
 EQUAL_HEADS = {"linear_key_head_dim": 16, "linear_value_head_dim": 16}
 # tiny shapes llama.cpp's runtime takes: DeepSeek-V2 with a q LoRA (it reads V2 without one only at
 # V2-Lite's depth), Qwen3-Next/3.5 with equal key and value head sizes, Qwen3.5 with rope sections
-# that fit its rotary width
+# that fit its rotary width, ERNIE with the dense size its converter derives the shared experts'
+# from (intermediate_size / kv heads, as in the released models)
 RUNNABLE = {"qwen3_moe": {}, "glm4_moe": {}, "deepseek_v2": {"q_lora_rank": 32}, "deepseek_v3": {},
+            "ernie4_5_moe": {"intermediate_size": 64},
             "qwen3_next": EQUAL_HEADS,
             "qwen3_5_moe_text": {**EQUAL_HEADS, "rope_parameters": {
                 "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
@@ -128,8 +143,7 @@ def test_llama_cpp_runs_its_split_q8_0_file_as_moeserve_serves_it(name: str, con
         tok.add_special_tokens({"additional_special_tokens": ADDED[name]})
     tok.save_pretrained(hf)
     env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(converter), "gguf-py"))
-    python = [sys.executable, "-c", NAMED_PRE, os.path.dirname(converter), PRE[name]] if name in PRE else [sys.executable]
-    r = subprocess.run([*python, converter, "--outtype", "q8_0", *ARGS.get(name, []), "--split-max-tensors", "20",
+    r = subprocess.run([*converter_command(name, converter), "--outtype", "q8_0", *ARGS.get(name, []), "--split-max-tensors", "20",
                         "--outfile", str(tmp_path / "tiny-Q8_0.gguf"), hf], capture_output=True, text=True, env=env,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -180,8 +194,7 @@ def test_llama_cpp_conversion_with_the_mtp_block_serves_the_same_logits(name: st
     copy.deepcopy(tokenizer).save_pretrained(hf)
     out = str(tmp_path / "m.gguf")
     env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(converter), "gguf-py"))
-    python = [sys.executable, "-c", NAMED_PRE, os.path.dirname(converter), PRE[name]] if name in PRE else [sys.executable]
-    r = subprocess.run([*python, converter, "--outtype", "f32", "--outfile", out, hf], capture_output=True,
+    r = subprocess.run([*converter_command(name, converter), "--outtype", "f32", "--outfile", out, hf], capture_output=True,
                        text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     reader = gguf.GGUFReader(out)

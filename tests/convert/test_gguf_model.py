@@ -35,6 +35,8 @@ FAMILIES = {"mixtral": {}, "qwen2_moe": ALL_MOE, "qwen3_moe": ALL_MOE, "olmoe": 
             "glm4_moe": {"n_group": 1, "topk_group": 1},
             # DeepSeek: mscale == mscale_all_dim, as every release has it (a GGUF carries only the latter)
             "deepseek_v2": {}, "deepseek_v2_grouped": {}, "qwen3_next": ALL_MOE, "qwen3_5_moe_text": {},
+            # ERNIE-4.5 as released: no biases (llama.cpp's graph has no LM head bias)
+            "ernie4_5_moe": {"use_bias": False},
             "deepseek_v3": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
                                                 "original_max_position_embeddings": 32, "mscale": 0.8,
                                                 "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1}}}
@@ -100,7 +102,8 @@ def test_f32_gguf_converts_to_the_checkpoint_it_was_written_from(name: str, tiny
                 "n_shared_experts", "first_k_dense_replace", "routed_scaling_factor", "use_qk_norm",
                 "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_group",
                 "topk_group", "topk_method", "layer_types", "linear_conv_kernel_dim", "linear_key_head_dim",
-                "linear_num_key_heads", "linear_num_value_heads", "linear_value_head_dim"):
+                "linear_num_key_heads", "linear_num_value_heads", "linear_value_head_dim", "moe_num_experts",
+                "moe_k", "moe_num_shared_experts", "moe_layer_start_index", "moe_layer_interval", "use_bias"):
         if want.get(key) is None or (key == "sliding_window" and not want[key]) or \
                 (key == "norm_topk_prob" and name == "mixtral") or \
                 (key == "head_dim" and name.startswith("deepseek")) or \
