@@ -26,9 +26,13 @@ def split_parts(path: str) -> list[str]:
     missing = [os.path.basename(p) for p in parts if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"{path}: a split GGUF of {count} parts, and {len(missing)} of them are "
-                                f"missing ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); "
-                                "download every part into the same folder")
+                                f"missing ({listing(missing, 4)}); download every part into the same folder")
     return parts
+
+
+def listing(names: list[str], most: int = 6) -> str:
+    """``names`` joined for a message: the first ``most``, then "..." when there are more."""
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
 
 
 def model_stem(path: str) -> str:

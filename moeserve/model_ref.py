@@ -14,7 +14,7 @@ from typing import Optional
 from configs.engine import QUANT_FORMATS
 from configs.server import LOG_LEVELS
 from configs.models import REPO_ID
-from convert.gguf_parts import first_parts
+from convert.gguf_parts import first_parts, listing
 
 log = logging.getLogger("moeserve")
 # [host/][namespace/]model[:tag], as `ollama pull` takes it (hf.co/org/repo:quant included)
@@ -63,15 +63,13 @@ def gguf_in_dir(path: str) -> Optional[str]:
     found = first_parts(sorted(n for n in os.listdir(path) if n.lower().endswith(".gguf")))
     if len(found) > 1:
         raise FileNotFoundError(f"--model {path!r}: no config.json, and {len(found)} GGUF models "
-                                f"({', '.join(found[:6])}{', ...' if len(found) > 6 else ''}): give one "
-                                "of them")
+                                f"({listing(found)}): give one of them")
     if not found:           # releases of several quantizations keep each in a subfolder (unsloth's)
         subs = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))
                       and any(n.lower().endswith(".gguf") for n in os.listdir(os.path.join(path, d))))
         if subs:
             raise FileNotFoundError(f"--model {path!r}: no config.json and no GGUF file; GGUF models are in "
-                                    f"its subfolders {', '.join(subs[:6])}{', ...' if len(subs) > 6 else ''}: "
-                                    f"name one (--model {os.path.join(path, subs[0])})")
+                                    f"its subfolders {listing(subs)}: name one (--model {os.path.join(path, subs[0])})")
     return os.path.join(path, found[0]) if found else None
 
 
