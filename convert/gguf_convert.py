@@ -83,9 +83,9 @@ def _split_like_llama_cpp(tok: Any, path: str, pre: Optional[str]) -> None:
     not know it: under another name (GLM-4.5's "glm4" is Llama 3's), or at all (DeepSeek's)."""
     from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
     splits = getattr(mapping, "GGUF_PRE_TOKENIZER_SPLITS", {})
-    if pre in splits or (pre not in PRE_ALIASES and pre not in PRE_SPLITS):
+    if pre in splits:
         return
-    if pre in PRE_ALIASES and PRE_ALIASES[pre] in splits:
+    if PRE_ALIASES.get(pre) in splits:
         mapping.set_split_regex(tok, {"pre_tokenizer_type": PRE_ALIASES[pre]})
         log.info("%s: pre-tokenizer %r split as %r, as llama.cpp splits it", path, pre, PRE_ALIASES[pre])
     elif pre in PRE_SPLITS:
