@@ -13,7 +13,7 @@ Ollama's Qwen3.5 files carry the vision tower (``v.*``, ``mm.*``), which is not 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -42,7 +42,7 @@ def linear_config(g: GgufFile, layers: int) -> dict[str, Any]:
 
 
 def handles(g: GgufFile, gguf_name: str) -> bool:
-    """Whether ``hybrid_dense`` yields the HF tensor of GGUF tensor ``gguf_name``."""
+    """Whether ``hybrid_tensor`` reads GGUF tensor ``gguf_name``."""
     if g.arch not in ARCHS:
         return False
     parts = gguf_name.split(".")
@@ -62,29 +62,23 @@ def tiled(g: GgufFile) -> bool:
     return bool(g.arch_meta("ssm.v_head_reordered", g.arch == "qwen35moe"))
 
 
-def hybrid_dense(g: GgufFile, config: dict[str, Any], prefix: str = "model."
-                 ) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-    """(HF name, read) of every tensor ``handles`` names, in its ``stored_dtype``."""
-    layers = config["num_hidden_layers"]
-    for name in g.tensors:
-        parts = name.split(".")
-        if not handles(g, name) or (parts[0] == "blk" and int(parts[1]) >= layers):
-            continue                                    # MTP layers: not served
-        if name == "output_norm.weight":
-            yield f"{prefix}norm.weight", lambda n=name: _offset(g, n)
-            continue
-        base = f"{prefix}layers.{parts[1]}"
-        kind = parts[2]
-        if kind in OFFSET_NORMS:
-            module = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
-                      "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}[kind]
-            yield f"{base}.{module}.weight", lambda n=name: _offset(g, n)
-        elif kind == "attn_gate" and g.arch == "qwen3next":
-            continue                                    # joined into in_proj_qkvz with attn_qkv
-        elif kind == "attn_qkv" and g.arch == "qwen3next":
-            yield f"{base}.linear_attn.in_proj_qkvz.weight", lambda b=f"blk.{parts[1]}": _qkvz(g, config, b)
-        else:
-            yield f"{base}.linear_attn.{LINEAR[kind]}", lambda n=name, k=kind: _linear(g, config, n, k)
+def hybrid_tensor(g: GgufFile, config: dict[str, Any], name: str
+                  ) -> Optional[tuple[str, Callable[[], torch.Tensor]]]:
+    """(HF name, read) of a tensor ``handles`` names, in its ``stored_dtype``; None for
+    Qwen3-Next's attn_gate, which the read of attn_qkv joins."""
+    if name == "output_norm.weight":
+        return "model.norm.weight", lambda: _offset(g, name)
+    parts = name.split(".")
+    base, kind = f"model.layers.{parts[1]}", parts[2]
+    if kind in OFFSET_NORMS:
+        module = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+                  "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}[kind]
+        return f"{base}.{module}.weight", lambda: _offset(g, name)
+    if kind == "attn_gate" and g.arch == "qwen3next":
+        return None
+    if kind == "attn_qkv" and g.arch == "qwen3next":
+        return f"{base}.linear_attn.in_proj_qkvz.weight", lambda: _qkvz(g, config, f"blk.{parts[1]}")
+    return f"{base}.linear_attn.{LINEAR[kind]}", lambda: _linear(g, config, name, kind)
 
 
 def _offset(g: GgufFile, name: str) -> torch.Tensor:

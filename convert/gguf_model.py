@@ -25,7 +25,7 @@ import torch
 
 from convert.gguf_config import GATE_UP, expert_gate, hf_config
 from convert.gguf_file import GgufFile, stored_dtype
-from convert.gguf_hybrid import VISION, handles as hybrid_handles, hybrid_dense
+from convert.gguf_hybrid import VISION, handles as hybrid_handles, hybrid_tensor
 from convert.model_store import BuildError
 
 TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -124,7 +124,12 @@ class GgufModel:
         """(HF name, read) of every dense tensor, in its ``stored_dtype``."""
         layers = self.config["num_hidden_layers"]
         for name in self.file.tensors:
-            if not self.served(name) or hybrid_handles(self.file, name):
+            if not self.served(name):
+                continue
+            if hybrid_handles(self.file, name):         # Qwen3-Next's and Qwen3.5's changed tensors
+                item = hybrid_tensor(self.file, self.config, name)
+                if item:
+                    yield item
                 continue
             target = hf_name(name, self.moe_module, self.file.arch)
             if target:
@@ -134,7 +139,6 @@ class GgufModel:
                 p = self.layout.prefix(layer)
                 yield f"{p}.gate_up_proj_bias", lambda b=f"blk.{layer}": self._gate_up_bias(b)
                 yield f"{p}.down_proj_bias", lambda b=f"blk.{layer}": self.file.read(f"{b}.ffn_down_exps.bias")
-        yield from hybrid_dense(self.file, self.config)
         tensors = self.file.tensors if self.file.arch == "deepseek2" else {}
         for layer in range(layers):
             b = f"blk.{layer}"
