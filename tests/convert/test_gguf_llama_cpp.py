@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from convert.gguf_convert import ensure_gguf
-from tests.convert.test_gguf_model import FAMILIES, OVERRIDES, PROMPT, logits
+from tests.convert.gguf_cases import FAMILIES, OVERRIDES, PROMPT, logits
 from tests.engine.tiny_families import engine_dir, make_family_checkpoint
 
 pytestmark = [pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,

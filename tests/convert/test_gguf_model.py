@@ -1,78 +1,24 @@
-"""GGUF files served as checkpoints (convert/gguf_model.py): tiny GGUFs written as llama.cpp writes
-them (tests/convert/gguf_writer.py), and the packaged SmolLM2 GGUF read against transformers."""
+"""GGUF files served as checkpoints (convert/gguf_model.py): tiny GGUFs of every family written as
+llama.cpp writes them (tests/convert/gguf_writer.py), their quantized experts, serving them, and the
+packaged SmolLM2 GGUF read against transformers. Where files come from and how other producers lay
+them out: test_gguf_sources.py."""
 from __future__ import annotations
 
 import json
 import os
 from typing import Any, Callable
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from configs.models import model_name
 from convert.gguf_convert import default_quantize, ensure_gguf
 from convert.gguf_model import GgufModel
-from convert.model_store import BuildError
-from cache.provider import ResidentExpertProvider
-from engine.loader import load_model
-from engine.models.common import Batch, KVCache
-from moeserve.model_ref import resolve_model
-from tests.convert.gguf_writer import smollm2_tokenizer, write_gguf
+from tests.convert.gguf_cases import FAMILIES, OVERRIDES, VOCAB, logits
+from tests.convert.gguf_writer import write_gguf
 from tests.engine.tiny_families import engine_dir, make_family_checkpoint
 
-CPU = torch.device("cpu")
-VOCAB = 49152                   # the SmolLM2 tokenizer's, which the tiny GGUFs carry
-# all layers MoE, as llama.cpp's qwen2moe/qwen3moe graphs have them
-OVERRIDES = {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
-ALL_MOE = {"mlp_only_layers": []}
-# llama with q/k/v biases: llama.cpp permutes the q/k biases with the weights
-# gpt-oss: the SwiGLU limit every gpt-oss GGUF has (llama.cpp does not store it)
-FAMILIES = {"mixtral": {}, "qwen2_moe": ALL_MOE, "qwen3_moe": ALL_MOE, "olmoe": {}, "llama": {"attention_bias": True},
-            "gpt_oss": {"swiglu_limit": 7.0},
-            # GLM-4.5: one expert group, as released (llama.cpp's GLM graph has none)
-            "glm4_moe": {"n_group": 1, "topk_group": 1},
-            # DeepSeek: mscale == mscale_all_dim, as every release has it (a GGUF carries only the latter)
-            "deepseek_v2": {}, "deepseek_v2_grouped": {}, "qwen3_next": ALL_MOE, "qwen3_5_moe_text": {},
-            # ERNIE-4.5 as released: no biases (llama.cpp's graph has no LM head bias)
-            "ernie4_5_moe": {"use_bias": False},
-            "deepseek_v3": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
-                                                "original_max_position_embeddings": 32, "mscale": 0.8,
-                                                "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1}}}
-PROMPT = (1, 17, 402, 9, 2211, 88, 3016, 5, 44)
-
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> dict[str, Any]:
-    return smollm2_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory, tokenizer: dict[str, Any]) -> Callable[..., tuple[str, str]]:
-    """tiny(family, qtype, expert_qtype) -> (HF checkpoint dir, GGUF path), written once."""
-    made: dict[tuple[str, str, Any], tuple[str, str]] = {}
-
-    def get(name: str, qtype: str = "F32", expert_qtype: Any = None) -> tuple[str, str]:
-        key = (name, qtype, expert_qtype)
-        if key not in made:
-            base = tmp_path_factory.mktemp(f"{name}-{qtype}-{expert_qtype}")
-            hf = make_family_checkpoint(name, str(base / "hf"), overrides={**OVERRIDES, **FAMILIES[name]})
-            made[key] = (hf, write_gguf(hf, str(base / f"{name}.gguf"), tokenizer, qtype, expert_qtype))
-        return made[key]
-    return get
-
-
-def logits(model_dir: str) -> torch.Tensor:
-    """Prompt logits [T, V] of the model in ``model_dir``, fp32, all experts resident."""
-    loaded = load_model(model_dir, CPU, torch.float32, context_length=32)
-    kv = KVCache.for_model(loaded.model.kv_spec, 1, 32, torch.float32, CPU)
-    batch = Batch(torch.arange(len(PROMPT))[None], torch.tensor([0]), len(PROMPT), single_slot=0)
-    loaded.model.set_provider(ResidentExpertProvider(loaded.experts, CPU, torch.float32))
-    with torch.inference_mode():
-        return loaded.model(torch.tensor([PROMPT]), batch, kv, all_logits=True)[0]
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -180,69 +126,6 @@ def test_quantized_experts_go_into_the_expert_store_near_the_files_values(
     assert worst < bound
 
 
-def test_served_from_an_ollama_store_by_name(tiny: Callable[..., tuple[str, str]], tmp_path: Any,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    _, path = tiny("olmoe")
-    store = tmp_path / "ollama"
-    digest = "sha256:" + "ab" * 32
-    (store / "blobs").mkdir(parents=True)
-    os.link(path, store / "blobs" / digest.replace(":", "-"))
-    manifest = store / "manifests" / "registry.ollama.ai" / "library" / "tiny-olmoe" / "q8"
-    manifest.parent.mkdir(parents=True)
-    manifest.write_text(json.dumps({"layers": [{"mediaType": "application/vnd.ollama.image.template", "digest": "x"},
-                                               {"mediaType": "application/vnd.ollama.image.model", "digest": digest}]}))
-    monkeypatch.setenv("OLLAMA_MODELS", str(store))
-    monkeypatch.setenv("MOESERVE_HOME", str(tmp_path / "home"))
-    out = resolve_model("tiny-olmoe:q8", progress=False)
-    assert os.path.basename(out) == "ollama--tiny-olmoe-q8-float32"
-    assert model_name(out) == "tiny-olmoe:q8"            # served under the name Ollama's clients use
-    assert resolve_model("tiny-olmoe:q8", progress=False) == out          # converted once, reused
-    with pytest.raises(FileNotFoundError, match="not a model Ollama has pulled"):
-        resolve_model("tiny-olmoe:latest")
-    hf = store / "manifests" / "hf.co" / "Org" / "Tiny-GGUF" / "Q8_0"     # `ollama pull hf.co/Org/Tiny-GGUF:Q8_0`
-    hf.parent.mkdir(parents=True)
-    hf.write_text(manifest.read_text())
-    assert model_name(resolve_model("hf.co/Org/Tiny-GGUF:Q8_0", progress=False)) == "hf.co/Org/Tiny-GGUF:Q8_0"
-    manifest.write_text(json.dumps({"layers": [{"mediaType": "application/vnd.ollama.image.model",
-                                                "digest": "sha256:../../etc/passwd"}]}))
-    with pytest.raises(FileNotFoundError, match="not a sha256 digest"):
-        resolve_model("tiny-olmoe:q8")
-    with pytest.raises(FileNotFoundError, match="no such directory"):
-        resolve_model("tiny-olmoe")                  # no tag and no 'latest': not Ollama's
-
-
-def test_files_that_cannot_be_served_are_refused_naming_why(tiny: Callable[..., tuple[str, str]],
-                                                            tmp_path: Any) -> None:
-    import gguf
-    bad = tmp_path / "bad.gguf"
-    bad.write_bytes(b"GGUF" + b"\0" * 64)
-    with pytest.raises(BuildError, match="not a readable GGUF"):
-        ensure_gguf(str(bad), home=str(tmp_path))
-
-    def write(name: str, arch: str, tensors: dict[str, np.ndarray]) -> str:
-        w = gguf.GGUFWriter(str(tmp_path / name), arch)
-        for add, value in ((w.add_block_count, 1), (w.add_embedding_length, 8), (w.add_head_count, 2)):
-            add(value)
-        for key, t in tensors.items():
-            w.add_tensor(key, t)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        return str(tmp_path / name)
-    embd = {"token_embd.weight": np.zeros((4, 8), dtype=np.float32)}
-    with pytest.raises(BuildError, match="'gemma3' is not supported"):
-        ensure_gguf(write("gemma.gguf", "gemma3", embd), home=str(tmp_path))
-    with pytest.raises(BuildError, match="Ollama's own gpt-oss conversion .*ggml-org/gpt-oss-20b-GGUF"):
-        ensure_gguf(write("gptoss.gguf", "gptoss", embd), home=str(tmp_path))
-    with pytest.raises(BuildError, match="rope_freqs"):     # Llama 3.1's rope factors: not silently dropped
-        ensure_gguf(write("llama3.gguf", "llama", {**embd, "rope_freqs.weight": np.ones(2, dtype=np.float32)}),
-                    home=str(tmp_path))
-    from convert.gguf_import import find_packaged_gguf
-    with pytest.raises(BuildError, match="no routed experts"):
-        ensure_gguf(find_packaged_gguf(), "int4", home=str(tmp_path))
-
-
 def test_generate_from_a_gguf_path_offloaded_equals_resident(tiny: Callable[..., tuple[str, str]], tmp_path: Any,
                                                              monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
@@ -293,113 +176,3 @@ def test_gpt_oss_stops_at_a_tool_call_as_llama_cpp_does(tokenizer: dict[str, Any
     with open(os.path.join(out, "generation_config.json")) as f:
         stops = json.load(f)["eos_token_id"]
     assert VOCAB in stops and VOCAB + 1 in stops and VOCAB + 2 not in stops   # <|end|>: not a stop in harmony
-
-
-def test_a_folder_holding_one_gguf_serves_it(tiny: Callable[..., tuple[str, str]], tmp_path: Any,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """`hf download ggml-org/...-GGUF` gives a folder with a GGUF and no config.json."""
-    import shutil
-    _, path = tiny("olmoe")
-    folder = tmp_path / "release"
-    folder.mkdir()
-    shutil.copy(path, folder / "model-F32.gguf")
-    monkeypatch.setenv("MOESERVE_HOME", str(tmp_path / "home"))
-    out = resolve_model(str(folder), progress=False)
-    assert model_name(out) == "model-F32" and os.path.isfile(os.path.join(out, "config.json"))
-    shutil.copy(path, folder / "other.gguf")
-    with pytest.raises(FileNotFoundError, match="2 GGUF models \\(model-F32.gguf, other.gguf\\): give one"):
-        resolve_model(str(folder))
-    quants = tmp_path / "quants"                  # a release of several quantizations, one per subfolder
-    (quants / "Q4_K_M").mkdir(parents=True)
-    shutil.copy(path, quants / "Q4_K_M" / "m-Q4_K_M.gguf")
-    with pytest.raises(FileNotFoundError, match="its subfolders Q4_K_M: name one"):
-        resolve_model(str(quants))
-
-
-def test_a_split_gguf_is_read_from_all_its_parts(tiny: Callable[..., tuple[str, str]], tokenizer: dict[str, Any],
-                                                tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Releases over ~50 GB come as <name>-00001-of-0000N.gguf parts (llama.cpp's gguf-split):
-    any part, or the folder holding them, serves the model; a missing or foreign part is named."""
-    import shutil
-    hf, whole = tiny("olmoe")
-    folder = tmp_path / "release"
-    folder.mkdir()
-    first = write_gguf(hf, str(folder / "Tiny-Q8_0.gguf"), tokenizer, split_max_tensors=8)
-    parts = sorted(os.listdir(folder))
-    assert len(parts) > 2 and first == str(folder / parts[0]) and parts[0].startswith("Tiny-Q8_0-00001-of-")
-    monkeypatch.setenv("MOESERVE_HOME", str(tmp_path / "home"))
-    out = resolve_model(str(folder / parts[1]), progress=False)            # any part names the model
-    assert model_name(out) == "Tiny-Q8_0" and resolve_model(str(folder), progress=False) == out
-    assert load_file(os.path.join(out, "model.safetensors")).keys() == \
-        load_file(os.path.join(ensure_gguf(whole, home=str(tmp_path / "h2"), progress=False),
-                               "model.safetensors")).keys()
-    torch.testing.assert_close(logits(out), logits(hf), rtol=0, atol=1e-5)
-    os.rename(folder / parts[0], tmp_path / parts[0])
-    with pytest.raises(BuildError, match=f"1 of them are missing \\({parts[0]}\\)"):
-        resolve_model(str(folder))                      # the folder's lowest part names the first
-    os.rename(tmp_path / parts[0], folder / parts[0])
-    other = tmp_path / "other"
-    other.mkdir()
-    write_gguf(hf, str(other / "x.gguf"), tokenizer, split_max_tensors=5)
-    shutil.copy(sorted(other.iterdir())[-1], folder / parts[-1])          # a part of another split
-    with pytest.raises(BuildError, match="not part .* by its metadata"):
-        ensure_gguf(first, home=str(tmp_path / "h3"))
-
-
-@pytest.mark.parametrize("pre, digits", [("deepseek-llm", ["12345"]), ("deepseek-v3", ["123", "45"])])
-def test_deepseek_files_from_before_the_kv_b_split_and_deepseeks_pre_tokenizers(
-        pre: str, digits: list[str], tokenizer: dict[str, Any], tmp_path: Any) -> None:
-    """DeepSeek GGUFs made before mid-2025 hold kv_b_proj whole (and the heads' widths in
-    key/value_length); DeepSeek's pre-tokenizers, which transformers' conversion does not know,
-    split text by their own regexes (numbers alone, V3's in groups of three; GPT-2's rule would
-    keep " 12345" whole)."""
-    from transformers import PreTrainedTokenizerFast
-    hf = make_family_checkpoint("deepseek_v2", str(tmp_path / "hf"), overrides=OVERRIDES)
-    tok = {**tokenizer, "tokenizer.ggml.pre": (pre, tokenizer["tokenizer.ggml.pre"][1])}
-    out = ensure_gguf(write_gguf(hf, str(tmp_path / "ds.gguf"), tok, legacy=True),
-                      home=str(tmp_path / "home"), progress=False)
-    torch.testing.assert_close(logits(out), logits(hf), rtol=0, atol=1e-5)
-    split = PreTrainedTokenizerFast.from_pretrained(out).backend_tokenizer.pre_tokenizer
-    pieces = [p for p, _ in split.pre_tokenize_str("Tokens 12345 here!")]
-    assert [p for p in pieces if p.isdigit()] == digits, pieces
-
-
-def test_deepseek_files_without_the_gating_key_route_by_their_selection_bias(tokenizer: dict[str, Any],
-                                                                              tmp_path: Any) -> None:
-    """GLM-4.7-Flash's files (deepseek2) carry no expert_gating_func: a router with a selection
-    bias is sigmoid routing, not V2's softmax; attention temperature scaling (Mistral Large 3's
-    deepseek2 files) is refused rather than ignored."""
-    hf = make_family_checkpoint("deepseek_v3", str(tmp_path / "hf"), overrides={**OVERRIDES, **FAMILIES["deepseek_v3"]})
-    path = write_gguf(hf, str(tmp_path / "v3.gguf"), tokenizer, omit=("deepseek2.expert_gating_func",))
-    out = ensure_gguf(path, home=str(tmp_path / "home"), progress=False)
-    assert json.load(open(os.path.join(out, "config.json")))["model_type"] == "deepseek_v3"
-    torch.testing.assert_close(logits(out), logits(hf), rtol=0, atol=1e-5)
-    scaled = write_gguf(hf, str(tmp_path / "m3.gguf"), tokenizer, extra={"deepseek2.attention.temperature_scale": 0.1})
-    with pytest.raises(BuildError, match="temperature scaling"):
-        ensure_gguf(scaled, home=str(tmp_path / "home"))
-
-
-def test_fused_gate_up_experts_read_as_gate_and_up(tiny: Callable[..., tuple[str, str]], tokenizer: dict[str, Any],
-                                                   tmp_path: Any) -> None:
-    """llama.cpp's --fuse-gate-up-exps stores a layer's expert gates and ups as one tensor."""
-    import gguf
-    hf, whole = tiny("qwen3_moe", "F32", "Q4_0")
-    fused = write_gguf(hf, str(tmp_path / "fused.gguf"), tokenizer, expert_qtype="Q4_0", fuse_gate_up=True)
-    assert "blk.0.ffn_gate_up_exps.weight" in {t.name for t in gguf.GGUFReader(fused).tensors}
-    a, b = (ensure_gguf(p, home=str(tmp_path / h), progress=False) for p, h in ((whole, "a"), (fused, "b")))
-    assert json.load(open(os.path.join(b, "config.json")))["moe_intermediate_size"] == \
-        json.load(open(os.path.join(a, "config.json")))["moe_intermediate_size"]
-    ours, theirs = (load_file(os.path.join(d, "experts.safetensors")) for d in (a, b))
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-
-
-@pytest.mark.parametrize("name, kind", [("qwen3_next", "legacy"), ("qwen3_5_moe_text", "ollama")])
-def test_qwen_hybrid_files_of_older_llama_cpp_and_of_ollama(name: str, kind: str, tokenizer: dict[str, Any],
-                                                           tmp_path: Any) -> None:
-    """llama.cpp's first Qwen3-Next files hold in_proj_qkvz whole (ssm_in); Ollama's Qwen3.5 files
-    give KV heads per layer, may leave the value heads grouped (saying so), and carry the vision
-    tower: each reads back to the same model."""
-    hf = make_family_checkpoint(name, str(tmp_path / "hf"), overrides={**OVERRIDES, **FAMILIES[name]})
-    path = write_gguf(hf, str(tmp_path / "m.gguf"), tokenizer, **{kind: True})
-    out = ensure_gguf(path, home=str(tmp_path / "home"), progress=False)
-    torch.testing.assert_close(logits(out), logits(hf), rtol=0, atol=1e-5)
