@@ -21,6 +21,7 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
                  "ernie4_5_moe": "Ernie4_5_MoeForCausalLM"}
 SOFTMAX, SIGMOID = 1, 2         # llama.cpp's expert_gating_func values
 GATE_UP = "ffn_gate_up_exps"    # gate and up in one [E, 2I, H] (llama.cpp's --fuse-gate-up-exps)
+ALL_MOE = ("mixtral", "gpt_oss", "olmoe", "qwen3_5_moe_text")      # families without dense layers
 
 
 def hf_config(g: GgufFile) -> dict[str, Any]:
@@ -167,6 +168,19 @@ def _rope_scaling(g: GgufFile) -> Optional[dict[str, Any]]:
     raise BuildError(f"{g.path}: rope scaling {kind!r} is not supported (linear and yarn are)")
 
 
+def _leading_dense_moe(g: GgufFile, experts: int, top_k: int, inter: int, first: int, shared: int,
+                       norm: bool, groups: int) -> dict[str, Any]:
+    """The fields DeepSeek's and GLM-4.5's configs share (routed and shared experts after
+    ``first`` dense layers, scaled and maybe normalised weights, expert groups), read from the
+    file's keys, with these families' defaults where a key is absent."""
+    return {"n_routed_experts": experts, "num_experts_per_tok": top_k, "moe_intermediate_size": inter,
+            "n_shared_experts": int(g.arch_meta("expert_shared_count", shared)), "first_k_dense_replace": first,
+            "routed_scaling_factor": float(g.arch_meta("expert_weights_scale", 1.0)),
+            "norm_topk_prob": bool(g.arch_meta("expert_weights_norm", norm)),
+            "n_group": int(g.arch_meta("expert_group_count", groups) or groups),
+            "topk_group": int(g.arch_meta("expert_group_used_count", groups) or groups)}
+
+
 def _moe_config(g: GgufFile, raw: dict[str, Any], experts: int) -> dict[str, Any]:
     """The MoE fields of the config ``raw`` (its dense fields): counts, expert sizes read off
     the tensors, and the dense layers (those without a router)."""
@@ -179,13 +193,12 @@ def _moe_config(g: GgufFile, raw: dict[str, Any], experts: int) -> dict[str, Any
     first = int(g.arch_meta("leading_dense_block_count", 0))
     if model_type in ("glm4_moe", "deepseek_v2", "deepseek_v3") and moe != list(range(first, layers)):
         raise BuildError(f"{g.path}: MoE layers {moe} do not follow the {first} leading dense ones")
+    if model_type in ALL_MOE and len(moe) != layers:
+        raise BuildError(f"{g.path}: {model_type} layers without experts are not supported")
     if model_type in ("deepseek_v2", "deepseek_v3"):
         groups = int(g.arch_meta("expert_group_count", 1) or 1)
-        out = {"n_routed_experts": experts, "num_experts_per_tok": top_k, "moe_intermediate_size": inter,
-               "n_shared_experts": int(g.arch_meta("expert_shared_count", 0)), "first_k_dense_replace": first,
-               "moe_layer_freq": 1, "routed_scaling_factor": float(g.arch_meta("expert_weights_scale", 1.0)),
-               "norm_topk_prob": bool(g.arch_meta("expert_weights_norm", False)), "n_group": groups,
-               "topk_group": int(g.arch_meta("expert_group_used_count", groups) or groups)}
+        out = {**_leading_dense_moe(g, experts, top_k, inter, first, shared=0, norm=False, groups=groups),
+               "moe_layer_freq": 1}
         if model_type == "deepseek_v3":         # llama.cpp rotates DeepSeek's rope pairs interleaved
             return {**out, "scoring_func": "sigmoid", "topk_method": "noaux_tc", "rope_interleave": True}
         if out["norm_topk_prob"] and out["routed_scaling_factor"] != 1.0:
@@ -212,18 +225,11 @@ def _moe_config(g: GgufFile, raw: dict[str, Any], experts: int) -> dict[str, Any
         gating = g.arch_meta("expert_gating_func", SIGMOID)
         if int(gating) != SIGMOID:
             raise BuildError(f"{g.path}: expert gating function {gating} (GLM-4.5's is 2, sigmoid)")
-        return {"n_routed_experts": experts, "num_experts_per_tok": top_k, "moe_intermediate_size": inter,
-                "n_shared_experts": int(g.arch_meta("expert_shared_count", 1 if shared in g.tensors else 0)),
-                "first_k_dense_replace": first, "partial_rotary_factor": rot / head_dim,
-                "routed_scaling_factor": float(g.arch_meta("expert_weights_scale", 1.0)),
-                "norm_topk_prob": bool(g.arch_meta("expert_weights_norm", True)),
-                # llama.cpp's GLM-4.5 graph has no expert groups (the released configs use one)
-                "n_group": int(g.arch_meta("expert_group_count", 1) or 1),
-                "topk_group": int(g.arch_meta("expert_group_used_count", 1) or 1),
-                "use_qk_norm": f"blk.{moe[0]}.attn_q_norm.weight" in g.tensors}
+        # llama.cpp's GLM-4.5 graph has no expert groups (the released configs use one)
+        return {**_leading_dense_moe(g, experts, top_k, inter, first, shared=int(shared in g.tensors),
+                                     norm=True, groups=1),
+                "partial_rotary_factor": rot / head_dim, "use_qk_norm": f"blk.{moe[0]}.attn_q_norm.weight" in g.tensors}
     if model_type in ("mixtral", "gpt_oss"):
-        if len(moe) != layers:
-            raise BuildError(f"{g.path}: {model_type} layers without experts are not supported")
         out = {"num_local_experts": experts, "num_experts_per_tok": top_k, "intermediate_size": inter}
         if model_type == "gpt_oss":     # every other layer slides (transformers' default layer_types)
             out["sliding_window"] = int(g.arch_meta("attention.sliding_window"))
@@ -235,14 +241,10 @@ def _moe_config(g: GgufFile, raw: dict[str, Any], experts: int) -> dict[str, Any
                            "norm_topk_prob": bool(norm) if norm is not None else
                            model_type in ("qwen3_moe", "qwen3_next", "qwen3_5_moe_text")}
     if model_type == "olmoe":
-        if len(moe) != layers:
-            raise BuildError(f"{g.path}: OLMoE layers without experts are not supported")
         clip = g.arch_meta("attention.clamp_kqv", None)
         return {**out, "intermediate_size": inter, "clip_qkv": float(clip) if clip else None}
     out.update(moe_intermediate_size=inter, decoder_sparse_step=1,
                mlp_only_layers=[i for i in range(layers) if i not in moe])
-    if model_type == "qwen3_5_moe_text" and len(moe) != layers:
-        raise BuildError(f"{g.path}: Qwen3.5 layers without experts are not supported")
     if model_type in ("qwen2_moe", "qwen3_next", "qwen3_5_moe_text"):
         out["qkv_bias"] = "blk.0.attn_q.bias" in g.tensors
         shared = f"blk.{moe[0]}.ffn_gate_shexp.weight"
