@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 from configs import CacheConfig, ConfigError, EngineConfig, ServerConfig, add_arguments, from_args
 from configs.presets import add_build_arguments
 from moeserve import runtime_env
-from moeserve.model_ref import resolve_in_child, resolve_model
+from moeserve.model_ref import error_exit, resolve_in_child, resolve_model
 
 log = logging.getLogger("moeserve")
 
@@ -170,15 +170,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_quantize(args)
         from convert.default_model import run_build
         return run_build(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"moeserve: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:        # a conversion that cannot be made (a GGUF's, on first use)
-        from convert.model_store import BuildError
-        if not isinstance(e, BuildError):
+    except (ValueError, FileNotFoundError, RuntimeError) as e:   # bad input; a conversion that cannot be made
+        code = error_exit(e)
+        if code is None:
             raise
-        print(f"moeserve: error: {e}", file=sys.stderr)
-        return 1
+        return code
     except KeyboardInterrupt:
         return 130
 

@@ -167,7 +167,6 @@ def resolve_in_child(arg: str, quantize: Optional[str] = None, group_size: Optio
 
 def main() -> int:
     import argparse
-    import sys
     p = argparse.ArgumentParser(prog="python -m moeserve.model_ref",
                                 description="Resolve --model (converting a GGUF once) and print the directory.")
     p.add_argument("model", help="as moeserve serve --model takes it")
@@ -177,16 +176,26 @@ def main() -> int:
                    help="log verbosity")
     args = p.parse_args()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from convert.model_store import BuildError
     try:
         print(resolve_model(args.model, args.quantize, args.group_size))
-    except (ValueError, FileNotFoundError) as e:       # as `moeserve` reports them: exit 2
-        print(f"moeserve: error: {e}", file=sys.stderr)
-        return 2
-    except BuildError as e:
-        print(f"moeserve: error: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, FileNotFoundError, RuntimeError) as e:       # as `moeserve` reports them
+        code = error_exit(e)
+        if code is None:
+            raise
+        return code
     return 0
+
+
+def error_exit(e: Exception) -> Optional[int]:
+    """The exit status ``moeserve`` ends with on ``e``, after printing it: 2 for bad input (a
+    configuration, a path), 1 for a conversion that cannot be made; None for another error (a bug,
+    left to raise)."""
+    import sys
+    from convert.model_store import BuildError
+    if not isinstance(e, (ValueError, FileNotFoundError, BuildError)):
+        return None
+    print(f"moeserve: error: {e}", file=sys.stderr)
+    return 1 if isinstance(e, BuildError) else 2
 
 
 if __name__ == "__main__":
