@@ -26,10 +26,6 @@ ALL_MOE = ("mixtral", "gpt_oss", "olmoe", "qwen3_5_moe_text")      # families wi
 
 def hf_config(g: GgufFile) -> dict[str, Any]:
     """The HF config.json of the model in ``g``; a BuildError names what cannot be served."""
-    if g.arch == "gptoss":
-        raise BuildError(f"{g.path}: Ollama's own gpt-oss conversion (architecture 'gptoss': fused gate/up "
-                         "experts, its own tensor names) is not supported; use llama.cpp's "
-                         "(ggml-org/gpt-oss-20b-GGUF) or the safetensors release (openai/gpt-oss-20b)")
     if g.arch not in ARCHS:
         raise BuildError(f"{g.path}: GGUF architecture {g.arch!r} is not supported; moeserve reads "
                          f"GGUF files of {', '.join(sorted(ARCHS))} (for other models, give their "

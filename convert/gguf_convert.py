@@ -33,9 +33,15 @@ def default_quantize(model: GgufModel) -> str:
     return "int4" if model.expert_bits() <= INT4_MAX_BITS else "int8"
 
 
-def save_tokenizer(path: str, out_dir: str, pre: Optional[str] = None) -> None:
+# chat templates moeserve writes for families whose files may carry none (Ollama's gpt-oss: Ollama
+# renders harmony in its own code), in convert/data
+OWN_TEMPLATES = {"gpt_oss": "harmony.jinja"}
+
+
+def save_tokenizer(path: str, out_dir: str, pre: Optional[str] = None, model_type: str = "") -> None:
     """tokenizer.json, tokenizer_config.json and the chat template, by transformers (``pre``: the
-    file's tokenizer.ggml.pre)."""
+    file's tokenizer.ggml.pre); a file without a chat template gets moeserve's own for
+    ``model_type``'s format where it has one (OWN_TEMPLATES)."""
     try:
         from transformers import PreTrainedTokenizerFast
     except ImportError as e:  # pragma: no cover - depends on the installation
@@ -47,6 +53,11 @@ def save_tokenizer(path: str, out_dir: str, pre: Optional[str] = None) -> None:
     except Exception as e:      # noqa: BLE001 - whatever transformers raises on this file's vocabulary
         raise BuildError(f"{path}: its tokenizer cannot be converted ({type(e).__name__}: {e})") from None
     _split_like_llama_cpp(tok, path, pre)
+    if not getattr(tok, "chat_template", None) and model_type in OWN_TEMPLATES:
+        from importlib.resources import files
+        tok.chat_template = (files("convert") / "data" / OWN_TEMPLATES[model_type]).read_text(encoding="utf-8")
+        log.info("%s carries no chat template: %s's format is written by moeserve's own "
+                 "(convert/data/%s)", path, model_type, OWN_TEMPLATES[model_type])
     if not getattr(tok, "chat_template", None):
         log.warning("%s carries no chat template (tokenizer.chat_template): only /v1/completions "
                     "will work", path)
@@ -83,7 +94,8 @@ def _split_like_llama_cpp(tok: Any, path: str, pre: Optional[str]) -> None:
     not know it: under another name (GLM-4.5's "glm4" is Llama 3's), or at all (DeepSeek's)."""
     from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
     splits = getattr(mapping, "GGUF_PRE_TOKENIZER_SPLITS", {})
-    if pre in splits:
+    if pre in splits:           # as transformers splits it, unless the file names another (Ollama's gpt-oss)
+        mapping.set_split_regex(tok, {"pre_tokenizer_type": pre})
         return
     if PRE_ALIASES.get(pre) in splits:
         mapping.set_split_regex(tok, {"pre_tokenizer_type": PRE_ALIASES[pre]})
@@ -111,7 +123,7 @@ def convert_gguf(model: GgufModel, out_dir: str, kind: str, group_size: Optional
     ``kind`` (int8, int4: the expert store; none: per-expert tensors), served as ``served``."""
     from convert.gguf_import import write_json
     from convert.quantize import quant_config, resolve_format, write_experts, write_per_expert, write_tensors
-    save_tokenizer(model.file.path, out_dir, model.file.meta("tokenizer.ggml.pre", None))
+    save_tokenizer(model.file.path, out_dir, model.file.meta("tokenizer.ggml.pre", None), model.config["model_type"])
     raw = {**model.config, SERVED_NAME_KEY: served}
     if kind == "none" or not model.keys:
         write_per_expert(out_dir, model.dense(), model, progress, model.stored_dtype())

@@ -3,11 +3,13 @@ own reader) maps them: metadata by key, tensors by name, dequantized on read."""
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from convert.gguf_ollama import LEGACY_HINT, translate
 from convert.gguf_parts import split_parts
 from convert.model_store import BuildError
 
@@ -18,7 +20,8 @@ STORED = {"F32": torch.float32, "F16": torch.float16}    # kept as they are; bf1
 class GgufFile:
     """One GGUF model: metadata values by key, tensors by name (memory-mapped by gguf-py) from
     its file or every part of a split one (``path`` naming any part); ``path`` is then the
-    first part, and ``parts`` lists them all."""
+    first part, and ``parts`` lists them all. Ollama's own layouts are read under llama.cpp's
+    architecture and tensor names (convert/gguf_ollama.py); ``arch`` is llama.cpp's."""
 
     def __init__(self, path: str) -> None:
         first = _open(path)
@@ -40,6 +43,7 @@ class GgufFile:
                                      "split.count): the parts come from different models or splits")
         self.path = self.parts[0]
         self._reader = readers[0]
+        self._overrides: dict[str, Any] = {}
         self.tensors: dict[str, Any] = {}
         for p, r in zip(self.parts, readers):
             for t in r.tensors:
@@ -50,7 +54,9 @@ class GgufFile:
         if listed is not None and int(listed) != len(self.tensors):
             raise BuildError(f"{self.path}: the split GGUF lists {listed} tensors; its parts hold "
                              f"{len(self.tensors)}")
-        self.arch = str(self.meta("general.architecture"))
+        self._key_arch = str(self.meta("general.architecture"))      # the prefix of its metadata keys
+        self.arch, self.tensors, self._overrides = translate(self._key_arch, self.tensors,
+                                                             lambda key: key in self._reader.fields)
         self._check_types()
 
     def _check_types(self) -> None:
@@ -68,6 +74,8 @@ class GgufFile:
                                  "cannot dequantize") from None
 
     def meta(self, key: str, default: Any = KeyError) -> Any:
+        if key in self._overrides:
+            return self._overrides[key]
         field = self._reader.fields.get(key)
         if field is None:
             if default is KeyError:
@@ -76,7 +84,7 @@ class GgufFile:
         return field.contents()
 
     def arch_meta(self, key: str, default: Any = KeyError) -> Any:
-        return self.meta(f"{self.arch}.{key}", default)
+        return self.meta(f"{self._key_arch}.{key}", default)
 
     def tensor(self, name: str) -> Any:
         t = self.tensors.get(name)
@@ -120,9 +128,7 @@ def _open(path: str) -> Any:
         return GGUFReader(path)
     except (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError) as e:
         # gguf-py reads a truncated or foreign file until an index or a parse fails
-        hint = ("; a tensor type gguf-py does not know, as in Ollama's own gpt-oss conversion (its "
-                "MXFP4 under type 4): use ggml-org/gpt-oss-20b-GGUF or openai/gpt-oss-20b instead"
-                if "GGMLQuantizationType" in str(e) else "")
+        hint = LEGACY_HINT if re.fullmatch(r"(np\.uint32\()?4\)? is not a valid GGMLQuantizationType", str(e)) else ""
         raise BuildError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}){hint}") from None
 
 

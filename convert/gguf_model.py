@@ -15,7 +15,8 @@ experts), qwen2moe, qwen3moe, olmoe, gpt-oss (experts in MXFP4, gate and up spli
 glm4moe (GLM-4.5, its multi-token-prediction layers left out), deepseek2 (DeepSeek-V2 and V2-Lite;
 V3, R1 and Kimi-K2 by their sigmoid gating; kv_b_proj rebuilt from llama.cpp's k_b and v_b),
 qwen3next and qwen35moe (convert/gguf_hybrid.py), ernie4_5-moe (ERNIE-4.5's MoE models).
-A split GGUF is read from all its parts (convert/gguf_file.py).
+A split GGUF is read from all its parts (convert/gguf_file.py), and Ollama's own gpt-oss files
+(gptoss) under llama.cpp's names (convert/gguf_ollama.py).
 """
 from __future__ import annotations
 
