@@ -12,16 +12,16 @@ from convert.model_store import BuildError
 # gating is DeepSeek-V3)
 ARCHS = {"llama": "llama", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "gpt-oss": "gpt_oss",
          "glm4moe": "glm4_moe", "deepseek2": "deepseek_v2", "qwen3next": "qwen3_next",
-         "qwen35moe": "qwen3_5_moe_text", "ernie4_5-moe": "ernie4_5_moe"}
+         "qwen35moe": "qwen3_5_moe_text", "ernie4_5-moe": "ernie4_5_moe", "minimax-m2": "minimax_m2"}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
                  "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                  "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
                  "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
                  "qwen3_next": "Qwen3NextForCausalLM", "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
-                 "ernie4_5_moe": "Ernie4_5_MoeForCausalLM"}
+                 "ernie4_5_moe": "Ernie4_5_MoeForCausalLM", "minimax_m2": "MiniMaxM2ForCausalLM"}
 SOFTMAX, SIGMOID = 1, 2         # llama.cpp's expert_gating_func values
 GATE_UP = "ffn_gate_up_exps"    # gate and up in one [E, 2I, H] (llama.cpp's --fuse-gate-up-exps)
-ALL_MOE = ("mixtral", "gpt_oss", "olmoe", "qwen3_5_moe_text")      # families without dense layers
+ALL_MOE = ("mixtral", "gpt_oss", "olmoe", "qwen3_5_moe_text", "minimax_m2")      # families without dense layers
 
 
 def hf_config(g: GgufFile) -> dict[str, Any]:
@@ -225,10 +225,16 @@ def _moe_config(g: GgufFile, raw: dict[str, Any], experts: int) -> dict[str, Any
         return {**_leading_dense_moe(g, experts, top_k, inter, first, shared=int(shared in g.tensors),
                                      norm=True, groups=1),
                 "partial_rotary_factor": rot / head_dim, "use_qk_norm": f"blk.{moe[0]}.attn_q_norm.weight" in g.tensors}
-    if model_type in ("mixtral", "gpt_oss"):
+    if model_type in ("mixtral", "gpt_oss", "minimax_m2"):
         out = {"num_local_experts": experts, "num_experts_per_tok": top_k, "intermediate_size": inter}
         if model_type == "gpt_oss":     # every other layer slides (transformers' default layer_types)
             out["sliding_window"] = int(g.arch_meta("attention.sliding_window"))
+        if model_type == "minimax_m2":  # sigmoid scores, chosen with the selection bias; rope on part of each head
+            gating = int(g.arch_meta("expert_gating_func", SIGMOID))
+            if gating != SIGMOID:
+                raise BuildError(f"{g.path}: expert gating function {gating} (MiniMax-M2's is 2, sigmoid)")
+            out.update(scoring_func="sigmoid", use_routing_bias=True,
+                       rotary_dim=int(g.arch_meta("rope.dimension_count", raw["head_dim"])))
         return out
     # llama.cpp normalises the top-k weights of qwen3moe, qwen3next and qwen35moe, not of
     # qwen2moe/olmoe, unless the file says

@@ -14,7 +14,8 @@ they are permuted back, as transformers does. Architectures: llama (dense, or Mi
 experts), qwen2moe, qwen3moe, olmoe, gpt-oss (experts in MXFP4, gate and up split, biases apart),
 glm4moe (GLM-4.5, its multi-token-prediction layers left out), deepseek2 (DeepSeek-V2 and V2-Lite;
 V3, R1 and Kimi-K2 by their sigmoid gating; kv_b_proj rebuilt from llama.cpp's k_b and v_b),
-qwen3next and qwen35moe (convert/gguf_hybrid.py), ernie4_5-moe (ERNIE-4.5's MoE models).
+qwen3next and qwen35moe (convert/gguf_hybrid.py), ernie4_5-moe (ERNIE-4.5's MoE models), minimax-m2
+(MiniMax-M2 and M2.1).
 A split GGUF is read from all its parts (convert/gguf_file.py), and Ollama's own gpt-oss files
 (gptoss) under llama.cpp's names (convert/gguf_ollama.py).
 """
@@ -51,9 +52,11 @@ BLOCK_BY_ARCH = {"gpt-oss": {"post_attention_norm": "post_attention_layernorm", 
                                "attn_q_b": "self_attn.q_b_proj", "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
                                "attn_kv_a_norm": "self_attn.kv_a_layernorm", "attn_kv_b": "self_attn.kv_b_proj",
                                **SHARED_EXPERTS},
-                 "ernie4_5-moe": {**SHARED_EXPERTS, "exp_probs_b": "mlp.moe_statics.e_score_correction_bias"}}
+                 "ernie4_5-moe": {**SHARED_EXPERTS, "exp_probs_b": "mlp.moe_statics.e_score_correction_bias"},
+                 "minimax-m2": {"exp_probs_b": "{moe}.e_score_correction_bias"}}
 # kv_b_proj as current llama.cpp files hold it: split per head into k_b (transposed) and v_b
 KV_B_PARTS = ("attn_k_b", "attn_v_b")
+MIXTRAL_NAMES = ("mixtral", "minimax_m2")     # MoE blocks named block_sparse_moe, as Mixtral's
 BARE = ("self_attn.sinks", "e_score_correction_bias")      # HF parameters without a .weight suffix
 EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")      # gate [E, I, H], up, down [E, H, I]
 
@@ -97,7 +100,7 @@ class GgufModel:
         from engine.models.base import HFConfig
         with torch.device("meta"):
             self.layout = family(self.config["model_type"]).build(HFConfig(self.config), 16).layout
-        self.moe_module = "block_sparse_moe" if self.config["model_type"] == "mixtral" else "mlp"
+        self.moe_module = "block_sparse_moe" if self.config["model_type"] in MIXTRAL_NAMES else "mlp"
         moe = self.layout.moe_layers if self.layout else ()
         self.keys = [(mi, e) for mi in range(len(moe)) for e in range(self.layout.num_experts)] if moe else []
         if self.keys:

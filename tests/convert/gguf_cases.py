@@ -22,7 +22,7 @@ FAMILIES = {"mixtral": {}, "qwen2_moe": ALL_MOE, "qwen3_moe": ALL_MOE, "olmoe": 
             # DeepSeek: mscale == mscale_all_dim, as every release has it (a GGUF carries only the latter)
             "deepseek_v2": {}, "deepseek_v2_grouped": {}, "qwen3_next": ALL_MOE, "qwen3_5_moe_text": {},
             # ERNIE-4.5 as released: no biases (llama.cpp's graph has no LM head bias)
-            "ernie4_5_moe": {"use_bias": False},
+            "ernie4_5_moe": {"use_bias": False}, "minimax_m2": {},
             "deepseek_v3": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
                                                 "original_max_position_embeddings": 32, "mscale": 0.8,
                                                 "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1}}}

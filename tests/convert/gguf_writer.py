@@ -19,8 +19,9 @@ from tests.convert.gguf_writer_hybrid import hybrid_meta, hybrid_tensors
 ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe",
         "llama": "llama", "gpt_oss": "gpt-oss", "glm4_moe": "glm4moe", "deepseek_v2": "deepseek2",
         "deepseek_v3": "deepseek2", "qwen3_next": "qwen3next", "qwen3_5_moe_text": "qwen35moe",
-        "ernie4_5_moe": "ernie4_5-moe"}
-STACKED = {"mixtral": ("block_sparse_moe", {"w1": "w1", "w3": "w3", "w2": "w2"}),
+        "ernie4_5_moe": "ernie4_5-moe", "minimax_m2": "minimax-m2"}
+MIXTRAL_EXPERTS = ("block_sparse_moe", {"w1": "w1", "w3": "w3", "w2": "w2"})
+STACKED = {"mixtral": MIXTRAL_EXPERTS, "minimax_m2": MIXTRAL_EXPERTS,
            "default": ("mlp", {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"})}
 TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
                   "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id",
@@ -105,6 +106,10 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
         w.add_expert_weights_scale(cfg["routed_scaling_factor"])
         w.add_expert_weights_norm(cfg["norm_topk_prob"])
+    if model_type == "minimax_m2":                       # as llama.cpp's MiniMaxM2Model and its base write
+        w.add_expert_feed_forward_length(cfg["intermediate_size"])
+        w.add_rope_dimension_count(cfg["rotary_dim"])
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
     if arch == "deepseek2":
         _deepseek_meta(w, cfg, legacy)
     if arch in ("qwen3next", "qwen35moe"):

@@ -23,9 +23,10 @@ pytestmark = [pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
               pytest.mark.filterwarnings("ignore::UserWarning")]
 # llama.cpp's OLMoE converter does not carry clip_qkv (OLMoE's released configs have none); its
 # GLM converter looks up GLM's special tokens, added here (and room for them in the vocabulary);
-# its DeepSeek converter writes the gating function from scoring_func, which DeepSeek-V3's
-# released config.json names (transformers' config class leaves it out)
-EXTRA = {"olmoe": {"clip_qkv": None}, "glm4_moe": {"vocab_size": 49160}, "deepseek_v3": {"scoring_func": "sigmoid"}}
+# its DeepSeek and MiniMax converters write the gating function from scoring_func, which their
+# released config.json files name (transformers' config classes leave it out)
+EXTRA = {"olmoe": {"clip_qkv": None}, "glm4_moe": {"vocab_size": 49160}, "deepseek_v3": {"scoring_func": "sigmoid"},
+         "minimax_m2": {"scoring_func": "sigmoid"}}
 ADDED = {"glm4_moe": ["[gMASK]", "<|user|>", "<|endoftext|>", "<|observation|>"]}
 # the tiny Qwen3-Next/3.5 checkpoints have no multi-token-prediction layers, which the converter
 # otherwise counts on; transformers loads any tokenizer beside a Qwen3.5 config as Qwen3.5's own,
@@ -119,7 +120,7 @@ EQUAL_HEADS = {"linear_key_head_dim": 16, "linear_value_head_dim": 16}
 # that fit its rotary width, ERNIE with the dense size its converter derives the shared experts'
 # from (intermediate_size / kv heads, as in the released models)
 RUNNABLE = {"qwen3_moe": {}, "glm4_moe": {}, "deepseek_v2": {"q_lora_rank": 32}, "deepseek_v3": {},
-            "ernie4_5_moe": {"intermediate_size": 64},
+            "ernie4_5_moe": {"intermediate_size": 64}, "minimax_m2": {},
             "qwen3_next": EQUAL_HEADS,
             "qwen3_5_moe_text": {**EQUAL_HEADS, "rope_parameters": {
                 "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
@@ -156,6 +157,8 @@ def test_llama_cpp_runs_its_split_q8_0_file_as_moeserve_serves_it(name: str, con
     ref = logits(engine_dir(hf))
     off = {"ours": (ours - ref).abs().max().item(), "theirs": (theirs - ref).abs().max().item(),
            "between": (ours - theirs).abs().max().item()}
+    agree = int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+    print(f"{name}: {off}, argmax agree {agree}/{len(PROMPT)}, logits up to {ref.abs().max().item():.3f}")   # -s
     assert off["ours"] <= 1.25 * off["theirs"] and off["between"] <= 2 * off["theirs"], off
 
 
