@@ -1,10 +1,11 @@
 """GGUF files in Ollama's own layouts, rewritten from llama.cpp-style ones (tests/convert/gguf_writer.py):
-gpt-oss as the files `ollama pull gpt-oss` fetches hold it, by Ollama's converter (convert_gptoss.go)
-and the names its llama.cpp compatibility layer maps back (llama/compat/llama-ollama-compat.cpp)."""
+gpt-oss and GLM-4.7-Flash as the files `ollama pull` fetches hold them, by Ollama's converters
+(convert_gptoss.go) and what its llama.cpp compatibility layer maps back
+(llama/compat/llama-ollama-compat.cpp)."""
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -20,18 +21,47 @@ def as_ollama_gpt_oss(src: str, dst: str) -> str:
     its key prefix, Ollama's tensor names, GPT-2's pre-tokenizer name, no chat template, no expert
     FFN length nor rope scaling type; the tensors' bytes unchanged (MXFP4 in ggml's layout, as
     Ollama's converter writes it since August 2025)."""
+    def key(k: str, value: Any) -> Any:
+        return None if k in OLLAMA_LACKS else (k.replace("gpt-oss.", "gptoss.", 1), value)
+    return _rewrite(src, dst, "gptoss", key, OLLAMA_NAMES)
+
+
+def as_ollama_glm4moelite(src: str, dst: str, cfg: dict[str, Any]) -> str:
+    """llama.cpp's deepseek2 GGUF ``src`` of GLM-4.7-Flash's shape (config ``cfg``) rewritten at ``dst``
+    as Ollama's published GLM-4.7-Flash files are: architecture "glm4moelite" and its prefix, the
+    heads' own key and value widths in key/value_length and the latent's in the *_mla keys (the
+    reverse of llama.cpp's), its KV head count, no gating key nor expert groups, no chat template."""
+    rope, lora = cfg["qk_rope_head_dim"], cfg["kv_lora_rank"]
+    widths = {"attention.key_length": cfg["qk_nope_head_dim"] + rope, "attention.value_length": cfg["v_head_dim"],
+              "attention.key_length_mla": lora + rope, "attention.value_length_mla": lora,
+              "attention.head_count_kv": cfg["num_key_value_heads"]}
+    dropped = ("expert_gating_func", "expert_group_count", "expert_group_used_count")
+
+    def key(k: str, value: Any) -> Any:
+        name = k.removeprefix("deepseek2.")
+        if name in dropped or k == "tokenizer.chat_template":
+            return None
+        return f"glm4moelite.{name}" if name != k else k, widths.get(name, value)
+    return _rewrite(src, dst, "glm4moelite", key, ())
+
+
+def _rewrite(src: str, dst: str, arch: str, key: Callable[[str, Any], Any], names: tuple[tuple[str, str], ...]) -> str:
+    """``src`` written at ``dst`` with architecture ``arch``, each metadata key and value as ``key``
+    maps it (None: left out), tensor names with ``names``' replacements, GPT-2's pre-tokenizer
+    name; the tensors' bytes unchanged."""
     import gguf
     reader = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(dst, "gptoss")
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture" or key in OLLAMA_LACKS:
+    w = gguf.GGUFWriter(dst, arch)
+    for k, field in reader.fields.items():
+        if k.startswith("GGUF.") or k == "general.architecture":
             continue
-        value: Any = "default" if key == "tokenizer.ggml.pre" else field.contents()
-        sub = field.types[1] if len(field.types) > 1 else None
-        w.add_key_value(key.replace("gpt-oss.", "gptoss.", 1), value, field.types[0], sub)
+        mapped = key(k, "default" if k == "tokenizer.ggml.pre" else field.contents())
+        if mapped is not None:
+            sub = field.types[1] if len(field.types) > 1 else None
+            w.add_key_value(mapped[0], mapped[1], field.types[0], sub)
     for t in reader.tensors:
         name = t.name
-        for old, new in OLLAMA_NAMES:
+        for old, new in names:
             name = name.replace(old, new)
         plain = t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
         w.add_tensor(name, np.array(t.data), raw_dtype=None if plain else t.tensor_type)

@@ -1,5 +1,6 @@
-"""Ollama's own gpt-oss files (convert/gguf_ollama.py): read as llama.cpp's file of the same model,
-with gpt-4o's pre-tokenizer and moeserve's harmony template; Ollama's first files refused."""
+"""Ollama's own gpt-oss and GLM-4.7-Flash files (convert/gguf_ollama.py): read as llama.cpp's file of
+the same model (gpt-oss with gpt-4o's pre-tokenizer and moeserve's harmony template); Ollama's
+first gpt-oss files refused."""
 from __future__ import annotations
 
 import filecmp
@@ -13,7 +14,10 @@ from safetensors.torch import load_file
 
 from convert.gguf_convert import ensure_gguf
 from convert.model_store import BuildError
-from tests.convert.gguf_writer_ollama import as_ollama_gpt_oss, with_tensor_type
+from tests.convert.gguf_cases import FAMILIES, OVERRIDES
+from tests.convert.gguf_writer import write_gguf
+from tests.convert.gguf_writer_ollama import as_ollama_glm4moelite, as_ollama_gpt_oss, with_tensor_type
+from tests.engine.tiny_families import make_family_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 GPT4O_DIGITS = "\\p{N}{1,3}"            # gpt-4o's split takes digits in threes (GPT-2's: any run)
@@ -77,3 +81,22 @@ def test_ollamas_first_gpt_oss_files_are_refused_asking_for_a_new_pull(tiny: Cal
     old = with_tensor_type(ollama, str(tmp_path / "old.gguf"), "blk.0.ffn_down_exps.weight", 4)
     with pytest.raises(BuildError, match="type 4 is how Ollama's first gpt-oss files .* `ollama pull gpt-oss:20b`"):
         ensure_gguf(old, home=str(tmp_path), progress=False)
+
+
+def test_ollamas_glm_4_7_flash_file_converts_as_llama_cpps_does(tokenizer: dict[str, Any], tmp_path: Any) -> None:
+    """GLM-4.7-Flash (DeepSeek's latent attention, sigmoid routing, one expert group) in llama.cpp's
+    file and in Ollama's (glm4moelite, the heads' widths where llama.cpp keeps the latent's, no
+    gating or group keys): the same config, tensors and experts, bit for bit."""
+    hf = make_family_checkpoint("deepseek_v3", str(tmp_path / "hf"), overrides={
+        **OVERRIDES, **FAMILIES["deepseek_v3"], "n_group": 1, "topk_group": 1})
+    path = write_gguf(hf, str(tmp_path / "glm.gguf"), tokenizer, "F32", "Q8_0")
+    with open(os.path.join(hf, "config.json")) as f:
+        cfg = json.load(f)
+    ollama = as_ollama_glm4moelite(path, str(tmp_path / "glm-4.7-flash.gguf"), cfg)
+    theirs = ensure_gguf(path, home=str(tmp_path / "a"), progress=False)
+    ours = ensure_gguf(ollama, home=str(tmp_path / "b"), progress=False)
+    assert _config(ours) == _config(theirs) and _config(ours)["model_type"] == "deepseek_v3"
+    a, b = load_file(os.path.join(theirs, "model.safetensors")), load_file(os.path.join(ours, "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    store = _config(ours)["quantization_config"]["expert_store"]
+    assert filecmp.cmp(os.path.join(theirs, store), os.path.join(ours, store), shallow=False)
