@@ -1,6 +1,7 @@
 """HTTP server configuration."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -84,6 +85,10 @@ class ServerConfig:
                 "one parser reads reasoning and tool calls together: either option naming it "
                 "applies it to both",
         "choices": REASONING_PARSERS})
+    chat_template: Optional[str] = field(default=None, metadata={
+        "help": "a Jinja chat template file used instead of the model's: for a model that has "
+                "none (a GGUF file without one, such as Ollama's GLM-4.7-Flash) or to correct one, "
+                "as vLLM's --chat-template and llama.cpp's --chat-template-file", "metavar": "FILE"})
     sse_ping_s: float = field(default=15.0, metadata={
         "help": "seconds between SSE keep-alive comments on an open stream (proxies and clients "
                 "drop idle connections)", "flag": "--sse-ping", "metavar": "SECONDS"})
@@ -118,6 +123,10 @@ class ServerConfig:
                 raise ConfigError(name, getattr(self, name), f"expected one of {', '.join(choices)}")
         if not self.host:
             raise ConfigError("host", self.host, "must not be empty")
+        if self.chat_template is not None and not self.chat_template.strip():
+            object.__setattr__(self, "chat_template", None)   # an empty env var means "the model's"
+        if self.chat_template is not None and not os.path.isfile(self.chat_template):
+            raise ConfigError("chat_template", self.chat_template, "no such file")
         for origin in self.cors_origins:
             if origin != "*" and "://" not in origin:
                 raise ConfigError("cors_origins", origin, "expected '*' or an origin such as "

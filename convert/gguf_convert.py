@@ -60,7 +60,7 @@ def save_tokenizer(path: str, out_dir: str, pre: Optional[str] = None, model_typ
                  "(convert/data/%s)", path, model_type, OWN_TEMPLATES[model_type])
     if not getattr(tok, "chat_template", None):
         log.warning("%s carries no chat template (tokenizer.chat_template): only /v1/completions "
-                    "will work", path)
+                    "will work, unless the server is given one (--chat-template FILE)", path)
     tok.save_pretrained(out_dir)
 
 

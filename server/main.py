@@ -53,8 +53,8 @@ class ServerRun:
                  generation_fallback: Optional[Mapping[str, Any]] = None) -> None:
         self.cfg, self.client = cfg, client
         defaults = load_generation_defaults(model_dir, cfg.generation_config, generation_fallback)
-        self.app = create_app(cfg, client, TextTokenizer(model_dir), served_name(cfg, model_dir),
-                              defaults)
+        tok = TextTokenizer(model_dir, cfg.chat_template)
+        self.app = create_app(cfg, client, tok, served_name(cfg, model_dir), defaults)
         self.state: ServerState = self.app.state.moeserve
         self.exit_code = EXIT_OK
         self.server: Optional[_Uvicorn] = None

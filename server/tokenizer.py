@@ -6,6 +6,7 @@ No transformers import: the HTTP process stays light and torch-free.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from datetime import datetime
 from typing import Any, Optional
@@ -29,6 +30,7 @@ KEPT_TAGS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", 
 # ends its turns, and would then show in the text)
 HARMONY_TAGS = ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>",
                 "<|call|>")
+log = logging.getLogger(__name__)
 # variables the server sets itself: a request's chat_template_kwargs may not replace them
 RESERVED_VARIABLES = ("messages", "add_generation_prompt", "tools", *SPECIAL_TOKENS)
 
@@ -70,9 +72,10 @@ def compile_chat_template(source: str) -> jinja2.Template:
 
 
 class TextTokenizer:
-    """The checkpoint's tokenizer and chat template."""
+    """The checkpoint's tokenizer and chat template (``template_file``: a template used instead of
+    the model's, --chat-template)."""
 
-    def __init__(self, model_dir: str) -> None:
+    def __init__(self, model_dir: str, template_file: Optional[str] = None) -> None:
         path = os.path.join(model_dir, "tokenizer.json")
         if not os.path.isfile(path):
             hint = ("; it has only a SentencePiece tokenizer.model: write tokenizer.json once with "
@@ -95,9 +98,17 @@ class TextTokenizer:
         self.special_tokens = {name: _token_text(cfg.get(name))
                                for name in SPECIAL_TOKENS}
         source = self._template_source(model_dir, cfg)
+        if template_file is not None:
+            with open(template_file, encoding="utf-8") as f:
+                source = f.read()
+            log.info("chat template: %s (--chat-template), instead of the model's", template_file)
         self.template_source = source or ""
-        self.chat_template: Optional[jinja2.Template] = (
-            compile_chat_template(source) if source else None)
+        try:
+            self.chat_template: Optional[jinja2.Template] = (
+                compile_chat_template(source) if source else None)
+        except jinja2.TemplateSyntaxError as e:
+            raise ValueError(f"{template_file or model_dir}: the chat template does not compile "
+                             f"(line {e.lineno}: {e.message})") from None
         # a template that reads `tools` renders them itself (tool calling, server/tools.py)
         self.template_takes_tools = bool(source) and "tools" in jinja2.meta.find_undeclared_variables(
             ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(source))
@@ -147,7 +158,8 @@ class TextTokenizer:
         dict so that no name can collide with a Python parameter."""
         if self.chat_template is None:
             raise TemplateError("the model has no chat template (tokenizer_config.json has no "
-                                "'chat_template'); use /v1/completions instead")
+                                "'chat_template'); use /v1/completions, or start the server with "
+                                "--chat-template FILE")
         try:
             return self.chat_template.render({**(variables or {}), "messages": messages,
                                               "add_generation_prompt": add_generation_prompt,
