@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from configs.models import SERVED_NAME_KEY
 from convert.gguf_file import FLOAT_TYPES
@@ -135,10 +135,25 @@ def convert_gguf(model: GgufModel, out_dir: str, kind: str, group_size: Optional
                                                                 model.layout.num_experts))}
     write_json(os.path.join(out_dir, "config.json"), raw)
     gen = {k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in raw}
+    gen.update(sampling_defaults(model.file.meta))
     ends = stop_ids(model, raw.get("eos_token_id"))
     if len(ends) > 1:
         gen["eos_token_id"] = ends
     write_json(os.path.join(out_dir, "generation_config.json"), gen)
+
+
+# the sampling defaults llama.cpp's converter copies from the model's generation_config.json, and
+# llama.cpp's server applies: read back into generation_config.json (server/defaults.py applies them)
+SAMPLING_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_k": "top_k",
+                 "general.sampling.top_p": "top_p", "general.sampling.min_p": "min_p",
+                 "general.sampling.penalty_repeat": "repetition_penalty"}
+
+
+def sampling_defaults(meta: Callable[[str, Any], Any]) -> dict[str, Any]:
+    """generation_config.json's sampling values from the file's general.sampling.* keys (f32: 0.6
+    reads 0.60000002, so 7 significant digits give the value written)."""
+    values = {name: meta(key, None) for key, name in SAMPLING_KEYS.items()}
+    return {name: float(f"{v:.7g}") if isinstance(v, float) else v for name, v in values.items() if v is not None}
 
 
 # tokens llama.cpp stops on by their text, beside the file's ids (gpt-oss's GGUF names only

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 from configs import CacheConfig, ConfigError, EngineConfig, ServerConfig, add_arguments, from_args
 from configs.presets import add_build_arguments
 from moeserve import runtime_env
-from moeserve.model_ref import error_exit, resolve_in_child, resolve_model
+from moeserve.model_ref import error_exit, ollama_sampling, resolve_in_child, resolve_model
 
 log = logging.getLogger("moeserve")
 
@@ -131,15 +131,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ccfg = from_args(CacheConfig, args)
     scfg = from_args(ServerConfig, args)
     from configs.presets import load_preset
-    builtin = not ecfg.model
-    model_dir = resolve_in_child(ecfg.model or _default_model_dir(ecfg.default_preset), ecfg.quantize,
+    asked = ecfg.model
+    model_dir = resolve_in_child(asked or _default_model_dir(ecfg.default_preset), ecfg.quantize,
                                  ecfg.group_size, scfg.log_level)
     ecfg = EngineConfig(**{**ecfg.__dict__, "model": model_dir})
     client = ProcessEngineClient(LazyFactory("moeserve.wiring:build_engine", ecfg, ccfg),
                                  log_level=scfg.log_level)
     # builds of the built-in model made before its generation_config.json carried the measured
-    # sampling defaults get them from the preset
-    fallback = load_preset(ecfg.default_preset).get("generation") if builtin else None
+    # sampling defaults get them from the preset; a model Ollama pulled, from Ollama's parameters
+    fallback = ollama_sampling(asked) if asked else load_preset(ecfg.default_preset).get("generation")
     return run_server(scfg, client, model_dir, fallback)
 
 

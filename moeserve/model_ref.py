@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import re
-from typing import Optional
+from typing import Any, Optional
 
 from configs.engine import QUANT_FORMATS
 from configs.server import LOG_LEVELS
@@ -22,6 +22,10 @@ _PART = r"[A-Za-z0-9][A-Za-z0-9_.\-]*"
 OLLAMA_NAME = re.compile(rf"((?:{_PART}/){{0,2}}{_PART})(?::([A-Za-z0-9_][A-Za-z0-9_.\-]*))?")
 OLLAMA_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
+OLLAMA_PARAMS_LAYER = "application/vnd.ollama.image.params"
+# Ollama's parameter names -> generation_config.json's (server/defaults.py)
+OLLAMA_SAMPLING = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                   "repeat_penalty": "repetition_penalty"}
 
 
 def resolve_model(arg: str, quantize: Optional[str] = None, group_size: Optional[int] = None,
@@ -81,9 +85,23 @@ def _gguf_source(arg: str) -> tuple[Optional[str], Optional[str], Optional[str]]
     in_dir = gguf_in_dir(arg)
     if in_dir is not None:
         return in_dir, None, None
+    found = _ollama_manifest(arg)
+    if found is None:
+        return None, None, None
+    store, manifest, shown = found
+    blob = _ollama_layer(arg, store, manifest, OLLAMA_MODEL_LAYER)
+    if blob is None:
+        raise FileNotFoundError(f"--model {arg!r}: Ollama's manifest {manifest} names no model file")
+    log.info("--model %s: the GGUF Ollama pulled, %s", arg, blob)
+    return blob, "ollama--" + shown.replace("/", "--").replace(":", "-"), shown
+
+
+def _ollama_manifest(arg: str) -> Optional[tuple[str, str, str]]:
+    """(Ollama's store, the manifest, the name as pulled) of the model Ollama has pulled that ``arg`` names; None
+    when ``arg`` is no such name; FileNotFoundError for a name:tag Ollama has not pulled."""
     m = OLLAMA_NAME.fullmatch(arg)
     if m is None or os.path.exists(arg):
-        return None, None, None
+        return None
     parts = m.group(1).split("/")
     host, namespace = ("registry.ollama.ai", "library") if len(parts) == 1 else \
         ("registry.ollama.ai", parts[0]) if len(parts) == 2 else (parts[0], parts[1])
@@ -91,28 +109,51 @@ def _gguf_source(arg: str) -> tuple[Optional[str], Optional[str], Optional[str]]
     rel = os.path.join("manifests", host, namespace, model, tag)
     stores = [d for d in ollama_stores() if os.path.isfile(os.path.join(d, rel))]
     if not stores and m.group(2) is None:
-        return None, None, None         # a plain name: a directory or repo id that is not there
+        return None         # a plain name: a directory or repo id that is not there
     if not stores:
         raise FileNotFoundError(f"--model {arg!r}: no such directory, and not a model Ollama has "
                                 f"pulled (no {rel} in {' or '.join(ollama_stores())}; "
                                 "OLLAMA_MODELS sets where Ollama keeps its models)")
-    manifest = os.path.join(stores[0], rel)
+    return stores[0], os.path.join(stores[0], rel), f"{m.group(1)}:{tag}"
+
+
+def _ollama_layer(arg: str, store: str, manifest: str, media_type: str) -> Optional[str]:
+    """The blob of ``manifest``'s layer of ``media_type`` (None: no such layer, or an unreadable
+    manifest); FileNotFoundError for a digest that is not a sha256 or a blob that is missing."""
     try:
         with open(manifest, encoding="utf-8") as f:
             layers = json.load(f).get("layers") or []
-        digest = next(x["digest"] for x in layers if x.get("mediaType") == OLLAMA_MODEL_LAYER)
+        digest = next(x["digest"] for x in layers if x.get("mediaType") == media_type)
     except (OSError, ValueError, StopIteration, KeyError, TypeError, AttributeError):
-        raise FileNotFoundError(f"--model {arg!r}: Ollama's manifest {manifest} names no model "
-                                "file") from None
+        return None
     if not isinstance(digest, str) or not OLLAMA_DIGEST.fullmatch(digest):
-        raise FileNotFoundError(f"--model {arg!r}: Ollama's manifest {manifest} names the model file "
+        raise FileNotFoundError(f"--model {arg!r}: Ollama's manifest {manifest} names the file "
                                 f"{digest!r}, not a sha256 digest")
-    blob = os.path.join(stores[0], "blobs", digest.replace(":", "-"))
+    blob = os.path.join(store, "blobs", digest.replace(":", "-"))
     if not os.path.isfile(blob):
-        raise FileNotFoundError(f"--model {arg!r}: Ollama's model file {blob} is missing")
-    log.info("--model %s: the GGUF Ollama pulled, %s", arg, blob)
-    shown = f"{m.group(1)}:{tag}"                       # the name as the user pulled it
-    return blob, "ollama--" + shown.replace("/", "--").replace(":", "-"), shown
+        raise FileNotFoundError(f"--model {arg!r}: Ollama's file {blob} is missing")
+    return blob
+
+
+def ollama_sampling(arg: str) -> Optional[dict[str, Any]]:
+    """The sampling defaults Ollama keeps beside a model it has pulled (its params layer: what
+    Ollama samples with when a request sets nothing), under generation_config.json's names; None
+    when ``arg`` names no such model or it has none."""
+    found = _ollama_manifest(arg)
+    blob = _ollama_layer(arg, *found[:2], OLLAMA_PARAMS_LAYER) if found else None
+    if blob is None:
+        return None
+    try:
+        with open(blob, encoding="utf-8") as f:
+            params = json.load(f)
+    except (OSError, ValueError) as e:
+        log.warning("--model %s: Ollama's parameters %s ignored (%s)", arg, blob, e)
+        return None
+    out = {name: params[key] for key, name in OLLAMA_SAMPLING.items()
+           if isinstance(params, dict) and isinstance(params.get(key), (int, float))}
+    if out:
+        log.info("--model %s: default sampling parameters from Ollama's: %s", arg, out)
+    return out or None
 
 
 def _has_gguf_magic(path: str) -> bool:

@@ -193,3 +193,35 @@ def test_qwen_hybrid_files_of_older_llama_cpp_and_of_ollama(name: str, kind: str
     path = write_gguf(hf, str(tmp_path / "m.gguf"), tokenizer, **{kind: True})
     out = ensure_gguf(path, home=str(tmp_path / "home"), progress=False)
     torch.testing.assert_close(logits(out), logits(hf), rtol=0, atol=1e-5)
+
+
+def test_sampling_defaults_from_the_file_and_from_ollamas_parameters(tokenizer: dict[str, Any], tmp_path: Any,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp's converter copies the model's sampling defaults into general.sampling.*; Ollama
+    keeps its own beside the model (its params layer): the server's defaults come from them."""
+    from moeserve.model_ref import ollama_sampling
+    from server.defaults import load_generation_defaults
+    hf = make_family_checkpoint("olmoe", str(tmp_path / "hf"), overrides={**OVERRIDES, **FAMILIES["olmoe"]})
+    path = write_gguf(hf, str(tmp_path / "m.gguf"), tokenizer, extra={
+        "general.sampling.temp": 0.6, "general.sampling.top_p": 0.95, "general.sampling.min_p": 0.05})
+    out = ensure_gguf(path, home=str(tmp_path / "home"), progress=False)
+    assert load_generation_defaults(out).as_dict() == {"temperature": 0.6, "top_p": 0.95, "min_p": 0.05}
+    store = tmp_path / "ollama"
+    (store / "blobs").mkdir(parents=True)
+    params = json.dumps({"temperature": 0.7, "top_k": 20, "repeat_penalty": 1.1, "stop": ["<|im_end|>"]})
+    (store / "blobs" / ("sha256-" + "cd" * 32)).write_text(params)
+    os.link(path, store / "blobs" / ("sha256-" + "ab" * 32))
+    manifest = store / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "latest"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"layers": [
+        {"mediaType": "application/vnd.ollama.image.model", "digest": "sha256:" + "ab" * 32},
+        {"mediaType": "application/vnd.ollama.image.params", "digest": "sha256:" + "cd" * 32}]}))
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    monkeypatch.setenv("MOESERVE_HOME", str(tmp_path / "home"))
+    assert ollama_sampling("tiny") == {"temperature": 0.7, "top_k": 20, "repetition_penalty": 1.1}
+    assert ollama_sampling(str(tmp_path / "hf")) is None                 # not an Ollama name
+    fallback = ollama_sampling("tiny")
+    served = resolve_model("tiny", progress=False)
+    # the file's values first (this one has general.sampling keys too), Ollama's where it has none
+    assert load_generation_defaults(served, fallback=fallback).as_dict() == {
+        "temperature": 0.6, "top_p": 0.95, "min_p": 0.05, "top_k": 20, "repetition_penalty": 1.1}
