@@ -55,7 +55,7 @@ class GgufFile:
             raise BuildError(f"{self.path}: the split GGUF lists {listed} tensors; its parts hold "
                              f"{len(self.tensors)}")
         self._key_arch = str(self.meta("general.architecture"))      # the prefix of its metadata keys
-        self.arch, self.tensors, self._overrides = translate(self._key_arch, self.tensors, self.meta)
+        self.arch, self.tensors, self._overrides = translate(self.path, self._key_arch, self.tensors, self.meta)
         self._check_types()
 
     def _check_types(self) -> None:

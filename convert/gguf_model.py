@@ -16,8 +16,8 @@ glm4moe (GLM-4.5, its multi-token-prediction layers left out), deepseek2 (DeepSe
 V3, R1 and Kimi-K2 by their sigmoid gating; kv_b_proj rebuilt from llama.cpp's k_b and v_b),
 qwen3next and qwen35moe (convert/gguf_hybrid.py), ernie4_5-moe (ERNIE-4.5's MoE models), minimax-m2
 (MiniMax-M2 and M2.1).
-A split GGUF is read from all its parts (convert/gguf_file.py), and Ollama's own gpt-oss files
-(gptoss) under llama.cpp's names (convert/gguf_ollama.py).
+A split GGUF is read from all its parts (convert/gguf_file.py), and Ollama's own gpt-oss (gptoss) and
+GLM-4.7-Flash (glm4moelite) files as llama.cpp's (convert/gguf_ollama.py).
 """
 from __future__ import annotations
 

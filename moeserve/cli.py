@@ -171,10 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from convert.default_model import run_build
         return run_build(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:   # bad input; a conversion that cannot be made
-        code = error_exit(e)
-        if code is None:
-            raise
-        return code
+        return error_exit(e)
     except KeyboardInterrupt:
         return 130
 

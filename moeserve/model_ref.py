@@ -140,7 +140,11 @@ def ollama_sampling(arg: str) -> Optional[dict[str, Any]]:
     Ollama samples with when a request sets nothing), under generation_config.json's names; None
     when ``arg`` names no such model or it has none."""
     found = _ollama_manifest(arg)
-    blob = _ollama_layer(arg, *found[:2], OLLAMA_PARAMS_LAYER) if found else None
+    try:
+        blob = _ollama_layer(arg, *found[:2], OLLAMA_PARAMS_LAYER) if found else None
+    except FileNotFoundError as e:      # optional defaults: the model serves without them
+        log.warning("%s; Ollama's parameters ignored", e)
+        return None
     if blob is None:
         return None
     try:
@@ -220,21 +224,18 @@ def main() -> int:
     try:
         print(resolve_model(args.model, args.quantize, args.group_size))
     except (ValueError, FileNotFoundError, RuntimeError) as e:       # as `moeserve` reports them
-        code = error_exit(e)
-        if code is None:
-            raise
-        return code
+        return error_exit(e)
     return 0
 
 
-def error_exit(e: Exception) -> Optional[int]:
+def error_exit(e: Exception) -> int:
     """The exit status ``moeserve`` ends with on ``e``, after printing it: 2 for bad input (a
-    configuration, a path), 1 for a conversion that cannot be made; None for another error (a bug,
-    left to raise)."""
+    configuration, a path), 1 for a conversion that cannot be made; another error (a bug) is
+    raised again."""
     import sys
     from convert.model_store import BuildError
     if not isinstance(e, (ValueError, FileNotFoundError, BuildError)):
-        return None
+        raise e
     print(f"moeserve: error: {e}", file=sys.stderr)
     return 1 if isinstance(e, BuildError) else 2
 

@@ -99,8 +99,11 @@ class TextTokenizer:
                                for name in SPECIAL_TOKENS}
         source = self._template_source(model_dir, cfg)
         if template_file is not None:
-            with open(template_file, encoding="utf-8") as f:
-                source = f.read()
+            try:
+                with open(template_file, encoding="utf-8") as f:
+                    source = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"{template_file}: the chat template cannot be read ({e})") from None
             log.info("chat template: %s (--chat-template), instead of the model's", template_file)
         self.template_source = source or ""
         try:
@@ -158,8 +161,8 @@ class TextTokenizer:
         dict so that no name can collide with a Python parameter."""
         if self.chat_template is None:
             raise TemplateError("the model has no chat template (tokenizer_config.json has no "
-                                "'chat_template'); use /v1/completions, or start the server with "
-                                "--chat-template FILE")
+                                "'chat_template'); use /v1/completions, or give the server one "
+                                "(moeserve serve --chat-template FILE)")
         try:
             return self.chat_template.render({**(variables or {}), "messages": messages,
                                               "add_generation_prompt": add_generation_prompt,

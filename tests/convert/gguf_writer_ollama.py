@@ -5,7 +5,7 @@ gpt-oss and GLM-4.7-Flash as the files `ollama pull` fetches hold them, by Ollam
 from __future__ import annotations
 
 import struct
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -13,7 +13,8 @@ import numpy as np
 OLLAMA_NAMES = ((".attn_output.", ".attn_out."), (".post_attention_norm.", ".ffn_norm."),
                 (".attn_sinks.weight", ".attn_sinks"))
 # keys Ollama's gpt-oss files lack (llama.cpp's converter writes them)
-OLLAMA_LACKS = ("gpt-oss.expert_feed_forward_length", "gpt-oss.rope.scaling.type", "tokenizer.chat_template")
+OLLAMA_LACKS = ("gpt-oss.expert_feed_forward_length", "gpt-oss.rope.scaling.type",
+                "gpt-oss.rope.scaling.yarn_beta_fast", "gpt-oss.rope.scaling.yarn_beta_slow", "tokenizer.chat_template")
 
 
 def as_ollama_gpt_oss(src: str, dst: str) -> str:
@@ -21,7 +22,7 @@ def as_ollama_gpt_oss(src: str, dst: str) -> str:
     its key prefix, Ollama's tensor names, GPT-2's pre-tokenizer name, no chat template, no expert
     FFN length nor rope scaling type; the tensors' bytes unchanged (MXFP4 in ggml's layout, as
     Ollama's converter writes it since August 2025)."""
-    def key(k: str, value: Any) -> Any:
+    def key(k: str, value: Any) -> Optional[tuple[str, Any]]:
         return None if k in OLLAMA_LACKS else (k.replace("gpt-oss.", "gptoss.", 1), value)
     return _rewrite(src, dst, "gptoss", key, OLLAMA_NAMES)
 
@@ -30,14 +31,14 @@ def as_ollama_glm4moelite(src: str, dst: str, cfg: dict[str, Any]) -> str:
     """llama.cpp's deepseek2 GGUF ``src`` of GLM-4.7-Flash's shape (config ``cfg``) rewritten at ``dst``
     as Ollama's published GLM-4.7-Flash files are: architecture "glm4moelite" and its prefix, the
     heads' own key and value widths in key/value_length and the latent's in the *_mla keys (the
-    reverse of llama.cpp's), its KV head count, no gating key nor expert groups, no chat template."""
+    reverse of llama.cpp's), its KV head count, no expert group keys, no chat template."""
     rope, lora = cfg["qk_rope_head_dim"], cfg["kv_lora_rank"]
     widths = {"attention.key_length": cfg["qk_nope_head_dim"] + rope, "attention.value_length": cfg["v_head_dim"],
               "attention.key_length_mla": lora + rope, "attention.value_length_mla": lora,
               "attention.head_count_kv": cfg["num_key_value_heads"]}
-    dropped = ("expert_gating_func", "expert_group_count", "expert_group_used_count")
+    dropped = ("expert_group_count", "expert_group_used_count")
 
-    def key(k: str, value: Any) -> Any:
+    def key(k: str, value: Any) -> Optional[tuple[str, Any]]:
         name = k.removeprefix("deepseek2.")
         if name in dropped or k == "tokenizer.chat_template":
             return None
@@ -45,7 +46,8 @@ def as_ollama_glm4moelite(src: str, dst: str, cfg: dict[str, Any]) -> str:
     return _rewrite(src, dst, "glm4moelite", key, ())
 
 
-def _rewrite(src: str, dst: str, arch: str, key: Callable[[str, Any], Any], names: tuple[tuple[str, str], ...]) -> str:
+def _rewrite(src: str, dst: str, arch: str, key: Callable[[str, Any], Optional[tuple[str, Any]]],
+             names: tuple[tuple[str, str], ...]) -> str:
     """``src`` written at ``dst`` with architecture ``arch``, each metadata key and value as ``key``
     maps it (None: left out), tensor names with ``names``' replacements, GPT-2's pre-tokenizer
     name; the tensors' bytes unchanged."""
@@ -75,7 +77,8 @@ def _rewrite(src: str, dst: str, arch: str, key: Callable[[str, Any], Any], name
 def with_tensor_type(src: str, dst: str, tensor: str, qtype: int) -> str:
     """``src`` copied to ``dst`` with ``tensor``'s ggml type id set to ``qtype`` in its tensor info
     (the name, its dimensions, then the type): Ollama's first gpt-oss files put MXFP4 under type 4."""
-    data = bytearray(open(src, "rb").read())
+    with open(src, "rb") as f:
+        data = bytearray(f.read())
     name = tensor.encode()
     at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
     dims = struct.unpack_from("<I", data, at)[0]

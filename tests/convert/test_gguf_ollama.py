@@ -20,7 +20,16 @@ from tests.convert.gguf_writer_ollama import as_ollama_glm4moelite, as_ollama_gp
 from tests.engine.tiny_families import make_family_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-GPT4O_DIGITS = "\\p{N}{1,3}"            # gpt-4o's split takes digits in threes (GPT-2's: any run)
+
+
+def _split(tok: dict[str, Any]) -> str:
+    """The regex a converted tokenizer.json splits text with before its byte-level BPE."""
+    return tok["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"]
+
+
+def _known_split(pre: str) -> str:
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    return GGUF_PRE_TOKENIZER_SPLITS[pre]
 
 
 def _config(out: str) -> dict[str, Any]:
@@ -30,9 +39,14 @@ def _config(out: str) -> dict[str, Any]:
 
 
 def _tokenizer(out: str) -> tuple[dict[str, Any], str]:
-    """tokenizer.json, and the chat template transformers saved beside it."""
-    with open(os.path.join(out, "tokenizer.json")) as f, open(os.path.join(out, "chat_template.jinja")) as g:
-        return json.load(f), g.read()
+    """tokenizer.json, and the chat template transformers saved beside it ("": none)."""
+    template = os.path.join(out, "chat_template.jinja")
+    with open(os.path.join(out, "tokenizer.json")) as f:
+        tok = json.load(f)
+    if not os.path.isfile(template):
+        return tok, ""
+    with open(template) as g:
+        return tok, g.read()
 
 
 def test_ollamas_gpt_oss_file_converts_as_llama_cpps_does(tiny: Callable[..., tuple[str, str]],
@@ -64,8 +78,8 @@ def test_ollamas_gpt_oss_tokenizer_splits_as_gpt_4o_with_moeserves_harmony_templ
                        progress=False)
     theirs = ensure_gguf(path, home=str(tmp_path / "a"), progress=False)
     (tok, template), (their_tok, their_template) = _tokenizer(ours), _tokenizer(theirs)
-    assert GPT4O_DIGITS in json.dumps(tok["pre_tokenizer"])
-    assert GPT4O_DIGITS not in json.dumps(their_tok["pre_tokenizer"])      # the file says smollm's
+    assert _split(tok) == _known_split("gpt-4o")
+    assert "pretokenizers" not in their_tok["pre_tokenizer"] or _split(their_tok) != _known_split("gpt-4o")
     harmony = (files("convert") / "data" / "harmony.jinja").read_text(encoding="utf-8")
     assert template == harmony and their_template != harmony
     text = TextTokenizer(ours).render_chat([{"role": "user", "content": "Hi"}])
@@ -74,19 +88,25 @@ def test_ollamas_gpt_oss_tokenizer_splits_as_gpt_4o_with_moeserves_harmony_templ
 
 
 def test_ollamas_first_gpt_oss_files_are_refused_asking_for_a_new_pull(tiny: Callable[..., tuple[str, str]],
-                                                                      tmp_path: Any) -> None:
-    """Before October 2025 Ollama stored MXFP4 under ggml type 4, in OpenAI's nibble order."""
+                                                                      tokenizer: dict[str, Any], tmp_path: Any) -> None:
+    """Until late August 2025 Ollama stored MXFP4 under ggml type 4 (in OpenAI's nibble order), and
+    until October each layer's expert gate and up in one tensor."""
     _, path = tiny("gpt_oss", "Q8_0", "MXFP4")
     ollama = as_ollama_gpt_oss(path, str(tmp_path / "new.gguf"))
     old = with_tensor_type(ollama, str(tmp_path / "old.gguf"), "blk.0.ffn_down_exps.weight", 4)
     with pytest.raises(BuildError, match="type 4 is how Ollama's first gpt-oss files .* `ollama pull gpt-oss:20b`"):
         ensure_gguf(old, home=str(tmp_path), progress=False)
+    hf, _ = tiny("gpt_oss", "Q8_0", "MXFP4")
+    fused = write_gguf(hf, str(tmp_path / "fused.gguf"), tokenizer, "Q8_0", "MXFP4", fuse_gate_up=True)
+    with pytest.raises(BuildError, match="from before October 2025 .*ffn_gate_up_exps.*`ollama pull`"):
+        ensure_gguf(as_ollama_gpt_oss(fused, str(tmp_path / "oct.gguf")), home=str(tmp_path), progress=False)
 
 
 def test_ollamas_glm_4_7_flash_file_converts_as_llama_cpps_does(tokenizer: dict[str, Any], tmp_path: Any) -> None:
     """GLM-4.7-Flash (DeepSeek's latent attention, sigmoid routing, one expert group) in llama.cpp's
     file and in Ollama's (glm4moelite, the heads' widths where llama.cpp keeps the latent's, no
-    gating or group keys): the same config, tensors and experts, bit for bit."""
+    group keys, GPT-2's pre-tokenizer name): the same config, tensors and experts, bit for bit, and
+    GLM's split."""
     hf = make_family_checkpoint("deepseek_v3", str(tmp_path / "hf"), overrides={
         **OVERRIDES, **FAMILIES["deepseek_v3"], "n_group": 1, "topk_group": 1})
     path = write_gguf(hf, str(tmp_path / "glm.gguf"), tokenizer, "F32", "Q8_0")
@@ -100,3 +120,4 @@ def test_ollamas_glm_4_7_flash_file_converts_as_llama_cpps_does(tokenizer: dict[
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     store = _config(ours)["quantization_config"]["expert_store"]
     assert filecmp.cmp(os.path.join(theirs, store), os.path.join(ours, store), shallow=False)
+    assert _split(_tokenizer(ours)[0]) == _known_split("llama-bpe")       # GLM's, as llama.cpp splits it

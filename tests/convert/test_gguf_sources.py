@@ -225,3 +225,5 @@ def test_sampling_defaults_from_the_file_and_from_ollamas_parameters(tokenizer: 
     # the file's values first (this one has general.sampling keys too), Ollama's where it has none
     assert load_generation_defaults(served, fallback=fallback).as_dict() == {
         "temperature": 0.6, "top_p": 0.95, "min_p": 0.05, "top_k": 20, "repetition_penalty": 1.1}
+    (store / "blobs" / ("sha256-" + "cd" * 32)).unlink()            # optional: served without them
+    assert ollama_sampling("tiny") is None

@@ -49,6 +49,9 @@ def test_a_missing_or_broken_file_is_refused_naming_it(tiny_model_dir: str, tmp_
     with pytest.raises(ConfigError, match="chat_template.*no such file"):
         ServerConfig(chat_template=str(tmp_path / "none.jinja"))
     assert ServerConfig(chat_template=" ").chat_template is None        # an empty env var: the model's
+    (tmp_path / "empty.jinja").write_text("")
+    with pytest.raises(ConfigError, match="chat_template.*empty"):
+        ServerConfig(chat_template=str(tmp_path / "empty.jinja"))
     bad = tmp_path / "bad.jinja"
     bad.write_text("{% for m in messages %}{{ m.content }}")
     with pytest.raises(ValueError, match=r"bad\.jinja: the chat template does not compile \(line 1"):

@@ -111,11 +111,11 @@ def system(effort: str) -> str:
             "analysis, commentary, final. Channel must be included for every message.<|end|>")
 
 
-def test_spec_function_calling_example():
+def test_spec_function_calling_example() -> None:
     assert render(CALLED, tools=WEATHER_TOOLS, reasoning_effort="high") == SPEC_AFTER_CALL
 
 
-def test_final_answer_drops_the_turns_reasoning():
+def test_final_answer_drops_the_turns_reasoning() -> None:
     # format.md, "Handling reasoning output in subsequent sampling": once the turn ended in a final
     # answer its reasoning goes (the call and its result stay); a past answer ends in <|end|>
     answer = {"role": "assistant", "content": "Sunny, 20 degrees.", "thinking": "It is sunny."}
@@ -128,7 +128,7 @@ def test_final_answer_drops_the_turns_reasoning():
                    "final<|message|>Sunny, 20 degrees.<|end|><|start|>user<|message|>Thanks!<|end|><|start|>assistant")
 
 
-def test_spec_dropping_reasoning_without_tools():
+def test_spec_dropping_reasoning_without_tools() -> None:
     # format.md's example: "What is 2 + 2?" answered, then "What about 9 / 2?"; no developer message
     history = [{"role": "user", "content": "What is 2 + 2?"},
                {"role": "assistant", "thinking": 'User asks: "What is 2 + 2?" Simple arithmetic. Provide answer.',
@@ -142,7 +142,7 @@ def test_spec_dropping_reasoning_without_tools():
 
 
 @pytest.mark.parametrize("effort", ["low", "high"])
-def test_reasoning_effort_and_instructions(effort):
+def test_reasoning_effort_and_instructions(effort: str) -> None:
     # test-data/test_simple_convo_{low,high}_effort.txt (there without a date); no tools: no
     # "Calls to these tools" line and only instructions in the developer message
     question = {"role": "user", "content": "What is the capital of the largest country in the world?"}
@@ -154,7 +154,7 @@ def test_reasoning_effort_and_instructions(effort):
         "<|start|>developer<|message|># Instructions\n\nAnswer the user's questions like a robot.<|end|>" + tail)
 
 
-def test_todays_date_and_default_effort():
+def test_todays_date_and_default_effort() -> None:
     before = datetime.date.today()
     out = TEMPLATE.render(messages=[{"role": "user", "content": "Hi"}], add_generation_prompt=False)
     dates = {f"Current date: {d:%Y-%m-%d}\n" for d in (before, datetime.date.today())}  # (at midnight)
@@ -162,7 +162,7 @@ def test_todays_date_and_default_effort():
     assert out.endswith("<|start|>user<|message|>Hi<|end|>")
 
 
-def test_turn_in_progress_keeps_its_reasoning():
+def test_turn_in_progress_keeps_its_reasoning() -> None:
     # an earlier turn's reasoning goes, the current one's (before its call) stays; arguments as an
     # object (as the server passes them) are compact JSON, as the model writes them
     history = [{"role": "user", "content": "Weather?"},
@@ -182,7 +182,7 @@ def test_turn_in_progress_keeps_its_reasoning():
         "<|start|>assistant")
 
 
-def test_renderer_kitchensink_schema():
+def test_renderer_kitchensink_schema() -> None:
     # test-data/test_render_functions_with_parameters.txt: titles, examples, nullable, enum, oneOf,
     # the object's own description, defaults quoted unless the schema is an enum
     sink = function("kitchensink", "A function with various complex schemas.", {
@@ -220,7 +220,7 @@ oneof_string_or_number?:
 } // namespace functions<|end|>""" in out
 
 
-def test_nested_and_bare_tools():
+def test_nested_and_bare_tools() -> None:
     # encoding.rs json_schema_to_typescript as it is: a nested object's description also above its
     # "{", its "}" at the inner indent; integer as number, type lists as unions; a bare function
     # dict, an empty object schema and a description of two lines
@@ -261,12 +261,12 @@ type now = () => any;
     ([{"role": "assistant", "tool_calls": [CALL, CALL]}], {}, "one tool call"),
     ([{"role": "ipython", "content": "x"}], {}, "no role ipython"),
 ])
-def test_refuses_what_harmony_cannot_say(messages, kwargs, error):
+def test_refuses_what_harmony_cannot_say(messages: list[dict[str, Any]], kwargs: dict[str, Any], error: str) -> None:
     with pytest.raises(TemplateError, match=error):
         render(messages, **kwargs)
 
 
-def test_through_the_servers_harmony_handling():
+def test_through_the_servers_harmony_handling() -> None:
     # an OpenAI request's history, shaped as server/openai_routes.py shapes it: reasoning_content,
     # two calls in one turn (each followed by its own result), arguments as JSON text
     assert template_harmony(SOURCE)
