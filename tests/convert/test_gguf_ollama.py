@@ -49,15 +49,23 @@ def _tokenizer(out: str) -> tuple[dict[str, Any], str]:
         return tok, g.read()
 
 
-def test_ollamas_gpt_oss_file_converts_as_llama_cpps_does(tiny: Callable[..., tuple[str, str]],
-                                                          tmp_path: Any) -> None:
+@pytest.fixture(scope="module")
+def gpt_oss_pair(tiny: Callable[..., tuple[str, str]], tmp_path_factory: pytest.TempPathFactory
+                 ) -> tuple[str, str, str]:
+    """(llama.cpp's tiny gpt-oss file converted, the same file rewritten as Ollama's converted, and
+    that file)."""
+    _, path = tiny("gpt_oss", "Q8_0", "MXFP4")
+    base = tmp_path_factory.mktemp("gpt-oss-pair")
+    ollama = as_ollama_gpt_oss(path, str(base / "gpt-oss-20b.gguf"))
+    return (ensure_gguf(path, home=str(base / "a"), progress=False),
+            ensure_gguf(ollama, home=str(base / "b"), progress=False), ollama)
+
+
+def test_ollamas_gpt_oss_file_converts_as_llama_cpps_does(gpt_oss_pair: tuple[str, str, str]) -> None:
     """The same model in llama.cpp's file and in Ollama's (its names, key prefix, missing keys):
     the same config, dense tensors and expert store, bit for bit (llama.cpp's file against the
     checkpoint: test_gguf_model.py)."""
-    _, path = tiny("gpt_oss", "Q8_0", "MXFP4")
-    ollama = as_ollama_gpt_oss(path, str(tmp_path / "gpt-oss-20b.gguf"))
-    theirs = ensure_gguf(path, home=str(tmp_path / "a"), progress=False)
-    ours = ensure_gguf(ollama, home=str(tmp_path / "b"), progress=False)
+    theirs, ours, _ = gpt_oss_pair
     assert _config(ours) == _config(theirs)
     assert _config(ours)["rope_scaling"]["rope_type"] == "yarn"         # gptoss files name no scaling type
     a, b = load_file(os.path.join(theirs, "model.safetensors")), load_file(os.path.join(ours, "model.safetensors"))
@@ -67,16 +75,13 @@ def test_ollamas_gpt_oss_file_converts_as_llama_cpps_does(tiny: Callable[..., tu
 
 
 def test_ollamas_gpt_oss_tokenizer_splits_as_gpt_4o_with_moeserves_harmony_template(
-        tiny: Callable[..., tuple[str, str]], tmp_path: Any) -> None:
+        gpt_oss_pair: tuple[str, str, str]) -> None:
     """Ollama's files name GPT-2's pre-tokenizer and carry no chat template: o200k's split and
     moeserve's harmony template replace them; llama.cpp's file keeps its own template."""
     from importlib.resources import files
 
     from server.tokenizer import TextTokenizer
-    _, path = tiny("gpt_oss", "Q8_0", "MXFP4")
-    ours = ensure_gguf(as_ollama_gpt_oss(path, str(tmp_path / "oss.gguf")), home=str(tmp_path / "b"),
-                       progress=False)
-    theirs = ensure_gguf(path, home=str(tmp_path / "a"), progress=False)
+    theirs, ours, _ = gpt_oss_pair
     (tok, template), (their_tok, their_template) = _tokenizer(ours), _tokenizer(theirs)
     assert _split(tok) == _known_split("gpt-4o")
     assert "pretokenizers" not in their_tok["pre_tokenizer"] or _split(their_tok) != _known_split("gpt-4o")
@@ -87,19 +92,17 @@ def test_ollamas_gpt_oss_tokenizer_splits_as_gpt_4o_with_moeserves_harmony_templ
                                                                             "<|start|>assistant")
 
 
-def test_ollamas_first_gpt_oss_files_are_refused_asking_for_a_new_pull(tiny: Callable[..., tuple[str, str]],
-                                                                      tokenizer: dict[str, Any], tmp_path: Any) -> None:
+def test_ollamas_first_gpt_oss_files_are_refused_asking_for_a_new_pull(gpt_oss_pair: tuple[str, str, str],
+                                                                      tmp_path: Any) -> None:
     """Until late August 2025 Ollama stored MXFP4 under ggml type 4 (in OpenAI's nibble order), and
-    until October each layer's expert gate and up in one tensor."""
-    _, path = tiny("gpt_oss", "Q8_0", "MXFP4")
-    ollama = as_ollama_gpt_oss(path, str(tmp_path / "new.gguf"))
-    old = with_tensor_type(ollama, str(tmp_path / "old.gguf"), "blk.0.ffn_down_exps.weight", 4)
+    until October each layer's expert gate and up in one tensor (or q, k and v)."""
+    from convert.gguf_ollama import translate
+    old = with_tensor_type(gpt_oss_pair[2], str(tmp_path / "old.gguf"), "blk.0.ffn_down_exps.weight", 4)
     with pytest.raises(BuildError, match="type 4 is how Ollama's first gpt-oss files .* `ollama pull gpt-oss:20b`"):
         ensure_gguf(old, home=str(tmp_path), progress=False)
-    hf, _ = tiny("gpt_oss", "Q8_0", "MXFP4")
-    fused = write_gguf(hf, str(tmp_path / "fused.gguf"), tokenizer, "Q8_0", "MXFP4", fuse_gate_up=True)
-    with pytest.raises(BuildError, match="from before October 2025 .*ffn_gate_up_exps.*`ollama pull`"):
-        ensure_gguf(as_ollama_gpt_oss(fused, str(tmp_path / "oct.gguf")), home=str(tmp_path), progress=False)
+    for fused in ("blk.0.ffn_gate_up_exps.weight", "blk.0.attn_qkv.weight"):
+        with pytest.raises(BuildError, match=f"oct.gguf: an Ollama gptoss file from before October 2025 .*{fused}"):
+            translate("oct.gguf", "gptoss", {"token_embd.weight": None, fused: None}, lambda key, default: default)
 
 
 def test_ollamas_glm_4_7_flash_file_converts_as_llama_cpps_does(tokenizer: dict[str, Any], tmp_path: Any) -> None:
