@@ -65,11 +65,17 @@ class OllamaGenerateRequest(_OllamaRequest):
     images: Optional[list[Any]] = None
 
 
+def same_model(requested: str, served: str) -> bool:
+    """Whether ``requested`` names the model served as ``served``: Ollama's names without a tag mean
+    ':latest' (a model pulled as name:latest is asked for as name, and the other way round)."""
+    return requested == served or tag_name(requested) == tag_name(served)
+
+
 def check_model(requested: Optional[str], served: str) -> None:
     """Ollama names carry a tag: the served name, with or without ':latest', is this model."""
     if not requested:
         raise APIError(400, "model is required", param="model")
-    if requested not in (served, tag_name(served)):
+    if not same_model(requested, served):
         raise APIError(404, f"model '{requested}' not found; this server serves "
                             f"'{tag_name(served)}'", param="model")
 

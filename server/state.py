@@ -13,6 +13,7 @@ from engine.client import EngineClient
 from server.defaults import GenerationDefaults
 from server.errors import APIError, bad_request
 from server.metrics import Metrics
+from server.ollama_items import same_model
 from server.responses_store import ResponseStore
 from server.tokenizer import TemplateError, TextTokenizer
 
@@ -57,7 +58,7 @@ class ServerState:
         return card
 
     def check_model(self, requested: str | None) -> None:
-        if requested and requested != self.model_name:
+        if requested and not same_model(requested, self.model_name):
             raise APIError(404, f"The model '{requested}' does not exist; this server serves "
                                 f"'{self.model_name}'", param="model", code="model_not_found")
 

@@ -182,3 +182,17 @@ def test_unload_raw_system_and_app_origins(scripted_dir: str) -> None:
         r = asyncio.run(tags(origin))
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
     assert asyncio.run(tags("https://evil.example")).status_code == 403
+
+
+def test_a_model_pulled_as_name_latest_answers_to_both_names(scripted_dir: str) -> None:
+    """Ollama's names without a tag mean ':latest': `moeserve serve --model glm-4.7-flash` serves
+    'glm-4.7-flash:latest', which clients of both APIs ask for either way."""
+    app = app_for(scripted_dir, ANSWER)
+    app.state.moeserve.model_name = "glm-4.7-flash:latest"
+    for path, name in [("/v1/chat/completions", "glm-4.7-flash"), ("/v1/chat/completions", "glm-4.7-flash:latest"),
+                       ("/api/chat", "glm-4.7-flash"), ("/api/chat", "glm-4.7-flash:latest")]:
+        r = call(app, "POST", path, {"model": name, "messages": [{"role": "user", "content": "hi"}], "stream": False})
+        assert r.status_code == 200, (path, name, r.text)
+    for path in ("/v1/chat/completions", "/api/chat"):
+        r = call(app, "POST", path, {"model": "glm-4.7-flash:q8", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 404, r.text
