@@ -56,7 +56,8 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
     Metadata keys in ``omit`` are left out (files from converters that did not write them), and
     ``extra`` float keys added. ``fuse_gate_up``: each layer's expert gate and up in one
     ffn_gate_up_exps [E, 2I, H], as llama.cpp's --fuse-gate-up-exps writes them. ``ollama``: a
-    Qwen3.5 file as Ollama's converter may write it (see gguf_writer_hybrid.hybrid_meta)."""
+    Qwen3-Next or Qwen3.5 file as Ollama's converter may write it (see gguf_writer_hybrid.hybrid_meta;
+    dt_bias as a bare ssm_dt, which Ollama's llama.cpp compatibility layer renames)."""
     import gguf
     with open(os.path.join(hf_dir, "config.json")) as f:
         cfg = json.load(f)
@@ -150,6 +151,8 @@ def write_gguf(hf_dir: str, path: str, tokenizer: dict[str, Any], qtype: str = "
         kind = (expert_qtype or qtype) if re.search(r"\.experts\.", name) else qtype
         plain = arr.ndim == 1 or name.endswith("bias")      # biases and vectors stay F32
         suffix = ".bias" if name.endswith("_bias") else name[len(base):]
+        if ollama and name.endswith("dt_proj.bias"):    # Ollama's hybrid files: a bare ssm_dt
+            suffix = ""
         if fuse_gate_up and target.endswith(("ffn_gate_exps", "ffn_up_exps")):
             halves[target.endswith("ffn_up_exps")] = arr
             if len(halves) < 2:

@@ -183,12 +183,13 @@ def test_fused_gate_up_experts_read_as_gate_and_up(tiny: Callable[..., tuple[str
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-@pytest.mark.parametrize("name, kind", [("qwen3_next", "legacy"), ("qwen3_5_moe_text", "ollama")])
+@pytest.mark.parametrize("name, kind", [("qwen3_next", "legacy"), ("qwen3_next", "ollama"),
+                                        ("qwen3_5_moe_text", "ollama")])
 def test_qwen_hybrid_files_of_older_llama_cpp_and_of_ollama(name: str, kind: str, tokenizer: dict[str, Any],
                                                            tmp_path: Any) -> None:
-    """llama.cpp's first Qwen3-Next files hold in_proj_qkvz whole (ssm_in); Ollama's Qwen3.5 files
-    give KV heads per layer, may leave the value heads grouped (saying so), and carry the vision
-    tower: each reads back to the same model."""
+    """llama.cpp's first Qwen3-Next files hold in_proj_qkvz whole (ssm_in); Ollama's Qwen3-Next and
+    Qwen3.5 files give KV heads per layer and a bare ssm_dt, may leave the value heads grouped
+    (saying so), and carry the vision tower: each reads back to the same model."""
     hf = make_family_checkpoint(name, str(tmp_path / "hf"), overrides={**OVERRIDES, **FAMILIES[name]})
     path = write_gguf(hf, str(tmp_path / "m.gguf"), tokenizer, **{kind: True})
     out = ensure_gguf(path, home=str(tmp_path / "home"), progress=False)
