@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from convert.gguf_file import GgufFile, stored_dtype
+from convert.gguf_file import GgufFile, as_written, stored_dtype
 from convert.gguf_hybrid import ARCHS as HYBRID_ARCHS, linear_config
 from convert.model_store import BuildError
 
@@ -55,8 +55,7 @@ def hf_config(g: GgufFile) -> dict[str, Any]:
         "head_dim": int(a("attention.key_length", hidden // int(heads))),
         "intermediate_size": int(a("feed_forward_length", 0)),
         "max_position_embeddings": int(a("context_length", 4096)),
-        # stored as f32: 1e-6 reads 9.99999997e-07; 7 significant digits give the config's value
-        "rms_norm_eps": float(f'{a("attention.layer_norm_rms_epsilon", 1e-6):.7g}'),
+        "rms_norm_eps": as_written(a("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": float(a("rope.freq_base", 10000.0)), "hidden_act": "silu",
         "tie_word_embeddings": "output.weight" not in g.tensors,
         "torch_dtype": str(stored_dtype(g.type_name("token_embd.weight"))).removeprefix("torch."),

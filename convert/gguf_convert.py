@@ -11,7 +11,7 @@ import os
 from typing import Any, Callable, Optional
 
 from configs.models import SERVED_NAME_KEY
-from convert.gguf_file import FLOAT_TYPES
+from convert.gguf_file import FLOAT_TYPES, as_written
 from convert.gguf_model import GgufModel
 from convert.gguf_parts import model_stem
 from convert.model_store import BuildError
@@ -150,10 +150,9 @@ SAMPLING_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_k
 
 
 def sampling_defaults(meta: Callable[[str, Any], Any]) -> dict[str, Any]:
-    """generation_config.json's sampling values from the file's general.sampling.* keys (f32: 0.6
-    reads 0.60000002, so 7 significant digits give the value written)."""
+    """generation_config.json's sampling values from the file's general.sampling.* keys."""
     values = {name: meta(key, None) for key, name in SAMPLING_KEYS.items()}
-    return {name: float(f"{v:.7g}") if isinstance(v, float) else v for name, v in values.items() if v is not None}
+    return {name: as_written(v) if isinstance(v, float) else v for name, v in values.items() if v is not None}
 
 
 # tokens llama.cpp stops on by their text, beside the file's ids (gpt-oss's GGUF names only

@@ -111,6 +111,12 @@ class GgufFile:
         return torch.from_numpy(np.array(out, dtype=np.float32).reshape(shape))   # a copy: the file is read-only
 
 
+def as_written(value: float) -> float:
+    """An f32 metadata value as the converter wrote it: f32 keeps about 7 significant digits (1e-6
+    reads 9.99999997e-07, 0.6 reads 0.60000002), so 7 give the value back."""
+    return float(f"{value:.7g}")
+
+
 def stored_dtype(type_name: str) -> torch.dtype:
     """The dtype a tensor of ggml type ``type_name`` is written in: F32 and F16 as they are,
     every other type in bf16 (BF16 exactly; a quantized type's values rounded to bf16, whose
