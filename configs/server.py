@@ -123,12 +123,13 @@ class ServerConfig:
                 raise ConfigError(name, getattr(self, name), f"expected one of {', '.join(choices)}")
         if not self.host:
             raise ConfigError("host", self.host, "must not be empty")
-        if self.chat_template is not None and not self.chat_template.strip():
-            object.__setattr__(self, "chat_template", None)   # an empty env var means "the model's"
-        if self.chat_template is not None and not os.path.isfile(self.chat_template):
-            raise ConfigError("chat_template", self.chat_template, "no such file")
-        if self.chat_template is not None and os.path.getsize(self.chat_template) == 0:
-            raise ConfigError("chat_template", self.chat_template, "the file is empty")
+        if self.chat_template is not None:
+            if not self.chat_template.strip():
+                object.__setattr__(self, "chat_template", None)   # an empty env var means "the model's"
+            elif not os.path.isfile(self.chat_template):
+                raise ConfigError("chat_template", self.chat_template, "no such file")
+            elif os.path.getsize(self.chat_template) == 0:
+                raise ConfigError("chat_template", self.chat_template, "the file is empty")
         for origin in self.cors_origins:
             if origin != "*" and "://" not in origin:
                 raise ConfigError("cors_origins", origin, "expected '*' or an origin such as "

@@ -55,7 +55,7 @@ def translate(path: str, arch: str, tensors: dict[str, Any], meta: Callable[[str
     ``meta(key, default)`` reads; unchanged for llama.cpp's own."""
     if arch not in LLAMA_CPP_ARCH:
         return arch, tensors, {}
-    fused = [n for n in tensors if n.split(".")[2:3] and n.split(".")[2] in FUSED.get(arch, ())]
+    fused = [n for n in tensors if set(n.split(".")[2:3]) & set(FUSED.get(arch, ()))]
     if fused:
         raise BuildError(f"{path}: an Ollama {arch} file from before October 2025 ({fused[0]}: its older "
                          "layout, which Ollama itself no longer loads); `ollama pull` the model again "
