@@ -14,6 +14,7 @@ from configs.models import SERVED_NAME_KEY
 from convert.gguf_file import FLOAT_TYPES, as_written
 from convert.gguf_model import GgufModel
 from convert.gguf_parts import model_stem
+from convert.gguf_pre import conversion_params, split_like_llama_cpp
 from convert.model_store import BuildError
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def save_tokenizer(path: str, out_dir: str, pre: Optional[str] = None, model_typ
         tok = PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name)
     except Exception as e:      # noqa: BLE001 - whatever transformers raises on this file's vocabulary
         raise BuildError(f"{path}: its tokenizer cannot be converted ({type(e).__name__}: {e})") from None
-    _split_like_llama_cpp(tok, path, pre)
+    split_like_llama_cpp(tok, path, pre)
     if not getattr(tok, "chat_template", None) and model_type in OWN_TEMPLATES:
         from importlib.resources import files
         tok.chat_template = (files("convert") / "data" / OWN_TEMPLATES[model_type]).read_text(encoding="utf-8")
@@ -62,50 +63,6 @@ def save_tokenizer(path: str, out_dir: str, pre: Optional[str] = None, model_typ
         log.warning("%s carries no chat template (tokenizer.chat_template): only /v1/completions "
                     "will work, unless the server is given one (--chat-template FILE)", path)
     tok.save_pretrained(out_dir)
-
-
-# pre-tokenizers llama.cpp splits with another's regex, which transformers' table lacks
-PRE_ALIASES = {"glm4": "llama-bpe"}
-# pre-tokenizers transformers' GGUF conversion splits with GPT-2's rule: the regexes their own
-# tokenizer.json splits with, in order (as llama.cpp splits them too)
-PRE_SPLITS = {
-    "deepseek-llm": (
-        '[\r\n]',
-        '\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-Ჺ'
-        'Ჽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝ'
-        'ℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀'
-        '-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+',
-        '\\s?[!-/:-~！-／：-～‘-‟\u3000-。]+',
-        '\\s+$',
-        '[一-龥ࠀ-一가-\ud7ff]+',
-        '\\p{N}+',
-    ),
-    "deepseek-v3": (
-        '\\p{N}{1,3}',
-        '[一-龥\u3040-ゟ゠-ヿ]+',
-        '[!"#$%&\'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?['
-        '\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+',
-    ),
-}
-
-
-def _split_like_llama_cpp(tok: Any, path: str, pre: Optional[str]) -> None:
-    """Give ``tok`` the split llama.cpp uses for the file's pre-tokenizer where transformers does
-    not know it: under another name (GLM-4.5's "glm4" is Llama 3's), or at all (DeepSeek's)."""
-    from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
-    splits = getattr(mapping, "GGUF_PRE_TOKENIZER_SPLITS", {})
-    if pre in splits:           # as transformers splits it, unless the file names another (Ollama's gpt-oss)
-        mapping.set_split_regex(tok, {"pre_tokenizer_type": pre})
-        return
-    if PRE_ALIASES.get(pre) in splits:
-        mapping.set_split_regex(tok, {"pre_tokenizer_type": PRE_ALIASES[pre]})
-        log.info("%s: pre-tokenizer %r split as %r, as llama.cpp splits it", path, pre, PRE_ALIASES[pre])
-    elif pre in PRE_SPLITS:
-        from tokenizers import Regex, pre_tokenizers
-        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [*(pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_SPLITS[pre]),
-             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        log.info("%s: pre-tokenizer %r split by its own %d regexes", path, pre, len(PRE_SPLITS[pre]))
 
 
 def source_id(parts: list[str]) -> dict[str, Any]:
@@ -211,7 +168,8 @@ def ensure_gguf(path: str, quantize: Optional[str] = None, group_size: Optional[
         name = f"{stem}-{hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:8]}"
     target = os.path.join(moeserve_home(home), "models", f"{name}-{tag}")
     params = {"quantize": kind, "group_size": group_size, "layout": "cpu" if kind == "int4" else None,
-              "version": QUANT_VERSION, "from": "gguf", "served": served, **source_id(model.file.parts)}
+              "version": QUANT_VERSION, "from": "gguf", "served": served, **source_id(model.file.parts),
+              **conversion_params(model.file.meta("tokenizer.ggml.pre", None))}
     dense, expert = model.weight_count()
     per_weight = {"none": model.stored_dtype().itemsize}.get(kind, BITS.get(kind, 16) / 8 * 1.1)
     need = int(dense * 2 + expert * per_weight) + 50_000_000

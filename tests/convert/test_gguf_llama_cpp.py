@@ -90,30 +90,6 @@ def test_llama_cpp_conversion_serves_the_same_logits(name: str, converter: str, 
     torch.testing.assert_close(logits(served), logits(engine_dir(hf)), rtol=0, atol=1e-5)
 
 
-TEXTS = ("Année 2024: 12345 tokens!", "价格是 1234567 元。你好，世界", "line one\n\n  line two\r\n\tend  ",
-         "x=(a+b)*c; // ok?!... 'quoted' \"too\"", "日本語のテキストとカタカナ", "   leading and trailing   ",
-         "emoji 🙂, Ωmega and ṃaṇi", "$3.50 + 7% = ???")
-
-
-@pytest.mark.parametrize("pre", ["deepseek-llm", "deepseek-v3"])
-def test_deepseek_pre_tokenizers_split_as_llama_cpp_splits(pre: str, tmp_path: Any) -> None:
-    """DeepSeek's pre-tokenizers, which transformers' conversion lacks: the converted tokenizer
-    gives llama.cpp's own ids (its vocab-only load of the same file) on text where splits matter."""
-    import llama_cpp
-    from transformers import PreTrainedTokenizerFast
-
-    from tests.convert.gguf_writer import smollm2_tokenizer, write_gguf
-    hf = make_family_checkpoint("deepseek_v3", str(tmp_path / "hf"), overrides={**OVERRIDES, **FAMILIES["deepseek_v3"]})
-    tok = smollm2_tokenizer()
-    tok["tokenizer.ggml.pre"] = (pre, tok["tokenizer.ggml.pre"][1])
-    path = write_gguf(hf, str(tmp_path / "ds.gguf"), tok)
-    ours = PreTrainedTokenizerFast.from_pretrained(ensure_gguf(path, home=str(tmp_path / "home"), progress=False))
-    theirs = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
-    for text in TEXTS:
-        assert ours.encode(text, add_special_tokens=False) == \
-            theirs.tokenize(text.encode(), add_bos=False, special=False), text
-
-
 EQUAL_HEADS = {"linear_key_head_dim": 16, "linear_value_head_dim": 16}
 # tiny shapes llama.cpp's runtime takes: DeepSeek-V2 with a q LoRA (it reads V2 without one only at
 # V2-Lite's depth), Qwen3-Next/3.5 with equal key and value head sizes, Qwen3.5 with rope sections
