@@ -35,6 +35,8 @@ def resolve_model(arg: str, quantize: Optional[str] = None, group_size: Optional
     gguf, name, served = _gguf_source(arg)
     if gguf is not None:
         from convert.gguf_convert import ensure_gguf
+        if served is not None:          # logged here, not where the HTTP process only asks
+            log.info("--model %s: the GGUF Ollama pulled, %s", arg, gguf)
         return ensure_gguf(gguf, quantize, group_size, name=name, served=served, progress=progress)
     if os.path.exists(arg) or not REPO_ID.fullmatch(arg):
         return check_model_dir(arg)
@@ -92,7 +94,6 @@ def _gguf_source(arg: str) -> tuple[Optional[str], Optional[str], Optional[str]]
     blob = _ollama_layer(arg, store, manifest, OLLAMA_MODEL_LAYER)
     if blob is None:
         raise FileNotFoundError(f"--model {arg!r}: Ollama's manifest {manifest} names no model file")
-    log.info("--model %s: the GGUF Ollama pulled, %s", arg, blob)
     return blob, "ollama--" + shown.replace("/", "--").replace(":", "-"), shown
 
 

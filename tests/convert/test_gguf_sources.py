@@ -1,10 +1,11 @@
 """Where GGUF files come from and how their producers lay them out: Ollama's store, folders and
 per-quantization subfolders, split parts, refused files, older llama.cpp layouts (DeepSeek's whole
 kv_b_proj, Qwen3-Next's in_proj_qkvz), Ollama's Qwen3.5, files without DeepSeek's gating key,
-DeepSeek's pre-tokenizers, and fused expert gate/up tensors."""
+DeepSeek's pre-tokenizers (the other names: test_gguf_pre.py), and fused expert gate/up tensors."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Callable
 
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 from configs.models import model_name
 from convert.gguf_convert import ensure_gguf
 from convert.model_store import BuildError
-from moeserve.model_ref import resolve_model
+from moeserve.model_ref import resolve_in_child, resolve_model
 from tests.convert.gguf_cases import FAMILIES, OVERRIDES, logits
 from tests.convert.gguf_writer import write_gguf
 from tests.engine.tiny_families import make_family_checkpoint
@@ -25,7 +26,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def test_served_from_an_ollama_store_by_name(tiny: Callable[..., tuple[str, str]], tmp_path: Any,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+                                             monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+                                             capfd: pytest.CaptureFixture[str]) -> None:
     _, path = tiny("olmoe")
     store = tmp_path / "ollama"
     digest = "sha256:" + "ab" * 32
@@ -41,6 +43,10 @@ def test_served_from_an_ollama_store_by_name(tiny: Callable[..., tuple[str, str]
     assert os.path.basename(out) == "ollama--tiny-olmoe-q8-float32"
     assert model_name(out) == "tiny-olmoe:q8"            # served under the name Ollama's clients use
     assert resolve_model("tiny-olmoe:q8", progress=False) == out          # converted once, reused
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="moeserve.model_ref"):
+        assert resolve_in_child("tiny-olmoe:q8") == out       # as `serve` resolves it: in a child process
+    assert (caplog.text + capfd.readouterr().err).count("the GGUF Ollama pulled") == 1      # the child's line
     with pytest.raises(FileNotFoundError, match="not a model Ollama has pulled"):
         resolve_model("tiny-olmoe:latest")
     hf = store / "manifests" / "hf.co" / "Org" / "Tiny-GGUF" / "Q8_0"     # `ollama pull hf.co/Org/Tiny-GGUF:Q8_0`
