@@ -44,7 +44,7 @@ def test_served_from_an_ollama_store_by_name(tiny: Callable[..., tuple[str, str]
     assert model_name(out) == "tiny-olmoe:q8"            # served under the name Ollama's clients use
     assert resolve_model("tiny-olmoe:q8", progress=False) == out          # converted once, reused
     capfd.readouterr()
-    with caplog.at_level(logging.INFO, logger="moeserve.model_ref"):
+    with caplog.at_level(logging.INFO, logger="moeserve"):
         assert resolve_in_child("tiny-olmoe:q8") == out       # as `serve` resolves it: in a child process
     assert (caplog.text + capfd.readouterr().err).count("the GGUF Ollama pulled") == 1      # the child's line
     with pytest.raises(FileNotFoundError, match="not a model Ollama has pulled"):
