@@ -1,4 +1,8 @@
-"""Test-wide settings."""
+"""Test-wide settings, and the fixture several directories share."""
+import os
+from typing import Any
+
+import pytest
 import torch
 
 # One compute thread: the tests are many small matrix products, for which OpenMP threads mostly
@@ -14,3 +18,15 @@ try:
     ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)     # M_MMAP_THRESHOLD = 1 MiB (fixed)
 except (OSError, AttributeError):                    # not glibc: nothing to tune
     pass
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_tokenizer() -> Any:
+    """The packaged SmolLM2 GGUF's tokenizer as transformers reads it (GPT-2's split, before
+    moeserve's), read once for the whole run (tens of seconds on a slow machine): a test that
+    changes it works on a deep copy."""
+    from transformers import PreTrainedTokenizerFast
+
+    from convert.gguf_import import find_packaged_gguf
+    folder, name = os.path.split(find_packaged_gguf())
+    return PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name)

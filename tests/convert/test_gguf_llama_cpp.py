@@ -62,22 +62,12 @@ def converter() -> str:
         pytest.skip(str(e))
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    """SmolLM2's tokenizer (one llama.cpp's converter knows), from the packaged GGUF."""
-    from transformers import PreTrainedTokenizerFast
-
-    from convert.gguf_import import find_packaged_gguf
-    folder, name = os.path.split(find_packaged_gguf())
-    return PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name)
-
-
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_llama_cpp_conversion_serves_the_same_logits(name: str, converter: str, tokenizer: Any,
-                                                     tmp_path: Any) -> None:
+def test_llama_cpp_conversion_serves_the_same_logits(name: str, converter: str,
+                                                     smollm2_hf_tokenizer: Any, tmp_path: Any) -> None:
     hf = make_family_checkpoint(name, str(tmp_path / "hf"), overrides={**OVERRIDES, **FAMILIES[name],
                                                                       **EXTRA.get(name, {})})
-    tok = copy.deepcopy(tokenizer)
+    tok = copy.deepcopy(smollm2_hf_tokenizer)
     if name in ADDED:
         tok.add_special_tokens({"additional_special_tokens": ADDED[name]})
     tok.save_pretrained(hf)
@@ -104,8 +94,8 @@ RUNNABLE = {"qwen3_moe": {}, "glm4_moe": {}, "deepseek_v2": {"q_lora_rank": 32},
 
 
 @pytest.mark.parametrize("name", list(RUNNABLE))
-def test_llama_cpp_runs_its_split_q8_0_file_as_moeserve_serves_it(name: str, converter: str, tokenizer: Any,
-                                                                    tmp_path: Any) -> None:
+def test_llama_cpp_runs_its_split_q8_0_file_as_moeserve_serves_it(name: str, converter: str,
+                                                                  smollm2_hf_tokenizer: Any, tmp_path: Any) -> None:
     """llama.cpp's converter writes a Q8_0 file split in parts; llama.cpp runs it, and moeserve
     serves it (named by its last part): both see the same Q8_0 weights, so moeserve's logits are
     as close to the F32 checkpoint's as llama.cpp's, and close to llama.cpp's."""
@@ -115,7 +105,7 @@ def test_llama_cpp_runs_its_split_q8_0_file_as_moeserve_serves_it(name: str, con
     import numpy as np
     hf = make_family_checkpoint(name, str(tmp_path / "hf"), overrides={**OVERRIDES, **FAMILIES[name],
                                                                       **EXTRA.get(name, {}), **RUNNABLE[name]})
-    tok = copy.deepcopy(tokenizer)
+    tok = copy.deepcopy(smollm2_hf_tokenizer)
     if name in ADDED:
         tok.add_special_tokens({"additional_special_tokens": ADDED[name]})
     tok.save_pretrained(hf)
@@ -162,15 +152,15 @@ def add_qwen_mtp(src: str, dst: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["qwen3_next", "qwen3_5_moe_text"])
-def test_llama_cpp_conversion_with_the_mtp_block_serves_the_same_logits(name: str, converter: str, tokenizer: Any,
-                                                                         tmp_path: Any) -> None:
+def test_llama_cpp_conversion_with_the_mtp_block_serves_the_same_logits(name: str, converter: str,
+                                                                        smollm2_hf_tokenizer: Any, tmp_path: Any) -> None:
     """llama.cpp's converter exports Qwen's multi-token-prediction block by default, as the
     released GGUFs hold it: it is left out, and the logits are the checkpoint's."""
     import gguf
     plain = make_family_checkpoint(name, str(tmp_path / "plain"), overrides={**OVERRIDES, **FAMILIES[name]})
     hf = str(tmp_path / "mtp")
     add_qwen_mtp(plain, hf)
-    copy.deepcopy(tokenizer).save_pretrained(hf)
+    copy.deepcopy(smollm2_hf_tokenizer).save_pretrained(hf)
     out = str(tmp_path / "m.gguf")
     env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(converter), "gguf-py"))
     r = subprocess.run([*converter_command(name, converter), "--outtype", "f32", "--outfile", out, hf], capture_output=True,

