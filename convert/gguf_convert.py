@@ -80,7 +80,7 @@ def convert_gguf(model: GgufModel, out_dir: str, kind: str, group_size: Optional
     ``kind`` (int8, int4: the expert store; none: per-expert tensors), served as ``served``."""
     from convert.gguf_import import write_json
     from convert.quantize import quant_config, resolve_format, write_experts, write_per_expert, write_tensors
-    save_tokenizer(model.file.path, out_dir, model.file.meta("tokenizer.ggml.pre", None), model.config["model_type"])
+    save_tokenizer(model.file.path, out_dir, model.pre, model.config["model_type"])
     raw = {**model.config, SERVED_NAME_KEY: served}
     if kind == "none" or not model.keys:
         write_per_expert(out_dir, model.dense(), model, progress, model.stored_dtype())
@@ -169,7 +169,7 @@ def ensure_gguf(path: str, quantize: Optional[str] = None, group_size: Optional[
     target = os.path.join(moeserve_home(home), "models", f"{name}-{tag}")
     params = {"quantize": kind, "group_size": group_size, "layout": "cpu" if kind == "int4" else None,
               "version": QUANT_VERSION, "from": "gguf", "served": served, **source_id(model.file.parts),
-              **conversion_params(model.file.meta("tokenizer.ggml.pre", None))}
+              **conversion_params(model.pre)}
     dense, expert = model.weight_count()
     per_weight = {"none": model.stored_dtype().itemsize}.get(kind, BITS.get(kind, 16) / 8 * 1.1)
     need = int(dense * 2 + expert * per_weight) + 50_000_000

@@ -28,6 +28,7 @@ import torch
 from convert.gguf_config import GATE_UP, expert_gate, hf_config
 from convert.gguf_file import GgufFile, stored_dtype
 from convert.gguf_hybrid import VISION, handles as hybrid_handles, hybrid_tensor
+from convert.gguf_pre import file_pre
 from convert.model_store import BuildError
 
 TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -96,6 +97,8 @@ class GgufModel:
     def __init__(self, path: str) -> None:
         self.file = GgufFile(path)
         self.config = hf_config(self.file)
+        self.pre = file_pre(self.file.path, self.file.meta("tokenizer.ggml.pre", None),
+                            self.file.meta("tokenizer.ggml.model", None))
         from engine.models import family
         from engine.models.base import HFConfig
         with torch.device("meta"):

@@ -91,18 +91,34 @@ def conversion_params(pre: Optional[str]) -> dict[str, Any]:
     return {"pre_split": 2} if pre in SPLITS and pre not in FIRST_SPLITS else {}
 
 
+def file_pre(path: str, pre: Optional[str], vocab: Optional[str]) -> Optional[str]:
+    """The pre-tokenizer the GGUF at ``path`` splits by, as llama.cpp reads it: its
+    tokenizer.ggml.pre ``pre``, or ``default`` for a BPE vocabulary (tokenizer.ggml.model
+    ``vocab`` 'gpt2') that names none, with the warning llama.cpp gives too."""
+    if pre is None and vocab == "gpt2":
+        log.warning("%s names no pre-tokenizer (tokenizer.ggml.pre): text is split by llama.cpp's 'default', "
+                    "as llama.cpp splits it; a file converted again by a current converter names its own", path)
+        return "default"
+    return pre
+
+
+def _transformers_splits() -> frozenset[str]:
+    """The names transformers' GGUF conversion splits itself (none in a version without the table)."""
+    from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
+    return frozenset(getattr(mapping, "GGUF_PRE_TOKENIZER_SPLITS", {}))
+
+
 def known_names() -> frozenset[str]:
     """Every pre-tokenizer name this conversion splits as llama.cpp does."""
-    from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
-    return frozenset(getattr(mapping, "GGUF_PRE_TOKENIZER_SPLITS", {})) | frozenset(SPLITS) | GPT2_NAMES
+    return _transformers_splits() | frozenset(SPLITS) | GPT2_NAMES
 
 
 def split_like_llama_cpp(tok: Any, path: str, pre: Optional[str]) -> None:
     """Give the transformers tokenizer ``tok`` read from the GGUF at ``path`` the split its
     pre-tokenizer ``pre`` names: transformers' own where it knows the name, else SPLITS'; an
     unknown name keeps GPT-2's rule, with a warning (its text may be tokenized differently)."""
-    from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
-    if pre in getattr(mapping, "GGUF_PRE_TOKENIZER_SPLITS", {}):
+    if pre in _transformers_splits():
+        from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
         mapping.set_split_regex(tok, {"pre_tokenizer_type": pre})
     elif pre in SPLITS:
         from tokenizers import Regex, pre_tokenizers

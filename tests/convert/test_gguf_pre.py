@@ -4,28 +4,17 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from typing import Any
 
 import pytest
 
-from convert.gguf_pre import SPLITS, conversion_params, known_names, split_like_llama_cpp
+from convert.gguf_pre import SPLITS, conversion_params, file_pre, known_names, split_like_llama_cpp
 
 
 @pytest.fixture(scope="module")
-def read() -> Any:
-    """The packaged SmolLM2 GGUF's tokenizer as transformers reads it (GPT-2's rule), untouched."""
-    from transformers import PreTrainedTokenizerFast
-
-    from convert.gguf_import import find_packaged_gguf
-    folder, name = os.path.split(find_packaged_gguf())
-    return PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name)
-
-
-@pytest.fixture(scope="module")
-def converted(read: Any) -> Any:
+def converted(smollm2_hf_tokenizer: Any) -> Any:
     """A copy, whose split each test sets."""
-    return copy.deepcopy(read)
+    return copy.deepcopy(smollm2_hf_tokenizer)
 
 
 def pieces(tok: Any, pre: str, text: str) -> list[str]:
@@ -56,8 +45,9 @@ def test_a_models_own_split(converted: Any, pre: str, text: str, expected: list[
     assert pieces(converted, pre, text) == expected
 
 
-def test_an_unknown_name_keeps_gpt2s_rule_and_says_so(read: Any, caplog: pytest.LogCaptureFixture) -> None:
-    converted = copy.deepcopy(read)
+def test_an_unknown_name_keeps_gpt2s_rule_and_says_so(smollm2_hf_tokenizer: Any,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    converted = copy.deepcopy(smollm2_hf_tokenizer)
     with caplog.at_level(logging.WARNING, logger="convert.gguf_pre"):
         assert pieces(converted, "no-such-pre", "Tokens 12345") == ["Tokens", "Ġ12345"]
     assert "'no-such-pre' is not one moeserve knows" in caplog.text
@@ -70,3 +60,15 @@ def test_an_unknown_name_keeps_gpt2s_rule_and_says_so(read: Any, caplog: pytest.
 def test_conversions_are_made_again_only_where_the_split_changed() -> None:
     assert {pre for pre in known_names() if conversion_params(pre)} == set(SPLITS) - {"deepseek-llm", "deepseek-v3", "glm4"}
     assert conversion_params("qwen2") == conversion_params(None) == {}
+
+
+def test_a_bpe_file_naming_no_pre_tokenizer_is_split_by_llama_cpps_default(caplog: pytest.LogCaptureFixture) -> None:
+    """llama.cpp splits a BPE ('gpt2') vocabulary whose file names no pre-tokenizer by its 'default'
+    (a warning says so); a SentencePiece file ('llama') has no pre-tokenizer, and a named one stays."""
+    with caplog.at_level(logging.WARNING, logger="convert.gguf_pre"):
+        assert file_pre("m.gguf", "qwen2", "gpt2") == "qwen2"
+        assert file_pre("m.gguf", None, "llama") is None
+        assert caplog.text == ""
+        assert file_pre("m.gguf", None, "gpt2") == "default"
+    assert "m.gguf names no pre-tokenizer" in caplog.text
+    assert conversion_params("default") == {"pre_split": 2}     # such files converted before: again

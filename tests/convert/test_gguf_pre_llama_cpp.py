@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 
@@ -32,20 +31,14 @@ def llama_hf(tmp_path_factory: pytest.TempPathFactory) -> str:
                                   overrides={**OVERRIDES, **FAMILIES["llama"]})
 
 
-@pytest.fixture(scope="module")
-def converted() -> Any:
-    """The packaged SmolLM2 GGUF's tokenizer as transformers converts it (before any split)."""
-    from transformers import PreTrainedTokenizerFast
-
-    from convert.gguf_import import find_packaged_gguf
-    folder, name = os.path.split(find_packaged_gguf())
-    return PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name)
-
-
-def gguf_naming(pre: str, hf: str, path: str) -> str:
+def gguf_naming(pre: Optional[str], hf: str, path: str) -> str:
+    """A tiny GGUF with SmolLM2's vocabulary naming pre-tokenizer ``pre`` (None: naming none)."""
     from tests.convert.gguf_writer import smollm2_tokenizer, write_gguf
     tok = smollm2_tokenizer()
-    tok["tokenizer.ggml.pre"] = (pre, tok["tokenizer.ggml.pre"][1])
+    if pre is None:
+        del tok["tokenizer.ggml.pre"]
+    else:
+        tok["tokenizer.ggml.pre"] = (pre, tok["tokenizer.ggml.pre"][1])
     return write_gguf(hf, path, tok)
 
 
@@ -59,18 +52,19 @@ def llama_cpp_ids(path: str) -> Any:
 
 
 @pytest.mark.parametrize("pre", sorted(known_names()))
-def test_each_known_pre_tokenizer_splits_as_llama_cpp_splits(pre: str, llama_hf: str, converted: Any,
-                                                             tmp_path: Any) -> None:
+def test_each_known_pre_tokenizer_splits_as_llama_cpp_splits(pre: str, llama_hf: str,
+                                                             smollm2_hf_tokenizer: Any, tmp_path: Any) -> None:
     theirs = llama_cpp_ids(gguf_naming(pre, llama_hf, str(tmp_path / "m.gguf")))
-    ours = copy.deepcopy(converted)
+    ours = copy.deepcopy(smollm2_hf_tokenizer)
     split_like_llama_cpp(ours, "m.gguf", pre)
     for text in TEXTS:
         assert ours.encode(text, add_special_tokens=False) == theirs(text), text
 
 
-@pytest.mark.parametrize("pre", ["kimi-k2", "deepseek-llm", "smollm"])
-def test_a_converted_checkpoints_tokenizer_keeps_the_split(pre: str, llama_hf: str, tmp_path: Any) -> None:
-    """Through the whole conversion: the tokenizer.json written beside the checkpoint."""
+@pytest.mark.parametrize("pre", ["kimi-k2", "deepseek-llm", "smollm", None])
+def test_a_converted_checkpoints_tokenizer_keeps_the_split(pre: Optional[str], llama_hf: str, tmp_path: Any) -> None:
+    """Through the whole conversion: the tokenizer.json written beside the checkpoint (a file
+    naming no pre-tokenizer: split by llama.cpp's 'default', as llama.cpp splits it)."""
     from transformers import PreTrainedTokenizerFast
     path = gguf_naming(pre, llama_hf, str(tmp_path / "m.gguf"))
     theirs = llama_cpp_ids(path)
