@@ -126,11 +126,11 @@ def stored_dtype(type_name: str) -> torch.dtype:
 
 def _open(path: str) -> Any:
     try:
-        from gguf import GGUFReader
+        from convert.gguf_reader import FastGGUFReader
     except ImportError as e:  # pragma: no cover - depends on the installation
         raise BuildError("reading a GGUF file needs gguf: pip install 'moeserve[build]'") from e
     try:
-        return GGUFReader(path)
+        return FastGGUFReader(path)
     except (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError) as e:
         # gguf-py reads a truncated or foreign file until an index or a parse fails
         hint = LEGACY_HINT if re.fullmatch(r"(np\.uint32\()?4\)? is not a valid GGMLQuantizationType", str(e)) else ""

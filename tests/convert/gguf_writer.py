@@ -31,10 +31,9 @@ TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.
 
 def smollm2_tokenizer() -> dict[str, Any]:
     """The tokenizer metadata of the packaged SmolLM2 GGUF (49152 tokens)."""
-    import gguf
-
     from convert.gguf_import import find_packaged_gguf
-    reader = gguf.GGUFReader(find_packaged_gguf())
+    from convert.gguf_reader import FastGGUFReader
+    reader = FastGGUFReader(find_packaged_gguf())
     return {k: (reader.fields[k].contents(), reader.fields[k].types) for k in TOKENIZER_KEYS}
 
 

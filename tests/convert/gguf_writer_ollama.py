@@ -52,7 +52,9 @@ def _rewrite(src: str, dst: str, arch: str, key: Callable[[str, Any], Optional[t
     maps it (None: left out), tensor names with ``names``' replacements, GPT-2's pre-tokenizer
     name; the tensors' bytes unchanged."""
     import gguf
-    reader = gguf.GGUFReader(src)
+
+    from convert.gguf_reader import FastGGUFReader
+    reader = FastGGUFReader(src)
     w = gguf.GGUFWriter(dst, arch)
     for k, field in reader.fields.items():
         if k.startswith("GGUF.") or k == "general.architecture":
