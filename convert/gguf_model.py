@@ -99,10 +99,9 @@ class GgufModel:
         self.config = hf_config(self.file)
         self.pre = file_pre(self.file.path, self.file.meta("tokenizer.ggml.pre", None),
                             self.file.meta("tokenizer.ggml.model", None))
-        from engine.models import family
+        from engine.models import skeleton
         from engine.models.base import HFConfig
-        with torch.device("meta"):
-            self.layout = family(self.config["model_type"]).build(HFConfig(self.config), 16).layout
+        self.layout = skeleton(HFConfig(self.config), 16).layout
         self.moe_module = "block_sparse_moe" if self.config["model_type"] in MIXTRAL_NAMES else "mlp"
         moe = self.layout.moe_layers if self.layout else ()
         self.keys = [(mi, e) for mi in range(len(moe)) for e in range(self.layout.num_experts)] if moe else []

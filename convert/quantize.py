@@ -33,7 +33,7 @@ from convert.gguf_import import write_json
 from convert.model_store import BuildError, build_atomically, moeserve_home
 from engine.loader import (CONVERTED_METHODS, MXFP4_METHOD, QUANT_METHOD, QUANT_VERSION, is_expert_tensor,
                            load_config, needs_conversion, quant_method, quantization)
-from engine.models import family
+from engine.models import skeleton
 from engine.models.base import ExpertLayout, HFConfig
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,7 @@ def _layout(model_dir: str) -> tuple[ExpertLayout, dict[str, TensorRef], tuple[s
     """The model's expert layout, the checkpoint's tensors, and the tensor name prefixes the
     family skips (multi-token-prediction layers: not copied)."""
     cfg = load_config(model_dir)
-    with torch.device("meta"):
-        model = family(cfg.raw["model_type"]).build(cfg, 16)
+    model = skeleton(cfg, 16)
     if model.layout is None:
         raise BuildError(f"{model_dir}: a dense model ({cfg.raw['model_type']}) has no routed "
                          "experts to quantize")
@@ -305,8 +304,7 @@ def source_conversion(model_dir: str, raw: dict[str, Any]) -> Optional[str]:
     if _is_mxfp4(raw):
         return "mxfp4"
     try:
-        with torch.device("meta"):
-            layout = family(raw["model_type"]).build(HFConfig(raw), 16).layout
+        layout = skeleton(HFConfig(raw), 16).layout
     except Exception:                 # noqa: BLE001 - any malformed config: the loader says what is wrong
         return None
     if layout is not None and layout.converted and needs_conversion(read_checkpoint_index(model_dir), layout):

@@ -21,7 +21,7 @@ from cache.quant import ExpertFormat, format_from_config
 from cache.safetensors_file import CheckpointError, read_checkpoint_index, slice_leading
 from configs.models import model_name
 from engine.kernels import pack_linears, quantize_linears
-from engine.models import family
+from engine.models import family, skeleton
 from engine.models.base import DecoderLM, ExpertLayout, HFConfig
 from engine.protocol import ModelInfo
 
@@ -212,14 +212,13 @@ def load_model(model_dir: str, device: torch.device, dtype: Optional[torch.dtype
     (``dense_quantize`` 'int4': the dense linear layers but the routers and the LM head in int4,
     groups of DENSE_INT4_GROUP)."""
     cfg = load_config(model_dir)
-    fam = family(cfg.raw["model_type"])
+    family(cfg.raw["model_type"])            # an unsupported model_type: refused first
     dtype = dtype or resolve_dtype("auto", cfg, device)
     max_pos = int(cfg.text().get("max_position_embeddings") or DEFAULT_CONTEXT_CAP)
     context = context_length or min(max_pos, DEFAULT_CONTEXT_CAP)
     index = read_checkpoint_index(model_dir)
     fmt = quantization(model_dir, cfg)        # refuses what it cannot load before reading weights
-    with torch.device("meta"):
-        model = fam.build(cfg, context)
+    model = skeleton(cfg, context)
     if needs_conversion(index, model.layout):
         raise CheckpointError(f"{model_dir}: {cfg.raw['model_type']} checkpoints stack their experts "
                               f"in their own layout and are served converted: moeserve serve converts "

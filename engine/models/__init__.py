@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import importlib
+import threading
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.models.base import DecoderLM, HFConfig
 
 MODEL_TYPES: dict[str, str] = {
     "llama": "engine.models.llama",
@@ -27,3 +32,30 @@ def family(model_type: str) -> ModuleType:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: "
                          f"{', '.join(sorted(MODEL_TYPES))}")
     return importlib.import_module(MODEL_TYPES[model_type])
+
+
+_INIT_LOCK = threading.Lock()
+
+
+def _skip(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+    return tensor
+
+
+def skeleton(cfg: "HFConfig", context: int) -> "DecoderLM":
+    """``cfg``'s model on the meta device, its weights' initialisers skipped: the checkpoint fills
+    them, and on meta their reference kernels import torch._dynamo, 1.6 s at every engine start
+    here. torch.nn.init is patched for the build, as transformers' no_init_weights does; builds
+    take a lock, so that the original functions are always the ones restored."""
+    import torch
+    from torch.nn import init
+    names = [n for n in vars(init) if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))]
+    with _INIT_LOCK:
+        saved = {n: getattr(init, n) for n in names}
+        try:
+            for n in names:
+                setattr(init, n, _skip)
+            with torch.device("meta"):
+                return family(cfg.raw["model_type"]).build(cfg, context)
+        finally:
+            for n, f in saved.items():
+                setattr(init, n, f)
