@@ -116,6 +116,12 @@ def server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 @pytest.fixture(scope="module")
+def concurrent_streams() -> int:
+    """How many clients the concurrency test runs at once: 16, four times the `server` batch."""
+    return 16
+
+
+@pytest.fixture(scope="module")
 def srv(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Tiny model, every expert resident, a 1,024-token context: the server each of the API
     modules (Responses, Messages, Ollama) talks to, one per module."""

@@ -25,9 +25,9 @@ def _greedy_body(i: int, max_tokens: int = 10) -> dict[str, object]:
             "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
 
 
-def test_16_concurrent_streams_each_get_their_solo_greedy_output(server: ServerProcess) -> None:
+def test_concurrent_streams_each_get_their_solo_greedy_output(server: ServerProcess, concurrent_streams: int) -> None:
     solo = [httpx.post(server.base + "/v1/chat/completions", json=_greedy_body(i), timeout=120)
-            .json()["choices"][0]["message"]["content"] for i in range(16)]
+            .json()["choices"][0]["message"]["content"] for i in range(concurrent_streams)]
 
     async def one(client: httpx.AsyncClient, i: int) -> str:
         body = {**_greedy_body(i), "stream": True}
@@ -43,7 +43,7 @@ def test_16_concurrent_streams_each_get_their_solo_greedy_output(server: ServerP
 
     async def all_of_them() -> list[str]:
         async with httpx.AsyncClient(timeout=300) as client:
-            return await asyncio.gather(*(one(client, i) for i in range(16)))
+            return await asyncio.gather(*(one(client, i) for i in range(concurrent_streams)))
 
     assert asyncio.run(all_of_them()) == solo
 
