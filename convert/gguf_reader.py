@@ -1,8 +1,8 @@
 """gguf-py's GGUFReader, opened in a fraction of the time on a real model's file.
 
 gguf-py builds one numpy view per element of every metadata array: a tokenizer's vocabulary and
-merges (49k to 260k strings each) and its token types and scores. That took 3.4 s for SmolLM2's
-small file here, ~10 s for a 150k-vocabulary one, paid at every start of a served GGUF (its
+merges (49k to 260k strings each) and its token types and scores. That took 3.3-4.3 s for SmolLM2's
+small file here, 9 s for a 152k-token vocabulary with its merges, paid at every start of a served GGUF (its
 conversion is looked up by reading the file). This reader takes such an array as one view of its
 bytes instead and decodes it when a value is asked for; everything else is gguf-py's own parse.
 (llama.cpp's pull request 13378 would speed up gguf-py's reader itself; it is not released.)"""

@@ -150,3 +150,29 @@ def test_ernie_multi_token_prediction_tensors_are_skipped_quietly(tmp_path, capl
         load_model(path, CPU, torch.float32, context_length=32)
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
     assert "3 tensors under" in caplog.text
+
+
+def test_loading_skips_the_initialisers_and_restores_them(tiny: str) -> None:
+    """The model is built on the meta device with torch.nn.init's functions skipped (on meta they
+    import torch._dynamo: 1.6 s at every engine start): a fresh process that loads a model has not
+    imported it, and the functions are torch's own again afterwards, after a failed build too."""
+    import subprocess
+    import sys
+
+    from torch.nn import init
+    code = ("import sys, torch\nfrom engine.loader import load_model\n"
+            f"load_model({tiny!r}, torch.device('cpu'), torch.float32, context_length=32)\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False"]
+    before = {n: getattr(init, n) for n in ("normal_", "uniform_", "kaiming_uniform_", "zeros_")}
+    from engine.models import skeleton
+    from engine.models.base import HFConfig
+    with pytest.raises(Exception):
+        skeleton(HFConfig({"model_type": "mixtral"}), 16)              # no sizes: the build fails
+    assert {n: getattr(init, n) for n in before} == before
+    load_model(tiny, torch.device("cpu"), torch.float32, context_length=32)
+    assert {n: getattr(init, n) for n in before} == before
+    assert float(torch.nn.Linear(8, 8).weight.abs().sum()) > 0      # initialised as torch does
