@@ -49,6 +49,48 @@ def test_int4_round_trip_beats_min_max_rounding(group: int) -> None:
     assert ((back - w).abs().view(64, -1, group) <= (hi - lo) * 0.1 + step).all()
 
 
+def _on_a_4_bit_grid(kind: str, o: int, i: int) -> torch.Tensor:
+    """Weights as a 4-bit GGUF holds them: gguf-py's Q4_0 or Q4_1 of scaled noise, or Q4_K's
+    d * sc * q - dmin * m per sub-block of 32 (fp16 d, dmin; 6-bit sc, m), dequantized."""
+    gen = torch.Generator().manual_seed(5)
+    if kind == "Q4_K":
+        d, dmin = (torch.rand(o, i // 256, 1, 1, generator=gen).half().float() * 1e-3 for _ in range(2))
+        sc, m = (torch.randint(0, 64, (o, i // 256, 8, 1), generator=gen).float() for _ in range(2))
+        q = torch.randint(0, 16, (o, i // 256, 8, 32), generator=gen).float()
+        return (d * sc * q - dmin * m).reshape(o, i)
+    gguf = pytest.importorskip("gguf")
+    scales = torch.randn(o, i // 32, 1, generator=gen).mul(0.5).exp()
+    w = (torch.randn(o, i // 32, 32, generator=gen) * scales).reshape(o, i).numpy()
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype).copy())
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K", "float"])
+def test_weights_on_a_4_bit_grid_skip_the_search_and_lose_nothing(kind: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4-bit GGUF's experts lie on each group's 16-level grid: the clipped-range search is
+    skipped (2 candidates instead of 5), with no more total error than the search gives; other
+    weights take the whole search, as before."""
+    import cache.quant as quant
+    w = _weights(256, 512) if kind == "float" else _on_a_4_bit_grid(kind, 256, 512)
+    codes = quant._int4_codes
+    calls = []
+    monkeypatch.setattr(quant, "_int4_codes", lambda *a: calls.append(1) or codes(*a))
+    fast = quantize_int4(w, 32)
+    assert len(calls) == (9 if kind == "float" else 2)
+    monkeypatch.setattr(quant, "_on_grid", lambda *a: False)
+    full = quantize_int4(w, 32)
+
+    def err(q: torch.Tensor, sz: torch.Tensor) -> float:
+        return float((dequantize_int4(q, sz, 32) - w).pow(2).sum())
+    if kind == "float":
+        assert torch.equal(fast[0], full[0]) and torch.equal(fast[1], full[1])
+    else:
+        assert err(*fast) <= err(*full) * 1.001
+        assert float((fast[0] == full[0]).float().mean()) > 0.99
+        assert err(*fast) < 1e-4 * float(w.pow(2).sum())       # the file's codes, up to bf16 scales
+
+
 def test_cpu_int4_layout_unpacks_exactly() -> None:
     q = torch.randint(0, 16, (96, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
     assert torch.equal(unpack_int4_cpu(pack_int4(q, "cpu"), 96, 64), q)
