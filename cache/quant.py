@@ -202,7 +202,7 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     llama.cpp's make_qkx quantizers); one more candidate is the 16-level grid the values may
     already lie on (_grid); the candidate with the least squared error wins. Where every group
     lies on its grid (a 4-bit GGUF's experts: Q4_0, Q4_1, Q4_K), the clipped ranges cannot beat
-    it and are not tried: the grid and its own refit (2.5x less time)."""
+    it and are not tried: the grid and its own refit, 2 candidates instead of 5."""
     o, i = w.shape
     g = w.float().view(o, i // group_size, group_size)                  # [O, In/G, G]
     lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)

@@ -23,7 +23,7 @@ except (OSError, AttributeError):                    # not glibc: nothing to tun
 @pytest.fixture(scope="session")
 def smollm2_hf_tokenizer() -> Any:
     """The packaged SmolLM2 GGUF's tokenizer as transformers reads it (GPT-2's split, before
-    moeserve's), read once for the whole run (tens of seconds on a slow machine): a test that
+    moeserve's), read once for the whole run (1-2 s a read here): a test that
     changes it works on a deep copy."""
     from transformers import PreTrainedTokenizerFast
 
