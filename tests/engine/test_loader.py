@@ -163,8 +163,8 @@ def test_loading_skips_the_initialisers_and_restores_them(tiny: str) -> None:
     code = ("import sys, torch\nfrom engine.loader import load_model\n"
             f"load_model({tiny!r}, torch.device('cpu'), torch.float32, context_length=32)\n"
             "print('torch._dynamo' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    from bench.common import REPO
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False"]
     before = {n: getattr(init, n) for n in ("normal_", "uniform_", "kaiming_uniform_", "zeros_")}
