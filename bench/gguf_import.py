@@ -35,7 +35,8 @@ def stored_experts(out: str, model: Any) -> list[dict[str, torch.Tensor]]:
     """Every expert of the conversion ``out`` as fp32 gate/up/down, in ``model.keys`` order."""
     from cache.expert_store import locate_experts
     from cache.provider import read_tensor
-    from cache.quant import dequantize_int4, format_from_config, unpack_int4_cpu
+    from cache.quant import format_from_config, unpack_int4_cpu
+    from cache.quantizers import dequantize_int4
     with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
         qc = json.load(f).get("quantization_config")
     if not qc:                                          # per-expert tensors

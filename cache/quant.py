@@ -18,16 +18,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterator, NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Union
 
-import numpy as np
 import torch
 
+from cache.quantizers import SCALE_DTYPE, quantize_int4, quantize_int8
 from configs.engine import GROUP_SIZES as _GROUPS, QUANT_FORMATS
 
 STORE_ALIGN = 4096            # a quantized slot (and a store's expert) starts and ends on this
 SEG_ALIGN = 64                # each tensor inside a slot: element-aligned for every dtype
-SCALE_DTYPE = torch.bfloat16  # the CPU and CUDA kernels take bf16 scales with bf16 activations
 INT4_LAYOUTS = ("cpu", "cuda")
 GROUP_SIZES = tuple(sorted(_GROUPS, reverse=True))  # largest first: the default is the largest dividing
 PROJ = ("gate", "up", "down")
@@ -182,122 +181,6 @@ class ExpertFormat:
         if self.kind == "int4":
             return f"int4 (group {self.group_size}, {self.layout} layout)"
         return "int8 (per channel)" if self.kind == "int8" else f"none ({str(self.dtype).split('.')[-1]})"
-
-
-# ---- quantizers (used offline by convert/ and by the tests) ---------------------------------
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [O, In] -> (q int8 [O, In], s bf16 [O]) with w ~ q * s, |q| <= 127."""
-    w = w.float()
-    s = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(SCALE_DTYPE)
-    q = torch.round(w / s.float()[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, s
-
-
-def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [O, In] -> (q int32 [O, In] in 0..15, scales_and_zeros bf16 [In/G, O, 2]) with
-    w ~ (q - 8) * scale + zero per group of ``group_size`` inputs (asymmetric).
-
-    Per group the range is clipped by each of INT4_CLIPS, the codes rounded, then scale and zero
-    refitted by least squares for those codes and the codes rounded again (the idea of
-    llama.cpp's make_qkx quantizers); one more candidate is the 16-level grid the values may
-    already lie on (_grid); the candidate with the least squared error wins. Where every group
-    lies on its grid (a 4-bit GGUF's experts: Q4_0, Q4_1, Q4_K), the clipped ranges cannot beat
-    it and are not tried: the grid and its own refit, 2 candidates instead of 5."""
-    o, i = w.shape
-    g = w.float().view(o, i // group_size, group_size)                  # [O, In/G, G]
-    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    step, base = _grid(g, lo, hi)
-    on_grid = _on_grid(g, step, base)
-
-    def candidates() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(codes, scale, zero), scale and zero bf16-rounded as stored."""
-        for clip in () if on_grid else INT4_CLIPS:
-            span = (hi - lo) * (1 - 2 * clip)
-            scale = (span / 15.0).clamp(min=1e-8)
-            zero = lo + (hi - lo) * clip + 8 * scale
-            scale, zero = _refit(g, _int4_codes(g, scale, zero), scale, zero)
-            yield _int4_codes(g, scale, zero), scale, zero
-        scale, zero = step.to(SCALE_DTYPE).float(), base.to(SCALE_DTYPE).float()
-        q = _int4_codes(g, scale, zero)
-        yield q, scale, zero
-        if on_grid:                     # least squares for the grid's codes absorbs bf16's rounding
-            scale, zero = _refit(g, q, scale, zero)
-            yield _int4_codes(g, scale, zero), scale, zero
-
-    best_q = best_s = best_z = best_err = None
-    for q, scale, zero in candidates():
-        err = ((q - 8) * scale + zero - g).pow(2).sum(-1, keepdim=True)  # [O, In/G, 1]
-        if best_err is None:
-            best_q, best_s, best_z, best_err = q, scale, zero, err
-            continue
-        take = err < best_err
-        best_q = torch.where(take, q, best_q)
-        best_s, best_z = torch.where(take, scale, best_s), torch.where(take, zero, best_z)
-        best_err = torch.minimum(err, best_err)
-    assert best_q is not None and best_s is not None and best_z is not None
-    return _stored(best_q, best_s, best_z)
-
-
-INT4_CLIPS = (0.0, 0.03, 0.06, 0.1)     # share of the range cut off at each end, per candidate
-
-
-def _stored(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes [O, In/G, G] and scale, zero [O, In/G, 1] as quantize_int4 returns them."""
-    o = q.shape[0]
-    sz = torch.stack([scale[..., 0], zero[..., 0]], dim=-1).transpose(0, 1).contiguous()
-    return q.to(torch.int32).view(o, -1), sz.to(SCALE_DTYPE)
-
-
-def _on_grid(g: torch.Tensor, step: torch.Tensor, base: torch.Tensor) -> bool:
-    """Whether every group's values are 4-bit codes on its grid (_grid's step, base as code 8),
-    to within float32 rounding (a Q4_K sub-block's offset can be thousands of steps)."""
-    codes = torch.round((g - base) / step + 8)
-    tolerance = 1e-2 * step + 1e-6 * base.abs()
-    return bool(((codes >= 0) & (codes <= 15)).all()) and \
-        bool((((codes - 8) * step + base - g).abs() <= tolerance).all())
-
-
-def _grid(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per group, the scale and zero of the grid its values would lie on if they were 4-bit
-    codes: the smallest gap between distinct values as the step, the lowest value as code 0."""
-    # numpy sorts rows of 32 4-7x faster than torch on the CPU (the same values either way)
-    v = torch.from_numpy(np.sort(g.detach().numpy(), axis=-1)) if g.device.type == "cpu" else g.sort(dim=-1).values
-    gaps = v[..., 1:] - v[..., :-1]
-    tiny = (hi - lo) * 1e-3                       # gaps below this are one level rounded twice
-    step = torch.where(gaps > tiny, gaps, torch.full_like(gaps, float("inf"))).amin(-1, keepdim=True)
-    step = torch.where(torch.isfinite(step), step, (hi - lo) / 15.0).clamp(min=1e-8)
-    return step, lo + 8 * step
-
-
-def _int4_codes(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """Codes 0..15 against the bf16-rounded scale and zero the kernel will use."""
-    scale, zero = scale.to(SCALE_DTYPE).float(), zero.to(SCALE_DTYPE).float()
-    return torch.round((g - zero) / scale + 8).clamp(0, 15)
-
-
-def _refit(g: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
-           zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares scale and zero of w ~ scale * (q - 8) + zero for fixed codes; groups whose
-    codes are all equal keep theirs. Returned bf16-rounded, as stored."""
-    x = q - 8
-    n = g.shape[-1]
-    sx, sy = x.sum(-1, keepdim=True), g.sum(-1, keepdim=True)
-    sxx, sxy = (x * x).sum(-1, keepdim=True), (x * g).sum(-1, keepdim=True)
-    det = n * sxx - sx * sx
-    ok = det > 0
-    s_new = torch.where(ok, (n * sxy - sx * sy) / det.clamp(min=1e-12), scale)
-    z_new = torch.where(ok, (sy - s_new * sx) / n, zero)
-    ok = ok & (s_new > 1e-8)
-    scale, zero = torch.where(ok, s_new, scale), torch.where(ok, z_new, zero)
-    return scale.to(SCALE_DTYPE).float(), zero.to(SCALE_DTYPE).float()
-
-
-def dequantize_int4(q: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Inverse of quantize_int4 on the unpacked q [O, In] -> fp32 [O, In]."""
-    o, i = q.shape
-    scale, zero = sz.float()[..., 0].t(), sz.float()[..., 1].t()        # [O, In/G]
-    g = (q.view(o, i // group_size, group_size).float() - 8) * scale[..., None] + zero[..., None]
-    return g.view(o, i)
 
 
 def pack_int4(q: torch.Tensor, layout: str) -> torch.Tensor:

@@ -18,8 +18,8 @@ from torch import nn
 
 from cache.packed import PackedExpert, pack_expert, pack_weight, packed_linear, packs
 from cache.provider import HostExpert, ProvidedExpert
-from cache.quant import (SCALE_DTYPE, QTensor, Weight, default_group_size, dequantize_int4, pack_int4,
-                         quantize_int4, unpack_int4_cpu)
+from cache.quant import QTensor, Weight, default_group_size, pack_int4, unpack_int4_cpu
+from cache.quantizers import SCALE_DTYPE, dequantize_int4, quantize_int4
 
 
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:

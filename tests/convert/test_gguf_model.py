@@ -101,7 +101,8 @@ def test_quantized_experts_go_into_the_expert_store_near_the_files_values(
         tmp_path: Any) -> None:
     from cache.expert_store import locate_experts
     from cache.provider import read_tensor
-    from cache.quant import format_from_config, dequantize_int4, unpack_int4_cpu
+    from cache.quant import format_from_config, unpack_int4_cpu
+    from cache.quantizers import dequantize_int4
     _, path = tiny(family, "Q8_0", expert_qtype)
     model = GgufModel(path)
     assert default_quantize(model) == kind

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cache.quant import (ExpertFormat, default_group_size, dequantize_int4, fill_slot, pack_int4,
-                         quantize_int4, quantize_int8, unpack_int4_cpu)
+from cache.quant import ExpertFormat, default_group_size, fill_slot, pack_int4, unpack_int4_cpu
+from cache.quantizers import dequantize_int4, quantize_int4, quantize_int8
 from cache.packed import PackedExpert, pack_expert, packs
 from engine.kernels import PackedLinear, dequantize, expert_forward, linear, pack_linears
 
@@ -71,7 +71,7 @@ def test_weights_on_a_4_bit_grid_skip_the_search_and_lose_nothing(kind: str,
     """A 4-bit GGUF's experts lie on each group's 16-level grid: the clipped-range search is
     skipped (2 candidates instead of 5), with no more total error than the search gives; other
     weights take the whole search, as before."""
-    import cache.quant as quant
+    import cache.quantizers as quant
     w = _weights(256, 512) if kind == "float" else _on_a_4_bit_grid(kind, 256, 512)
     codes = quant._int4_codes
     calls = []
