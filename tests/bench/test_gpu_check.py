@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from bench.common import REPO
 from bench.gpu_check import main
 
 
@@ -90,18 +91,17 @@ def test_gpu_check_and_its_tests_need_nothing_the_gpu_machines_lack(tmp_path) ->
         "        if name.split('.')[0] in BLOCKED:\n"
         "            raise ImportError(f'{name} is not on the GPU machines')\n"
         "sys.meta_path.insert(0, Block())\n")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{root}", MOESERVE_HOME=str(tmp_path / "home"))
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}", MOESERVE_HOME=str(tmp_path / "home"))
     probe = subprocess.run([sys.executable, "-c", "import fastapi"], env=env, capture_output=True, text=True)
     assert "not on the GPU machines" in probe.stderr           # the blocker is in force
     run = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--shapes", "tiny",
                           "--formats", "none,int4", "--tokens", "3", "--workdir", str(tmp_path / "w"),
-                          "--json", str(tmp_path / "gc.json")], env=env, cwd=root, capture_output=True,
+                          "--json", str(tmp_path / "gc.json")], env=env, cwd=REPO, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     runs = json.loads((tmp_path / "gc.json").read_text())["runs"]
     assert len(runs) == 12 and not any("error" in r for r in runs)
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-m", "gpu", *GPU_TESTS],
-                           env=env, cwd=root, capture_output=True, text=True, timeout=600)
+                           env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert tests.returncode == 0 and "error" not in tests.stdout.lower(), tests.stdout[-2000:]
     assert "tests collected" in tests.stdout or "selected" in tests.stdout

@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
+from bench.common import REPO
 from configs.models import model_name, storage_name
 from moeserve.model_ref import resolve_model
 from tests.engine.tiny_families import make_family_checkpoint
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 

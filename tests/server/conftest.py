@@ -14,10 +14,9 @@ from typing import Any, Iterator, Optional
 import httpx
 import pytest
 
-from bench.common import free_port
+from bench.common import REPO, free_port
 from tests.tiny import make_tiny_mixtral
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 API_KEY = "test-key-123"
 
 
