@@ -1,4 +1,5 @@
-"""Expert storage formats: the byte layout of one expert's slot, and the quantizers that fill it.
+"""Expert storage formats: the byte layout of one expert's slot, filled (fill_slot) by the quantizers
+of cache/quantizers.py.
 
 One expert = one contiguous buffer of ``ExpertFormat.slot_bytes`` bytes holding gate, up and
 down (weights, then scales where quantized), in the layout the kernels in engine/kernels.py take.
