@@ -1,6 +1,7 @@
 """The compiled int4 search (cache/_int4_kernel.py) against torch's (cache/quantizers._search):
-the same codes, scales and zeros on every kind of weights a conversion meets, and quantize_int4
-choosing it for large CPU matrices only."""
+the same grids, codes, scales and zeros on every kind of weights a conversion meets (but where a
+refit falls on a tie between two bf16 scales), and quantize_int4 choosing it for large CPU
+matrices only."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +13,6 @@ pytest.importorskip("numba")
 import cache.quantizers as Q
 from cache import _int4_kernel as K
 from tests.engine.test_kernels import _on_a_4_bit_grid, _weights
-
 
 
 def _kind(kind: str, o: int, i: int) -> torch.Tensor:
